@@ -1,0 +1,2 @@
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not match the model."""
