@@ -97,13 +97,17 @@ class CacheStep:
     attn_mask: torch.Tensor | None     # [B, 1, 1, capacity*F] bool, None when every row is full
     refresh_rows: torch.Tensor | None  # [B] bool: rows whose new frame may refresh a sink; None: none may
     rope_starts: torch.Tensor          # [B] int64 temporal RoPE position of each row's first new frame
+    rows: slice                        # the cache rows used by batch rows 0..B-1
     sink_tokens: int                   # sink frames * tokens per frame
     sink_threshold: float
 
     @classmethod
     def build(cls, policy: CachePolicy, frames: Sequence[int], rope_starts: Sequence[int], num_frames: int,
-              tokens_per_frame: int, device) -> "CacheStep":
-        """``frames[r]`` = frame count of row r before this call; ``rope_starts[r]`` = its RoPE position."""
+              tokens_per_frame: int, device, row_start: int = 0) -> "CacheStep":
+        """``frames[r]`` = frame count of batch row r before this call; ``rope_starts[r]`` = its RoPE position.
+
+        Batch row r uses cache row ``row_start + r``.
+        """
         if len(frames) != len(rope_starts):
             raise ValueError("frames and rope_starts must have one entry per batch row")
         f_tok = tokens_per_frame
@@ -112,7 +116,7 @@ class CacheStep:
         b = len(frames)
         slot_t = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
         write = (slot_t[:, :, None] * f_tok + torch.arange(f_tok, device=device)).reshape(b, -1)
-        rows = torch.arange(b, device=device)[:, None].expand_as(write)
+        rows = (torch.arange(b, device=device) + row_start)[:, None].expand_as(write)
         mask = None
         if min(valid) < policy.capacity:
             valid_t = torch.tensor(valid, dtype=torch.long).to(device, non_blocking=True) * f_tok
@@ -120,4 +124,5 @@ class CacheStep:
         eligible = [policy.refresh_eligible(f, num_frames) for f in frames]
         refresh = torch.tensor(eligible).to(device, non_blocking=True) if any(eligible) else None
         starts = torch.tensor(list(rope_starts), dtype=torch.long).to(device, non_blocking=True)
-        return cls(write, rows, mask, refresh, starts, policy.sink * f_tok, policy.config.sink_threshold)
+        return cls(write, rows, mask, refresh, starts, slice(row_start, row_start + b), policy.sink * f_tok,
+                   policy.config.sink_threshold)

@@ -22,9 +22,8 @@ def self_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
                    cache_v: torch.Tensor, step: CacheStep) -> torch.Tensor:
     """``x [B, L, dim]`` → attention output ``[B, L, dim]``; writes this call's K/V into the cache rows.
 
-    ``cache_k/v`` are the storage of one block, ``[R >= B, S, heads, head_dim]``; batch row b uses cache row b.
+    ``cache_k/v`` are the storage of one block, ``[R, S, heads, head_dim]``; batch rows use ``step.rows``.
     """
-    b = x.shape[0]
     q = apply_rope(_heads(attn.norm_q(attn.to_q(x)), attn.heads), cos, sin)
     k = apply_rope(_heads(attn.norm_k(attn.to_k(x)), attn.heads), cos, sin)
     v = _heads(attn.to_v(x), attn.heads)
@@ -32,7 +31,7 @@ def self_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
         _refresh_sinks(cache_k, cache_v, k, v, step)
     cache_k.index_put_((step.row_index, step.write_index), k)
     cache_v.index_put_((step.row_index, step.write_index), v)
-    keys, values = cache_k[:b], cache_v[:b]
+    keys, values = cache_k[step.rows], cache_v[step.rows]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=step.attn_mask)
     out = out.transpose(1, 2).flatten(2).type_as(x)
@@ -47,10 +46,10 @@ def _refresh_sinks(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor
     of the token-mean keys and of the token-mean values; if the least similar sink is below the threshold it
     is overwritten with the new frame (the frame is also written to its ring slot as usual).
     """
-    b, n_tok = k.shape[0], k.shape[1]
+    n_tok = k.shape[1]
     n_sink = step.sink_tokens // n_tok
-    sink_k = cache_k[:b, : step.sink_tokens].unflatten(1, (n_sink, n_tok))
-    sink_v = cache_v[:b, : step.sink_tokens].unflatten(1, (n_sink, n_tok))
+    sink_k = cache_k[step.rows, : step.sink_tokens].unflatten(1, (n_sink, n_tok))
+    sink_v = cache_v[step.rows, : step.sink_tokens].unflatten(1, (n_sink, n_tok))
     sim_k = F.cosine_similarity(k.float().mean(1).flatten(1)[:, None], sink_k.float().mean(2).flatten(2), dim=-1)
     sim_v = F.cosine_similarity(v.float().mean(1).flatten(1)[:, None], sink_v.float().mean(2).flatten(2), dim=-1)
     sim = (sim_k + sim_v) / 2                                               # [B, n_sink]
