@@ -1,0 +1,59 @@
+"""Shared fixtures: the conformance kit, tiny random models written through the real layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+HERE = Path(__file__).parent
+SHARED_KIT = HERE.parent.parent / "shared" / "conformance"
+VENDORED_KIT = HERE / "data" / "conformance"
+
+
+def kit_dir() -> Path:
+    """The conformance kit: ../shared/conformance when present, else the vendored copy."""
+    return SHARED_KIT if (SHARED_KIT / "README.md").is_file() else VENDORED_KIT
+
+
+@pytest.fixture(scope="session")
+def kit() -> Path:
+    return kit_dir()
+
+
+def load_kit(name: str):
+    return torch.load(kit_dir() / name, weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def kit_dit():
+    """The conformance tiny DiT (model.pt) loaded through our strict loader."""
+    from wanstream.models.checkpoints import build_transformer, causal_state_dict, diffusers_dit_config
+    from wanstream.models.dit import CausalWanDiT
+    cfg = json.loads((kit_dir() / "tiny_config.json").read_text())["dit"]
+    path = kit_dir() / "model.pt"
+    return CausalWanDiT(build_transformer(diffusers_dit_config(cfg), causal_state_dict(path), str(path)))
+
+
+@pytest.fixture(scope="session")
+def kit_context() -> torch.Tensor:
+    return load_kit("text_context.pt")["context"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random model written by `init-random` in the released layout."""
+    from wanstream.models.random_init import init_random
+    root = tmp_path_factory.mktemp("tiny_model")
+    init_random(root, "tiny", seed=0, log=lambda *_: None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from wanstream.models.loader import load_model
+    return load_model(tiny_model_dir, device="cpu")

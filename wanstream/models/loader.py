@@ -1,0 +1,155 @@
+"""Find and load a whole model (DiT + VAE + text encoder, optional TAEHV) from a folder.
+
+Accepted roots:
+* the StreamDiffusionV2 layout: ``ROOT/wan_models/Wan2.1-T2V-*/`` (Wan folder) and
+  ``ROOT/ckpts/wan_causal_dmd_v2v*/model.pt`` (causal checkpoint), optional ``ROOT/ckpts/taew2_1.pth``;
+* a Wan 2.1 folder itself (``config.json`` + weights), with an optional ``model.pt`` beside it;
+* a diffusers-layout repo (``transformer/``, ``vae/``), loaded with ``from_pretrained``.
+When a causal ``model.pt`` is present it provides every DiT weight; the Wan folder then only gives
+``config.json``, the VAE and the text encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..sampling import FlowMatchSampler
+from .checkpoints import (build_transformer, build_vae, causal_state_dict, diffusers_dit_config,
+                          read_dit_safetensors, read_torch_file, read_wan_config)
+from .dit import CausalWanDiT
+from .vae import StreamingVAE
+
+VAE_FILE = "Wan2.1_VAE.pth"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = Path("google") / "umt5-xxl"
+TAEHV_FILE = "taew2_1.pth"
+
+
+@dataclass
+class ModelPaths:
+    root: Path
+    wan_dir: Path | None
+    causal: Path | None
+    diffusers: bool = False
+    taehv: Path | None = None
+
+    @classmethod
+    def discover(cls, root: str | Path) -> "ModelPaths":
+        root = Path(root)
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: model folder not found (run `wanstream download` or "
+                                  f"`wanstream init-random`)")
+        if (root / "transformer" / "config.json").is_file():
+            return cls(root, None, None, diffusers=True)
+        taehv = next((p for p in (root / "ckpts" / TAEHV_FILE, root / TAEHV_FILE) if p.is_file()), None)
+        if (root / "config.json").is_file():
+            causal = root / "model.pt"
+            return cls(root, root, causal if causal.is_file() else None, taehv=taehv)
+        wans = sorted(p for p in (root / "wan_models").glob("Wan2.1-T2V-*") if (p / "config.json").is_file())
+        if not wans:
+            raise CheckpointError(f"{root}: no Wan 2.1 model found (expected wan_models/Wan2.1-T2V-*/config.json, "
+                                  f"a Wan folder with config.json, or a diffusers repo with transformer/)")
+        if len(wans) > 1:
+            raise CheckpointError(f"{root}: several Wan models found ({', '.join(p.name for p in wans)}); "
+                                  f"pass one of those folders as --model")
+        causals = sorted((root / "ckpts").glob("wan_causal_dmd_*/model.pt"))
+        if len(causals) > 1:
+            raise CheckpointError(f"{root}: several causal checkpoints found ({', '.join(str(p) for p in causals)})")
+        return cls(root, wans[0], causals[0] if causals else None, taehv=taehv)
+
+
+@dataclass
+class ModelBundle:
+    """Everything that turns tensors into tensors, shared by all streams."""
+
+    dit: CausalWanDiT
+    vae: StreamingVAE
+    text_encoder: object | None
+    sampler: FlowMatchSampler
+    device: torch.device
+    dtype: torch.dtype
+    paths: ModelPaths
+    taehv: object | None = None
+
+    def prompt_embedding(self, prompt: str) -> torch.Tensor:
+        """``[1, 512, 4096]`` embedding of a text prompt (cached per prompt by the encoder)."""
+        if self.text_encoder is None:
+            raise RuntimeError("this model was loaded without a text encoder; pass a prompt embedding instead")
+        return self.text_encoder.encode([prompt])
+
+    @property
+    def vae_spatial(self) -> int:
+        return 8
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        """DiT tokens of one latent frame at a pixel resolution (patch 2×2 on the 8× latent grid)."""
+        pt, ph, pw = self.dit.patch_size
+        return (height // 8 // ph) * (width // 8 // pw)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(root: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               text_encoder: bool = True, taehv: bool = False) -> ModelBundle:
+    """Load a model folder strictly (errors name the file and the culprit)."""
+    paths = ModelPaths.discover(root)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if paths.diffusers:
+        transformer, vae = _load_diffusers(paths.root, device, dtype)
+    else:
+        config = diffusers_dit_config(read_wan_config(paths.wan_dir))
+        if paths.causal is not None:
+            sd, source = causal_state_dict(paths.causal), str(paths.causal)
+        else:
+            sd, source = read_dit_safetensors(paths.wan_dir), str(paths.wan_dir)
+        transformer = build_transformer(config, sd, source, device, dtype)
+        del sd
+        vae_path = paths.wan_dir / VAE_FILE
+        vae = build_vae(read_torch_file(vae_path), str(vae_path), device, dtype)
+    encoder = None
+    if text_encoder:
+        encoder = _load_text_encoder(paths, device, dtype)
+    tae = None
+    if taehv:
+        if paths.taehv is None:
+            raise CheckpointError(f"{paths.root}: --taehv needs ckpts/{TAEHV_FILE}")
+        from .taehv import load_taehv
+        tae = load_taehv(paths.taehv, device=device, dtype=dtype)
+    return ModelBundle(CausalWanDiT(transformer), StreamingVAE(vae), encoder, FlowMatchSampler(), device, dtype,
+                       paths, tae)
+
+
+def _load_text_encoder(paths: ModelPaths, device: torch.device, dtype: torch.dtype):
+    from .text_encoder import load_text_encoder
+    if paths.diffusers:
+        raise CheckpointError(f"{paths.root}: text encoders of diffusers-layout repos are not supported yet; "
+                              f"load with text_encoder=False and pass prompt embeddings")
+    return load_text_encoder(paths.wan_dir / T5_FILE, paths.wan_dir / TOKENIZER_DIR, device=device, dtype=dtype)
+
+
+def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype):
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    models = []
+    for cls, sub in ((WanTransformer3DModel, "transformer"), (AutoencoderKLWan, "vae")):
+        try:
+            model, info = cls.from_pretrained(root, subfolder=sub, torch_dtype=dtype, local_files_only=True,
+                                              output_loading_info=True)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{root / sub}: cannot load diffusers-layout weights ({exc})") from exc
+        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if bad:
+            raise CheckpointError(f"{root / sub}: " + " | ".join(f"{k}: {v}" for k, v in bad.items()))
+        models.append(model)
+    transformer, vae = models
+    return transformer.to(device).eval().requires_grad_(False), vae.to(device).eval().requires_grad_(False)
