@@ -139,3 +139,17 @@ def test_reconfigure_steps_mid_stream_loses_no_chunk(kit_dit, kit_context):
     got += [cid for cid, _ in ls.reconfigure(1)]
     got += [cid for cid, _ in ls.drain()]
     assert got == list(range(10))
+
+
+@pytest.mark.parametrize("steps,lag", [(2, 2), (3, 3)])
+def test_pipelined_schedule_lag(kit_dit, kit_context, steps, lag):
+    """With W = lag pipeline stages a chunk leaves (n-1)*W calls after it entered, in order, none lost."""
+    ls = LatentStream(kit_dit, FlowMatchSampler(), kit_dit.embed_prompt(kit_context), SeededNoise(0),
+                      tokens_per_frame=15, steps=steps, cache=SINK_OFF, lag=lag)
+    ls.prepare(torch.randn(1, 2, 16, 6, 10), 0.8)
+    seen = {}
+    for call, z in enumerate(_latents(9)):
+        for cid, _ in ls.push(z, 0.8, torch.tensor(700), call):
+            seen[cid] = call
+    assert seen == {cid: cid + (steps - 1) * lag for cid in seen}
+    assert [cid for cid, _ in ls.drain()] == [c for c in range(9) if c not in seen]

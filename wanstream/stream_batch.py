@@ -8,10 +8,16 @@ the end of a stream) only occupied slots run, so no call computes on placeholder
 
 :class:`LatentStream` is the latent-level engine of one stream: prepare, stream batch, the sequential
 no-batch mode, draining, live reconfiguration. Everything on the host is plain integers.
+
+Pipelined schedule (``lag`` = W pipeline stages): W stream batches circulate at once; a new chunk joins the
+batch that left the pipeline W calls ago, so slot r holds the chunk that entered r*W calls ago. Every cache
+row still sees its chunks in order. ``lag=1`` is the single-device stream batch; the multi-GPU pipeline
+runs the same schedule split by DiT blocks, and this class is its single-process reference.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Hashable
 
@@ -39,11 +45,16 @@ class LatentStream:
 
     def __init__(self, dit: CausalWanDiT, sampler: FlowMatchSampler, prompt: PromptKV, noise: NoiseSource, *,
                  tokens_per_frame: int, steps: int = 2, mode: str = "v2v", batch: bool = True,
-                 cache: CacheConfig = CacheConfig(), frames_per_block: int = 1):
+                 cache: CacheConfig = CacheConfig(), frames_per_block: int = 1, lag: int = 1,
+                 renoise: NoiseSource | None = None):
+        if lag < 1:
+            raise ValueError(f"lag must be >= 1, got {lag}")
         self.dit = dit
         self.sampler = sampler
         self.prompt = prompt
         self.noise = noise
+        self._renoise = renoise
+        self.lag = lag
         self.tokens_per_frame = tokens_per_frame
         self.mode = mode
         self.cache_config = cache
@@ -62,7 +73,7 @@ class LatentStream:
         self.batch = batch
         self.step_list = step_list(steps, self.mode)
         self.rows = len(self.step_list) if batch else 1
-        self.slots: list[Slot | None] = [None] * self.rows
+        self.batches: deque[list[Slot | None]] = deque([None] * self.rows for _ in range(self.lag))
         self._t_list = torch.tensor(self.step_list, dtype=torch.long, device=self.device)
 
     def reconfigure(self, steps: int, batch: bool | None = None) -> list[tuple[Hashable, torch.Tensor]]:
@@ -85,6 +96,16 @@ class LatentStream:
                     new.k[i][r], new.v[i][r] = self.cache.k[i][src], self.cache.v[i][src]
             self.cache = new
         return out
+
+    @property
+    def renoise(self) -> NoiseSource:
+        """Noise for re-noising (the last pipeline stage draws it); defaults to the mixing source."""
+        return self._renoise or self.noise
+
+    @property
+    def slots(self) -> list[Slot | None]:
+        """The registers of the batch processed last (slot 0 = newest chunk)."""
+        return self.batches[-1]
 
     # ------------------------------------------------------------------ positions
     def _take_position(self, frames: int) -> tuple[int, int]:
@@ -118,7 +139,7 @@ class LatentStream:
         for i, t in enumerate(self.step_list):
             x0 = self._call(x, self._t_list[i: i + 1], [frame], [rope], 0)
             if i + 1 < len(self.step_list):
-                x = self.sampler.add_noise(x0, self.noise(x0.shape).to(x0.dtype), self._t_list[i + 1: i + 2])
+                x = self.sampler.add_noise(x0, self.renoise(x0.shape).to(x0.dtype), self._t_list[i + 1: i + 2])
         if self.rows > 1:
             self.cache.copy_row(0, slice(1, None))
         return x0
@@ -132,16 +153,14 @@ class LatentStream:
         t = t.reshape(1).to(self.device)
         if not self.batch:
             return [(chunk, self._sequential(noisy, t, frame, rope))]
-        self.slots = [Slot(noisy, frame, rope, chunk)] + self.slots[:-1]
-        return self._run(torch.cat([t, self._t_list[1:]]))
+        return self._advance(Slot(noisy, frame, rope, chunk), torch.cat([t, self._t_list[1:]]))
 
     @torch.no_grad()
     def drain(self) -> list[tuple[Hashable, torch.Tensor]]:
         """Finish every in-flight chunk without adding one (end of stream, or before a reconfiguration)."""
         out = []
-        while any(s is not None for s in self.slots[:-1]):
-            self.slots = [None] + self.slots[:-1]
-            out += self._run(self._t_list)
+        while any(s is not None for batch in self.batches for s in batch[:-1]):
+            out += self._advance(None, self._t_list)
         return out
 
     # ------------------------------------------------------------------- internal
@@ -151,26 +170,33 @@ class LatentStream:
         for i in range(len(self.step_list)):
             x0 = self._call(x, ts[i: i + 1], [frame], [rope], 0)
             if i + 1 < len(self.step_list):
-                x = self.sampler.add_noise(x0, self.noise(x0.shape).to(x0.dtype), ts[i + 1: i + 2])
+                x = self.sampler.add_noise(x0, self.renoise(x0.shape).to(x0.dtype), ts[i + 1: i + 2])
         return x0
 
-    def _run(self, timesteps: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
-        occupied = [r for r, s in enumerate(self.slots) if s is not None]
+    def _advance(self, new: Slot | None, timesteps: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        """One call: the batch that left ``lag`` calls ago shifts, takes ``new`` at slot 0 and runs."""
+        batch = [new] + self.batches.popleft()[:-1]
+        out = self._run(batch, timesteps)
+        self.batches.append(batch)
+        return out
+
+    def _run(self, batch: list[Slot | None], timesteps: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        occupied = [r for r, s in enumerate(batch) if s is not None]
         if not occupied:
             return []
         lo, hi = occupied[0], occupied[-1] + 1
         assert occupied == list(range(lo, hi)), "stream-batch slots must be contiguous"
-        slots = self.slots[lo:hi]
+        slots = batch[lo:hi]
         x = torch.cat([s.latent for s in slots])
         x0 = self._call(x, timesteps[lo:hi], [s.frame for s in slots], [s.rope for s in slots], lo)
         out = []
         if hi == self.rows:
             out.append((slots[-1].chunk, x0[-1:]))
-            self.slots[-1] = None
+            batch[-1] = None
         keep = min(hi, self.rows - 1) - lo
         if keep > 0:
             targets = self._t_list[lo + 1: lo + 1 + keep]
-            renoised = self.sampler.add_noise(x0[:keep], self.noise(x0[:keep].shape).to(x0.dtype), targets)
+            renoised = self.sampler.add_noise(x0[:keep], self.renoise(x0[:keep].shape).to(x0.dtype), targets)
             for i in range(keep):
-                self.slots[lo + i].latent = renoised[i: i + 1]
+                batch[lo + i].latent = renoised[i: i + 1]
         return out
