@@ -1,0 +1,185 @@
+"""Video I/O: write -> read round trips, frame rates, resizing, resolution parsing, tensor conversion, errors."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from wanstream.io import video
+from wanstream.io.video import (VideoError, VideoInfo, VideoWriter, fit_resolution, frames_to_tensor, iter_frames,
+                                make_motion_clip, parse_resolution, probe_video, read_video, resize_frames,
+                                tensor_to_frames, write_motion_clip)
+
+
+@pytest.fixture(scope="module")
+def clip() -> np.ndarray:
+    return make_motion_clip(12, 64, 48, seed=1)
+
+
+@pytest.mark.parametrize("fps", [16.0, 29.97, Fraction(30000, 1001)])
+def test_round_trip_keeps_count_size_fps_and_pixels(tmp_path, clip, fps):
+    path = tmp_path / "out.mp4"
+    with VideoWriter(path, fps, 64, 48, crf=0) as writer:
+        writer.write(clip[:5])          # a batch ...
+        for frame in clip[5:]:          # ... and single frames
+            writer.write(frame)
+    assert writer.frames_written == len(clip)
+    frames, read_fps = read_video(path)
+    assert frames.shape == clip.shape and frames.dtype == np.uint8
+    assert read_fps == pytest.approx(float(fps), abs=1e-3)
+    assert np.abs(frames.astype(np.int16) - clip).mean() < 8
+    info = probe_video(path)
+    assert info == VideoInfo(64, 48, info.fps, len(clip))
+
+
+def test_iter_frames_streams_rgb_frames(tmp_path, clip):
+    path = write_motion_clip(tmp_path / "sub" / "clip.mp4", 6, 32, 32, fps=8)
+    frames = list(iter_frames(path))
+    assert len(frames) == 6
+    assert all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in frames)
+
+
+def test_mpeg4_and_fallback_when_x264_is_missing(tmp_path, clip, monkeypatch):
+    monkeypatch.setattr(video, "_has_encoder", lambda name: name != "libx264")
+    path = tmp_path / "out.mp4"
+    with VideoWriter(path, 16, 64, 48, qscale=2) as writer:
+        writer.write(clip)
+    assert writer.codec == "mpeg4"
+    frames, fps = read_video(path)
+    assert len(frames) == len(clip) and fps == pytest.approx(16.0)
+    assert np.abs(frames.astype(np.int16) - clip).mean() < 8
+    with VideoWriter(path, 16, 64, 48, qscale=31) as coarse:
+        coarse.write(clip)
+    assert np.abs(read_video(path)[0].astype(np.int16) - clip).mean() > 10  # qscale is honoured
+
+
+def test_close_twice_and_write_after_close(tmp_path, clip):
+    writer = VideoWriter(tmp_path / "out.mp4", 16, 64, 48)
+    writer.write(clip[0])
+    writer.close()
+    writer.close()
+    with pytest.raises(VideoError, match="closed"):
+        writer.write(clip[0])
+    assert len(read_video(tmp_path / "out.mp4")[0]) == 1
+
+
+def test_writer_rejects_bad_frames_and_settings(tmp_path, clip):
+    with VideoWriter(tmp_path / "out.mp4", 16, 64, 48) as writer:
+        with pytest.raises(VideoError, match="opened for 64x48"):
+            writer.write(np.zeros((48, 32, 3), np.uint8))
+        with pytest.raises(ValueError, match="uint8"):
+            writer.write(clip.astype(np.float32))
+    with pytest.raises(VideoError, match="even"):
+        VideoWriter(tmp_path / "odd.mp4", 16, 63, 48)
+    with pytest.raises(VideoError, match="fps"):
+        VideoWriter(tmp_path / "zero.mp4", 0, 64, 48)
+    with pytest.raises(VideoError, match="not available"):
+        VideoWriter(tmp_path / "x.mp4", 16, 64, 48, codec="no-such-codec")
+
+
+def test_unwritable_output_path_names_the_file(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    with pytest.raises(VideoError, match="file.txt"):
+        VideoWriter(blocker / "out.mp4", 16, 64, 48)
+    with pytest.raises(VideoError, match=r"out\.nosuchformat"):
+        VideoWriter(tmp_path / "out.nosuchformat", 16, 64, 48)
+    with pytest.raises(VideoError, match="empty"):
+        VideoWriter("", 16, 64, 48)
+
+
+def test_bad_inputs_raise_video_error_naming_the_file(tmp_path):
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n")
+    missing = tmp_path / "missing.mp4"
+    for fn in (probe_video, read_video, lambda p: next(iter_frames(p))):
+        with pytest.raises(VideoError, match="missing.mp4.*no such file"):
+            fn(missing)
+        with pytest.raises(VideoError, match="notes.mp4.*not a readable video"):
+            fn(text)
+        with pytest.raises(VideoError, match="empty"):
+            fn("")
+        with pytest.raises(VideoError, match="not a file"):
+            fn(tmp_path)
+
+
+def test_no_video_stream_and_empty_video(tmp_path):
+    # An mp4 closed before any frame keeps no video track; an avi keeps the stream with zero frames.
+    VideoWriter(tmp_path / "none.mp4", 16, 32, 32).close()
+    with pytest.raises(VideoError, match="none.mp4: no video stream"):
+        probe_video(tmp_path / "none.mp4")
+    VideoWriter(tmp_path / "empty.avi", 16, 32, 32, codec="mpeg4").close()
+    with pytest.raises(VideoError, match="empty.avi: the video is empty"):
+        read_video(tmp_path / "empty.avi")
+
+
+def test_resize_frames_layout_and_antialiasing():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 40, 60, 3), dtype=np.uint8)
+    out = resize_frames(frames, 30, 20)
+    assert out.shape == (3, 20, 30, 3) and out.dtype == np.uint8
+    assert resize_frames(frames[0], 30, 20).shape == (20, 30, 3)
+    np.testing.assert_array_equal(resize_frames(frames[1], 30, 20), out[1])
+    assert resize_frames(frames, 60, 40) is frames
+    # A 1-pixel checkerboard averages to grey when antialiased (plain bilinear would alias it).
+    checker = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)
+    small = resize_frames(np.repeat(checker[..., None], 3, -1), 16, 16)
+    assert np.abs(small.astype(int) - 128).max() <= 2
+    # A constant image stays constant, up- or down-scaled.
+    flat = np.full((1, 8, 8, 3), 77, np.uint8)
+    assert (resize_frames(flat, 32, 24) == 77).all() and (resize_frames(flat, 2, 2) == 77).all()
+    with pytest.raises(ValueError, match="shape"):
+        resize_frames(np.zeros((4, 4), np.uint8), 2, 2)
+    with pytest.raises(ValueError, match="positive"):
+        resize_frames(frames, 0, 2)
+
+
+def test_fit_and_parse_resolution():
+    assert fit_resolution(640, 360) == (640, 352)
+    assert fit_resolution(1000, 10) == (992, 16)
+    assert fit_resolution(100, 70, multiple=8) == (96, 64)
+    with pytest.raises(ValueError):
+        fit_resolution(0, 10)
+    assert parse_resolution("512x512") == (512, 512)
+    assert parse_resolution(" 832X480 ") == (832, 480)
+    for bad in ("512", "512x", "axb", "0x16", "500x512", "-16x16", "512x512x3", "16.0x16"):
+        with pytest.raises(ValueError, match=rf"{bad!r}.*WxH.*multiples of 16"):
+            parse_resolution(bad)
+
+
+def test_tensor_conversions_invert_each_other():
+    frames = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    frames[0, 0, 0] = (0, 128, 255)
+    t = frames_to_tensor(frames)
+    assert t.shape == (2, 3, 5, 7) and t.dtype == torch.float32
+    assert t.min() >= -1 and t.max() <= 1
+    assert t[0, :, 0, 0].tolist() == pytest.approx([-1.0, 128 / 127.5 - 1, 1.0], abs=1e-6)
+    np.testing.assert_array_equal(tensor_to_frames(t), frames)
+    assert frames_to_tensor(frames, dtype=torch.float64).dtype == torch.float64
+    clamped = tensor_to_frames(torch.tensor([-3.0, 3.0, 0.0]).view(1, 3, 1, 1))
+    assert clamped.tolist() == [[[[0, 255, 128]]]]
+    with pytest.raises(ValueError, match=r"\[T, 3, H, W\]"):
+        tensor_to_frames(torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+        frames_to_tensor(frames[0])
+
+
+def test_motion_clip_is_deterministic_and_moves():
+    a = make_motion_clip(16, 64, 48, seed=3)
+    assert a.shape == (16, 48, 64, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, make_motion_clip(16, 64, 48, seed=3))
+    assert not np.array_equal(a, make_motion_clip(16, 64, 48, seed=4))
+    motion = np.abs(np.diff(a.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+    assert (motion > 1).all()
+    assert motion[7:9].min() > 1.5 * np.median(motion)  # the fast-motion burst (frames 8, 9)
+    with pytest.raises(ValueError, match="positive"):
+        make_motion_clip(0, 64, 48)
+
+
+def test_write_motion_clip_checks_arguments_before_creating_the_file(tmp_path):
+    with pytest.raises(ValueError, match="positive"):
+        write_motion_clip(tmp_path / "bad.mp4", 0, 64, 48)
+    assert not (tmp_path / "bad.mp4").exists()

@@ -1,0 +1,343 @@
+"""Video file I/O (PyAV), frame resizing, pixel <-> tensor conversion and a synthetic motion clip.
+
+Frames are RGB ``uint8`` arrays, ``[H, W, 3]`` for one frame and ``[T, H, W, 3]`` for several. Model tensors are
+``[T, 3, H, W]`` floats in ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PathLike = str | os.PathLike
+
+
+class VideoError(ValueError):
+    """A video file is missing, unreadable, empty, or cannot be written."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe_video` learns from a file's first video stream."""
+
+    width: int
+    height: int
+    fps: float
+    frames: int | None  # frame count from the container header; None when it does not say
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _check_input(path: PathLike) -> Path:
+    if not os.fspath(path):
+        raise VideoError("video path is empty ('')")
+    p = Path(path)
+    if not p.exists():
+        raise VideoError(f"{p}: no such file")
+    if not p.is_file():
+        raise VideoError(f"{p}: not a file")
+    return p
+
+
+def _open_input(path: PathLike) -> tuple[av.container.InputContainer, av.VideoStream, Path]:
+    p = _check_input(path)
+    try:
+        container = av.open(str(p), mode="r")
+    except (av.FFmpegError, OSError) as exc:
+        raise VideoError(f"{p}: not a readable video file ({exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{p}: no video stream")
+    return container, container.streams.video[0], p
+
+
+def _stream_fps(stream: av.VideoStream, p: Path) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate:
+        raise VideoError(f"{p}: the video stream has no frame rate")
+    return float(rate)
+
+
+def probe_video(path: PathLike) -> VideoInfo:
+    """Size, frame rate and (if the header knows it) frame count of the first video stream."""
+    container, stream, p = _open_input(path)
+    try:
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width <= 0 or height <= 0:
+            raise VideoError(f"{p}: the video stream has no frame size")
+        return VideoInfo(width, height, _stream_fps(stream, p), stream.frames or None)
+    finally:
+        container.close()
+
+
+def iter_frames(path: PathLike) -> Iterator[np.ndarray]:
+    """Decode the first video stream frame by frame as RGB ``uint8 [H, W, 3]`` (streaming).
+
+    Raises :class:`VideoError` for a missing / non-video file (on the first ``next``), for decode errors, and
+    when the stream holds no frames at all.
+    """
+    container, stream, p = _open_input(path)
+    stream.thread_type = "AUTO"
+    count = 0
+    try:
+        for frame in container.decode(stream):
+            count += 1
+            yield frame.to_ndarray(format="rgb24")
+    except av.FFmpegError as exc:
+        raise VideoError(f"{p}: decoding failed after {count} frames ({exc})") from None
+    finally:
+        container.close()
+    if count == 0:
+        raise VideoError(f"{p}: the video is empty (no frames)")
+
+
+def read_video(path: PathLike) -> tuple[np.ndarray, float]:
+    """Decode a whole file: ``(frames uint8 [T, H, W, 3], fps)``."""
+    fps = probe_video(path).fps
+    return np.stack(list(iter_frames(path))), fps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sizes and pixel conversion
+
+
+def _frames_array(frames: np.ndarray) -> np.ndarray:
+    arr = np.asarray(frames)
+    if arr.ndim not in (3, 4) or arr.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3] or [H, W, 3], got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {arr.dtype}")
+    return arr
+
+
+def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Antialiased bilinear resize of ``uint8 [T, H, W, 3]`` or ``[H, W, 3]`` frames (same layout back).
+
+    Uses torch's uint8 channels-last kernel, so down-scaling averages instead of aliasing. Frames already at
+    the requested size are returned as they are.
+    """
+    arr = _frames_array(frames)
+    if width < 1 or height < 1:
+        raise ValueError(f"resize target must be positive, got {width}x{height}")
+    if arr.shape[-3:-1] == (height, width):
+        return arr
+    batch = torch.from_numpy(np.ascontiguousarray(arr.reshape(-1, *arr.shape[-3:]))).permute(0, 3, 1, 2)
+    out = F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    out = out.permute(0, 2, 3, 1).contiguous().numpy()
+    return out if arr.ndim == 4 else out[0]
+
+
+def fit_resolution(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
+    """Round a size down to multiples of ``multiple`` (at least one multiple each way)."""
+    if width < 1 or height < 1 or multiple < 1:
+        raise ValueError(f"size and multiple must be positive, got {width}x{height} and multiple {multiple}")
+    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+
+
+_RESOLUTION = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
+
+
+def parse_resolution(text: str, multiple: int = 16) -> tuple[int, int]:
+    """``"512x512"`` -> ``(512, 512)``; both sides positive multiples of ``multiple``, else ValueError."""
+    match = _RESOLUTION.fullmatch(text)
+    if match:
+        width, height = int(match[1]), int(match[2])
+        if width > 0 and height > 0 and width % multiple == 0 and height % multiple == 0:
+            return width, height
+    raise ValueError(f"bad resolution {text!r}: expected WxH with positive multiples of {multiple}, e.g. 512x512")
+
+
+def frames_to_tensor(frames: np.ndarray, device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``uint8 [T, H, W, 3]`` -> ``[T, 3, H, W]`` in ``[-1, 1]`` (``x / 127.5 - 1``), converted on ``device``."""
+    arr = _frames_array(frames)
+    if arr.ndim != 4:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got shape {arr.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+    return (t.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0).contiguous()
+
+
+def tensor_to_frames(tensor: torch.Tensor) -> np.ndarray:
+    """``[T, 3, H, W]`` in ``[-1, 1]`` -> ``uint8 [T, H, W, 3]`` (rounded, clamped), on the CPU."""
+    if tensor.ndim != 4 or tensor.shape[1] != 3:
+        raise ValueError(f"expected a tensor [T, 3, H, W], got shape {tuple(tensor.shape)}")
+    pixels = ((tensor.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _has_encoder(name: str) -> bool:
+    try:
+        av.Codec(name, "w")
+    except ValueError:  # av.codec.codec.UnknownCodecError
+        return False
+    return True
+
+
+class VideoWriter:
+    """Encode RGB frames into a video file (H.264 in ``.mp4`` by default); use as a context manager.
+
+    ``codec="libx264"`` falls back to ``"mpeg4"`` when this PyAV build has no x264 encoder (:attr:`codec` says
+    which one is used). Quality: ``crf`` for x264 (0 = best, 18 = visually lossless), ``qscale`` for mpeg4
+    (1 = best, 31 = worst). ``fps`` may be fractional (29.97 is stored as the rate 2997/100). Every written
+    frame is kept: the frame count and rate read back are the ones written. Width and height must be even
+    (yuv420p). Missing parent folders are created.
+    """
+
+    def __init__(self, path: PathLike, fps: float | Fraction, width: int, height: int, codec: str = "libx264",
+                 crf: int = 18, qscale: int = 3, preset: str = "veryfast") -> None:
+        if not os.fspath(path):
+            raise VideoError("output video path is empty ('')")
+        self.path = Path(path)
+        self.width, self.height = width, height
+        if width < 2 or height < 2 or width % 2 or height % 2:
+            raise VideoError(f"{self.path}: width and height must be even and positive, got {width}x{height}")
+        try:
+            rate = Fraction(fps).limit_denominator(1001)
+        except (ValueError, OverflowError):  # nan, inf
+            rate = Fraction(0)
+        if rate <= 0:
+            raise VideoError(f"{self.path}: fps must be positive and finite, got {fps}")
+        if codec == "libx264" and not _has_encoder(codec):
+            codec = "mpeg4"
+        if not _has_encoder(codec):
+            raise VideoError(f"{self.path}: video encoder {codec!r} is not available in this PyAV build")
+        self.codec = codec
+        self.frames_written = 0
+        self._time_base = 1 / rate
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._container = av.open(str(self.path), mode="w")
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            raise VideoError(f"{self.path}: cannot write a video here ({exc})") from None
+        try:
+            self._stream = self._container.add_stream(codec, rate=rate)
+            self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
+            ctx = self._stream.codec_context
+            if codec in ("libx264", "libx265"):
+                ctx.options = {"crf": str(crf), "preset": preset}
+            elif codec == "mpeg4":
+                ctx.qmin = ctx.qmax = qscale  # a constant quantiser, like ffmpeg's -q:v
+            self._container.start_encoding()  # opens the file now, so a bad path fails here and not later
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            self._container.close()
+            raise VideoError(f"{self.path}: cannot write a video here ({exc})") from None
+        self._closed = False
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append ``uint8 [T, H, W, 3]`` or ``[H, W, 3]`` frames of the writer's size."""
+        if self._closed:
+            raise VideoError(f"{self.path}: the writer is closed")
+        arr = _frames_array(frames)
+        batch = arr[None] if arr.ndim == 3 else arr
+        if batch.shape[1:3] != (self.height, self.width):
+            raise VideoError(f"{self.path}: frames are {batch.shape[2]}x{batch.shape[1]}, "
+                             f"the writer was opened for {self.width}x{self.height}")
+        try:
+            for image in batch:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                frame.pts, frame.time_base = self.frames_written, self._time_base
+                self._container.mux(self._stream.encode(frame))
+                self.frames_written += 1
+        except (av.FFmpegError, OSError) as exc:
+            raise VideoError(f"{self.path}: encoding failed at frame {self.frames_written} ({exc})") from None
+
+    def close(self) -> None:
+        """Flush the encoder and finish the file; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._container.mux(self._stream.encode(None))
+        except (av.FFmpegError, OSError) as exc:
+            raise VideoError(f"{self.path}: finishing the video failed ({exc})") from None
+        finally:
+            self._container.close()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic clip
+
+_PALETTE = np.array([[230, 40, 40], [40, 200, 60], [40, 90, 230], [240, 200, 30], [200, 50, 220], [30, 210, 220]],
+                    dtype=np.float32)
+
+
+def _motion_frames(num_frames: int, width: int, height: int, seed: int) -> Iterator[np.ndarray]:
+    """The frames of :func:`make_motion_clip`, rendered one at a time (arguments are checked at once)."""
+    if num_frames < 1 or width < 1 or height < 1:
+        raise ValueError(f"clip needs positive frames and size, got {num_frames} frames {width}x{height}")
+    rng = np.random.default_rng(seed)
+    ys = np.arange(height, dtype=np.float32)[:, None]
+    xs = np.arange(width, dtype=np.float32)[None, :]
+    # A background that tiles (integer cycles per frame), so a pan just wraps indices around.
+    tile = np.zeros((height, width, 3), np.float32) + rng.uniform(70, 150, 3).astype(np.float32)
+    for _ in range(4):
+        kx, ky = rng.integers(1, 9, 2)
+        phase = rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * (kx * xs / width + ky * ys / height) + phase)
+        tile += wave[..., None] * rng.uniform(-30, 30, 3).astype(np.float32)
+    checker = np.sign(np.sin(2 * np.pi * max(1, width // 8) * xs / width) *
+                      np.sin(2 * np.pi * max(1, height // 8) * ys / height))
+    tile += 12 * checker[..., None]
+    colours = _PALETTE[rng.permutation(len(_PALETTE))[:2]]
+    size = min(width, height)
+    radius, half = max(2.0, size / 8), max(2.0, size / 12)
+    # Motion time: 1 per frame, 6 per frame during a short burst in the middle of the clip.
+    fast = range(num_frames // 2, num_frames // 2 + max(2, num_frames // 8))
+    speeds = np.array([6.0 if i in fast else 1.0 for i in range(num_frames)])
+    taus = np.cumsum(speeds) - speeds[0]
+    pan = max(1.0, width / 128)
+
+    def render(tau: float) -> np.ndarray:
+        ox, oy = int(round(pan * tau)), int(round(height / 16 * np.sin(2 * np.pi * tau / 40)))
+        frame = tile[(np.arange(height) + oy) % height][:, (np.arange(width) + ox) % width]
+        frame[..., 0] += 35 * np.sin(2 * np.pi * (xs[0] / width - tau / 48))  # a sweeping colour gradient
+        tri = 1 - abs((tau / 24) % 2 - 1)  # triangle wave 0..1..0 over 48 motion steps
+        cx, cy = radius + (width - 2 * radius) * tri, height * (0.3 + 0.1 * np.sin(2 * np.pi * tau / 32))
+        frame[(xs - cx) ** 2 + (ys - cy) ** 2 < radius ** 2] = colours[0]
+        sx = width / 2 + 0.3 * width * np.cos(2 * np.pi * tau / 64)
+        sy = height / 2 + 0.3 * height * np.sin(2 * np.pi * tau / 64)
+        frame[(abs(xs - sx) < half) & (abs(ys - sy) < half)] = colours[1]
+        return np.clip(frame, 0, 255).astype(np.uint8)
+
+    return (render(tau) for tau in taus)
+
+
+def make_motion_clip(num_frames: int, width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A deterministic synthetic clip ``uint8 [T, H, W, 3]`` with clear motion.
+
+    A textured background pans right and bobs vertically, a colour gradient sweeps across it, a circle bounces
+    left-right and a square circles the centre; for about T/8 frames in the middle everything moves 6x faster.
+    ``seed`` picks the texture and colours.
+    """
+    return np.stack(list(_motion_frames(num_frames, width, height, seed)))
+
+
+def write_motion_clip(path: PathLike, num_frames: int, width: int, height: int, fps: float = 16.0,
+                      seed: int = 0) -> Path:
+    """Write :func:`make_motion_clip` frames to ``path`` (streamed, H.264 at crf 18); returns the path."""
+    frames = _motion_frames(num_frames, width, height, seed)
+    with VideoWriter(path, fps, width, height) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return writer.path
