@@ -1,0 +1,208 @@
+"""``wanstream`` command line: v2v | t2v | init-random | download (bench and serve join later)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import CheckpointError
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    from .io.video import parse_resolution
+    try:
+        return parse_resolution(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _steps(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 4:
+        raise argparse.ArgumentTypeError(f"steps must be an integer in 1..4, got {text!r}")
+    return value
+
+
+def _unit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"noise scale must be in (0, 1], got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="model folder (see `wanstream init-random`)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanstream", description="Live video restyling on causal Wan 2.1 DiTs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("v2v", help="restyle a video file")
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    _model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=_steps, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=_resolution, default=None, help="WxH, multiples of 16 (default: input size)")
+    p.add_argument("--no-batch", action="store_true", help="run the steps of each chunk sequentially")
+    p.add_argument("--noise-scale", type=_unit, default=0.8)
+    p.add_argument("--no-noise-controller", action="store_true")
+    p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+
+    p = sub.add_parser("t2v", help="generate a video from text")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    _model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--frames", type=_positive, default=81)
+    p.add_argument("--steps", type=_steps, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=_resolution, default=(832, 480))
+    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--no-batch", action="store_true")
+
+    p = sub.add_parser("init-random", help="write a random-weight model in the released layout")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--preset", choices=["tiny", "1.3b", "14b"], default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small-text-encoder", action="store_true",
+                   help="write a tiny text encoder even for the 1.3b / 14b presets")
+
+    p = sub.add_parser("clip", help="write a synthetic test clip with motion (demo / benchmark input)")
+    p.add_argument("output", type=Path)
+    p.add_argument("--frames", type=_positive, default=49)
+    p.add_argument("--resolution", type=_resolution, default=(512, 512))
+    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("download", help="fetch the released weights (needs network access to the hub)")
+    p.add_argument("name", choices=["sdv2-1.3b", "sdv2-14b"])
+    p.add_argument("--dir", type=Path, default=Path("models"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .io.video import VideoError
+    try:
+        return COMMANDS[args.command](args)
+    except (VideoError, CheckpointError, ValueError, RuntimeError, OSError) as exc:
+        print(f"wanstream {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wanstream {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_v2v(args) -> int:
+    from tqdm import tqdm
+
+    from .io.video import VideoWriter, fit_resolution, iter_frames, probe_video
+    from .models.loader import load_model
+    from .session import StreamSession
+
+    info = probe_video(args.input)
+    width, height = args.resolution or fit_resolution(info.width, info.height)
+    model = load_model(args.model, device=args.device, taehv=args.taehv)
+    session = StreamSession(model, prompt=args.prompt, width=width, height=height, steps=args.steps,
+                            noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
+                            batch=not args.no_batch, seed=args.seed, decoder="taehv" if args.taehv else "vae")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    first = None
+    written = 0
+    with VideoWriter(args.output, info.fps, width, height) as writer, \
+            tqdm(total=info.frames, unit="frame", desc="v2v", disable=None) as bar:
+        def write(outputs):
+            nonlocal first, written
+            if outputs and first is None:
+                first = time.perf_counter() - t0
+            for out in outputs:
+                writer.write(out.image)
+            written += len(outputs)
+            bar.update(len(outputs))
+
+        for frame in iter_frames(args.input):
+            write(session.push(frame))
+        write(session.flush())
+    elapsed = time.perf_counter() - t0
+    if written == 0:
+        raise ValueError(f"{args.input}: no frames decoded")
+    print(f"frames {written} | {written / elapsed:.2f} FPS | time to first frame {first:.2f} s | "
+          f"{elapsed:.1f} s total | output {args.output}")
+    return 0
+
+
+def cmd_t2v(args) -> int:
+    from tqdm import tqdm
+
+    from .io.video import VideoWriter
+    from .models.loader import load_model
+    from .t2v import text_to_video
+
+    width, height = args.resolution
+    model = load_model(args.model, device=args.device)
+    embeds = model.prompt_embedding(args.prompt)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    first = None
+    with VideoWriter(args.output, args.fps, width, height) as writer, \
+            tqdm(total=args.frames, unit="frame", desc="t2v", disable=None) as bar:
+        for frame in text_to_video(model, embeds, args.frames, width=width, height=height, steps=args.steps,
+                                   seed=args.seed, batch=not args.no_batch):
+            first = first if first is not None else time.perf_counter() - t0
+            writer.write(frame)
+            bar.update(1)
+    elapsed = time.perf_counter() - t0
+    print(f"frames {args.frames} | {args.frames / elapsed:.2f} FPS | time to first frame {first:.2f} s | "
+          f"output {args.output}")
+    return 0
+
+
+def cmd_init_random(args) -> int:
+    from .models.random_init import init_random
+    init_random(args.dir, args.preset, seed=args.seed,
+                full_text_encoder=False if args.small_text_encoder else None)
+    return 0
+
+
+def cmd_clip(args) -> int:
+    from .io.video import write_motion_clip
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    width, height = args.resolution
+    write_motion_clip(args.output, args.frames, width, height, args.fps)
+    print(f"clip: {args.frames} frames {width}x{height} @ {args.fps:g} fps → {args.output}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .models.download import download
+    download(args.name, args.dir)
+    return 0
+
+
+COMMANDS = {"v2v": cmd_v2v, "t2v": cmd_t2v, "init-random": cmd_init_random, "clip": cmd_clip,
+            "download": cmd_download}
+
+if __name__ == "__main__":
+    sys.exit(main())
