@@ -1,0 +1,81 @@
+"""Command line: v2v / t2v end to end on the tiny model, and one clear error line for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from wanstream.cli import main
+from wanstream.io.video import probe_video, read_video, write_motion_clip
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "in.mp4"
+    write_motion_clip(path, 14, 80, 48, fps=12.5)
+    return path
+
+
+def test_v2v_end_to_end_keeps_count_and_fps(tiny_model_dir, clip_path, tmp_path):
+    out = tmp_path / "out.mp4"
+    proc = subprocess.run([sys.executable, "-m", "wanstream.cli", "v2v", str(clip_path), "-o", str(out),
+                           "--model", str(tiny_model_dir), "--prompt", "a watercolor", "--steps", "2",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "frames 14" in last and "FPS" in last and "time to first frame" in last
+    info = probe_video(out)
+    frames, fps = read_video(out)
+    assert len(frames) == 14 and abs(fps - 12.5) < 1e-3 and (info.width, info.height) == (80, 48)
+
+
+def test_v2v_options_and_resolution(tiny_model_dir, clip_path, tmp_path, capsys):
+    out = tmp_path / "o.mp4"
+    code = main(["v2v", str(clip_path), "-o", str(out), "--model", str(tiny_model_dir), "--prompt", "x",
+                 "--steps", "3", "--no-batch", "--no-noise-controller", "--noise-scale", "0.7", "--seed", "3",
+                 "--resolution", "64x32", "--device", "cpu"])
+    assert code == 0
+    frames, _ = read_video(out)
+    assert frames.shape == (14, 32, 64, 3)
+
+
+def test_t2v_cli(tiny_model_dir, tmp_path):
+    out = tmp_path / "t.mp4"
+    assert main(["t2v", "--prompt", "a fox", "--frames", "10", "-o", str(out), "--model", str(tiny_model_dir),
+                 "--resolution", "64x48", "--steps", "1", "--device", "cpu"]) == 0
+    assert len(read_video(out)[0]) == 10
+
+
+@pytest.mark.parametrize("case", ["missing", "not_video", "bad_model", "steps", "resolution", "noise"])
+def test_bad_input_gives_one_error_line(case, tiny_model_dir, clip_path, tmp_path, capsys):
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    args = {"missing": [str(tmp_path / "nope.mp4"), "--model", str(tiny_model_dir)],
+            "not_video": [str(text), "--model", str(tiny_model_dir)],
+            "bad_model": [str(clip_path), "--model", str(tmp_path)],
+            "steps": [str(clip_path), "--model", str(tiny_model_dir), "--steps", "5"],
+            "resolution": [str(clip_path), "--model", str(tiny_model_dir), "--resolution", "50x30"],
+            "noise": [str(clip_path), "--model", str(tiny_model_dir), "--noise-scale", "2"]}[case]
+    try:
+        code = main(["v2v", *args, "-o", str(tmp_path / "o.mp4"), "--prompt", "x", "--device", "cpu"])
+    except SystemExit as exc:   # argparse rejects bad option values itself
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(("wanstream v2v: error:", "wanstream v2v: error", "usage:")) or \
+        "error:" in err.splitlines()[-1]
+    expected = {"missing": "nope.mp4", "not_video": "notes.mp4", "bad_model": "no Wan 2.1 model",
+                "steps": "1..4", "resolution": "16", "noise": "(0, 1]"}[case]
+    assert expected in err
+
+
+def test_download_offline_is_a_clear_error(tmp_path, capsys):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "wanstream.cli", "download", "sdv2-1.3b", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert "cannot reach the Hugging Face hub" in proc.stderr and "Traceback" not in proc.stderr
