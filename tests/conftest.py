@@ -8,25 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kit import kit_dir, load_kit
+
 torch.set_num_threads(2)
-
-HERE = Path(__file__).parent
-SHARED_KIT = HERE.parent.parent / "shared" / "conformance"
-VENDORED_KIT = HERE / "data" / "conformance"
-
-
-def kit_dir() -> Path:
-    """The conformance kit: ../shared/conformance when present, else the vendored copy."""
-    return SHARED_KIT if (SHARED_KIT / "README.md").is_file() else VENDORED_KIT
-
-
-@pytest.fixture(scope="session")
-def kit() -> Path:
-    return kit_dir()
-
-
-def load_kit(name: str):
-    return torch.load(kit_dir() / name, weights_only=False)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from conftest import kit_dir
+from kit import kit_dir
 from wanstream.config import DIT_COMMON, DIT_PRESETS
 from wanstream.errors import CheckpointError
 from wanstream.models.checkpoints import (build_transformer, build_vae, causal_state_dict, diffusers_dit_config,

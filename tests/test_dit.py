@@ -8,7 +8,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from conftest import load_kit
+from kit import load_kit
 from wanstream.config import CacheConfig
 from wanstream.kv_cache import CachePolicy, CacheStep
 from wanstream.models.dit import CausalWanDiT

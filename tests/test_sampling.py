@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_kit
+from kit import load_kit
 from wanstream.noise_controller import NoiseController, motion_level, timestep_for
 from wanstream.sampling import FlowMatchSampler, step_list
 

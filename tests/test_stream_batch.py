@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_kit
+from kit import load_kit
 from wanstream.config import CacheConfig
 from wanstream.noise import ReplayNoise, SeededNoise
 from wanstream.sampling import FlowMatchSampler

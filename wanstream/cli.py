@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-scale", type=_unit, default=0.8)
     p.add_argument("--no-noise-controller", action="store_true")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    from .pipeline_parallel import add_pipeline_args
+    add_pipeline_args(p)
 
     p = sub.add_parser("t2v", help="generate a video from text")
     p.add_argument("-o", "--output", type=Path, required=True)
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_v2v(args) -> int:
+    from .pipeline_parallel import pipeline_requested, run_v2v_pipeline
+    if pipeline_requested(args):
+        return run_v2v_pipeline(args)
     from tqdm import tqdm
 
     from .io.video import VideoWriter, fit_resolution, iter_frames, probe_video

@@ -1,0 +1,627 @@
+"""One pipeline stage: its share of the model, its stream state, its compute and its message handling.
+
+A stage owns a contiguous block range ``[a, b)`` of the DiT and holds on its device only those blocks' weights,
+their KV caches and their cross-attention K/V, plus the small shared parts every stage needs (patch embedding,
+time and text embedders, head: about 2 % of the 1.3B / 14B weights). Stage 0 also holds the VAE (encode) and,
+where prompts are given as text, the text encoder; the last stage holds the VAE or TAEHV (decode). Weights are
+read from the checkpoint selectively (``mmap`` for ``model.pt``, per-tensor for safetensors): a stage never
+materialises blocks it does not run.
+
+Worker ranks run :meth:`Stage.serve`; stage 0 is driven by :class:`~.driver.PipelineDriver`. Each STEP is
+computed exactly as the single-process :class:`~wanstream.stream_batch.LatentStream` computes that call, just
+cut at the block boundaries, so the pipeline's output equals ``LatentStream(lag=W)`` to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..block_scheduler import Move, apply_move, format_split
+from ..config import CacheConfig
+from ..kv_cache import CachePolicy, CacheStep
+from ..models.dit import CausalWanDiT, PromptKV
+from ..noise import SeededNoise
+from ..sampling import FlowMatchSampler, step_list
+from .protocol import Kind, Message, ProtocolError, f2i, i2f
+from .transport import Health, Transport
+
+log = logging.getLogger("wanstream.pipeline")
+
+DECODE_NONE, DECODE_VAE, DECODE_TAEHV = 0, 1, 2
+
+
+# ============================================================================================ loading
+@dataclass
+class StageModel:
+    """What one rank holds: a DiT with only its blocks materialised, and the VAE / decoders it needs."""
+
+    dit: CausalWanDiT
+    sampler: FlowMatchSampler
+    device: torch.device
+    dtype: torch.dtype
+    vae: object | None = None            # StreamingVAE
+    taehv: object | None = None
+    text_encoder: object | None = None
+    source: str = ""
+
+    def prompt_embedding(self, prompt: str) -> torch.Tensor:
+        if self.text_encoder is None:
+            raise RuntimeError("this stage was loaded without a text encoder; pass a prompt embedding instead")
+        return self.text_encoder.encode([prompt])
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        pt, ph, pw = self.dit.patch_size
+        return (height // 8 // ph) * (width // 8 // pw)
+
+    def resident_bytes(self) -> int:
+        """Bytes of materialised DiT weights on this rank (meta tensors excluded)."""
+        return sum(p.numel() * p.element_size() for p in self.dit.parameters() if p.device.type != "meta")
+
+
+def _block_of(key: str) -> int | None:
+    if key.startswith("blocks."):
+        return int(key.split(".", 2)[1])
+    return None
+
+
+def _read_selected(paths, wanted) -> tuple[dict[str, torch.Tensor], str]:
+    """Wan-named DiT tensors for which ``wanted(key)``; only those are read from disk."""
+    from ..errors import CheckpointError
+    from ..models.checkpoints import CAUSAL_KEYS, SAFETENSORS, SAFETENSORS_INDEX
+    if paths.causal is not None:
+        path = Path(paths.causal)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+        if isinstance(obj, dict):
+            for key in CAUSAL_KEYS:
+                if key in obj and isinstance(obj[key], dict):
+                    obj = obj[key]
+                    break
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: expected a state dict")
+        out = {}
+        for k, v in obj.items():
+            k = k[len("model."):] if k.startswith("model.") else k
+            if wanted(k):
+                out[k] = v.clone()  # detach from the mapped file
+        return out, str(path)
+    import json
+
+    from safetensors import safe_open
+    folder = Path(paths.wan_dir)
+    index = folder / SAFETENSORS_INDEX
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else [SAFETENSORS])
+    out = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name}: file not found")
+        with safe_open(str(folder / name), framework="pt") as f:
+            for k in f.keys():
+                if wanted(k):
+                    out[k] = f.get_tensor(k)
+    return out, str(folder)
+
+
+def load_stage_model(root: str | Path, device: str | torch.device, dtype: torch.dtype | None, blocks: range, *,
+                     vae: bool = False, text_encoder: bool = False, taehv: bool = False) -> StageModel:
+    """Load the shared DiT parts and blocks ``blocks`` only (others stay on the meta device), strictly.
+
+    Missing, unexpected or mis-shaped tensors among the ones this stage needs raise ``CheckpointError``.
+    """
+    from diffusers import WanTransformer3DModel
+
+    from ..errors import CheckpointError
+    from ..models.checkpoints import (build_vae, check_keys, diffusers_dit_config, read_torch_file,
+                                      read_wan_config, wan_dit_shapes, wan_to_diffusers_dit)
+    from ..models.loader import T5_FILE, TOKENIZER_DIR, VAE_FILE, ModelPaths, default_dtype
+    from ..models.vae import StreamingVAE
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    paths = ModelPaths.discover(root)
+    if paths.diffusers:
+        return _load_stage_diffusers(paths, device, dtype, blocks, vae=vae)
+    config = diffusers_dit_config(read_wan_config(paths.wan_dir))
+    num_layers = config["num_layers"]
+    if not (0 <= blocks.start < blocks.stop <= num_layers):
+        raise ValueError(f"block range [{blocks.start}, {blocks.stop}) is not inside the model's {num_layers} blocks")
+
+    def wanted(key: str) -> bool:
+        b = _block_of(key)
+        return b is None or b in blocks
+
+    sd, source = _read_selected(paths, wanted)
+    expected = {k: torch.Size(v) for k, v in wan_dit_shapes(config).items() if wanted(k)}
+    check_keys(expected, sd, source)
+    converted = {k: v.to(device=device, dtype=dtype) for k, v in wan_to_diffusers_dit(sd).items()}
+    del sd
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**config)
+    res = transformer.load_state_dict(converted, strict=False, assign=True)
+    bad_missing = [k for k in res.missing_keys if _block_of(k) is None or _block_of(k) in blocks]
+    if res.unexpected_keys or bad_missing:
+        raise CheckpointError(f"{source}: stage load mismatch (missing {bad_missing[:5]}, unexpected "
+                              f"{res.unexpected_keys[:5]})")
+    transformer.rope.freqs_cos = torch.empty(0, device=device)
+    transformer.rope.freqs_sin = torch.empty(0, device=device)
+    transformer = transformer.eval().requires_grad_(False)
+    model = StageModel(CausalWanDiT(transformer), FlowMatchSampler(), device, dtype, source=source)
+    if vae:
+        vae_path = paths.wan_dir / VAE_FILE
+        model.vae = StreamingVAE(build_vae(read_torch_file(vae_path), str(vae_path), device, dtype))
+    if text_encoder:
+        from ..models.text_encoder import load_text_encoder
+        model.text_encoder = load_text_encoder(paths.wan_dir / T5_FILE, paths.wan_dir / TOKENIZER_DIR,
+                                               device=device, dtype=dtype)
+    if taehv:
+        if paths.taehv is None:
+            raise CheckpointError(f"{paths.root}: --taehv needs ckpts/taew2_1.pth")
+        from ..models.taehv import load_taehv
+        model.taehv = load_taehv(paths.taehv, device=device, dtype=dtype)
+    return model
+
+
+def _load_stage_diffusers(paths, device, dtype, blocks: range, vae: bool) -> StageModel:
+    """diffusers-layout repos: loaded whole on the CPU, then blocks outside the range are dropped."""
+    from ..models.loader import load_model
+    bundle = load_model(paths.root, device="cpu", dtype=dtype, text_encoder=False)
+    dit = bundle.dit
+    for i in range(dit.num_layers):
+        if i not in blocks:
+            dit.transformer.blocks[i].to("meta")
+    dit.to(device)
+    model = StageModel(dit, bundle.sampler, device, dtype, source=str(paths.root))
+    if vae:
+        bundle.vae.vae.to(device)
+        from ..models.vae import StreamingVAE
+        model.vae = StreamingVAE(bundle.vae.vae)
+    return model
+
+
+# ============================================================================================ settings
+@dataclass
+class PipeConfig:
+    """Stream settings every stage needs (travels in START)."""
+
+    steps: int = 2
+    batch: bool = True
+    mode: str = "v2v"
+    tokens_per_frame: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    decode: int = DECODE_NONE
+    renoise_seed: int = 0
+
+    def to_meta(self) -> list[int]:
+        c = self.cache
+        return [self.steps, int(self.batch), 0 if self.mode == "v2v" else 1, self.tokens_per_frame, c.capacity,
+                c.sink, f2i(c.sink_threshold), c.rope_wrap_at, c.rope_wrap_to, self.decode, self.renoise_seed]
+
+    @classmethod
+    def from_meta(cls, m: list[int]) -> "PipeConfig":
+        cache = CacheConfig(capacity=m[4], sink=m[5], sink_threshold=i2f(m[6]), rope_wrap_at=m[7], rope_wrap_to=m[8])
+        return cls(m[0], bool(m[1]), "v2v" if m[2] == 0 else "t2v", m[3], cache, m[9], m[10])
+
+
+@dataclass
+class StepMeta:
+    """Metadata of a STEP / RETURN (host ints; every stage builds the same CacheStep from them)."""
+
+    epoch: int
+    lo: int                    # first cache row of the call (= first occupied slot)
+    frames: list[int]          # per batch row: frame index in the stream (decides the cache slot)
+    ropes: list[int]           # per batch row: temporal RoPE position
+    grid: tuple[int, int, int]
+    seq: int = -1              # sequential mode (prepare / no-batch): step index; -1 = stream batch
+    final: bool = False        # sequential: last step
+    prepare: bool = False      # sequential: the stream's prepare (rows are copied after the last step)
+    keep: int = 0              # RETURN: re-noised rows returned
+    finished: bool = False     # RETURN: a clean chunk is included
+    decoded: bool = False      # RETURN: its decoded frames are included
+    timings: list[tuple[int, int, int]] = field(default_factory=list)   # per stage: (dit us, busy us, blocks)
+
+    def to_meta(self) -> list[int]:
+        head = [self.epoch, self.lo, len(self.frames), *self.grid, self.seq, int(self.final), int(self.prepare),
+                self.keep, int(self.finished), int(self.decoded), len(self.timings)]
+        out = head + list(self.frames) + list(self.ropes)
+        for t in self.timings:
+            out += list(t)
+        return out
+
+    @classmethod
+    def from_meta(cls, m: list[int]) -> "StepMeta":
+        epoch, lo, b, f, h, w, seq, final, prep, keep, fin, dec, nt = m[:13]
+        frames = m[13: 13 + b]
+        ropes = m[13 + b: 13 + 2 * b]
+        tail = m[13 + 2 * b:]
+        if len(tail) != 3 * nt:
+            raise ProtocolError(f"step metadata of {len(m)} ints does not match its counts")
+        timings = [tuple(tail[3 * i: 3 * i + 3]) for i in range(nt)]
+        return cls(epoch, lo, frames, ropes, (f, h, w), seq, bool(final), bool(prep), keep, bool(fin), bool(dec),
+                   timings)
+
+
+# ============================================================================================ timing
+class StageTimer:
+    """Per-call busy time and DiT time of this stage: host clock on CPU, CUDA events on GPU (read only once
+    they completed, so timing never forces a sync)."""
+
+    def __init__(self, device: torch.device, keep: int = 16):
+        self.cuda = torch.device(device).type == "cuda"
+        self.records: deque = deque(maxlen=keep)
+        self._cur: dict | None = None
+        self._pending: dict = {"dit": [], "busy": []}
+
+    def start_call(self) -> None:
+        self._cur, self._pending = self._pending, {"dit": [], "busy": []}
+
+    def end_call(self) -> None:
+        if self._cur is not None:
+            self.records.append(self._cur)
+        self._cur = None
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        rec = self._cur if self._cur is not None else self._pending
+        if self.cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            yield
+            e.record()
+            rec[name].append((s, e))
+        else:
+            t = time.perf_counter()
+            yield
+            rec[name].append(time.perf_counter() - t)
+
+    def _sum(self, items) -> float | None:
+        total = 0.0
+        for it in items:
+            if self.cuda:
+                s, e = it
+                if not e.query():
+                    return None
+                total += s.elapsed_time(e) / 1e3
+            else:
+                total += it
+        return total
+
+    def latest(self) -> tuple[int, int]:
+        """(DiT us, busy us) of the newest completed call; (0, 0) before the first."""
+        for rec in reversed(self.records):
+            dit, busy = self._sum(rec["dit"]), self._sum(rec["busy"])
+            if dit is not None and busy is not None:
+                return int(dit * 1e6), int(busy * 1e6)
+        return 0, 0
+
+
+# ============================================================================================ stage
+class Stage:
+    """Compute and state of one rank's block range (see the module docstring)."""
+
+    def __init__(self, model: StageModel, rank: int, world: int, ranges: list[tuple[int, int]],
+                 transport: Transport | None = None, health: Health | None = None):
+        self.model = model
+        self.dit = model.dit
+        self.sampler = model.sampler
+        self.device = model.device
+        self.rank, self.world = rank, world
+        self.ranges = [tuple(r) for r in ranges]
+        self.transport = transport
+        self.health = health
+        self.timer = StageTimer(self.device)
+        self.cfg: PipeConfig | None = None
+        self.cache = None
+        self.prompt: PromptKV | None = None
+        self.renoise = None
+        self.decoder = None
+        self.epoch = 0
+        self.calls = 0
+        self.fault: str | None = None
+
+    # -------------------------------------------------------------- properties
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return self.ranges[self.rank]
+
+    @property
+    def layers(self) -> range:
+        return range(*self.blocks)
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world - 1
+
+    @property
+    def next(self) -> int:
+        return (self.rank + 1) % self.world
+
+    # -------------------------------------------------------------- stream state
+    def start(self, cfg: PipeConfig, context: torch.Tensor) -> None:
+        """A new stream: fresh caches, prompt K/V for this stage's blocks, fresh re-noise source / decoder."""
+        self.cfg = cfg
+        self.policy = CachePolicy(cfg.cache)
+        self._configure(cfg.steps)
+        self.cache = self.dit.new_cache(self.rows, cfg.cache.capacity, cfg.tokens_per_frame, layers=self.layers)
+        self.set_prompt(context)
+        if self.is_last:
+            self.renoise = SeededNoise(cfg.renoise_seed, self.device)
+            self.decoder = None
+            if cfg.decode == DECODE_VAE:
+                if self.model.vae is None:
+                    raise RuntimeError(f"rank {self.rank} decodes but was loaded without the VAE")
+                self.decoder = self.model.vae.new_state()
+            elif cfg.decode == DECODE_TAEHV:
+                if self.model.taehv is None:
+                    raise RuntimeError(f"rank {self.rank} decodes with TAEHV but was loaded without it")
+                from ..models.taehv import TAEHVStreamDecoder
+                self.decoder = TAEHVStreamDecoder(self.model.taehv)
+
+    def _configure(self, steps: int) -> None:
+        self.steps = steps
+        self.step_list = step_list(steps, self.cfg.mode)
+        self.rows = len(self.step_list) if self.cfg.batch else 1
+        self.t_list = torch.tensor(self.step_list, dtype=torch.long, device=self.device)
+
+    def set_prompt(self, context: torch.Tensor) -> None:
+        self.prompt = self.dit.embed_prompt(context.to(self.device), layers=self.layers)
+
+    def reconfigure(self, steps: int) -> None:
+        """New step count between chunks (after a drain): cache rows are kept per level, as LatentStream does."""
+        old_rows = self.rows
+        self._configure(steps)
+        self.cfg.steps = steps
+        if self.rows != old_rows:
+            new = self.dit.new_cache(self.rows, self.cfg.cache.capacity, self.cfg.tokens_per_frame,
+                                     layers=self.cache.layers)
+            for i in self.cache.layers:
+                for r in range(self.rows):
+                    src = min(r, old_rows - 1)
+                    new.k[i][r], new.v[i][r] = self.cache.k[i][src], self.cache.v[i][src]
+            self.cache = new
+
+    def reseed(self, seed: int) -> None:
+        if self.is_last and self.cfg is not None:
+            self.cfg.renoise_seed = seed
+            self.renoise = SeededNoise(seed, self.device)
+
+    # -------------------------------------------------------------- compute
+    def run(self, x: torch.Tensor, ts: torch.Tensor, m: StepMeta) -> torch.Tensor:
+        """This stage's blocks for one call (latents in on stage 0, flow out on the last stage)."""
+        if self.cfg is None:
+            raise ProtocolError(f"rank {self.rank}: STEP before START")
+        step = CacheStep.build(self.policy, m.frames, m.ropes, m.grid[0], self.cfg.tokens_per_frame, self.device,
+                               row_start=m.lo)
+        with self.timer.section("dit"):
+            out = self.dit(x, ts, self.prompt, self.cache, step, blocks=self.blocks,
+                           grid=None if self.blocks[0] == 0 else tuple(m.grid))
+        if m.prepare and m.final and self.rows > 1:
+            self.cache.copy_row(0, slice(1, None))
+        self.calls += 1
+        return out
+
+    def grid_of(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        pt, ph, pw = self.dit.patch_size
+        _, t, _, h, w = latents.shape
+        return (t // pt, h // ph, w // pw)
+
+    def finish(self, x_lat: torch.Tensor, flow: torch.Tensor, ts: torch.Tensor, m: StepMeta) -> Message:
+        """Last stage: x0, re-noise, the finished chunk and its decode → the RETURN message for stage 0."""
+        x0 = self.sampler.to_x0(x_lat, flow, ts)
+        payloads = []
+        out = StepMeta(m.epoch, m.lo, m.frames, m.ropes, m.grid, m.seq, m.final, m.prepare)
+        finished = None
+        if m.seq >= 0:                                    # sequential step (prepare / no-batch)
+            if m.final:
+                finished = x0
+            else:
+                nxt = self.sampler.add_noise(x0, self.renoise(x0.shape).to(x0.dtype), self.t_list[m.seq + 1: m.seq + 2])
+                payloads.append(nxt)
+                out.keep = 1
+        else:                                             # stream batch (LatentStream._run)
+            lo, hi = m.lo, m.lo + len(m.frames)
+            if hi == self.rows:
+                finished = x0[-1:]
+            keep = min(hi, self.rows - 1) - lo
+            if keep > 0:
+                targets = self.t_list[lo + 1: lo + 1 + keep]
+                payloads.append(self.sampler.add_noise(x0[:keep], self.renoise(x0[:keep].shape).to(x0.dtype), targets))
+                out.keep = keep
+        if finished is not None:
+            payloads.append(finished)
+            out.finished = True
+            if self.decoder is not None:
+                payloads.append(self._decode(finished))
+                out.decoded = True
+        return Message(Kind.RETURN, meta=out.to_meta(), payloads=payloads)
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Clean latents → uint8 frames ``[T', H, W, 3]`` on this device."""
+        if self.cfg.decode == DECODE_VAE:
+            pixels = self.model.vae.decode(self.decoder, latent)
+        else:
+            pixels = self.decoder.decode(latent)
+        frames = ((pixels[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+        return frames.permute(0, 2, 3, 1).contiguous()
+
+    def memory_bytes(self) -> int:
+        """Peak device memory on CUDA; on the CPU the bytes this stage holds (weights, caches, prompt K/V, VAE)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        total = self.model.resident_bytes()
+        if self.cache is not None:
+            total += self.cache.nbytes()
+        if self.prompt is not None:
+            total += sum(t.numel() * t.element_size() for t in (*self.prompt.k.values(), *self.prompt.v.values()))
+        for extra in (self.model.vae.vae if self.model.vae is not None else None, self.model.taehv):
+            if extra is not None:
+                total += sum(p.numel() * p.element_size() for p in extra.parameters())
+        return total
+
+    # -------------------------------------------------------------- block moves
+    def export_block(self, i: int) -> Message:
+        """Take block ``i`` off this stage: its weights, KV cache and prompt K/V in a BLOCK message."""
+        blk = self.dit.transformer.blocks[i]
+        params = [t.detach() for t in blk.state_dict().values()]
+        has_cache = self.cache is not None and i in self.cache.k
+        has_prompt = self.prompt is not None and i in self.prompt.k
+        payloads = list(params)
+        if has_cache:
+            payloads += list(self.cache.pop_layer(i))
+        if has_prompt:
+            payloads += [self.prompt.k.pop(i), self.prompt.v.pop(i)]
+        blk.to("meta")
+        return Message(Kind.BLOCK, meta=[i, len(params), int(has_cache), int(has_prompt), self.epoch],
+                       payloads=payloads)
+
+    def import_block(self, msg: Message) -> int:
+        i, n, has_cache, has_prompt, _ = msg.meta[:5]
+        blk = self.dit.transformer.blocks[i]
+        names = list(blk.state_dict().keys())
+        shapes = [t.shape for t in blk.state_dict().values()]
+        if n != len(names) or len(msg.payloads) != n + 2 * has_cache + 2 * has_prompt:
+            raise ProtocolError(f"rank {self.rank}: block {i} arrived with {len(msg.payloads)} tensors")
+        params = msg.payloads[:n]
+        for name, shape, t in zip(names, shapes, params):
+            if t.shape != shape:
+                raise ProtocolError(f"rank {self.rank}: block {i} tensor {name} {tuple(t.shape)} vs {tuple(shape)}")
+        blk.load_state_dict(dict(zip(names, params)), strict=True, assign=True)
+        blk.requires_grad_(False)
+        rest = msg.payloads[n:]
+        if has_cache:
+            if self.cache is None:
+                raise ProtocolError(f"rank {self.rank}: block {i} brought a KV cache but no stream is running")
+            self.cache.put_layer(i, rest[0], rest[1])
+            rest = rest[2:]
+        if has_prompt:
+            self.prompt.k[i], self.prompt.v[i] = rest[0], rest[1]
+        return i
+
+    def apply_move(self, move: Move) -> None:
+        self.ranges = apply_move(self.ranges, move)
+
+    # -------------------------------------------------------------- worker loop
+    def serve(self) -> None:
+        """Worker ranks (1 .. W-1): handle messages from the previous rank until STOP."""
+        tr = self.transport
+        prev = (self.rank - 1) % self.world
+        while True:
+            msg = tr.recv(prev, "the next message")
+            kind = msg.kind
+            if kind == Kind.STEP:
+                self._on_step(msg)
+            elif kind == Kind.START:
+                tr.consume(msg)
+                self.start(PipeConfig.from_meta(msg.meta), msg.payloads[0])
+                self._forward(msg)
+            elif kind == Kind.PROMPT:
+                tr.consume(msg)
+                self.set_prompt(msg.payloads[0])
+                self._forward(msg)
+            elif kind == Kind.RECONFIG:
+                self.reconfigure(msg.meta[0])
+                self._forward(msg)
+            elif kind == Kind.SEED:
+                self.reseed(msg.meta[0])
+                self._forward(msg)
+            elif kind == Kind.MOVE:
+                self._on_move(msg)
+            elif kind == Kind.STOP:
+                self._on_stop(msg)
+                return
+            else:
+                raise ProtocolError(f"rank {self.rank}: unexpected {kind.name} from rank {prev}")
+
+    def _forward(self, msg: Message) -> None:
+        if not self.is_last:
+            self.transport.send(self.next, Message(msg.kind, msg.call, list(msg.meta), list(msg.payloads)))
+
+    def _injected_fault(self, call: int) -> None:
+        """Tests only (``LaunchSpec.fault = "hang:<rank>:<call>"``): stall like a stuck kernel, heartbeat alive."""
+        kind, rank, at = (self.fault.split(":") + ["", "", ""])[:3]
+        if kind == "hang" and int(rank) == self.rank and call >= int(at):
+            self.health.mark(f"computing call {call}")
+            time.sleep(600)
+
+    def _on_step(self, msg: Message) -> None:
+        tr = self.transport
+        if self.fault:
+            self._injected_fault(msg.call)
+        tr.consume(msg)
+        m = StepMeta.from_meta(msg.meta)
+        hidden, x_lat, ts = msg.payloads
+        self.timer.start_call()
+        with self.timer.section("busy"):
+            out = self.run(hidden, ts, m)
+            tr.release(msg)
+            if self.is_last:
+                reply = self.finish(x_lat, out, ts, m)
+        self.timer.end_call()
+        dit_us, busy_us = self.timer.latest()
+        timings = m.timings + [(dit_us, busy_us, self.blocks[1] - self.blocks[0])]
+        if self.is_last:
+            meta = StepMeta.from_meta(reply.meta)
+            meta.timings = timings
+            reply.meta = meta.to_meta()
+            reply.call = msg.call
+            tr.send(self.next, reply)
+        else:
+            m.timings = timings
+            tr.send(self.next, Message(Kind.STEP, msg.call, m.to_meta(), [out, x_lat, ts]))
+
+    def _on_move(self, msg: Message) -> None:
+        block, src, dst, epoch = msg.meta[:4]
+        move = Move(block, src, dst)
+        self._forward(msg)
+        self.move_local(move, epoch)
+
+    def move_local(self, move: Move, epoch: int) -> None:
+        """This rank's part of a move (after the MOVE went on): send or receive the block, update the split."""
+        tr = self.transport
+        if move.src == self.rank:
+            out = self.export_block(move.block)
+            tr.send(move.dst, out)
+            log.info("rank %d: sent block %d to rank %d (%.1f MB)", self.rank, move.block, move.dst,
+                     sum(p.numel() * p.element_size() for p in out.payloads) / 1e6)
+        elif move.dst == self.rank:
+            msg = self.recv_block(move.src)
+            self.import_block(msg)
+            log.info("rank %d: received block %d from rank %d", self.rank, move.block, move.src)
+        self.apply_move(move)
+        self.epoch = epoch
+        if move.src == self.rank or move.dst == self.rank:
+            log.info("rank %d: split now %s", self.rank, format_split(self.ranges))
+
+    def recv_block(self, src: int) -> Message:
+        msg = self.transport.recv(src, "a moved block")
+        if msg.kind != Kind.BLOCK:
+            raise ProtocolError(f"rank {self.rank}: expected BLOCK from rank {src}, got {msg.kind.name}")
+        self.transport.consume(msg)
+        return msg
+
+    def _on_stop(self, msg: Message) -> None:
+        """Pass STOP on every outgoing link (the last rank's ring link is the acknowledgement to rank 0), then
+        wait for STOP on every other incoming link so all receiver threads end."""
+        tr = self.transport
+        for dst in tr.outs:
+            tr.send(dst, Message(Kind.STOP))
+        prev = (self.rank - 1) % self.world
+        for src in tr.ins:
+            if src == prev:
+                continue
+            while True:
+                m = tr.recv(src, "STOP")
+                if m.kind == Kind.STOP:
+                    break
