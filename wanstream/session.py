@@ -26,7 +26,6 @@ import torch
 
 from .config import CacheConfig, StreamSettings
 from .io.video import frames_to_tensor, resize_frames, tensor_to_frames
-from .models.dit import PromptKV
 from .models.loader import ModelBundle
 from .noise import NoiseSource, SeededNoise
 from .noise_controller import NoiseController
@@ -47,6 +46,70 @@ class _ChunkInfo:
     real: int            # frames of the chunk that were real input (the rest is end-of-stream padding)
 
 
+class LocalDenoiser:
+    """Single-device denoiser of a session: a :class:`LatentStream` plus the streaming decoder (Wan VAE or
+    TAEHV). Finished chunks come back as ``(chunk, uint8 frames [T, H, W, 3])``. The multi-GPU pipeline
+    provides the same interface (``wanstream.pipeline.session``)."""
+
+    def __init__(self, model: ModelBundle, settings: StreamSettings, decoder: str):
+        if decoder == "taehv" and model.taehv is None:
+            raise ValueError("decoder='taehv' needs a model loaded with taehv=True")
+        self.model = model
+        self.settings = settings
+        self.decoder = decoder
+        self.stream: LatentStream | None = None
+
+    def start(self, embedding: torch.Tensor, noise: NoiseSource, tokens_per_frame: int) -> None:
+        """A new stream (also a reset): fresh cache, registers and decoder state."""
+        self.kv = self.model.dit.embed_prompt(embedding)
+        self.noise = noise
+        self.tokens_per_frame = tokens_per_frame
+        self.stream = None
+        if self.decoder == "vae":
+            self.dec_state = self.model.vae.new_state()
+        else:
+            from .models.taehv import TAEHVStreamDecoder
+            self.dec_state = TAEHVStreamDecoder(self.model.taehv)
+
+    def prepare(self, z: torch.Tensor, s: float, chunk: int):
+        m, st = self.model, self.settings
+        self.stream = LatentStream(m.dit, m.sampler, self.kv, self.noise, tokens_per_frame=self.tokens_per_frame,
+                                   steps=st.steps, batch=st.batch, cache=st.cache)
+        return self._frames([(chunk, self.stream.prepare(z, s))])
+
+    def push(self, z: torch.Tensor, s, t: torch.Tensor, chunk: int):
+        return self._frames(self.stream.push(z, s, t, chunk))
+
+    def drain(self):
+        return self._frames(self.stream.drain()) if self.stream is not None else []
+
+    def reconfigure(self, steps: int):
+        return self._frames(self.stream.reconfigure(steps)) if self.stream is not None else []
+
+    def set_prompt(self, embedding: torch.Tensor) -> None:
+        self.kv = self.model.dit.embed_prompt(embedding)
+        if self.stream is not None:
+            self.stream.prompt = self.kv
+
+    def reseed(self, noise: NoiseSource, seed: int) -> None:
+        self.noise = noise
+        if self.stream is not None:
+            self.stream.noise = noise
+
+    def close(self) -> None:
+        self.stream = None
+
+    def _frames(self, finished):
+        out = []
+        for chunk, latent in finished:
+            if self.decoder == "vae":
+                pixels = self.model.vae.decode(self.dec_state, latent)
+            else:
+                pixels = self.dec_state.decode(latent)
+            out.append((chunk, tensor_to_frames(pixels[0])))
+        return out
+
+
 class StreamSession:
     """Video-to-video stream over a shared :class:`ModelBundle`."""
 
@@ -58,8 +121,6 @@ class StreamSession:
             raise ValueError(f"resolution must be positive multiples of 16, got {width}x{height}")
         if decoder not in ("vae", "taehv"):
             raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
-        if decoder == "taehv" and model.taehv is None:
-            raise ValueError("decoder='taehv' needs a model loaded with taehv=True")
         self.model = model
         self.width, self.height = width, height
         self.settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
@@ -67,29 +128,28 @@ class StreamSession:
         self.decoder = decoder
         self._injected_noise = noise
         self._embedding = self._resolve_prompt(prompt, prompt_embeds)
-        self._prompt_kv = model.dit.embed_prompt(self._embedding)
         self._transition: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
         self.closed = False
+        self.denoiser = self._make_denoiser()
         self._start()
 
     # ----------------------------------------------------------------- lifecycle
+    def _make_denoiser(self) -> LocalDenoiser:
+        return LocalDenoiser(self.model, self.settings, self.decoder)
+
     def _start(self) -> None:
         m = self.model
         self.noise = self._injected_noise or SeededNoise(self.settings.seed, m.device)
         self.controller = NoiseController(self.settings.noise_scale, enabled=self.settings.noise_controller)
         self.vae_state = m.vae.new_state()
-        self.dec_state = m.vae.new_state() if self.decoder == "vae" else self._new_taehv_state()
-        self.latent: LatentStream | None = None
+        self.denoiser.start(self._embedding, self.noise, m.tokens_per_frame(self.height, self.width))
+        self._prepared = False
         self._pending: list[tuple[torch.Tensor, int, float]] = []
         self._chunks: dict[int, _ChunkInfo] = {}
         self._next_chunk = 0
         self._prev_frame: torch.Tensor | None = None
         self.frames_in = 0
         self.frames_out = 0
-
-    def _new_taehv_state(self):
-        from .models.taehv import TAEHVStreamDecoder
-        return TAEHVStreamDecoder(self.model.taehv)
 
     def reset(self) -> None:
         """Start over on the next frame (fresh caches, re-prepare); queued frames are discarded."""
@@ -98,7 +158,7 @@ class StreamSession:
 
     def close(self) -> None:
         """Release this stream's caches; the session cannot be used afterwards."""
-        self.latent = None
+        self.denoiser.close()
         self._pending.clear()
         self._chunks.clear()
         self.closed = True
@@ -171,12 +231,12 @@ class StreamSession:
             last = self._pending[-1]
             self._pending += [(last[0], -1, last[2])] * (self._chunk_len() - real)
             out += self._process(self._chunk_len(), real=real)
-        if self.latent is not None:
-            out += self._emit(self.latent.drain())
+        if self._prepared:
+            out += self._emit(self.denoiser.drain())
         return out
 
     def _chunk_len(self) -> int:
-        return 5 if self.latent is None else 4
+        return 4 if self._prepared else 5
 
     # -------------------------------------------------------------- live changes
     def update(self, *, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
@@ -198,13 +258,11 @@ class StreamSession:
             self.settings.seed = int(seed)
             if self._injected_noise is None:
                 self.noise = SeededNoise(self.settings.seed, self.model.device)
-                if self.latent is not None:
-                    self.latent.noise = self.noise
+                self.denoiser.reseed(self.noise, self.settings.seed)
         if steps is not None:
             StreamSettings(steps=steps)  # validates
             self.settings.steps = int(steps)
-            if self.latent is not None:
-                out += self._emit(self.latent.reconfigure(int(steps)))
+            out += self._emit(self.denoiser.reconfigure(int(steps)))
         return out
 
     def set_prompt_embedding(self, embedding: torch.Tensor, transition_chunks: int = 0) -> None:
@@ -215,13 +273,8 @@ class StreamSession:
             self._transition = (self._embedding, embedding, 0, int(transition_chunks))
         else:
             self._transition = None
-            self._set_kv(self.model.dit.embed_prompt(embedding))
+            self.denoiser.set_prompt(embedding)
         self._embedding = embedding
-
-    def _set_kv(self, kv: PromptKV) -> None:
-        self._prompt_kv = kv
-        if self.latent is not None:
-            self.latent.prompt = kv
 
     def _advance_transition(self) -> None:
         if self._transition is None:
@@ -229,7 +282,7 @@ class StreamSession:
         start, end, k, total = self._transition
         k += 1
         w = k / total
-        self._set_kv(self.model.dit.embed_prompt(torch.lerp(start.float(), end.float(), w).to(end.dtype)))
+        self.denoiser.set_prompt(torch.lerp(start.float(), end.float(), w).to(end.dtype))
         self._transition = None if k >= total else (start, end, k, total)
 
     # ---------------------------------------------------------------- processing
@@ -241,34 +294,24 @@ class StreamSession:
         self._next_chunk += 1
         self._chunks[cid] = info
         self._advance_transition()
-        vae = self.model.vae
-        z = vae.encode(self.vae_state, frames[None])
-        if self.latent is None:
-            self.latent = self._new_latent_stream(z.shape[-2:])
-            x0 = self.latent.prepare(z, self.settings.noise_scale)
+        z = self._encode(frames)
+        if not self._prepared:
+            finished = self.denoiser.prepare(z, self.settings.noise_scale, cid)
             self.controller.reset()
-            finished = [(cid, x0)]
+            self._prepared = True
         else:
             s, t = self.controller(self._prev_frame[None], frames[None])
-            finished = self.latent.push(z, s, t, cid)
+            finished = self.denoiser.push(z, s, t, cid)
         self._prev_frame = frames[-1]
         return self._emit(finished)
 
-    def _new_latent_stream(self, latent_hw) -> LatentStream:
-        m = self.model
-        tokens = self.model.tokens_per_frame(self.height, self.width)
-        return LatentStream(m.dit, m.sampler, self._prompt_kv, self.noise, tokens_per_frame=tokens,
-                            steps=self.settings.steps, batch=self.settings.batch, cache=self.settings.cache)
+    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model.vae.encode(self.vae_state, frames[None])
 
     def _emit(self, finished) -> list[OutputFrame]:
         out: list[OutputFrame] = []
-        for cid, latent in finished:
+        for cid, images in finished:
             info = self._chunks.pop(cid)
-            if self.decoder == "vae":
-                pixels = self.model.vae.decode(self.dec_state, latent)
-            else:
-                pixels = self.dec_state.decode(latent)
-            images = tensor_to_frames(pixels[0])
             for img, idx, ts in zip(images[: info.real], info.indices, info.timestamps):
                 out.append(OutputFrame(img, idx, ts))
         self.frames_out += len(out)

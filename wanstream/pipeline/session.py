@@ -17,19 +17,15 @@ Randomness: the mixing noise comes from ``SeededNoise(seed)`` on rank 0, the re-
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..block_scheduler import SchedulerConfig
 from ..config import CacheConfig, StreamSettings
-from ..io.video import frames_to_tensor, resize_frames
-from ..noise import SeededNoise
-from ..noise_controller import NoiseController
-from ..session import OutputFrame
+from ..noise import NoiseSource
+from ..session import StreamSession
 from .driver import PipelineDriver
 
 RENOISE_SEED_OFFSET = 1_000_003
@@ -51,8 +47,50 @@ def default_devices(world: int, device: str | None = None) -> list[str]:
     return [str(dev)] * world
 
 
-class PipelineSession:
-    """Video-to-video stream on a W-rank pipeline (see the module docstring)."""
+class PipelineDenoiser:
+    """The denoiser interface of :class:`~wanstream.session.LocalDenoiser` over a launched pipeline: the last
+    rank decodes, finished chunks come back to rank 0 as uint8 frames."""
+
+    def __init__(self, driver: PipelineDriver, settings: StreamSettings, decoder: str):
+        self.driver = driver
+        self.settings = settings
+        self.decoder = decoder
+
+    def start(self, embedding: torch.Tensor, noise: NoiseSource, tokens_per_frame: int) -> None:
+        st = self.settings
+        self.driver.start(embedding, tokens_per_frame=tokens_per_frame, noise=noise,
+                          renoise_seed=renoise_seed(st.seed), steps=st.steps, batch=st.batch, cache=st.cache,
+                          decode=self.decoder)
+
+    def prepare(self, z: torch.Tensor, s: float, chunk: int):
+        return self._frames([self.driver.prepare(z, s, chunk=chunk)])
+
+    def push(self, z: torch.Tensor, s, t: torch.Tensor, chunk: int):
+        return self._frames(self.driver.push(z, s, t, chunk))
+
+    def drain(self):
+        return self._frames(self.driver.drain())
+
+    def reconfigure(self, steps: int):
+        return self._frames(self.driver.reconfigure(steps))
+
+    def set_prompt(self, embedding: torch.Tensor) -> None:
+        self.driver.set_prompt(embedding)
+
+    def reseed(self, noise: NoiseSource, seed: int) -> None:
+        self.driver.reseed(noise, renoise_seed(seed))
+
+    def close(self) -> None:
+        if not self.driver.closed:
+            self.driver.close()
+
+    @staticmethod
+    def _frames(finished):
+        return [(f.chunk, f.frames.cpu().numpy()) for f in finished]
+
+
+class PipelineSession(StreamSession):
+    """Video-to-video stream on a W-rank pipeline (see the module docstring); the API of ``StreamSession``."""
 
     def __init__(self, model_dir: str | Path | None = None, *, devices: Sequence[str] | None = None,
                  world: int | None = None, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
@@ -61,16 +99,8 @@ class PipelineSession:
                  decoder: str = "vae", split=None, rebalance: bool | SchedulerConfig = True,
                  dtype: torch.dtype | None = None, timeout: float = 120.0, dead_after: float = 10.0,
                  threads: int | None = None, driver: PipelineDriver | None = None):
-        if width % 16 or height % 16 or width <= 0 or height <= 0:
-            raise ValueError(f"resolution must be positive multiples of 16, got {width}x{height}")
-        if decoder not in ("vae", "taehv"):
-            raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
         if prompt is None and prompt_embeds is None:
             raise ValueError("give a prompt (text) or a prompt embedding")
-        self.width, self.height = width, height
-        self.settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
-                                       batch=batch, seed=seed, cache=cache or CacheConfig())
-        self.decoder = decoder
         if driver is None:
             if model_dir is None:
                 raise ValueError("give a model folder (or a launched driver)")
@@ -84,45 +114,27 @@ class PipelineSession:
                                            vae=True, text_encoder=prompt_embeds is None, schedule=schedule,
                                            timeout=timeout, dead_after=dead_after, threads=threads)
         self.driver = driver
-        self.model = driver.model
-        if self.model.vae is None:
+        if driver.model.vae is None:
             raise ValueError("rank 0 needs the VAE to encode frames (launch with vae=True)")
-        self.closed = False
         try:
-            self._embedding = self._resolve_prompt(prompt, prompt_embeds)
-            self._transition = None
-            self._start()
+            super().__init__(driver.model, prompt=prompt, prompt_embeds=prompt_embeds, width=width, height=height,
+                             steps=steps, noise_scale=noise_scale, noise_controller=noise_controller, batch=batch,
+                             seed=seed, cache=cache, decoder=decoder)
         except BaseException:
-            self.driver.close() if not self.driver.closed else None
+            if not driver.closed:
+                driver.close()
             raise
 
-    # ----------------------------------------------------------------- lifecycle
-    def _start(self) -> None:
-        m = self.model
-        self.noise = SeededNoise(self.settings.seed, m.device)
-        self.controller = NoiseController(self.settings.noise_scale, enabled=self.settings.noise_controller)
-        self.vae_state = m.vae.new_state()
-        self._pending: list[tuple[torch.Tensor, int, float]] = []
-        self._chunks: dict[int, tuple[list[int], list[float], int]] = {}
-        self._next_chunk = 0
-        self._prev_frame: torch.Tensor | None = None
-        self._prepared = False
-        self.frames_in = 0
-        self.frames_out = 0
-        self.driver.start(self._embedding, tokens_per_frame=m.tokens_per_frame(self.height, self.width),
-                          noise=self.noise, renoise_seed=renoise_seed(self.settings.seed), steps=self.settings.steps,
-                          batch=self.settings.batch, cache=self.settings.cache, decode=self.decoder)
+    def _make_denoiser(self) -> PipelineDenoiser:
+        return PipelineDenoiser(self.driver, self.settings, self.decoder)
 
-    def reset(self) -> None:
-        """Start over on the next frame (fresh caches on every rank, re-prepare); queued frames are dropped."""
-        self._check_open()
-        self._start()
+    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
+        with self.driver.stage.timer.section("busy"):     # encode time counts in rank 0's stage time
+            return super()._encode(frames)
 
-    def close(self) -> None:
-        """Stop every rank of the pipeline."""
-        if not self.closed:
-            self.closed = True
-            self.driver.close()
+    def _check_open(self) -> None:
+        if self.closed or self.driver.closed:
+            raise RuntimeError("this pipeline session is closed")
 
     def __enter__(self):
         return self
@@ -135,10 +147,6 @@ class PipelineSession:
             self.driver._abort(exc[1])
         return False
 
-    def _check_open(self) -> None:
-        if self.closed or self.driver.closed:
-            raise RuntimeError("this pipeline session is closed")
-
     @property
     def split(self) -> list[tuple[int, int]]:
         return self.driver.split
@@ -146,136 +154,3 @@ class PipelineSession:
     @property
     def moves(self):
         return self.driver.moves
-
-    # -------------------------------------------------------------------- inputs
-    def _resolve_prompt(self, prompt: str | None, embeds: torch.Tensor | None) -> torch.Tensor:
-        text_dim = self.model.dit.transformer.config.text_dim
-        if embeds is not None:
-            embeds = torch.as_tensor(embeds)
-            if embeds.ndim == 2:
-                embeds = embeds[None]
-            if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != text_dim:
-                raise ValueError(f"prompt embedding must be [L, {text_dim}], got {tuple(embeds.shape)}")
-            return embeds.to(self.model.device, self.model.dtype)
-        if prompt is None:
-            raise ValueError("give a prompt (text) or a prompt embedding")
-        return self.model.prompt_embedding(prompt).to(self.model.device, self.model.dtype)
-
-    def _to_tensor(self, frames) -> torch.Tensor:
-        arr = np.asarray(frames)
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim != 4 or arr.shape[-1] != 3:
-            raise ValueError(f"frames must be uint8 [N, H, W, 3] or [H, W, 3], got shape {arr.shape}")
-        if arr.dtype != np.uint8:
-            raise ValueError(f"frames must be uint8, got {arr.dtype}")
-        if arr.shape[1:3] != (self.height, self.width):
-            arr = resize_frames(arr, self.width, self.height)
-        return frames_to_tensor(arr).to(self.model.device, self.model.dtype)
-
-    def push(self, frames, timestamps: Sequence[float] | None = None) -> list[OutputFrame]:
-        """Add frames (uint8 ``[N, H, W, 3]``); returns the output frames that came back meanwhile."""
-        self._check_open()
-        x = self._to_tensor(frames)
-        now = time.perf_counter()
-        if timestamps is None:
-            timestamps = [now] * x.shape[0]
-        if len(timestamps) != x.shape[0]:
-            raise ValueError(f"got {x.shape[0]} frames but {len(timestamps)} timestamps")
-        for frame, ts in zip(x, timestamps):
-            self._pending.append((frame, self.frames_in, float(ts)))
-            self.frames_in += 1
-        out: list[OutputFrame] = []
-        while len(self._pending) >= self._chunk_len():
-            out += self._process(self._chunk_len(), real=self._chunk_len())
-        return out
-
-    def flush(self) -> list[OutputFrame]:
-        """End of input: pad the last partial chunk, finish every in-flight chunk on every rank."""
-        self._check_open()
-        out: list[OutputFrame] = []
-        if self._pending:
-            real = len(self._pending)
-            last = self._pending[-1]
-            self._pending += [(last[0], -1, last[2])] * (self._chunk_len() - real)
-            out += self._process(self._chunk_len(), real=real)
-        if self._prepared:
-            out += self._emit(self.driver.drain())
-        return out
-
-    def _chunk_len(self) -> int:
-        return 4 if self._prepared else 5
-
-    # -------------------------------------------------------------- live changes
-    def update(self, *, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
-               transition_chunks: int = 0, steps: int | None = None, noise_scale: float | None = None,
-               noise_controller: bool | None = None, seed: int | None = None) -> list[OutputFrame]:
-        """Change knobs live; they apply from the next chunk on every rank. Returns frames finished by a step
-        change (the ring is drained first)."""
-        self._check_open()
-        out: list[OutputFrame] = []
-        if prompt is not None or prompt_embeds is not None:
-            self.set_prompt_embedding(self._resolve_prompt(prompt, prompt_embeds), transition_chunks)
-        if noise_scale is not None:
-            StreamSettings(noise_scale=noise_scale)
-            self.settings.noise_scale = float(noise_scale)
-            self.controller.s_init = float(noise_scale)
-        if noise_controller is not None:
-            self.settings.noise_controller = bool(noise_controller)
-            self.controller.enabled = bool(noise_controller)
-        if seed is not None:
-            self.settings.seed = int(seed)
-            self.noise = SeededNoise(self.settings.seed, self.model.device)
-            self.driver.reseed(self.noise, renoise_seed(self.settings.seed))
-        if steps is not None:
-            StreamSettings(steps=steps)
-            self.settings.steps = int(steps)
-            out += self._emit(self.driver.reconfigure(int(steps)))
-        return out
-
-    def set_prompt_embedding(self, embedding: torch.Tensor, transition_chunks: int = 0) -> None:
-        embedding = embedding.to(self.model.device, self.model.dtype)
-        if transition_chunks > 0:
-            self._transition = (self._embedding, embedding, 0, int(transition_chunks))
-        else:
-            self._transition = None
-            self.driver.set_prompt(embedding)
-        self._embedding = embedding
-
-    def _advance_transition(self) -> None:
-        if self._transition is None:
-            return
-        start, end, k, total = self._transition
-        k += 1
-        self.driver.set_prompt(torch.lerp(start.float(), end.float(), k / total).to(end.dtype))
-        self._transition = None if k >= total else (start, end, k, total)
-
-    # ---------------------------------------------------------------- processing
-    def _process(self, n: int, real: int) -> list[OutputFrame]:
-        taken, self._pending = self._pending[:n], self._pending[n:]
-        frames = torch.stack([f for f, _, _ in taken])
-        cid = self._next_chunk
-        self._next_chunk += 1
-        self._chunks[cid] = ([i for _, i, _ in taken], [ts for _, _, ts in taken], real)
-        self._advance_transition()
-        with self.driver.stage.timer.section("busy"):     # encode time counts in rank 0's stage time
-            z = self.model.vae.encode(self.vae_state, frames[None])
-        if not self._prepared:
-            finished = [self.driver.prepare(z, self.settings.noise_scale, chunk=cid)]
-            self.controller.reset()
-            self._prepared = True
-        else:
-            s, t = self.controller(self._prev_frame[None], frames[None])
-            finished = self.driver.push(z, s, t, cid)
-        self._prev_frame = frames[-1]
-        return self._emit(finished)
-
-    def _emit(self, finished) -> list[OutputFrame]:
-        out: list[OutputFrame] = []
-        for f in finished:
-            indices, stamps, real = self._chunks.pop(f.chunk)
-            images = f.frames.cpu().numpy()
-            for img, idx, ts in zip(images[:real], indices, stamps):
-                out.append(OutputFrame(img, idx, ts))
-        self.frames_out += len(out)
-        return out
