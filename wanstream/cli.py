@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=0)
 
+    from .bench import add_bench_parser
+    add_bench_parser(sub)
+
     p = sub.add_parser("download", help="fetch the released weights (needs network access to the hub)")
     p.add_argument("name", choices=["sdv2-1.3b", "sdv2-14b"])
     p.add_argument("--dir", type=Path, default=Path("models"))
@@ -200,6 +203,11 @@ def cmd_clip(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+    return run_bench(args)
+
+
 def cmd_download(args) -> int:
     from .models.download import download
     download(args.name, args.dir)
@@ -207,7 +215,7 @@ def cmd_download(args) -> int:
 
 
 COMMANDS = {"v2v": cmd_v2v, "t2v": cmd_t2v, "init-random": cmd_init_random, "clip": cmd_clip,
-            "download": cmd_download}
+            "bench": cmd_bench, "download": cmd_download}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,740 @@
+"""``wanstream bench``: a live-source benchmark of one stream, with definitions behind every figure.
+
+A synthetic clip with motion is fed to a :class:`~wanstream.session.StreamSession` one frame at a time, as a
+live source: frame ``i`` arrives at ``t0 + i / input_fps`` (real time; when the model is slower than the input,
+frames queue and their wait counts in their latency), or, with ``--input-fps max``, each frame arrives the moment
+the previous push returned. Every figure is defined in ``docs/benchmarks.md``; in short:
+
+* the model is warm (a throw-away stream of a few chunks runs first), the measured stream starts cold;
+* ``ttff_s``: first input frame's arrival → first output frame (includes buffering the first 5-frame chunk);
+* the first ``warmup`` chunks of the measured stream fill the stream batch and the KV cache and are left out of
+  every steady-state figure: FPS, per-stage times, latency, jitter, deadline misses, roofline;
+* ``fps_e2e``: output frames per second of wall time over the steady window (encode + DiT + decode + host);
+  ``fps_capacity``: output frames per second of busy time (what the stream sustains when never starved of
+  input; equals ``fps_e2e`` with ``--input-fps max``); ``fps_denoise``: output frames per second of DiT time;
+* ``stage_ms``: mean per chunk of encode, DiT and decode (CUDA events on a GPU, wall clock on the CPU) and
+  host = push wall time − the three stages.
+
+Per-stage times come from wrapping ``model.vae.encode``, ``model.vae.decode`` and ``model.dit.forward`` on the
+bundle instance for the measured stream only; the wrappers are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import roofline
+
+SCHEMA = "wanstream-bench/1"
+STAGES = ("encode", "dit", "decode")
+FIRST_CHUNK, CHUNK = 5, 4          # frames of the first chunk and of every later chunk
+
+
+# ------------------------------------------------------------------------------------------------- config
+@dataclass
+class BenchConfig:
+    width: int = 512
+    height: int = 512
+    steps: int = 2
+    batch: bool = True
+    input_fps: float | None = None      # None: as fast as possible ("max")
+    frames: int = 245
+    warmup: int = 10                    # chunks of the measured stream left out of steady-state figures
+    target_latency_s: float = 1.0
+    seed: int = 0
+    decoder: str = "vae"
+    prime_chunks: int | None = None     # chunks of the throw-away priming stream (default: steps + 2)
+
+    @property
+    def mode(self) -> str:
+        return "stream_batch" if self.batch else "no_batch"
+
+    @property
+    def resolution(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    def chunks(self) -> int:
+        """Chunks the pushes of ``frames`` input frames process (the end-of-stream remainder is not measured)."""
+        return 0 if self.frames < FIRST_CHUNK else 1 + (self.frames - FIRST_CHUNK) // CHUNK
+
+    def validate(self) -> None:
+        if not 1 <= self.steps <= 4:
+            raise ValueError(f"steps must be in 1..4, got {self.steps}")
+        if self.warmup < 1:
+            raise ValueError(f"warmup must be at least 1 chunk (the first chunk primes the stream), got {self.warmup}")
+        # the first measured chunk must leave the stream batch (``steps`` calls later) before the input ends
+        need_chunks = self.warmup + max(2, self.steps if self.batch else 1)
+        if self.chunks() < need_chunks:
+            need = FIRST_CHUNK + CHUNK * (need_chunks - 1)
+            raise ValueError(f"--frames {self.frames} gives {self.chunks()} chunks; with --warmup {self.warmup} and "
+                             f"{self.steps} steps ({self.mode}) at least {need} frames are needed")
+        if self.input_fps is not None and self.input_fps <= 0:
+            raise ValueError(f"input fps must be positive or 'max', got {self.input_fps}")
+        if self.target_latency_s <= 0:
+            raise ValueError(f"target latency must be positive, got {self.target_latency_s}")
+
+
+# ------------------------------------------------------------------------------------------ stage timing
+class StageTimer:
+    """Wraps the stage callables of a model bundle and records, per chunk, each call's duration.
+
+    On CUDA, each call is bracketed by CUDA events on the current stream (no synchronisation is added; events
+    are resolved at the end); on the CPU by ``time.perf_counter``. The chunk of a call is the number of encode
+    calls so far minus one (every chunk starts with its encode).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.chunk = -1
+        self._records: list[tuple[int, str, object, object]] = []
+        self._patched: list[tuple[object, str, bool, object]] = []
+
+    def _wrap(self, stage: str, fn):
+        def timed(*args, **kwargs):
+            if stage == "encode":
+                self.chunk += 1
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+            else:
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                end = time.perf_counter()
+            self._records.append((self.chunk, stage, start, end))
+            return out
+        return timed
+
+    def patch(self, obj, attr: str, stage: str) -> None:
+        had = attr in vars(obj)
+        original = getattr(obj, attr)
+        self._patched.append((obj, attr, had, vars(obj).get(attr)))
+        setattr(obj, attr, self._wrap(stage, original))
+
+    def restore(self) -> None:
+        for obj, attr, had, value in reversed(self._patched):
+            if had:
+                setattr(obj, attr, value)
+            else:
+                delattr(obj, attr)
+        self._patched.clear()
+
+    def stop(self) -> None:
+        """Stop attributing calls (later calls, e.g. the end-of-stream drain, are ignored)."""
+        self.chunk = 10 ** 9
+
+    def per_chunk(self) -> dict[int, dict[str, float]]:
+        """``{chunk: {stage: seconds, stage + "_calls": count}}`` (synchronises the device once)."""
+        if self.cuda and self._records:
+            torch.cuda.synchronize()
+        out: dict[int, dict[str, float]] = {}
+        for chunk, stage, start, end in self._records:
+            seconds = start.elapsed_time(end) / 1e3 if self.cuda else end - start
+            rec = out.setdefault(chunk, {s: 0.0 for s in STAGES} | {f"{s}_calls": 0 for s in STAGES})
+            rec[stage] += seconds
+            rec[f"{stage}_calls"] += 1
+        return out
+
+
+# -------------------------------------------------------------------------------------------- machine info
+def git_commit() -> tuple[str, bool | None]:
+    """Short commit of the source tree and whether tracked files differ from it (``WANSTREAM_COMMIT`` wins)."""
+    env = os.environ.get("WANSTREAM_COMMIT")
+    if env:
+        return env, None
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "--no-optional-locks"]      # never touch the index (another process may be committing)
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        return commit, bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"device": torch.cuda.get_device_name(device), "device_type": "cuda",
+                "device_memory_bytes": props.total_memory, "sm_count": props.multi_processor_count,
+                "cuda": torch.version.cuda}
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"device": f"CPU: {name} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)",
+            "device_type": "cpu"}
+
+
+class PeakMemory:
+    """CUDA ``max_memory_allocated`` on a GPU; the process resident-set peak (VmHWM) on the CPU.
+
+    On Linux the RSS peak is reset at :meth:`start` (``/proc/self/clear_refs``); where that is not possible the
+    figure is the process-lifetime peak and ``kind`` says so.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss_peak"
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.kind = "rss_peak_process_lifetime"
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        scale = 1 if sys.platform == "darwin" else 1024
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+# ---------------------------------------------------------------------------------------------- the source
+def synthetic_prompt(text_dim: int, seed: int = 0) -> torch.Tensor:
+    """A fixed stand-in prompt embedding ``[1, 16, text_dim]`` (zero-padded to 512 rows by the DiT).
+
+    Speed does not depend on the prompt: cross-attention always spans all 512 text rows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 16, text_dim, generator=gen) * 0.1
+
+
+class LiveClip:
+    """The synthetic motion clip as an endless source: ``frame(i)`` plays it forth and back (no jump cut)."""
+
+    def __init__(self, width: int, height: int, length: int, seed: int = 0):
+        from .io.video import make_motion_clip
+        self.frames = make_motion_clip(max(2, length), width, height, seed=seed)
+
+    def frame(self, i: int) -> np.ndarray:
+        n = len(self.frames)
+        period = 2 * n - 2
+        j = i % period
+        return self.frames[j if j < n else period - j]
+
+
+# ------------------------------------------------------------------------------------------------ one row
+def _new_session(model, cfg: BenchConfig, prompt: torch.Tensor):
+    from .session import StreamSession
+    return StreamSession(model, prompt_embeds=prompt, width=cfg.width, height=cfg.height, steps=cfg.steps,
+                         batch=cfg.batch, seed=cfg.seed, decoder=cfg.decoder)
+
+
+def _prime(model, cfg: BenchConfig, prompt: torch.Tensor, clip: LiveClip) -> float:
+    """A throw-away stream as fast as possible: loads kernels, allocator pools, autotuning. Returns seconds."""
+    chunks = cfg.prime_chunks if cfg.prime_chunks is not None else cfg.steps + 2
+    t0 = time.perf_counter()
+    if chunks <= 0:
+        return 0.0
+    session = _new_session(model, cfg, prompt)
+    for i in range(FIRST_CHUNK + CHUNK * max(0, chunks - 1)):
+        session.push(clip.frame(i)[None])
+    session.flush()
+    session.close()
+    del session
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter() - t0
+
+
+def _wait_until(t: float) -> None:
+    while True:
+        left = t - time.perf_counter()
+        if left <= 0:
+            return
+        time.sleep(left if left > 2e-3 else 0)
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+@torch.no_grad()
+def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor, clip: LiveClip, costs: dict | None = None,
+               peaks: dict | None = None) -> dict:
+    """Prime, then run one measured live stream; returns one result row (see ``docs/benchmarks.md``)."""
+    from .metrics import StreamMetrics
+    cfg.validate()
+    device = model.device
+    prime_s = _prime(model, cfg, prompt, clip)
+    memory = PeakMemory(device)
+    memory.start()
+    metrics = StreamMetrics(target_latency_s=cfg.target_latency_s)
+    session = _new_session(model, cfg, prompt)
+    timer = StageTimer(device)
+    timer.patch(model.vae, "encode", "encode")
+    timer.patch(model.dit, "forward", "dit")
+    if cfg.decoder == "vae":
+        timer.patch(model.vae, "decode", "decode")
+    elif getattr(model, "taehv", None) is not None and hasattr(model.taehv, "_decode"):
+        timer.patch(model.taehv, "_decode", "decode")     # TAEHV: one call per latent; summed per chunk
+
+    walls: dict[int, tuple[float, float]] = {}      # chunk → (push start, push end)
+    outputs: list[tuple[float, int]] = []           # (time, frames) of each push that returned frames
+    backlog_max = 0
+    t_ref = None                                    # end of the last warm-up chunk
+    order_ok = True
+    next_index = 0
+    warm_frames = FIRST_CHUNK + CHUNK * (cfg.warmup - 1)   # input frames of the warm-up chunks
+    samples = 0
+    try:
+        t_start = time.perf_counter()
+        for i in range(cfg.frames):
+            if cfg.input_fps is None:
+                arrival = time.perf_counter()
+            else:
+                arrival = t_start + i / cfg.input_fps
+                _wait_until(arrival)
+            metrics.on_input(timestamp=arrival)
+            chunk_before = timer.chunk
+            t0 = time.perf_counter()
+            out = session.push(clip.frame(i)[None], [arrival])
+            t1 = time.perf_counter()
+            if out:
+                metrics.on_output(len(out), now=t1)
+                outputs.append((t1, len(out)))
+                for o in out:
+                    order_ok &= o.index == next_index
+                    next_index += 1
+                    samples += o.index >= warm_frames
+            if timer.chunk != chunk_before:
+                walls[timer.chunk] = (t0, t1)
+                if timer.chunk == cfg.warmup - 1:
+                    # steady state starts: forget warm-up samples, skip the warm-up frames still in flight
+                    t_ref = t1
+                    metrics.reset_stats(keep_pending=True)
+                    metrics.warmup(max(0, warm_frames - session.frames_out))
+            if cfg.input_fps is not None:
+                arrived = min(cfg.frames, int((time.perf_counter() - t_start) * cfg.input_fps) + 1)
+                backlog_max = max(backlog_max, arrived - (i + 1))
+        t_end = time.perf_counter()
+        summary = metrics.summary()
+        peak_mem = memory.read()
+        timer.stop()
+        rest = session.flush()
+        total_out = session.frames_out
+        total_in = session.frames_in
+        for o in rest:
+            order_ok &= o.index == next_index
+            next_index += 1
+    finally:
+        timer.restore()
+    stage = timer.per_chunk()
+    session.close()
+
+    steady = [c for c in sorted(walls) if c >= cfg.warmup]
+    busy = sum(walls[c][1] - walls[c][0] for c in steady)
+    steady_out = sum(n for t, n in outputs if t > t_ref)
+    last_out = max(t for t, _ in outputs)
+    dit_time = sum(stage.get(c, {}).get("dit", 0.0) for c in steady)
+    rows = {c: stage.get(c, {s: 0.0 for s in STAGES} | {f"{s}_calls": 0 for s in STAGES}) for c in steady}
+    stage_ms = {s: 1e3 * _mean(rows[c][s] for c in steady) for s in STAGES}
+    chunk_ms = 1e3 * _mean(walls[c][1] - walls[c][0] for c in steady)
+    stage_ms["host"] = chunk_ms - sum(stage_ms[s] for s in STAGES)
+    stage_ms["chunk"] = chunk_ms
+    dit_calls = _mean(rows[c]["dit_calls"] for c in steady)
+    row = {
+        "resolution": cfg.resolution, "width": cfg.width, "height": cfg.height, "steps": cfg.steps,
+        "mode": cfg.mode, "decoder": cfg.decoder,
+        "input_fps": "max" if cfg.input_fps is None else cfg.input_fps,
+        "frames": cfg.frames, "frames_in": total_in, "frames_out": total_out, "output_order_ok": bool(order_ok),
+        "warmup_chunks": cfg.warmup, "measured_chunks": len(steady), "measured_frames": steady_out,
+        "prime_s": prime_s,
+        "ttff_s": summary["ttff_s"],
+        "fps_e2e": steady_out / (last_out - t_ref) if last_out > t_ref else None,
+        "fps_capacity": CHUNK * len(steady) / busy if busy > 0 else None,
+        "fps_denoise": CHUNK * len(steady) / dit_time if dit_time > 0 else None,
+        "stage_ms": stage_ms,
+        "dit_calls_per_chunk": dit_calls,
+        "dit_call_ms": stage_ms["dit"] / dit_calls if dit_calls else None,
+        "latency_ms": summary["latency_ms"],
+        "jitter_ms": summary["jitter_ms"],
+        "deadline_miss_rate": summary["deadline_miss_rate"],
+        "target_latency_s": cfg.target_latency_s,
+        "latency_samples": samples,
+        "peak_mem_bytes": peak_mem, "peak_mem_kind": memory.kind,
+        "timing": "cuda_events" if timer.cuda else "perf_counter",
+        "wall_s": t_end - t_start,
+    }
+    if cfg.input_fps is None:
+        row["queue"] = {"backlog_max_frames": 0, "lag_end_s": 0.0, "keeps_up": None}
+    else:
+        row["queue"] = {"backlog_max_frames": backlog_max,
+                        # how late the last push finished after the last frame arrived
+                        "lag_end_s": max(0.0, t_end - (t_start + (cfg.frames - 1) / cfg.input_fps)),
+                        "keeps_up": bool(row["fps_capacity"] and row["fps_capacity"] >= cfg.input_fps)}
+    if costs is not None:
+        row["roofline"] = _roofline_row(row, cfg, costs, peaks)
+    return row
+
+
+def _roofline_row(row: dict, cfg: BenchConfig, costs: dict, peaks: dict | None) -> dict:
+    dit = costs["dit_batch" if cfg.batch else "dit_single"][cfg.steps if cfg.batch else 1]
+    out = {}
+    entries = {"dit": (dit, row["dit_calls_per_chunk"] or 0, row["stage_ms"]["dit"]),
+               "vae_encode": (costs["vae"]["encode"], 1, row["stage_ms"]["encode"])}
+    if cfg.decoder == "vae":
+        entries["vae_decode"] = (costs["vae"]["decode"], 1, row["stage_ms"]["decode"])
+    for name, (cost, calls, ms) in entries.items():
+        e = {"flops_per_call": cost["flops"], "bytes_per_call": cost["bytes"], "intensity": cost["intensity"],
+             "calls_per_chunk": calls}
+        seconds = ms / 1e3 if ms else 0.0
+        if seconds > 0 and calls:
+            e["achieved_flops_per_s"] = cost["flops"] * calls / seconds
+            e["achieved_bytes_per_s"] = cost["bytes"] * calls / seconds
+            if peaks:
+                bound = roofline.roofline_time(cost["flops"], cost["bytes"], peaks) * calls
+                e["fraction_of_peak_flops"] = e["achieved_flops_per_s"] / peaks["matmul_flops_per_s"]
+                e["roofline_bound_ms"] = 1e3 * bound
+                e["roofline_efficiency"] = bound / seconds
+        out[name] = e
+    return out
+
+
+def model_costs(model, width: int, height: int, steps: list[int], cache_frames: int = 6) -> dict:
+    """Roofline counts for a resolution: DiT calls with 1..4 stream-batch rows, and the VAE calls."""
+    dims = roofline.DiTDims.from_dit(model.dit)
+    tpf = model.tokens_per_frame(height, width)
+    bpe = roofline.dtype_bytes(model.dtype)
+    dit_batch = {n: roofline.dit_call_cost(dims, tpf, rows=n, cache_frames=cache_frames, bytes_per_el=bpe)
+                 for n in steps}
+    single = {1: roofline.dit_call_cost(dims, tpf, rows=1, cache_frames=cache_frames, bytes_per_el=bpe)}
+    vae = roofline.vae_call_costs(model.vae, height, width, bytes_per_el=bpe)
+    return {"dit_batch": dit_batch, "dit_single": single, "vae": vae, "tokens_per_frame": tpf,
+            "dims": dims.__dict__}
+
+
+# ---------------------------------------------------------------------------------------------- whole run
+@dataclass
+class BenchRun:
+    model_dir: Path
+    device: str | None = None
+    dtype: str | None = None
+    sweep: bool = False
+    measure_peak: bool = True
+    base: BenchConfig = field(default_factory=BenchConfig)
+
+    def configs(self) -> list[BenchConfig]:
+        if not self.sweep:
+            return [self.base]
+        return [replace(self.base, steps=s, batch=b) for s in (1, 2, 3, 4) for b in (True, False)]
+
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def _warmup_statement(cfg: BenchConfig) -> str:
+    prime = cfg.prime_chunks if cfg.prime_chunks is not None else "steps + 2"
+    primed = ("model cold (no priming stream)" if cfg.prime_chunks == 0 else
+              f"model warm (a throw-away stream of {prime} chunks runs before each row)")
+    return (f"{primed}; the measured stream starts cold, TTFF is its first output; its first {cfg.warmup} chunks "
+            f"({FIRST_CHUNK + CHUNK * (cfg.warmup - 1)} frames) are excluded from every steady-state figure")
+
+
+def run(spec: BenchRun, log=print) -> dict:
+    """Load the model, run every configured row; returns ``{"meta": ..., "rows": [...]}``."""
+    from .models.loader import load_model
+    dtype = _DTYPES[spec.dtype] if spec.dtype else None
+    t0 = time.perf_counter()
+    model = load_model(spec.model_dir, device=spec.device, dtype=dtype, text_encoder=False,
+                       taehv=spec.base.decoder == "taehv")
+    load_s = time.perf_counter() - t0
+    commit, dirty = git_commit()
+    meta = {"schema": SCHEMA, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "commit": commit, "dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
+            **device_info(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+            "model": str(spec.model_dir), "load_s": load_s, "host_load_start": _loadavg(),
+            "prompt": "synthetic embedding (speed does not depend on the prompt)",
+            "warmup": _warmup_statement(spec.base)}
+    with torch.no_grad():
+        peaks = roofline.measure_peaks(model.device, model.dtype) if spec.measure_peak else None
+        meta["peaks"] = peaks
+        configs = spec.configs()
+        cfg0 = configs[0]
+        costs = model_costs(model, cfg0.width, cfg0.height, sorted({c.steps for c in configs}),
+                            cache_frames=6)
+        meta["model_dims"] = costs["dims"]
+        meta["tokens_per_frame"] = costs["tokens_per_frame"]
+        prompt = synthetic_prompt(model.dit.transformer.config.text_dim, cfg0.seed)
+        clip = LiveClip(cfg0.width, cfg0.height, min(cfg0.frames, 96), seed=cfg0.seed)
+        rows = []
+        for cfg in configs:
+            log(f"[bench] {cfg.resolution} steps={cfg.steps} {cfg.mode} input="
+                f"{'max' if cfg.input_fps is None else cfg.input_fps} frames={cfg.frames} warmup={cfg.warmup}")
+            row = run_stream(model, cfg, prompt, clip, costs, peaks)
+            rows.append({**{k: meta[k] for k in ("device", "device_type", "dtype", "torch", "commit", "date")},
+                         **row, "peak_flops_per_s": peaks["matmul_flops_per_s"] if peaks else None})
+    meta["host_load_end"] = _loadavg()
+    return {"meta": meta, "rows": rows}
+
+
+def _loadavg() -> float | None:
+    """The host's 1-minute load average (other processes competing for the cores skew CPU figures)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------- rendering
+def _f(x, fmt: str = ".2f", scale: float = 1.0) -> str:
+    return "—" if x is None else format(x * scale, fmt)
+
+
+def _mib(x) -> str:
+    return "—" if x is None else f"{x / 2 ** 20:,.0f}"
+
+
+def _row_key(r: dict) -> list[str]:
+    return [r["resolution"], str(r["steps"]), "batch" if r["mode"] == "stream_batch" else "no-batch",
+            str(r["input_fps"])]
+
+
+MAIN_COLUMNS = ["res", "steps", "mode", "input fps", "TTFF s", "FPS e2e", "FPS cap", "FPS DiT", "enc ms",
+                "DiT ms", "dec ms", "host ms", "p50 ms", "p95 ms", "p99 ms", "jitter p99", "miss %", "peak MiB"]
+ROOF_COLUMNS = ["res", "steps", "mode", "input fps", "DiT GFLOP", "DiT MiB", "DiT AI", "DiT TFLOP/s", "DiT % peak",
+                "enc GFLOP", "enc TFLOP/s", "dec GFLOP", "dec TFLOP/s", "VAE % peak"]
+
+
+def main_rows(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        st, lat = r["stage_ms"], r["latency_ms"]
+        out.append(_row_key(r) + [
+            _f(r["ttff_s"], ".3f"), _f(r["fps_e2e"]), _f(r["fps_capacity"]), _f(r["fps_denoise"]),
+            _f(st["encode"], ".1f"), _f(st["dit"], ".1f"), _f(st["decode"], ".1f"), _f(st["host"], ".1f"),
+            _f(lat["p50"], ".0f"), _f(lat["p95"], ".0f"), _f(lat["p99"], ".0f"), _f(r["jitter_ms"]["p99"], ".0f"),
+            _f(r["deadline_miss_rate"], ".1f", 100.0), _mib(r["peak_mem_bytes"])])
+    return out
+
+
+def roofline_rows(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        rl = r.get("roofline")
+        if not rl:
+            continue
+        dit, enc, dec = rl["dit"], rl["vae_encode"], rl.get("vae_decode", {})
+        vae_flops = enc["flops_per_call"] + dec.get("flops_per_call", 0)
+        vae_s = (r["stage_ms"]["encode"] + (r["stage_ms"]["decode"] if dec else 0.0)) / 1e3
+        peak = r.get("peak_flops_per_s")
+        vae_frac = vae_flops / vae_s / peak if peak and vae_s > 0 else None
+        out.append(_row_key(r) + [
+            _f(dit["flops_per_call"], ",.1f", 1e-9), _f(dit["bytes_per_call"], ",.1f", 2 ** -20),
+            _f(dit["intensity"], ",.0f"), _f(dit.get("achieved_flops_per_s"), ".3f", 1e-12),
+            _f(dit.get("fraction_of_peak_flops"), ".1f", 100.0),
+            _f(enc["flops_per_call"], ",.1f", 1e-9), _f(enc.get("achieved_flops_per_s"), ".3f", 1e-12),
+            _f(dec.get("flops_per_call"), ",.1f", 1e-9), _f(dec.get("achieved_flops_per_s"), ".3f", 1e-12),
+            _f(vae_frac, ".1f", 100.0)])
+    return out
+
+
+def _header(meta: dict) -> list[str]:
+    title = (f"wanstream bench — {meta['device']} | {meta['dtype']} | torch {meta['torch']} | commit "
+             f"{meta['commit']}{' (dirty)' if meta.get('dirty') else ''} | {meta['date']}")
+    lines = [title, f"warm-up: {meta['warmup']}",
+             f"host load average (1 min): {meta.get('host_load_start')} at start, {meta.get('host_load_end')} at end"]
+    if meta.get("peaks"):
+        p = meta["peaks"]
+        lines.append(f"measured peaks: {p['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s ({p['matmul_dtype']} "
+                     f"{p['matmul_size']}³ matmul), {p['copy_bytes_per_s'] / 1e9:.1f} GB/s (copy, read + write)")
+    return lines
+
+
+def _plain_table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    return ["  ".join(c.rjust(w) for c, w in zip(columns, widths))] + \
+           ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+
+
+def render_text(result: dict) -> str:
+    """The human tables as plain text."""
+    rows = result["rows"]
+    lines = _header(result["meta"]) + [""] + _plain_table(MAIN_COLUMNS, main_rows(rows))
+    roof = roofline_rows(rows)
+    if roof:
+        lines += ["", "roofline (per call, steady state; minimum bytes):"] + _plain_table(ROOF_COLUMNS, roof)
+    return "\n".join(lines)
+
+
+def print_table(result: dict, file=None) -> None:
+    """The human tables: rich when installed, plain text otherwise."""
+    file = file or sys.stdout
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(render_text(result), file=file)
+        return
+    console = Console(file=file, width=200)
+    for line in _header(result["meta"]):
+        console.print(line, highlight=False)
+    for title, columns, rows in (("stream", MAIN_COLUMNS, main_rows(result["rows"])),
+                                 ("roofline (per call, steady state; minimum bytes)", ROOF_COLUMNS,
+                                  roofline_rows(result["rows"]))):
+        if not rows:
+            continue
+        table = Table(title=title)
+        for c in columns:
+            table.add_column(c, justify="right")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+
+
+def render_markdown(result: dict) -> str:
+    """Markdown tables of the rows, labelled with device, dtype, torch, commit and date (for docs/benchmarks.md)."""
+    meta = result["meta"]
+    head = (f"**{meta['device']}**, {meta['dtype']}, torch {meta['torch']}, commit `{meta['commit']}`"
+            f"{' (dirty tree)' if meta.get('dirty') else ''}, {meta['date'][:10]}, host load average "
+            f"{meta.get('host_load_start')} → {meta.get('host_load_end')}; {meta['warmup']}.")
+    if meta.get("peaks"):
+        p = meta["peaks"]
+        head += (f" Measured peaks: {p['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s ({p['matmul_dtype']} matmul), "
+                 f"{p['copy_bytes_per_s'] / 1e9:.1f} GB/s copy.")
+    lines = [head, ""]
+    for columns, rows in ((MAIN_COLUMNS, main_rows(result["rows"])), (ROOF_COLUMNS, roofline_rows(result["rows"]))):
+        if rows:
+            lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _input_fps(text: str) -> float | None:
+    if text.lower() == "max":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"input fps must be a positive number or 'max', got {text!r}")
+    return value
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    from .io.video import parse_resolution
+    try:
+        return parse_resolution(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _int_range(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi if hi is not None else '∞'}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``wanstream bench`` on the CLI's subparsers."""
+    p = subparsers.add_parser("bench", help="benchmark one live stream: TTFF, FPS, stage times, latency SLO",
+                              description="Feed a synthetic motion clip as a live source through a stream and "
+                                          "report TTFF, FPS, per-stage times, latency percentiles, jitter, "
+                                          "deadline misses, peak memory and roofline figures "
+                                          "(definitions: docs/benchmarks.md).")
+    p.add_argument("--model", required=True, type=Path, help="model folder (see `wanstream init-random`)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="weights/compute dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--resolution", type=_resolution, default=(512, 512), help="WxH, multiples of 16")
+    p.add_argument("--steps", type=_int_range(1, 4), default=2, help="denoising steps 1..4")
+    p.add_argument("--no-batch", action="store_true", help="sequential steps per chunk instead of the stream batch")
+    p.add_argument("--input-fps", type=_input_fps, default=None, metavar="FPS|max",
+                   help="live source rate, e.g. 16 or 30 (real time; slower models queue), or max (default)")
+    p.add_argument("--frames", type=_int_range(FIRST_CHUNK), default=245, help="input frames of the stream")
+    p.add_argument("--warmup", type=_int_range(1), default=10,
+                   help="chunks at the start of the stream left out of steady-state figures")
+    p.add_argument("--target-latency", type=float, default=1.0, help="deadline for the miss rate, seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    p.add_argument("--prime-chunks", type=_int_range(0), default=None,
+                   help="chunks of the throw-away stream that warms the model before each row (default: steps + 2; "
+                        "0: none, TTFF then includes one-off initialisation)")
+    p.add_argument("--sweep", action="store_true", help="steps 1..4 x {stream batch, no-batch} in one table")
+    p.add_argument("--no-peak", action="store_true", help="skip measuring the device's matmul / copy peaks")
+    p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    p.add_argument("--markdown", type=Path, default=None, help="write the rows as a markdown table here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def spec_from_args(args) -> BenchRun:
+    width, height = args.resolution
+    base = BenchConfig(width=width, height=height, steps=args.steps, batch=not args.no_batch,
+                       input_fps=args.input_fps, frames=args.frames, warmup=args.warmup,
+                       target_latency_s=args.target_latency, seed=args.seed,
+                       decoder="taehv" if args.taehv else "vae", prime_chunks=args.prime_chunks)
+    base.validate()
+    return BenchRun(model_dir=args.model, device=args.device, dtype=args.dtype, sweep=args.sweep,
+                    measure_peak=not args.no_peak, base=base)
+
+
+def run_bench(args) -> int:
+    """``wanstream bench``: run, print the table, write JSON / markdown. Returns the exit code."""
+    spec = spec_from_args(args)
+    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    result = run(spec, log=log)
+    print_table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = result if spec.sweep else {**result["rows"][0], "meta": result["meta"]}
+        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(render_markdown(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m wanstream.bench ...``) until the CLI registers the subcommand."""
+    parser = argparse.ArgumentParser(prog="wanstream")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_bench_parser(sub)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))
