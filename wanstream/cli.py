@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_bench_parser
     add_bench_parser(sub)
+    from .server.cli import add_serve_parser
+    add_serve_parser(sub)
 
     p = sub.add_parser("download", help="fetch the released weights (needs network access to the hub)")
     p.add_argument("name", choices=["sdv2-1.3b", "sdv2-14b"])
@@ -208,6 +210,11 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_serve(args) -> int:
+    from .server.cli import run_serve
+    return run_serve(args)
+
+
 def cmd_download(args) -> int:
     from .models.download import download
     download(args.name, args.dir)
@@ -215,7 +222,7 @@ def cmd_download(args) -> int:
 
 
 COMMANDS = {"v2v": cmd_v2v, "t2v": cmd_t2v, "init-random": cmd_init_random, "clip": cmd_clip,
-            "bench": cmd_bench, "download": cmd_download}
+            "bench": cmd_bench, "serve": cmd_serve, "download": cmd_download}
 
 if __name__ == "__main__":
     sys.exit(main())

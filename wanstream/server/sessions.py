@@ -1,0 +1,476 @@
+"""Sessions and admission: one :class:`Session` per connection, owned by one :class:`SessionManager`.
+
+A session owns everything of its stream: its input queue, its parameters, its :class:`~wanstream.session.
+StreamSession` (caches, prompt K/V, noise, controller; created and used only on the model worker thread), its
+paced output queue, its statistics and its recordings. Nothing is shared between sessions but the model
+weights, so no frame of one session can reach another.
+
+This is also the frame interface the transports share: ``note_arrival`` / ``enqueue`` (or ``submit``) for
+input frames, ``apply`` for parameter changes, ``await next_output()`` for paced output frames, ``close``.
+
+Latency discipline: the input queue holds at most ``queue_chunks`` chunks (5 frames before the first chunk,
+4 after); a new frame on a full queue drops the oldest, so the model always gets the newest frames and never a
+backlog. A prompt change or a reset discards the frames queued before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..metrics import MetricsRegistry
+from .pacing import Pacer, Released
+from .params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams
+from .recording import Recorder, recording_path
+from .settings import ServerSettings
+from .stats import ServerTotals, SessionStats
+
+log = logging.getLogger("wanstream.server")
+
+FIRST_CHUNK = 5
+CHUNK = 4
+
+
+class ServerFull(Exception):
+    """No room for another session; the message says why (for the client)."""
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens = burst
+        self.t = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class Work:
+    """What the model worker does for a session in one turn."""
+
+    frames: list[tuple[np.ndarray, float, int]]
+    params: SessionParams
+    dirty: set[str]
+    reset: bool
+
+
+class Session:
+    def __init__(self, manager: SessionManager, transport: str, loop: asyncio.AbstractEventLoop | None):
+        settings = manager.settings
+        self.manager = manager
+        self.settings = settings
+        self.clock = manager.clock
+        self.id = uuid.uuid4().hex
+        self.transport = transport
+        self.loop = loop
+        self.width, self.height = settings.width, settings.height
+        self.created = self.clock()
+        self.last_input = self.created
+        self.params = SessionParams(prompt=settings.prompt, steps=settings.steps, noise_scale=settings.noise_scale)
+        self.stats = SessionStats(self.clock, settings.target_latency_s)
+        self.pacer = Pacer(settings.output_queue_frames)
+        self.closed = False
+        self.close_reason: str | None = None
+        self.stream = None                  # the StreamSession: created, used and released by the worker only
+        self.prepared = False               # the next chunk is a 4-frame chunk (the stream is prepared)
+        self.recorder: Recorder | None = None
+        self.recordings: list[Recorder] = []
+        self.control_bucket = TokenBucket(settings.control_rate, settings.control_burst, self.clock)
+        self._error_bucket = TokenBucket(2.0, 5, self.clock)
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[np.ndarray, float, int]] = deque()   # (frame, arrival time, frame id)
+        self._arrivals = 0
+        self.frame_ids: dict[int, int] = {}     # stream-internal input index → frame id (worker only)
+        self._dirty: set[str] = set()
+        self._reset = False
+        self._busy = False
+        self._listeners: list[Callable[[dict], None]] = []
+        self._on_close: list[Callable[[str], None]] = []
+        self._wake = asyncio.Event() if loop is not None else None
+        self.stats.queued = lambda: len(self._queue)
+
+    # ------------------------------------------------------------------ inputs (transport side)
+    @property
+    def chunk_len(self) -> int:
+        return CHUNK if self.prepared else FIRST_CHUNK
+
+    def note_arrival(self, t: float | None = None) -> tuple[float, int]:
+        """A frame arrived (before decoding): ``(arrival time, arrival number)``."""
+        t = self.clock() if t is None else t
+        self.last_input = t
+        self.stats.on_received(t)
+        with self._lock:
+            seq = self._arrivals
+            self._arrivals += 1
+        return t, seq
+
+    def note_drop(self, n: int = 1) -> None:
+        """``n`` arrived frames were dropped before reaching the queue."""
+        self.stats.on_dropped_early(n)
+
+    def enqueue(self, frame: np.ndarray, t: float, frame_id: int) -> None:
+        """Queue a decoded RGB frame (session size) that arrived at ``t``; the oldest is dropped when full.
+
+        ``frame_id`` comes back as the ``index`` of the output frame that restyles it (the client's own frame
+        number when it sent one, else the arrival number)."""
+        with self._lock:
+            if self.closed:
+                return
+            cap = self.chunk_len * self.settings.queue_chunks
+            dropped = 0
+            while len(self._queue) >= cap:
+                self._queue.popleft()
+                dropped += 1
+            self._queue.append((frame, t, frame_id))
+            ready = len(self._queue) >= self.chunk_len
+        if dropped:
+            self.stats.on_dropped_early(dropped)
+        if ready:
+            self.manager.worker.notify()
+
+    def submit(self, frame: np.ndarray, t: float | None = None, frame_id: int | None = None) -> None:
+        """``note_arrival`` + ``enqueue`` for a frame already at the session size."""
+        t, seq = self.note_arrival(t)
+        self.enqueue(frame, t, seq if frame_id is None else frame_id)
+
+    # ------------------------------------------------------------------ parameters
+    def apply(self, update: ParamsUpdate) -> SessionParams:
+        """Apply a validated change: model knobs at the next chunk; queued frames dropped on prompt change/reset."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this session is closed")
+            new, changed = self.params.merged(update)
+            discard = 0
+            if update.reset or changed & PROMPT_FIELDS:
+                discard = len(self._queue)
+                self._queue.clear()
+            if update.reset:
+                self._reset = True
+                self.prepared = False
+            self._dirty |= changed & MODEL_FIELDS
+            old, self.params = self.params, new
+            wake = bool(self._dirty) or self._reset
+        if discard:
+            self.stats.on_dropped_early(discard)
+        if "recording" in changed:
+            try:
+                self._set_recording(new.recording)
+            except Exception as exc:
+                with self._lock:
+                    self.params = self.params.model_copy(update={"recording": old.recording})
+                raise ValueError(f"cannot start recording: {exc}") from None
+        if wake:
+            self.manager.worker.notify()
+        return self.params
+
+    def _set_recording(self, on: bool) -> None:
+        if on and self.recorder is None:
+            fps = self.stats.summary()["fps_out"] or 16.0
+            fps = float(min(60, max(4, round(fps))))
+            rec = Recorder(recording_path(self.settings.record_dir, self.id, len(self.recordings) + 1), fps,
+                           self.width, self.height)
+            self.recordings.append(rec)
+            self.manager.track_recorder(rec)
+            self.recorder = rec
+        elif not on and self.recorder is not None:
+            rec, self.recorder = self.recorder, None
+            rec.stop()
+
+    # ------------------------------------------------------------------ model worker side
+    def take_work(self) -> Work | None:
+        with self._lock:
+            if self.closed or self._busy:
+                return None
+            n = self.chunk_len
+            has_frames = len(self._queue) >= n
+            if not (has_frames or self._dirty or self._reset):
+                return None
+            frames = [self._queue.popleft() for _ in range(n)] if has_frames else []
+            work = Work(frames, self.params, set(self._dirty), self._reset)
+            self._dirty.clear()
+            self._reset = False
+            if has_frames:
+                self.prepared = True
+            self._busy = True
+            return work
+
+    def finish_work(self, outputs: list, dropped_in_flight: int = 0) -> None:
+        with self._lock:
+            self._busy = False
+            release = self.closed
+            more = not self.closed and (len(self._queue) >= self.chunk_len or self._dirty or self._reset)
+        if release:
+            self.release_stream()
+            return
+        self.deliver(outputs, dropped_in_flight)
+        if more:
+            self.manager.worker.notify()
+
+    def release_stream(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.close()
+            self.manager.stream_released()
+
+    def deliver(self, outputs: list, dropped_in_flight: int = 0) -> None:
+        """Output frames (``OutputFrame``) of the model, oldest first; ``dropped_in_flight`` frames before them
+        will never come out."""
+        self.pacer.push_drop(dropped_in_flight)
+        self.pacer.push(outputs, self.clock())
+        rec = self.recorder
+        if rec is not None:
+            for out in outputs:
+                rec.write(out.image)
+        self._wake_loop()
+
+    # ------------------------------------------------------------------ outputs (transport side)
+    def poll_output(self, now: float | None = None) -> Released:
+        """Release the next due output frame (if any) and account for it in the metrics."""
+        now = self.clock() if now is None else now
+        r = self.pacer.pop(now)
+        if r.dropped:
+            try:
+                self.stats.model.on_drop(r.dropped)
+            except ValueError:
+                log.warning("session %s: drop accounting out of step", self.id[:8])
+        if r.frame is not None:
+            try:
+                self.stats.model.on_output(1, now=now)
+            except ValueError:
+                log.warning("session %s: output accounting out of step", self.id[:8])
+            self.manager.totals.on_latency(now - r.frame.timestamp)
+        return r
+
+    async def next_output(self):
+        """The next output frame, released at an even pace; None once the session is closed."""
+        while not self.closed:
+            r = self.poll_output()
+            if r.frame is not None:
+                return r.frame
+            if r.wait_s is not None:
+                await asyncio.sleep(r.wait_s)
+            else:
+                self._wake.clear()
+                await self._wake.wait()
+        return None
+
+    def _wake_loop(self) -> None:
+        if self.loop is not None and self._wake is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # loop closed meanwhile
+                pass
+
+    # ------------------------------------------------------------------ messages to the client
+    def add_listener(self, listener: Callable[[dict], None]) -> None:
+        """``listener(message)`` is called on the event loop for notices and errors meant for the client."""
+        self._listeners.append(listener)
+
+    def on_close(self, callback: Callable[[str], None]) -> None:
+        self._on_close.append(callback)
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the session's event loop (now when already there, or without a loop)."""
+        if self.loop is None:
+            fn()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            fn()
+        elif not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(fn)
+            except RuntimeError:  # loop closed meanwhile
+                pass
+
+    def notify(self, message: dict) -> None:
+        def send():
+            for listener in list(self._listeners):
+                listener(message)
+        self._on_loop(send)
+
+    def report_error(self, code: str, message: str) -> None:
+        """A per-session error for the client (rate limited: a flood of bad input yields a few messages)."""
+        if self._error_bucket.take():
+            self.notify({"type": "error", "code": code, "message": message})
+
+    def fail(self, code: str, message: str) -> None:
+        """End the session because of an error on the server side (the client is told why)."""
+        self.notify({"type": "error", "code": code, "message": message})
+        self.close(code)
+
+    # ------------------------------------------------------------------ status
+    def info(self) -> dict:
+        return {"id": self.id, "transport": self.transport, "age_s": round(self.clock() - self.created, 3),
+                "width": self.width, "height": self.height, "params": self.params.model_dump(),
+                "stats": self.stats.summary(), "recordings": [r.info() for r in self.recordings]}
+
+    def stats_message(self) -> dict:
+        s = self.stats.summary()
+        return {"type": "stats", "session": self.id, "fps_in": s["fps_in"], "fps_out": s["fps_out"],
+                "latency_ms": {"p50": s["latency_ms"]["p50"], "p95": s["latency_ms"]["p95"]},
+                "ttff_s": s["ttff_s"], "frames_in": s["frames_in"], "frames_to_model": s["frames_to_model"],
+                "frames_out": s["frames_out"], "frames_dropped": s["frames_dropped"], "queued": s["queued"],
+                "in_flight": s["in_flight"], "deadline_misses": s["deadline_misses"],
+                "bad_frames": s["bad_frames"], "bad_messages": s["bad_messages"],
+                "dropped_messages": s["dropped_messages"], "recording": self.recorder is not None,
+                "recordings": [r.info() for r in self.recordings]}
+
+    # ------------------------------------------------------------------ end
+    def close(self, reason: str = "closed") -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.close_reason = reason
+            self._queue.clear()
+            release_now = not self._busy
+        if release_now:
+            self.release_stream()
+        if self.recorder is not None:
+            self.recorder.stop()
+            self.recorder = None
+        self.pacer.clear()
+        self.manager._remove(self)
+        self._wake_loop()
+        def run_callbacks():
+            for callback in self._on_close:
+                try:
+                    callback(reason)
+                except Exception:  # noqa: BLE001 - a transport's cleanup must not stop the others
+                    log.exception("session %s: close callback failed", self.id[:8])
+        self._on_loop(run_callbacks)
+
+
+def estimate_session_bytes(model, width: int, height: int, steps: int = 4, cache_frames: int = 6) -> int:
+    """A rough upper estimate of one stream's GPU memory: KV caches of every stream-batch row, the hidden
+    states of one call and the streaming VAE feature caches (encoder and decoder)."""
+    elem = torch.finfo(model.dtype).bits // 8
+    dit = model.dit
+    tokens = model.tokens_per_frame(height, width)
+    kv = 2 * dit.num_layers * steps * cache_frames * tokens * dit.dim * elem
+    hidden = 8 * steps * tokens * dit.dim * elem
+    vae = 2 * 2 * 96 * height * width * elem * 12
+    return int(kv + hidden + vae)
+
+
+class SessionManager:
+    """All sessions of the server, admission control and the model worker."""
+
+    def __init__(self, model, settings: ServerSettings, clock: Callable[[], float] = time.perf_counter,
+                 stream_factory=None, free_memory: Callable[[], int | None] | None = None):
+        from .worker import ModelWorker
+        self.model = model
+        self.settings = settings
+        self.clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self.metrics = MetricsRegistry()
+        self.totals = ServerTotals(capacity=lambda: settings.max_sessions,
+                                   active=lambda: [s.stats for s in self.list()])
+        self.worker = ModelWorker(self, stream_factory)
+        self._free_memory = free_memory or self._cuda_free_memory
+        self.recorders: list[Recorder] = []     # recordings of this server not yet finished
+
+    # ------------------------------------------------------------------ admission
+    def _cuda_free_memory(self) -> int | None:
+        device = getattr(self.model, "device", torch.device("cpu"))
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+
+    def open(self, transport: str, loop: asyncio.AbstractEventLoop | None = None) -> Session:
+        """A new session, or :class:`ServerFull` (existing sessions are not touched)."""
+        s = self.settings
+        with self._lock:
+            if len(self._sessions) >= s.max_sessions:
+                self.totals.add("sessions_rejected")
+                raise ServerFull(f"Server is full: all {s.max_sessions} session slots are in use. "
+                                 f"Try again later.")
+            free = self._free_memory()
+            if free is not None:
+                need = estimate_session_bytes(self.model, s.width, s.height) + s.vram_reserve_bytes
+                if free < need:
+                    self.totals.add("sessions_rejected")
+                    raise ServerFull(f"Server is full: not enough GPU memory for another stream "
+                                     f"({free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed). "
+                                     f"Try again later.")
+            session = Session(self, transport, loop)
+            self._sessions[session.id] = session
+        self.metrics.add(session.id, session.stats)
+        self.totals.add("sessions_opened")
+        log.info("session %s opened (%s), %d/%d", session.id[:8], transport, self.count, s.max_sessions)
+        return session
+
+    def _remove(self, session: Session) -> None:
+        with self._lock:
+            if self._sessions.pop(session.id, None) is None:
+                return
+        self.metrics.remove(session.id)
+        self.totals.retire(session.stats)
+        log.info("session %s closed (%s), %d/%d", session.id[:8], session.close_reason, self.count,
+                 self.settings.max_sessions)
+
+    def track_recorder(self, rec: Recorder) -> None:
+        with self._lock:
+            self.recorders = [r for r in self.recorders if not r.done.is_set()] + [rec]
+
+    def stream_released(self) -> None:
+        self.worker.memory_released()
+
+    # ------------------------------------------------------------------ lookup
+    def get(self, session_id: str) -> Session | None:
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def list(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    # ------------------------------------------------------------------ lifecycle
+    def reap_idle(self) -> list[Session]:
+        """Close the sessions without input for ``idle_timeout_s``."""
+        now = self.clock()
+        idle = [s for s in self.list() if now - s.last_input > self.settings.idle_timeout_s]
+        for s in idle:
+            s.notify({"type": "closed", "reason": "idle",
+                      "message": f"No frames for {self.settings.idle_timeout_s:g} s: the session was closed."})
+            s.close("idle")
+        return idle
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def shutdown(self) -> None:
+        """Close every session, finish every recording, stop the worker."""
+        for s in self.list():
+            s.close("server shutdown")
+        self.worker.stop()
+        for r in list(self.recorders):
+            r.stop(wait=True)

@@ -1,0 +1,498 @@
+// wanstream live page: source (camera / screen / file) → server (WebSocket or WebRTC) → restyled output.
+// Plain script, no build step. State for tests and debugging lives in window.wanstream.
+"use strict";
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const url = new URL(location.href);
+  const TOKEN = url.searchParams.get("token");
+  const authHeaders = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
+  const api = (path) => (TOKEN ? `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(TOKEN)}` : path);
+
+  const S = (window.wanstream = {
+    status: "idle", transport: null, session: null, ready: null, params: null, stats: null,
+    framesSent: 0, framesOut: 0, ttffPage: null, fpsShown: null, paramAcks: 0, errors: [], messages: [],
+  });
+
+  class UserError extends Error {
+    constructor(message, code) { super(message); this.code = code; }
+  }
+
+  let media = null;        // MediaStream of the source (camera / screen / captured file)
+  let conn = null;         // { send(obj), close() } of the active transport
+  let stopping = false;
+  let startedAt = 0;
+  let shownTimes = [];
+
+  // ------------------------------------------------------------------ UI helpers
+  function setStatus(text, cls = "") {
+    S.status = text;
+    $("status").textContent = text;
+    $("status").className = `pill ${cls}`;
+  }
+
+  function banner(text, kind = "error") {
+    S.messages.push({ kind, text });
+    $("banner-text").textContent = text;
+    $("banner").className = `banner ${kind === "info" ? "info" : ""}`;
+  }
+
+  function clearBanner() { $("banner").className = "banner hidden"; }
+  $("banner-close").onclick = clearBanner;
+
+  const fmt = (v, digits = 1) => (v === null || v === undefined ? "–" : Number(v).toFixed(digits));
+
+  function renderStats() {
+    const s = S.stats || {};
+    const lat = s.latency_ms || {};
+    const ttff = S.ttffPage !== null ? S.ttffPage : s.ttff_s;
+    $("stats").textContent =
+      `in ${fmt(s.fps_in)} fps · out ${fmt(s.fps_out)} fps (shown ${fmt(S.fpsShown)}) · ` +
+      `latency p50 ${fmt(lat.p50, 0)} / p95 ${fmt(lat.p95, 0)} ms · TTFF ${fmt(ttff, 2)} s · ` +
+      `dropped ${s.frames_dropped ?? "–"}`;
+  }
+
+  function renderRecordings(list) {
+    const box = $("recordings");
+    box.textContent = "";
+    for (const r of list || []) {
+      const line = document.createElement("div");
+      if (r.complete && !r.error) {
+        const a = document.createElement("a");
+        a.href = api(`/api/recordings/${encodeURIComponent(r.file)}`);
+        a.textContent = `${r.file} (${r.frames} frames)`;
+        a.download = r.file;
+        line.appendChild(a);
+      } else {
+        line.textContent = r.error ? `${r.file}: ${r.error}` : `● recording ${r.file} (${r.frames} frames)`;
+      }
+      box.appendChild(line);
+    }
+  }
+
+  function frameShown(total) {
+    const now = performance.now();
+    S.framesOut = total === undefined ? S.framesOut + 1 : total;
+    if (S.ttffPage === null) {
+      S.ttffPage = (now - startedAt) / 1000;
+      $("output-placeholder").classList.add("hidden");
+    }
+    shownTimes.push(now);
+    while (shownTimes.length && shownTimes[0] < now - 2000) shownTimes.shift();
+    const span = Math.min(2000, now - startedAt);
+    S.fpsShown = span > 250 ? (shownTimes.length * 1000) / span : null;
+  }
+
+  // ------------------------------------------------------------------ parameters
+  function uiParams() {
+    const p = {
+      steps: currentSteps(),
+      noise_scale: Number($("noise").value),
+      noise_controller: $("controller").checked,
+      seed: Math.max(0, Math.min(4294967295, Math.floor(Number($("seed").value) || 0))),
+      transition_chunks: Number($("transition").value),
+    };
+    const prompt = $("prompt").value.trim();
+    if (prompt) p.prompt = prompt;
+    return p;
+  }
+
+  function sendParams(params) {
+    if (!conn) return false;
+    conn.send({ type: "params", params });
+    return true;
+  }
+  S.sendParams = sendParams;
+
+  function showParams(p) {
+    S.params = p;
+    for (const b of $("steps").querySelectorAll("button")) b.classList.toggle("active", Number(b.dataset.steps) === p.steps);
+    $("noise").value = p.noise_scale;
+    $("noise-value").textContent = Number(p.noise_scale).toFixed(2);
+    $("controller").checked = p.noise_controller;
+    $("seed").value = p.seed;
+    $("transition").value = p.transition_chunks;
+    showTransition();
+    $("record").classList.toggle("on", p.recording);
+    $("record").textContent = p.recording ? "■ Stop recording" : "● Record";
+    if (!$("prompt").value.trim()) { $("prompt").value = p.prompt; countPrompt(); }
+  }
+
+  function currentSteps() {
+    const active = $("steps").querySelector("button.active");
+    return active ? Number(active.dataset.steps) : 2;
+  }
+
+  function handleMessage(msg) {
+    switch (msg.type) {
+      case "ready":
+        S.ready = msg;
+        S.session = msg.session;
+        $("server-info").textContent = `session ${msg.session.slice(0, 8)} · ${msg.width}x${msg.height}`;
+        if (!$("prompt").value.trim()) { $("prompt").value = msg.params.prompt; countPrompt(); }
+        break;
+      case "params":
+        S.paramAcks += 1;
+        showParams(msg.params);
+        break;
+      case "stats":
+        S.stats = msg;
+        renderStats();
+        renderRecordings(msg.recordings);
+        break;
+      case "error":
+        S.errors.push(msg);
+        banner(errorText(msg), msg.code === "rate_limited" ? "info" : "error");
+        break;
+      case "closed":
+        banner(msg.message || `The session was closed (${msg.reason}).`, "info");
+        break;
+    }
+  }
+
+  function errorText(msg) {
+    if (msg.code === "server_full") return msg.message || "Server is full. Try again later.";
+    if (msg.code === "unauthorized") return "This server needs a token: open the URL printed by `wanstream serve` (it ends in ?token=…).";
+    return msg.message || msg.code;
+  }
+
+  // ------------------------------------------------------------------ sources
+  function explainMediaError(err, what) {
+    const name = err && err.name;
+    if (name === "NotAllowedError" || name === "SecurityError" || name === "PermissionDeniedError")
+      return new UserError(`${what} access was denied. Allow it in the browser's site settings (or pick another source), then press Start again.`, "camera_denied");
+    if (name === "NotFoundError" || name === "OverconstrainedError")
+      return new UserError(`No ${what.toLowerCase()} found. Pick another source (screen share or a video file).`, "camera_missing");
+    if (name === "NotReadableError")
+      return new UserError(`The ${what.toLowerCase()} is busy (another application may be using it).`, "camera_busy");
+    return new UserError(`${what} failed: ${err && err.message ? err.message : err}`, "source_error");
+  }
+
+  async function openSource() {
+    const kind = $("source").value;
+    const video = $("input");
+    if (kind !== "file" && !(navigator.mediaDevices && navigator.mediaDevices.getUserMedia))
+      throw new UserError("The camera needs a secure page: open it as http://localhost / 127.0.0.1 (an SSH tunnel works) or over https.", "insecure");
+    if (kind === "camera") {
+      try {
+        media = await navigator.mediaDevices.getUserMedia({
+          video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } }, audio: false });
+      } catch (err) { throw explainMediaError(err, "Camera"); }
+    } else if (kind === "screen") {
+      try {
+        media = await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { ideal: 30 } }, audio: false });
+      } catch (err) { throw explainMediaError(err, "Screen"); }
+    } else {
+      const file = $("file").files[0];
+      if (!file) throw new UserError("Choose a video file first.", "no_file");
+      video.srcObject = null;
+      video.src = URL.createObjectURL(file);
+      video.loop = true;
+      await video.play();
+      media = video.captureStream ? video.captureStream() : video.mozCaptureStream();
+      $("input-placeholder").classList.add("hidden");
+      return;
+    }
+    video.srcObject = media;
+    await video.play().catch(() => {});
+    $("input-placeholder").classList.add("hidden");
+    const track = media.getVideoTracks()[0];
+    if (track) track.onended = () => { if (conn) { banner("The source ended.", "info"); stop(); } };
+  }
+
+  function closeSource() {
+    if (media) for (const t of media.getTracks()) t.stop();
+    media = null;
+    const video = $("input");
+    video.srcObject = null;
+    if (video.src) { URL.revokeObjectURL(video.src); video.removeAttribute("src"); video.load(); }
+    $("input-placeholder").classList.remove("hidden");
+  }
+
+  // ------------------------------------------------------------------ WebSocket transport
+  function startWebSocket() {
+    return new Promise((resolve, reject) => {
+      const proto = location.protocol === "https:" ? "wss" : "ws";
+      const ws = new WebSocket(`${proto}://${location.host}${api("/api/ws")}`);
+      ws.binaryType = "blob";
+      const input = $("input");
+      const out = $("output-canvas");
+      const octx = out.getContext("2d");
+      const cap = document.createElement("canvas");
+      const cctx = cap.getContext("2d");
+      let ready = false, encoding = false, drawing = 0, lastSend = 0, lastSize = 0, running = true, lastError = null;
+
+      $("output-video").classList.add("hidden");
+      out.classList.remove("hidden");
+
+      function schedule() {
+        if (!running) return;
+        if (input.requestVideoFrameCallback && input.readyState >= 2) input.requestVideoFrameCallback(tick);
+        else setTimeout(tick, 33);
+      }
+
+      function tick() {
+        schedule();
+        const now = performance.now();
+        if (ws.readyState !== WebSocket.OPEN || encoding || now - lastSend < 30) return;
+        if (ws.bufferedAmount > 2 * lastSize + 16384) return;      // the network is behind: skip this frame
+        if (input.readyState < 2 || !input.videoWidth) return;
+        const vw = input.videoWidth, vh = input.videoHeight;
+        const scale = Math.max(cap.width / vw, cap.height / vh);   // centre crop to the session's aspect ratio
+        const sw = cap.width / scale, sh = cap.height / scale;
+        cctx.drawImage(input, (vw - sw) / 2, (vh - sh) / 2, sw, sh, 0, 0, cap.width, cap.height);
+        encoding = true;
+        lastSend = now;
+        cap.toBlob((blob) => {
+          encoding = false;
+          if (blob && ws.readyState === WebSocket.OPEN) { ws.send(blob); lastSize = blob.size; S.framesSent += 1; }
+        }, "image/jpeg", 0.85);
+      }
+
+      ws.onmessage = async (ev) => {
+        if (typeof ev.data === "string") {
+          let msg;
+          try { msg = JSON.parse(ev.data); } catch { return; }
+          if (msg.type === "error" || msg.type === "closed") lastError = msg;
+          handleMessage(msg);
+          if (msg.type === "ready" && !ready) {
+            ready = true;
+            cap.width = msg.width; cap.height = msg.height;
+            out.width = msg.width; out.height = msg.height;
+            resolve({
+              send: (obj) => { if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj)); },
+              close: () => { running = false; ws.close(1000, "stop"); },
+            });
+            schedule();
+          }
+          return;
+        }
+        if (drawing > 1) return;                                   // the page is behind: show the newest
+        drawing += 1;
+        try {
+          const bmp = await createImageBitmap(ev.data);
+          if (out.width !== bmp.width || out.height !== bmp.height) { out.width = bmp.width; out.height = bmp.height; }
+          octx.drawImage(bmp, 0, 0);
+          bmp.close();
+          frameShown();
+        } catch (err) { /* a broken frame: skip it */ } finally { drawing -= 1; }
+      };
+      ws.onclose = (ev) => {
+        running = false;
+        if (!ready) {
+          reject(lastError ? new UserError(errorText(lastError), lastError.code)
+            : new UserError(`Cannot reach the server (WebSocket closed, code ${ev.code}).`, "disconnected"));
+          return;
+        }
+        const why = lastError && (lastError.type === "closed" || lastError.code === "model_error")
+          ? lastError.message : `WebSocket closed, code ${ev.code}${ev.reason ? `: ${ev.reason}` : ""}`;
+        disconnected(why);
+      };
+    });
+  }
+
+  // ------------------------------------------------------------------ WebRTC transport
+  function waitGathering(pc, timeoutMs) {
+    if (pc.iceGatheringState === "complete") return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => { if (pc.iceGatheringState === "complete") { pc.removeEventListener("icegatheringstatechange", done); resolve(); } };
+      pc.addEventListener("icegatheringstatechange", done);
+      setTimeout(resolve, timeoutMs);
+    });
+  }
+
+  async function startWebRTC() {
+    const track = media && media.getVideoTracks()[0];
+    if (!track) throw new UserError("The source has no video track.", "source_error");
+    const pc = new RTCPeerConnection({ iceServers: [] });
+    const dc = pc.createDataChannel("control");
+    const pending = [];
+    try { track.contentHint = "detail"; } catch { /* older browsers */ }
+    pc.addTransceiver(track, { direction: "sendrecv", streams: [media] });
+    const outVideo = $("output-video");
+    pc.ontrack = (ev) => {
+      outVideo.srcObject = ev.streams && ev.streams[0] ? ev.streams[0] : new MediaStream([ev.track]);
+      outVideo.play().catch(() => {});
+      if (outVideo.requestVideoFrameCallback) {
+        const cb = (now, meta) => { frameShown(meta.presentedFrames); outVideo.requestVideoFrameCallback(cb); };
+        outVideo.requestVideoFrameCallback(cb);
+      }
+    };
+    dc.onmessage = (ev) => { try { handleMessage(JSON.parse(ev.data)); } catch { /* ignore */ } };
+    dc.onopen = () => { while (pending.length) dc.send(pending.shift()); };
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitGathering(pc, 3000);
+    let resp, body;
+    try {
+      resp = await fetch(api("/api/webrtc/offer"), {
+        method: "POST", headers: { ...authHeaders, "Content-Type": "application/json" },
+        body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer" }),
+      });
+      body = await resp.json().catch(() => ({}));
+    } catch (err) {
+      pc.close();
+      throw new UserError("Cannot reach the server.", "disconnected");
+    }
+    if (!resp.ok) {
+      pc.close();
+      const msg = { type: "error", code: body.error || body.code || "error", message: body.message || `offer refused (HTTP ${resp.status})` };
+      throw new UserError(errorText(msg), msg.code);
+    }
+    await pc.setRemoteDescription({ type: "answer", sdp: body.sdp });
+    handleMessage({ ...body, type: "ready" });
+    $("output-canvas").classList.add("hidden");
+    outVideo.classList.remove("hidden");
+    pc.onconnectionstatechange = () => {
+      const st = pc.connectionState;
+      if (st === "connected") setStatus("live · WebRTC", "live");
+      else if (st === "disconnected") setStatus("reconnecting…", "connecting");
+      else if (st === "failed" || st === "closed") disconnected(`WebRTC connection ${st}`);
+    };
+    return {
+      send: (obj) => { const text = JSON.stringify(obj); if (dc.readyState === "open") dc.send(text); else pending.push(text); },
+      close: () => { dc.close(); pc.close(); },
+    };
+  }
+
+  // ------------------------------------------------------------------ start / stop
+  async function start() {
+    if (conn) return;
+    clearBanner();
+    stopping = false;
+    S.framesOut = 0; S.framesSent = 0; S.ttffPage = null; S.fpsShown = null; S.stats = null; shownTimes = [];
+    startedAt = performance.now();
+    $("start").disabled = true;
+    setStatus("starting…", "connecting");
+    const transport = $("transport").value;
+    S.transport = transport;
+    try {
+      await openSource();
+      conn = transport === "webrtc" ? await startWebRTC() : await startWebSocket();
+    } catch (err) {
+      conn = null;
+      closeSource();
+      const code = err.code || "error";
+      S.errors.push({ type: "error", code, message: err.message });
+      banner(err.message || String(err));
+      setStatus(code === "server_full" ? "server full" : code === "camera_denied" ? "camera denied" : "error", "error");
+      $("start").disabled = false;
+      return;
+    }
+    sendParams(uiParams());
+    setStatus(`live · ${transport === "webrtc" ? "WebRTC" : "WebSocket"}`, "live");
+    $("stop").disabled = false;
+  }
+
+  function stop() {
+    stopping = true;
+    if (conn) { try { conn.close(); } catch { /* already closed */ } }
+    conn = null;
+    closeSource();
+    $("output-video").srcObject = null;
+    $("start").disabled = false;
+    $("stop").disabled = true;
+    setStatus("idle");
+  }
+
+  function disconnected(reason) {
+    if (stopping || !conn) return;
+    conn = null;
+    closeSource();
+    banner(`Disconnected from the server (${reason}). Press Start to reconnect.`);
+    setStatus("disconnected", "error");
+    $("start").disabled = false;
+    $("stop").disabled = true;
+  }
+
+  S.start = start;
+  S.stop = stop;
+
+  // ------------------------------------------------------------------ controls
+  function countPrompt() { $("prompt-count").textContent = `${$("prompt").value.length} / 2000`; }
+  function showTransition() {
+    const k = Number($("transition").value);
+    $("transition-value").textContent = k ? `${k} ch` : "off";
+    $("transition").title = k ? `blend into a new prompt over ${k} chunks (4 frames each)` : "switch prompts at once";
+  }
+
+  $("start").onclick = start;
+  $("stop").onclick = stop;
+  $("source").onchange = () => $("file-row").classList.toggle("hidden", $("source").value !== "file");
+  $("prompt").oninput = countPrompt;
+  $("prompt").onkeydown = (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); $("apply-prompt").click(); } };
+  $("apply-prompt").onclick = () => {
+    const prompt = $("prompt").value.trim();
+    if (prompt) sendParams({ prompt, transition_chunks: Number($("transition").value) });
+  };
+  $("transition").oninput = showTransition;
+  $("transition").onchange = () => sendParams({ transition_chunks: Number($("transition").value) });
+  for (const b of $("steps").querySelectorAll("button")) {
+    b.onclick = () => {
+      for (const o of $("steps").querySelectorAll("button")) o.classList.toggle("active", o === b);
+      sendParams({ steps: Number(b.dataset.steps) });
+    };
+  }
+  $("noise").oninput = () => { $("noise-value").textContent = Number($("noise").value).toFixed(2); };
+  $("noise").onchange = () => sendParams({ noise_scale: Number($("noise").value) });
+  $("controller").onchange = () => sendParams({ noise_controller: $("controller").checked });
+  $("seed").onchange = () => sendParams({ seed: uiParams().seed });
+  $("seed-random").onclick = () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); $("seed").onchange(); };
+  $("reset").onclick = () => sendParams({ reset: true });
+  $("record").onclick = () => sendParams({ recording: !(S.params && S.params.recording) });
+
+  function addBlendRow(text = "", weight = 0.5) {
+    const row = document.createElement("div");
+    row.className = "blend-row";
+    row.innerHTML = `<input type="text" maxlength="2000" placeholder="prompt"><input type="range" min="0" max="1" step="0.05"><span class="value"></span><button class="link" title="remove">✕</button>`;
+    const [txt, rng, val, del] = row.children;
+    txt.value = text;
+    rng.value = weight;
+    val.textContent = Number(weight).toFixed(2);
+    rng.oninput = () => { val.textContent = Number(rng.value).toFixed(2); };
+    del.onclick = () => row.remove();
+    $("blend-rows").appendChild(row);
+  }
+  $("blend-add").onclick = () => addBlendRow();
+  $("blend-apply").onclick = () => {
+    const prompts = [...$("blend-rows").children]
+      .map((row) => ({ text: row.children[0].value.trim(), weight: Number(row.children[1].value) }))
+      .filter((p) => p.text);
+    if (!prompts.length) { banner("Add at least one prompt to blend.", "info"); return; }
+    if (prompts.every((p) => p.weight <= 0)) { banner("Give at least one prompt a weight above 0.", "info"); return; }
+    sendParams({ prompts, transition_chunks: Number($("transition").value) });
+  };
+  addBlendRow("", 0.5);
+  addBlendRow("", 0.5);
+
+  // ------------------------------------------------------------------ boot
+  async function boot() {
+    const t = url.searchParams.get("transport");
+    if (t === "ws" || t === "webrtc") $("transport").value = t;
+    const src = url.searchParams.get("source");
+    if (["camera", "screen", "file"].includes(src)) { $("source").value = src; $("source").onchange(); }
+    for (const b of $("steps").querySelectorAll("button")) b.classList.toggle("active", b.dataset.steps === "2");
+    countPrompt();
+    showTransition();
+    try {
+      const resp = await fetch(api("/api/health"), { headers: authHeaders });
+      if (resp.status === 401) {
+        banner("This server needs a token: open the URL printed by `wanstream serve` (it ends in ?token=…).");
+        setStatus("token needed", "error");
+        return;
+      }
+      const h = await resp.json();
+      S.health = h;
+      $("server-info").textContent = `${h.width}x${h.height} · ${h.sessions}/${h.capacity} sessions · ${h.device}`;
+      for (const b of $("steps").querySelectorAll("button")) b.classList.toggle("active", Number(b.dataset.steps) === h.steps);
+      if (!h.transports.includes("webrtc")) {
+        $("transport").querySelector('option[value="webrtc"]').disabled = true;
+        if ($("transport").value === "webrtc") $("transport").value = "ws";
+      }
+    } catch (err) {
+      banner("Cannot reach the server.");
+      setStatus("offline", "error");
+      return;
+    }
+    if (url.searchParams.get("autostart") === "1") start();
+  }
+  boot();
+})();

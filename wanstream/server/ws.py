@@ -1,0 +1,147 @@
+"""WebSocket transport (the default): ``/api/ws[?token=T][&format=jpeg|raw]`` (the token may also come as an
+``Authorization: Bearer`` or ``X-Token`` header).
+
+Binary messages are frames: JPEG (or raw RGB, see :mod:`.frames`) up, JPEG (or raw with ``format=raw``) down.
+Text messages are the JSON control protocol of :mod:`.protocol`; the server also pushes ``stats`` every
+``stats_interval_s``. The first server message is ``ready`` (session id, resolution, parameters) or an
+``error`` with code ``server_full`` / ``unauthorized`` / ``bad_format`` followed by the close.
+One task receives, one sends (frames and JSON, never two sends at once); when either ends, the session ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from concurrent.futures import Executor
+
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from .frames import decode_frame, encode_jpeg, pack_raw
+from .protocol import error, handle_control, ready_message
+from .sessions import ServerFull, SessionManager
+from .uplink import Uplink
+
+log = logging.getLogger("wanstream.server")
+
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_UNSUPPORTED = 1003
+
+
+def ws_router(manager: SessionManager, executor: Executor, token_ok) -> APIRouter:
+    router = APIRouter()
+    settings = manager.settings
+
+    @router.websocket("/api/ws")
+    async def stream(ws: WebSocket, token: str | None = None, format: str = "jpeg"):
+        await ws.accept()
+        auth = ws.headers.get("authorization", "")
+        token = token or ws.headers.get("x-token") or (auth[7:].strip() if auth.lower().startswith("bearer ") else None)
+        if not token_ok(token):
+            await _refuse(ws, error("unauthorized", "missing or wrong token (add ?token=... to the URL)"),
+                          CLOSE_UNAUTHORIZED)
+            return
+        if format not in ("jpeg", "raw"):
+            await _refuse(ws, error("bad_format", "format must be 'jpeg' or 'raw'"), CLOSE_UNSUPPORTED)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            session = manager.open("websocket", loop)
+        except ServerFull as exc:
+            await _refuse(ws, error("server_full", str(exc)), CLOSE_TRY_AGAIN_LATER)
+            return
+        outbox: asyncio.Queue = asyncio.Queue(maxsize=64)
+
+        def post(msg: dict) -> None:
+            with contextlib.suppress(asyncio.QueueFull):
+                outbox.put_nowait(msg)
+
+        session.add_listener(post)
+        w, h = session.width, session.height
+        decode = lambda data: decode_frame(data, w, h, settings.max_frame_pixels)  # noqa: E731
+        uplink = Uplink(session, executor, decode)
+        if format == "raw":
+            encode = lambda out: pack_raw(out.image, out.index)  # noqa: E731
+        else:
+            encode = lambda out: encode_jpeg(out.image, settings.jpeg_quality)  # noqa: E731
+
+        async def receive():
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return "disconnected"
+                data, text = msg.get("bytes"), msg.get("text")
+                if data is not None:
+                    if len(data) > settings.max_frame_bytes:
+                        session.note_arrival()
+                        session.stats.count("bad_frames")
+                        session.report_error("frame_too_large", f"frames are limited to {settings.max_frame_bytes}"
+                                                                f" bytes, got {len(data)}")
+                        continue
+                    uplink.offer(data)
+                elif text is not None:
+                    reply = handle_control(session, text)
+                    if reply is not None:
+                        post(reply)
+
+        async def send():
+            frame_task = asyncio.ensure_future(session.next_output())
+            msg_task = asyncio.ensure_future(outbox.get())
+            try:
+                while True:
+                    done, _ = await asyncio.wait({frame_task, msg_task}, return_when=asyncio.FIRST_COMPLETED)
+                    if msg_task in done:
+                        await ws.send_text(json.dumps(msg_task.result()))
+                        msg_task = asyncio.ensure_future(outbox.get())
+                    if frame_task in done:
+                        out = frame_task.result()
+                        if out is None:
+                            while not outbox.empty():       # the last notices (why the session ended)
+                                await ws.send_text(json.dumps(outbox.get_nowait()))
+                            return session.close_reason or "closed"
+                        data = await loop.run_in_executor(executor, encode, out)
+                        await ws.send_bytes(data)
+                        frame_task = asyncio.ensure_future(session.next_output())
+            finally:
+                frame_task.cancel()
+                msg_task.cancel()
+
+        async def push_stats():
+            while True:
+                await asyncio.sleep(settings.stats_interval_s)
+                post(session.stats_message())
+
+        post(ready_message(session))
+        tasks = [asyncio.ensure_future(c) for c in (receive(), send(), push_stats())]
+        reason = "disconnected"
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if not t.cancelled() and t.exception() is None and t.result():
+                    reason = t.result()
+                elif not t.cancelled() and isinstance(t.exception(), WebSocketDisconnect):
+                    reason = "disconnected"
+                elif not t.cancelled() and t.exception() is not None:
+                    log.warning("session %s: websocket error: %r", session.id[:8], t.exception())
+                    reason = "transport error"
+        finally:
+            for t in tasks:
+                t.cancel()
+            uplink.cancel()
+            session.close(reason)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
+                with contextlib.suppress(Exception):
+                    code = {"disconnected": 1000, "idle": 1000, "server shutdown": 1001}.get(reason, 1011)
+                    await ws.close(code, reason[:100])
+
+    return router
+
+
+async def _refuse(ws: WebSocket, message: dict, code: int) -> None:
+    with contextlib.suppress(Exception):
+        await ws.send_text(json.dumps(message))
+        await ws.close(code, message["message"][:100])
