@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import roofline
+from .argtypes import int_in, resolution
 
 SCHEMA = "wanstream-bench/1"
 STAGES = ("encode", "dit", "decode")
@@ -647,26 +648,6 @@ def _input_fps(text: str) -> float | None:
     return value
 
 
-def _resolution(text: str) -> tuple[int, int]:
-    from .io.video import parse_resolution
-    try:
-        return parse_resolution(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _int_range(lo: int, hi: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = lo - 1
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi if hi is not None else '∞'}, "
-                                             f"got {text!r}")
-        return value
-    return parse
-
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``wanstream bench`` on the CLI's subparsers."""
@@ -679,18 +660,18 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="weights/compute dtype (default: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--resolution", type=_resolution, default=(512, 512), help="WxH, multiples of 16")
-    p.add_argument("--steps", type=_int_range(1, 4), default=2, help="denoising steps 1..4")
+    p.add_argument("--resolution", type=resolution, default=(512, 512), help="WxH, multiples of 16")
+    p.add_argument("--steps", type=int_in(1, 4), default=2, help="denoising steps 1..4")
     p.add_argument("--no-batch", action="store_true", help="sequential steps per chunk instead of the stream batch")
     p.add_argument("--input-fps", type=_input_fps, default=None, metavar="FPS|max",
                    help="live source rate, e.g. 16 or 30 (real time; slower models queue), or max (default)")
-    p.add_argument("--frames", type=_int_range(FIRST_CHUNK), default=245, help="input frames of the stream")
-    p.add_argument("--warmup", type=_int_range(1), default=10,
+    p.add_argument("--frames", type=int_in(FIRST_CHUNK), default=245, help="input frames of the stream")
+    p.add_argument("--warmup", type=int_in(1), default=10,
                    help="chunks at the start of the stream left out of steady-state figures")
     p.add_argument("--target-latency", type=float, default=1.0, help="deadline for the miss rate, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
-    p.add_argument("--prime-chunks", type=_int_range(0), default=None,
+    p.add_argument("--prime-chunks", type=int_in(0), default=None,
                    help="chunks of the throw-away stream that warms the model before each row (default: steps + 2; "
                         "0: none, TTFF then includes one-off initialisation)")
     p.add_argument("--sweep", action="store_true", help="steps 1..4 x {stream batch, no-batch} in one table")

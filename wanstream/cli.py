@@ -7,45 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from .argtypes import float_in, int_in, resolution
 from .errors import CheckpointError
 
-
-def _resolution(text: str) -> tuple[int, int]:
-    from .io.video import parse_resolution
-    try:
-        return parse_resolution(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _steps(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 4:
-        raise argparse.ArgumentTypeError(f"steps must be an integer in 1..4, got {text!r}")
-    return value
-
-
-def _unit(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"noise scale must be in (0, 1], got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+_steps = int_in(1, 4, "steps")
+_positive = int_in(1, None, "frames")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -64,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--steps", type=_steps, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=_resolution, default=None, help="WxH, multiples of 16 (default: input size)")
+    p.add_argument("--resolution", type=resolution, default=None, help="WxH, multiples of 16 (default: input size)")
     p.add_argument("--no-batch", action="store_true", help="run the steps of each chunk sequentially")
-    p.add_argument("--noise-scale", type=_unit, default=0.8)
+    p.add_argument("--noise-scale", type=float_in(0.0, 1.0, "noise scale"), default=0.8)
     p.add_argument("--no-noise-controller", action="store_true")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
     from .pipeline_parallel import add_pipeline_args
@@ -79,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=_positive, default=81)
     p.add_argument("--steps", type=_steps, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=_resolution, default=(832, 480))
+    p.add_argument("--resolution", type=resolution, default=(832, 480))
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--no-batch", action="store_true")
 
@@ -93,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clip", help="write a synthetic test clip with motion (demo / benchmark input)")
     p.add_argument("output", type=Path)
     p.add_argument("--frames", type=_positive, default=49)
-    p.add_argument("--resolution", type=_resolution, default=(512, 512))
+    p.add_argument("--resolution", type=resolution, default=(512, 512))
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=0)
 

@@ -77,6 +77,17 @@ class KVCache:
         for t in (*self.k.values(), *self.v.values()):
             t[dst] = t[src]
 
+    def resized(self, rows: int) -> "KVCache":
+        """A copy with ``rows`` rows; row r starts from old row ``min(r, rows_before - 1)`` (the closest level)."""
+        first = next(iter(self.k.values()))
+        out = KVCache(self.layers, rows, self.capacity, self.tokens_per_frame, first.shape[2], first.shape[3],
+                      first.dtype, first.device)
+        src = [min(r, self.rows - 1) for r in range(rows)]
+        for i in self.layers:
+            out.k[i].copy_(self.k[i][src])
+            out.v[i].copy_(self.v[i][src])
+        return out
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
 

@@ -40,6 +40,7 @@ import argparse
 import os
 import time
 
+from .argtypes import int_in
 from .block_scheduler import SchedulerConfig, format_split, parse_split
 from .pipeline import (Finished, PipelineDriver, PipelineError, PipelineSession, default_devices,  # noqa: F401
                        num_layers_of, renoise_seed, run_worker, torchrun_env)
@@ -60,20 +61,10 @@ def _gpu_list(text: str) -> list[int]:
     return ids
 
 
-def _ranks(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"--pipeline needs at least 2 ranks, got {text!r}")
-    return value
-
-
 def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     """Add the multi-GPU pipeline options to a command (v2v, serve)."""
     g = parser.add_argument_group("multi-GPU pipeline")
-    g.add_argument("--pipeline", type=_ranks, default=None, metavar="N",
+    g.add_argument("--pipeline", type=int_in(2, None, "--pipeline ranks"), default=None, metavar="N",
                    help="run the DiT as a pipeline of N ranks (with --device cpu: N gloo ranks on the CPU)")
     g.add_argument("--gpus", type=_gpu_list, default=None, metavar="IDS",
                    help="one pipeline rank per GPU, e.g. 0,1,2,3 (implies --pipeline 4)")

@@ -88,13 +88,7 @@ class LatentStream:
         old_rows = self.rows
         self._configure(steps, batch)
         if self.rows != old_rows:
-            new = self.dit.new_cache(self.rows, self.cache_config.capacity, self.tokens_per_frame,
-                                     layers=self.cache.layers)
-            for i in self.cache.layers:
-                for r in range(self.rows):
-                    src = min(r, old_rows - 1)
-                    new.k[i][r], new.v[i][r] = self.cache.k[i][src], self.cache.v[i][src]
-            self.cache = new
+            self.cache = self.cache.resized(self.rows)
         return out
 
     @property

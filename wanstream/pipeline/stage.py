@@ -384,13 +384,7 @@ class Stage:
         self._configure(steps)
         self.cfg.steps = steps
         if self.rows != old_rows:
-            new = self.dit.new_cache(self.rows, self.cfg.cache.capacity, self.cfg.tokens_per_frame,
-                                     layers=self.cache.layers)
-            for i in self.cache.layers:
-                for r in range(self.rows):
-                    src = min(r, old_rows - 1)
-                    new.k[i][r], new.v[i][r] = self.cache.k[i][src], self.cache.v[i][src]
-            self.cache = new
+            self.cache = self.cache.resized(self.rows)
 
     def reseed(self, seed: int) -> None:
         if self.is_last and self.cfg is not None:

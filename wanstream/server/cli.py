@@ -8,38 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..argtypes import float_in, int_in, resolution
 from .settings import ServerSettings
-
-
-def _resolution(text: str) -> tuple[int, int]:
-    from ..io.video import parse_resolution
-    try:
-        return parse_resolution(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _int_in(lo: int, hi: int | None, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = lo - 1
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{what} must be an integer in {lo}..{hi if hi else 'inf'}, "
-                                             f"got {text!r}")
-        return value
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
 
 
 def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,15 +17,15 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
-    p.add_argument("--port", type=_int_in(0, 65535, "port"), default=7860)
-    p.add_argument("--max-sessions", type=_int_in(1, None, "max sessions"), default=4,
+    p.add_argument("--port", type=int_in(0, 65535, "port"), default=7860)
+    p.add_argument("--max-sessions", type=int_in(1, None, "max sessions"), default=4,
                    help="streams served at once; more get a 'server full' answer (default 4)")
     p.add_argument("--token", default=None, help="require this token on every API and stream call")
-    p.add_argument("--resolution", type=_resolution, default=(512, 512), help="WxH, multiples of 16")
-    p.add_argument("--steps", type=_int_in(1, 4, "steps"), default=2, help="default denoising steps (1-4)")
+    p.add_argument("--resolution", type=resolution, default=(512, 512), help="WxH, multiples of 16")
+    p.add_argument("--steps", type=int_in(1, 4, "steps"), default=2, help="default denoising steps (1-4)")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder (needs taew2_1.pth)")
     p.add_argument("--record-dir", type=Path, default=Path("recordings"), help="where recordings go")
-    p.add_argument("--idle-timeout", type=_positive_float, default=60.0,
+    p.add_argument("--idle-timeout", type=float_in(0.0, None, "idle timeout"), default=60.0,
                    help="close a session after this many seconds without frames (default 60)")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for WebRTC (repeatable; none by default)")
