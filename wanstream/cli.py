@@ -91,9 +91,7 @@ def cmd_v2v(args) -> int:
     from .pipeline_parallel import pipeline_requested, run_v2v_pipeline
     if pipeline_requested(args):
         return run_v2v_pipeline(args)
-    from tqdm import tqdm
-
-    from .io.video import VideoWriter, fit_resolution, iter_frames, probe_video
+    from .io.video import fit_resolution, probe_video
     from .models.loader import load_model
     from .session import StreamSession
 
@@ -103,12 +101,25 @@ def cmd_v2v(args) -> int:
     session = StreamSession(model, prompt=args.prompt, width=width, height=height, steps=args.steps,
                             noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
                             batch=not args.no_batch, seed=args.seed, decoder="taehv" if args.taehv else "vae")
+    written, elapsed, first = restyle_file(session, args, info, width, height)
+    print(f"frames {written} | {written / elapsed:.2f} FPS | time to first frame {first:.2f} s | "
+          f"{elapsed:.1f} s total | output {args.output}")
+    return 0
+
+
+def restyle_file(session, args, info, width: int, height: int, desc: str = "v2v") -> tuple[int, float, float]:
+    """Stream ``args.input`` through a session into ``args.output`` with a progress bar.
+
+    Returns (frames written, seconds, seconds to the first output frame)."""
+    from tqdm import tqdm
+
+    from .io.video import VideoWriter, iter_frames
     args.output.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     first = None
     written = 0
     with VideoWriter(args.output, info.fps, width, height) as writer, \
-            tqdm(total=info.frames, unit="frame", desc="v2v", disable=None) as bar:
+            tqdm(total=info.frames, unit="frame", desc=desc, disable=None) as bar:
         def write(outputs):
             nonlocal first, written
             if outputs and first is None:
@@ -121,12 +132,9 @@ def cmd_v2v(args) -> int:
         for frame in iter_frames(args.input):
             write(session.push(frame))
         write(session.flush())
-    elapsed = time.perf_counter() - t0
     if written == 0:
         raise ValueError(f"{args.input}: no frames decoded")
-    print(f"frames {written} | {written / elapsed:.2f} FPS | time to first frame {first:.2f} s | "
-          f"{elapsed:.1f} s total | output {args.output}")
-    return 0
+    return written, time.perf_counter() - t0, first
 
 
 def cmd_t2v(args) -> int:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 from .argtypes import int_in
 from .block_scheduler import SchedulerConfig, format_split, parse_split
@@ -123,10 +122,8 @@ def _log_to_stderr() -> None:
 
 def run_v2v_pipeline(args) -> int:
     """``wanstream v2v`` on a pipeline: same flags as single-device plus the pipeline options."""
-    from tqdm import tqdm
-
     from .block_scheduler import even_split
-    from .io.video import VideoWriter, fit_resolution, iter_frames, probe_video
+    from .io.video import fit_resolution, probe_video
 
     env = torchrun_env()
     devices = pipeline_devices(args, env)
@@ -157,28 +154,10 @@ def run_v2v_pipeline(args) -> int:
                               noise_controller=not args.no_noise_controller, batch=not args.no_batch,
                               seed=args.seed, decoder=decoder, split=split, rebalance=schedule or False,
                               timeout=args.pipeline_timeout, threads=threads, driver=driver)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    first = None
-    written = 0
-    with session, VideoWriter(args.output, info.fps, width, height) as writer, \
-            tqdm(total=info.frames, unit="frame", desc=f"v2v x{world}", disable=None) as bar:
-        def write(outputs):
-            nonlocal first, written
-            if outputs and first is None:
-                first = time.perf_counter() - t0
-            for out in outputs:
-                writer.write(out.image)
-            written += len(outputs)
-            bar.update(len(outputs))
-
-        for frame in iter_frames(args.input):
-            write(session.push(frame))
-        write(session.flush())
+    from .cli import restyle_file
+    with session:
+        written, elapsed, first = restyle_file(session, args, info, width, height, desc=f"v2v x{world}")
         split_now, moves = session.split, len(session.moves)
-    elapsed = time.perf_counter() - t0
-    if written == 0:
-        raise ValueError(f"{args.input}: no frames decoded")
     print(f"frames {written} | {written / elapsed:.2f} FPS | time to first frame {first:.2f} s | "
           f"{elapsed:.1f} s total | output {args.output}")
     print(f"pipeline: {world} ranks on {', '.join(devices)} | split {format_split(split_now)} | "
