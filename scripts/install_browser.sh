@@ -16,8 +16,9 @@ elif [ "$(id -u)" -ne 0 ]; then
 else
     echo "install_browser: apt-get install chromium"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq chromium >/dev/null
+    if ! { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; then
+        echo "install_browser: apt-get could not install chromium; the browser tests will skip" >&2
+    fi
 fi
 
 if [ ! -x "$PY" ]; then
@@ -28,5 +29,6 @@ if "$PY" -c "import playwright, websockets, aiortc" 2>/dev/null; then
     echo "install_browser: playwright, websockets, aiortc present"
 else
     echo "install_browser: pip install playwright websockets aiortc"
-    "$PY" -m pip install -q playwright websockets 'aiortc==1.16.*'
+    "$PY" -m pip install -q playwright websockets 'aiortc==1.16.*' ||
+        echo "install_browser: pip could not install playwright; the browser tests will skip" >&2
 fi
