@@ -163,6 +163,13 @@ class StreamSession:
         self._chunks.clear()
         self.closed = True
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("this stream session is closed")

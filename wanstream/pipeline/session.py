@@ -136,15 +136,11 @@ class PipelineSession(StreamSession):
         if self.closed or self.driver.closed:
             raise RuntimeError("this pipeline session is closed")
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, *exc):
         if exc[0] is None:
-            self.close()
-        else:
-            self.closed = True
-            self.driver._abort(exc[1])
+            return super().__exit__(*exc)
+        self.closed = True
+        self.driver._abort(exc[1])    # an error on rank 0 stops every rank at once
         return False
 
     @property
