@@ -172,7 +172,7 @@ def test_dit_flops_match_torch_flop_counter(tiny_model):
     stream = LatentStream(dit, model.sampler, prompt, SeededNoise(0), tokens_per_frame=tpf, steps=2)
     with torch.no_grad():
         stream.prepare(torch.randn(1, 2, 16, 8, 8), 0.8)
-        step = CacheStep.build(stream.policy, [7, 6], [7, 6], 1, tpf, "cpu")
+        step = CacheStep.build(stream.runner.policy, [7, 6], [7, 6], 1, tpf, "cpu")
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             dit(torch.randn(2, 1, 16, 8, 8), torch.tensor([700, 500]), prompt, stream.cache, step)
     expected = roofline.dit_call_cost(roofline.DiTDims.from_dit(dit), tpf, rows=2)["flops"]

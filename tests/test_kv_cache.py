@@ -62,7 +62,7 @@ def test_refresh_replaces_least_similar_sink_when_forced():
     policy = CachePolicy(CacheConfig(capacity=6, sink=3, sink_threshold=0.2))
     step = CacheStep.build(policy, [2, 7], [2, 7], 1, 4, "cpu")  # row 0 still filling, row 1 eligible
     k0, v0 = k.clone(), v.clone()
-    _refresh_sinks(k, v, new, new, step)
+    _refresh_sinks(k, v, new, new, step.refresh_rows, step)
     assert torch.equal(k[0], k0[0]) and torch.equal(v[0], v0[0])      # not eligible: untouched
     assert torch.equal(k[1, 8:12], new[1]) and torch.equal(v[1, 8:12], new[1])  # sink 2 replaced
     assert torch.equal(k[1, :8], k0[1, :8]) and torch.equal(k[1, 12:], k0[1, 12:])
@@ -73,7 +73,7 @@ def test_refresh_keeps_sinks_above_threshold():
     policy = CachePolicy(CacheConfig(capacity=6, sink=3, sink_threshold=0.2))  # every sink is similar
     step = CacheStep.build(policy, [7, 7], [7, 7], 1, 4, "cpu")
     k0 = k.clone()
-    _refresh_sinks(k, v, new, new, step)
+    _refresh_sinks(k, v, new, new, step.refresh_rows, step)
     assert torch.equal(k, k0)
 
 

@@ -7,7 +7,8 @@ import torch
 
 from kit import load_kit
 from wanstream.noise_controller import NoiseController, motion_level, timestep_for
-from wanstream.sampling import FlowMatchSampler, step_list
+from wanstream.sampling import FlowMatchSampler
+from wanstream.scheduler import step_list
 
 
 def test_conformance_scheduler_exact():

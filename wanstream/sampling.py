@@ -1,4 +1,4 @@
-"""Flow-matching sampler of StreamDiffusionV2: shifted sigma grid, step lists, x0 and re-noising.
+"""Flow-matching sampler of StreamDiffusionV2: shifted sigma grid, x0 and re-noising (step lists: scheduler.py).
 
 Grid: ``s_k = linspace(1, 0, 1001)[k]`` (k < 1000, float32), ``sigma_k = shift*s_k / (1 + (shift-1)*s_k)``,
 ``t_k = 1000*sigma_k``. An integer timestep t uses the sigma of the nearest grid timestep; the lookup is a
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from .config import T2V_STEPS, V2V_STEPS
 
 
 class FlowMatchSampler:
@@ -45,13 +44,3 @@ class FlowMatchSampler:
         sig = sig.reshape(*sig.shape, *([1] * (x0.ndim - sig.ndim)))
         return ((1 - sig) * x0.float() + sig * noise.float()).to(x0.dtype)
 
-
-def step_list(steps: int, mode: str = "v2v") -> list[int]:
-    """Denoising timesteps per stream-batch slot: v2v ``[700, 500, 400, 200][:n]``; t2v ``[...][:n] + [0]``."""
-    if not 1 <= steps <= 4:
-        raise ValueError(f"steps must be in 1..4, got {steps}")
-    if mode == "v2v":
-        return list(V2V_STEPS[:steps])
-    if mode == "t2v":
-        return list(T2V_STEPS[:steps]) + [0]
-    raise ValueError(f"mode must be 'v2v' or 't2v', got {mode!r}")

@@ -1,196 +1,145 @@
-"""Stream Batch: the n denoising steps of n consecutive chunks run as one DiT call.
+"""Stream Batch of one stream at the latent level: the schedule (``scheduler.StreamSchedule``) executed by the
+runner (``runner.Runner``) over a private cache pool.
 
-Slot r of the stream batch holds a chunk at denoising level ``step_list[r]``; each slot has its own KV-cache
-row and its own RoPE position. Per new chunk: shift the registers, insert the new noised latent at slot 0,
-one DiT call over the occupied slots, x0 for every slot, re-noise slots 0..n-2 to the next level; slot n-1
-leaves clean. A chunk entering now leaves n calls later. While the pipeline fills (and while it drains at
-the end of a stream) only occupied slots run, so no call computes on placeholders.
+Slot r of the stream batch holds a chunk at denoising level ``step_list[r]``; each slot has its own KV-cache row
+and its own RoPE position. Per new chunk: shift the registers, insert the new noised latent at slot 0, one DiT
+call over the occupied slots, x0 for every slot, re-noise slots 0..n-2 to the next level; slot n-1 leaves clean.
+While the pipeline fills (and while it drains at the end of a stream) only occupied slots run, so no call
+computes on placeholders. ``lag`` = W runs the pipelined schedule (W batches in flight), the single-process
+reference of the multi-GPU ring.
 
-:class:`LatentStream` is the latent-level engine of one stream: prepare, stream batch, the sequential
-no-batch mode, draining, live reconfiguration. Everything on the host is plain integers.
-
-Pipelined schedule (``lag`` = W pipeline stages): W stream batches circulate at once; a new chunk joins the
-batch that left the pipeline W calls ago, so slot r holds the chunk that entered r*W calls ago. Every cache
-row still sees its chunks in order. ``lag=1`` is the single-device stream batch; the multi-GPU pipeline
-runs the same schedule split by DiT blocks, and this class is its single-process reference.
+:class:`LatentStream` is used where one stream owns the model for itself: text-to-video, the reference of the
+pipeline tests, and tests of the schedule. Live streams share the model through the engine (``engine.py``),
+which runs the same schedule and runner for many streams in shared calls.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Hashable
 
 import torch
 
 from .config import CacheConfig
-from .kv_cache import CachePolicy, CacheStep
+from .kv_cache import CachePolicy, KVPool
 from .models.dit import CausalWanDiT, PromptKV
 from .noise import NoiseSource
-from .sampling import FlowMatchSampler, step_list
+from .runner import ChunkInput, Runner, RunnerStream
+from .sampling import FlowMatchSampler
+from .scheduler import Stage, StreamSchedule, compose
+
+_PREPARE = "prepare"        # chunk id of the prepare chunk
 
 
 @dataclass
-class Slot:
-    """One register of the stream batch."""
+class SlotView:
+    """A register of the stream batch as tests and tools see it."""
 
-    latent: torch.Tensor   # [1, T, C, h, w], at the slot's noise level
-    frame: int             # index of its first latent frame in the stream (decides the cache slot)
-    rope: int              # temporal RoPE position of its first latent frame
-    chunk: Hashable        # the caller's identifier of the chunk
+    chunk: Hashable
+    frame: int
+    rope: int
+    latent: torch.Tensor | None
 
 
 class LatentStream:
-    """Latent-level streaming denoiser for one stream (owns its KV cache and registers)."""
+    """Latent-level streaming denoiser for one stream (owns its cache pool and registers)."""
 
     def __init__(self, dit: CausalWanDiT, sampler: FlowMatchSampler, prompt: PromptKV, noise: NoiseSource, *,
                  tokens_per_frame: int, steps: int = 2, mode: str = "v2v", batch: bool = True,
                  cache: CacheConfig = CacheConfig(), frames_per_block: int = 1, lag: int = 1,
-                 renoise: NoiseSource | None = None):
-        if lag < 1:
-            raise ValueError(f"lag must be >= 1, got {lag}")
+                 renoise: NoiseSource | None = None, pool: KVPool | None = None):
         self.dit = dit
-        self.sampler = sampler
-        self.prompt = prompt
-        self.noise = noise
-        self._renoise = renoise
-        self.lag = lag
-        self.tokens_per_frame = tokens_per_frame
         self.mode = mode
         self.cache_config = cache
-        self.policy = CachePolicy(cache)
         self.frames_per_block = frames_per_block
-        self.device = next(dit.parameters()).device
-        self._configure(steps, batch)
-        self.cache = dit.new_cache(self.rows, cache.capacity, tokens_per_frame)
-        self.next_frame = 0
-        self.next_rope = 0
-        self.calls = 0
+        self.schedule = StreamSchedule(0, steps, mode=mode, batch=batch, cache=cache, lag=lag)
+        device = next(dit.parameters()).device
+        self.pool = pool or KVPool(range(dit.num_layers), cache.capacity, tokens_per_frame, dit.heads, dit.head_dim,
+                                   dit.dtype, device, text_len=dit.text_len)
+        self.runner = Runner(dit, sampler, self.pool, CachePolicy(cache), tokens_per_frame)
+        self.stream = RunnerStream(0, noise, renoise)
+        self.runner.add(self.stream, self.schedule.rows)
+        self.prompt = prompt
 
-    # -------------------------------------------------------------- configuration
-    def _configure(self, steps: int, batch: bool) -> None:
-        self.steps = steps
-        self.batch = batch
-        self.step_list = step_list(steps, self.mode)
-        self.rows = len(self.step_list) if batch else 1
-        self.batches: deque[list[Slot | None]] = deque([None] * self.rows for _ in range(self.lag))
-        self._t_list = torch.tensor(self.step_list, dtype=torch.long, device=self.device)
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def prompt(self) -> PromptKV:
+        return self._prompt
 
-    def reconfigure(self, steps: int, batch: bool | None = None) -> list[tuple[Hashable, torch.Tensor]]:
-        """Change the step count (and mode) between chunks; in-flight chunks are finished first and returned.
-
-        Cache rows are kept per level; a new level starts from the cache of the closest existing level.
-        """
-        batch = self.batch if batch is None else batch
-        if steps == self.steps and batch == self.batch:
-            return []
-        out = self.drain()
-        old_rows = self.rows
-        self._configure(steps, batch)
-        if self.rows != old_rows:
-            self.cache = self.cache.resized(self.rows)
-        return out
+    @prompt.setter
+    def prompt(self, prompt: PromptKV) -> None:
+        self._prompt = prompt
+        self.runner.set_prompt(0, prompt)
 
     @property
-    def renoise(self) -> NoiseSource:
-        """Noise for re-noising (the last pipeline stage draws it); defaults to the mixing source."""
-        return self._renoise or self.noise
+    def noise(self) -> NoiseSource:
+        return self.stream.noise
+
+    @noise.setter
+    def noise(self, noise: NoiseSource) -> None:
+        self.stream.noise = noise
 
     @property
-    def slots(self) -> list[Slot | None]:
+    def cache(self) -> KVPool:
+        return self.pool
+
+    @property
+    def rows(self) -> int:
+        return self.schedule.rows
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.steps
+
+    @property
+    def batch(self) -> bool:
+        return self.schedule.batch
+
+    @property
+    def step_list(self) -> list[int]:
+        return self.schedule.steps_list
+
+    @property
+    def calls(self) -> int:
+        return self.runner.calls
+
+    @property
+    def slots(self) -> list[SlotView | None]:
         """The registers of the batch processed last (slot 0 = newest chunk)."""
-        return self.batches[-1]
+        return [None if s is None else SlotView(s.chunk, s.frame, s.rope, self.stream.latents.get(s.chunk))
+                for s in self.schedule.slots]
 
-    # ------------------------------------------------------------------ positions
-    def _take_position(self, frames: int) -> tuple[int, int]:
-        """Frame index and RoPE position of the next chunk (RoPE refresh: wrap_at → wrap_to)."""
-        frame, rope = self.next_frame, self.next_rope
-        if rope + frames > self.cache_config.rope_wrap_at:
-            rope = self.cache_config.rope_wrap_to
-        self.next_frame = frame + frames
-        self.next_rope = rope + frames
-        return frame, rope
-
-    def noised(self, z: torch.Tensor, s) -> torch.Tensor:
-        """``eps * s + z * (1 - s)`` with a fresh draw (s: float or 0-d tensor)."""
-        eps = self.noise(z.shape).to(z.dtype)
-        return eps * s + z * (1 - s)
-
-    def _call(self, x: torch.Tensor, t: torch.Tensor, frames: list[int], ropes: list[int], row_start: int):
-        step = CacheStep.build(self.policy, frames, ropes, x.shape[1], self.tokens_per_frame, self.device,
-                               row_start=row_start)
-        flow = self.dit(x, t, self.prompt, self.cache, step)
-        self.calls += 1
-        return self.sampler.to_x0(x, flow, t)
-
-    # --------------------------------------------------------------------- public
+    # ------------------------------------------------------------------------------------------ public
     @torch.no_grad()
     def prepare(self, z: torch.Tensor, s: float) -> torch.Tensor:
         """First chunk ``z [1, L, C, h, w]``: the full step list sequentially on cache row 0, then every row
         starts as a copy of row 0. Returns the clean latents of the chunk (the first output of the stream)."""
-        x = self.noised(z, s)
-        frame, rope = self._take_position(z.shape[1])
-        for i, t in enumerate(self.step_list):
-            x0 = self._call(x, self._t_list[i: i + 1], [frame], [rope], 0)
-            if i + 1 < len(self.step_list):
-                x = self.sampler.add_noise(x0, self.renoise(x0.shape).to(x0.dtype), self._t_list[i + 1: i + 2])
-        if self.rows > 1:
-            self.cache.copy_row(0, slice(1, None))
+        self.stream.inputs[_PREPARE] = ChunkInput(z, s)
+        (_, x0), = self._run(self.schedule.prepare(_PREPARE, z.shape[1]))
         return x0
 
     @torch.no_grad()
     def push(self, z: torch.Tensor, s, t: torch.Tensor, chunk: Hashable) -> list[tuple[Hashable, torch.Tensor]]:
         """Add a chunk's clean latents ``z [1, T, C, h, w]`` mixed at noise scale ``s``; the newest slot is
         denoised from timestep ``t`` (0-d int64 tensor). Returns the chunks finished by this call."""
-        noisy = self.noised(z, s)
-        frame, rope = self._take_position(z.shape[1])
-        t = t.reshape(1).to(self.device)
-        if not self.batch:
-            return [(chunk, self._sequential(noisy, t, frame, rope))]
-        return self._advance(Slot(noisy, frame, rope, chunk), torch.cat([t, self._t_list[1:]]))
+        self.stream.inputs[chunk] = ChunkInput(z, s, torch.as_tensor(t).to(self.pool.device))
+        return self._run(self.schedule.push(chunk, z.shape[1]))
 
     @torch.no_grad()
     def drain(self) -> list[tuple[Hashable, torch.Tensor]]:
         """Finish every in-flight chunk without adding one (end of stream, or before a reconfiguration)."""
+        return self._run(self.schedule.drain(self.frames_per_block))
+
+    @torch.no_grad()
+    def reconfigure(self, steps: int, batch: bool | None = None) -> list[tuple[Hashable, torch.Tensor]]:
+        """Change the step count (and mode) between chunks; in-flight chunks are finished first and returned.
+
+        Cache rows are kept per level; a new level starts from the cache of the closest existing level.
+        """
+        return self._run(self.schedule.reconfigure(steps, batch, self.frames_per_block))
+
+    def _run(self, stages: list[Stage]) -> list[tuple[Hashable, torch.Tensor]]:
         out = []
-        while any(s is not None for batch in self.batches for s in batch[:-1]):
-            out += self._advance(None, self._t_list)
-        return out
-
-    # ------------------------------------------------------------------- internal
-    def _sequential(self, x: torch.Tensor, t0: torch.Tensor, frame: int, rope: int) -> torch.Tensor:
-        """No-batch mode: all steps of one chunk in a row; every step writes the chunk's own cache slot."""
-        ts = torch.cat([t0, self._t_list[1:]])
-        for i in range(len(self.step_list)):
-            x0 = self._call(x, ts[i: i + 1], [frame], [rope], 0)
-            if i + 1 < len(self.step_list):
-                x = self.sampler.add_noise(x0, self.renoise(x0.shape).to(x0.dtype), ts[i + 1: i + 2])
-        return x0
-
-    def _advance(self, new: Slot | None, timesteps: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
-        """One call: the batch that left ``lag`` calls ago shifts, takes ``new`` at slot 0 and runs."""
-        batch = [new] + self.batches.popleft()[:-1]
-        out = self._run(batch, timesteps)
-        self.batches.append(batch)
-        return out
-
-    def _run(self, batch: list[Slot | None], timesteps: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
-        occupied = [r for r, s in enumerate(batch) if s is not None]
-        if not occupied:
-            return []
-        lo, hi = occupied[0], occupied[-1] + 1
-        assert occupied == list(range(lo, hi)), "stream-batch slots must be contiguous"
-        slots = batch[lo:hi]
-        x = torch.cat([s.latent for s in slots])
-        x0 = self._call(x, timesteps[lo:hi], [s.frame for s in slots], [s.rope for s in slots], lo)
-        out = []
-        if hi == self.rows:
-            out.append((slots[-1].chunk, x0[-1:]))
-            batch[-1] = None
-        keep = min(hi, self.rows - 1) - lo
-        if keep > 0:
-            targets = self._t_list[lo + 1: lo + 1 + keep]
-            renoised = self.sampler.add_noise(x0[:keep], self.renoise(x0[:keep].shape).to(x0.dtype), targets)
-            for i in range(keep):
-                batch[lo + i].latent = renoised[i: i + 1]
+        for call in compose([stages]):
+            out += [(d.row.chunk, d.latent) for d in self.runner.run(call)]
         return out

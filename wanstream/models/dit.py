@@ -158,7 +158,7 @@ class CausalWanDiT(nn.Module):
         y = self_attention(blk.attn1, y, cos, sin, cache.k[i], cache.v[i], step)
         x = flat(per_frame(x) + per_frame(y) * gate1).type_as(x)
         y = blk.norm2(x.float()).type_as(x)
-        x = x + cross_attention(blk.attn2, y, prompt.k[i], prompt.v[i])
+        x = x + cross_attention(blk.attn2, y, prompt.k[i], prompt.v[i], step.prompt_groups)
         y = flat(blk.norm3(per_frame(x)) * (1 + scale2) + shift2).type_as(x)
         y = blk.ffn(y)
         return flat(per_frame(x) + per_frame(y) * gate2).type_as(x)

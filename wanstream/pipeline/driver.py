@@ -29,10 +29,11 @@ from ..block_scheduler import (BlockScheduler, Move, SchedulerConfig, StageCost,
                                even_split, format_split)
 from ..config import CacheConfig
 from ..noise import NoiseSource
-from ..sampling import step_list
+from ..runner import ChunkInput, RunnerStream, row_timesteps
+from ..scheduler import Call, Row, StreamSchedule, compose
 from .launch import LaunchSpec, connect, host_store, make_transport, setup_rank, spawn_workers, torchrun_env
 from .protocol import Kind, Message, ProtocolError
-from .stage import DECODE_NONE, DECODE_TAEHV, DECODE_VAE, PipeConfig, Stage, StepMeta, load_stage_model
+from .stage import DECODE_NONE, DECODE_TAEHV, DECODE_VAE, STREAM, PipeConfig, Stage, StepMeta, load_stage_model
 from .transport import PipelineError
 
 log = logging.getLogger("wanstream.pipeline")
@@ -57,29 +58,15 @@ class Finished:
     chunk: Hashable
     latent: torch.Tensor                 # [1, T, C, h, w]
     frames: torch.Tensor | None = None   # uint8 [T', H, W, 3] when the last stage decodes
+    row: Row | None = None               # the row it left from
 
 
 @dataclass
-class _Slot:
-    latent: torch.Tensor | None
-    frame: int
-    rope: int
-    chunk: Hashable
+class _Pending:
+    """A call in flight: its id and its rows (chunk ids stay here; the ring only sees host ints)."""
 
-
-class _Batch:
-    def __init__(self, rows: int, index: int):
-        self.slots: list[_Slot | None] = [None] * rows
-        self.in_flight = False
-        self.index = index
-
-
-@dataclass
-class _Call:
     call: int
-    batch: _Batch | None
-    lo: int
-    hi: int
+    rows: list[Row]
 
 
 @dataclass
@@ -153,13 +140,13 @@ class PipelineDriver:
         self.scheduler = BlockScheduler(stage.ranges, schedule) if schedule is not None else None
         self.moves: list[MoveRecord] = []
         self.epoch = 0
-        self.pending: deque[_Call] = deque()
+        self.pending: deque[_Pending] = deque()
         self.finished: list[Finished] = []
         self.calls = 0
         self.chunks = 0
         self.closed = False
         self.started = False
-        self.noise: NoiseSource | None = None
+        self.streams: dict = {}
         _LIVE.add(self)
         log.info("pipeline of %d ranks, split %s", self.world, format_split(stage.ranges))
 
@@ -270,33 +257,33 @@ class PipelineDriver:
         self.transport.send(1, Message(Kind.START, meta=cfg.to_meta(), payloads=[context]))
         self.stage.start(cfg, context)
         self.cfg = cfg
-        self.noise = noise
-        self._configure()
-        self.next_frame = 0
-        self.next_rope = 0
+        self.schedule = StreamSchedule(STREAM, steps, mode=mode, batch=batch, cache=cache, lag=self.lag)
+        self.streams = {STREAM: RunnerStream(STREAM, noise)}
         self.chunks = 0
         self.started = True
 
-    def _configure(self) -> None:
-        self.steps = self.stage.steps
-        self.batch = self.cfg.batch
-        self.rows = self.stage.rows
-        self.t_list = self.stage.t_list
-        self.batches: deque[_Batch] = deque(_Batch(self.rows, i) for i in range(self.lag))
+    @property
+    def steps(self) -> int:
+        return self.schedule.steps
+
+    @property
+    def rows(self) -> int:
+        return self.schedule.rows
+
+    @property
+    def noise(self) -> NoiseSource | None:
+        return self.streams[STREAM].noise if self.started else None
 
     @_guard
     def prepare(self, z: torch.Tensor, s, chunk: Hashable = 0) -> Finished:
         """First chunk ``z [1, L, C, h, w]``: the full step list sequentially through the ring on cache row 0,
         then every stage copies row 0 to the other rows. Returns the chunk's clean latents (and frames)."""
         self._need_start()
-        x = self._noised(z, s)
-        frame, rope = self._take_position(z.shape[1])
-        n = len(self.step_list)
-        for i in range(n):
-            m, payloads = self._sequential(x, self.t_list[i: i + 1], frame, rope, i, i == n - 1, prepare=True)
-            if i + 1 < n:
-                x = payloads[0]
-        return Finished(chunk, payloads[0], payloads[1] if m.decoded else None)
+        self.streams[STREAM].inputs[chunk] = ChunkInput(z.to(self.device), s)
+        self._execute(self.schedule.prepare(chunk, z.shape[1]))
+        self._finish_in_flight()
+        (done,) = self._take_finished()
+        return done
 
     @_guard
     def push(self, z: torch.Tensor, s, t: torch.Tensor, chunk: Hashable) -> list[Finished]:
@@ -306,44 +293,28 @@ class PipelineDriver:
         flight, so outputs trail the single-device schedule by up to ``lag - 1`` calls.
         """
         self._need_start()
-        noisy = self._noised(z, s)
-        frame, rope = self._take_position(z.shape[1])
-        t = torch.as_tensor(t).reshape(1).to(self.device)
-        ts = torch.cat([t, self.t_list[1:]])
+        self.streams[STREAM].inputs[chunk] = ChunkInput(z.to(self.device), s,
+                                                        torch.as_tensor(t).reshape(1).to(self.device))
         self.chunks += 1
-        if not self.batch:
-            x, n = noisy, len(self.step_list)
-            for i in range(n):
-                m, payloads = self._sequential(x, ts[i: i + 1], frame, rope, i, i == n - 1, prepare=False)
-                if i + 1 < n:
-                    x = payloads[0]
-            self.finished.append(Finished(chunk, payloads[0], payloads[1] if m.decoded else None))
-            return self._take_finished()
         self._maybe_rebalance()
-        self._advance(_Slot(noisy, frame, rope, chunk), ts)
+        self._execute(self.schedule.push(chunk, z.shape[1]))
         return self._take_finished()
 
     @_guard
     def drain(self) -> list[Finished]:
         """Finish every in-flight chunk (end of stream, or before a reconfiguration)."""
         self._need_start()
-        while any(s is not None for b in self.batches for s in b.slots[:-1]):
-            self._advance(None, self.t_list)
+        self._execute(self.schedule.drain())
         self._finish_in_flight()
         return self._take_finished()
 
     @_guard
     def reconfigure(self, steps: int) -> list[Finished]:
-        """New step count between chunks: drain, then every stage re-configures its rows (as LatentStream)."""
+        """New step count between chunks: drain, then every stage re-lays its rows (as the runner does)."""
         self._need_start()
-        if steps == self.steps:
-            return []
-        step_list(int(steps), self.cfg.mode)   # validates (ValueError) before anything is sent
-        out = self.drain()
-        self.transport.send(1, Message(Kind.RECONFIG, meta=[int(steps)]))
-        self.stage.reconfigure(int(steps))
-        self._configure()
-        return out
+        self._execute(self.schedule.reconfigure(int(steps)))
+        self._finish_in_flight()
+        return self._take_finished()
 
     @_guard
     def set_prompt(self, context: torch.Tensor) -> None:
@@ -358,8 +329,55 @@ class PipelineDriver:
     @_guard
     def reseed(self, noise: NoiseSource, renoise_seed: int) -> None:
         self._need_start()
-        self.noise = noise
+        self.streams[STREAM].noise = noise
         self.transport.send(1, Message(Kind.SEED, meta=[int(renoise_seed)]))
+
+    @_guard
+    def execute(self, call: Call) -> list[Finished]:
+        """Run one call of a runner's plan (the engine's pipeline runner); returns the chunks whose RETURN arrived
+        meanwhile."""
+        self._need_start()
+        self._maybe_rebalance()
+        self.run_call(call)
+        return self._take_finished()
+
+    @_guard
+    def collect(self) -> list[Finished]:
+        """Wait for every call in flight; their finished chunks."""
+        self._finish_in_flight()
+        return self._take_finished()
+
+    # ====================================================================== calls
+    def _execute(self, stages) -> None:
+        for call in compose([stages]):
+            self.run_call(call)
+
+    def run_call(self, call: Call) -> None:
+        """Execute one call of the schedule through the ring: re-lay rows (RECONFIG), gather the rows' latents
+        (waiting for in-flight RETURNs that bring them back), run blocks ``[0, b0)``, send the STEP on."""
+        for sid, rows in call.resize:
+            self.transport.send(1, Message(Kind.RECONFIG, meta=[int(sid), int(rows)]))
+            self.stage.reconfigure_rows(sid, rows)
+        if not call.rows:
+            return
+        xs, own_t0 = [], {}
+        for r in call.rows:
+            st = self.streams[r.stream]
+            if r.enters:
+                inp = st.inputs.pop(r.chunk)
+                xs.append(st.noised(inp))
+                if inp.t0 is not None:
+                    own_t0[(r.stream, r.chunk)] = inp.t0
+            else:
+                while r.chunk not in st.latents:
+                    self._collect_one()
+                xs.append(st.latents.pop(r.chunk))
+        x = torch.cat(xs)
+        ts = row_timesteps(call.rows, own_t0, self.device)
+        m = StepMeta(self.epoch, list(call.rows), self.stage.grid_of(x), copy_row0=bool(call.copy_row0))
+        call_id = self._new_call()
+        self._run_and_send(call_id, x, ts, m)
+        self.pending.append(_Pending(call_id, list(call.rows)))
 
     @_guard
     def move_block(self, src: int, dst: int, reason: str = "requested") -> Move:
@@ -454,26 +472,9 @@ class PipelineDriver:
         return False
 
     # ====================================================================== internals
-    @property
-    def step_list(self) -> list[int]:
-        return step_list(self.steps, self.cfg.mode)
-
     def _need_start(self) -> None:
         if not self.started:
             raise RuntimeError("start() the stream first")
-
-    def _noised(self, z: torch.Tensor, s) -> torch.Tensor:
-        z = z.to(self.device)
-        eps = self.noise(z.shape).to(z.dtype)
-        return eps * s + z * (1 - s)
-
-    def _take_position(self, frames: int) -> tuple[int, int]:
-        frame, rope = self.next_frame, self.next_rope
-        if rope + frames > self.cfg.cache.rope_wrap_at:
-            rope = self.cfg.cache.rope_wrap_to
-        self.next_frame = frame + frames
-        self.next_rope = rope + frames
-        return frame, rope
 
     def _new_call(self) -> int:
         self.calls += 1
@@ -488,44 +489,6 @@ class PipelineDriver:
         dit_us, busy_us = st.timer.latest()
         m.timings = [(dit_us, busy_us, st.blocks[1] - st.blocks[0])]
         self.transport.send(1, Message(Kind.STEP, call, m.to_meta(), [hidden, x, ts]))
-
-    def _sequential(self, x, ts, frame: int, rope: int, i: int, final: bool, prepare: bool):
-        """One sequential step through the whole ring (prepare / no-batch); waits for its RETURN."""
-        if self.pending:
-            raise ProtocolError("sequential steps need an empty pipeline")
-        m = StepMeta(self.epoch, 0, [frame], [rope], self.stage.grid_of(x), seq=i, final=final, prepare=prepare)
-        call = self._new_call()
-        self._run_and_send(call, x, ts, m)
-        msg = self._recv_return()
-        if msg.call != call:
-            raise ProtocolError(f"RETURN of call {msg.call}, expected {call}")
-        self.transport.consume(msg)
-        self._observe(StepMeta.from_meta(msg.meta))
-        return StepMeta.from_meta(msg.meta), msg.payloads
-
-    def _advance(self, new: _Slot | None, timesteps: torch.Tensor) -> None:
-        """One call: the batch that left ``lag`` calls ago (back from the ring) shifts, takes ``new``, runs."""
-        b = self.batches.popleft()
-        while b.in_flight:
-            self._collect_one()
-        b.slots = [new] + b.slots[:-1]
-        self._launch(b, timesteps)
-        self.batches.append(b)
-
-    def _launch(self, b: _Batch, timesteps: torch.Tensor) -> None:
-        occupied = [r for r, s in enumerate(b.slots) if s is not None]
-        if not occupied:
-            return
-        lo, hi = occupied[0], occupied[-1] + 1
-        if occupied != list(range(lo, hi)):
-            raise ProtocolError("stream-batch slots must be contiguous")
-        slots = b.slots[lo:hi]
-        x = torch.cat([s.latent for s in slots])
-        m = StepMeta(self.epoch, lo, [s.frame for s in slots], [s.rope for s in slots], self.stage.grid_of(x))
-        call = self._new_call()
-        self._run_and_send(call, x, timesteps[lo:hi], m)
-        b.in_flight = True
-        self.pending.append(_Call(call, b, lo, hi))
 
     def _recv_return(self) -> Message:
         msg = self.transport.recv(self.last, "a RETURN")
@@ -544,18 +507,21 @@ class PipelineDriver:
             raise ProtocolError(f"RETURN of call {msg.call}, expected {c.call}")
         self.transport.consume(msg)
         m = StepMeta.from_meta(msg.meta)
+        stay = [r for r in c.rows if not r.final]
+        done = [r for r in c.rows if r.final]
+        if (m.keep, m.finished) != (len(stay), len(done)):
+            raise ProtocolError(f"RETURN of call {c.call}: {m.keep} kept / {m.finished} finished rows, expected "
+                                f"{len(stay)} / {len(done)}")
         payloads = list(msg.payloads)
-        b = c.batch
-        if m.keep:
+        if stay:
             renoised = payloads.pop(0)
-            for i in range(m.keep):
-                b.slots[c.lo + i].latent = renoised[i: i + 1]
-        if m.finished:
+            for i, r in enumerate(stay):
+                self.streams[r.stream].latents[r.chunk] = renoised[i: i + 1]
+        if done:
             x0 = payloads.pop(0)
-            frames = payloads.pop(0) if m.decoded else None
-            self.finished.append(Finished(b.slots[-1].chunk, x0, frames))
-            b.slots[-1] = None
-        b.in_flight = False
+            for i, r in enumerate(done):
+                frames = payloads.pop(0) if m.decoded else None
+                self.finished.append(Finished(r.chunk, x0[i: i + 1], frames, r))
         self._observe(m)
 
     def _observe(self, m: StepMeta) -> None:

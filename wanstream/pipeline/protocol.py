@@ -42,7 +42,7 @@ class Kind(IntEnum):
     PROMPT = 2     # new prompt embedding (payload 0); applies from the next call on
     STEP = 3       # one DiT call travelling forward: hidden / latents, slot latents, timesteps
     RETURN = 4     # last stage → stage 0: re-noised slot latents, the finished chunk (latent, pixels)
-    RECONFIG = 5   # new step count (sent after a full drain)
+    RECONFIG = 5   # a stream's cache rows change (a step change, after its drain): stream, rows
     SEED = 6       # re-seed the last stage's re-noise source
     MOVE = 7       # move one block between neighbouring stages
     BLOCK = 8      # the moved block: weights, KV cache rows, prompt K/V (old owner → new owner)

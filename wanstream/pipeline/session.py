@@ -1,8 +1,9 @@
 """A live stream over the multi-rank pipeline, with the public API of :class:`wanstream.session.StreamSession`.
 
-Rank 0 (this process) buffers frames into chunks (5, then 4), VAE-encodes them, runs the motion-aware noise
-controller and the first block range; the last rank decodes, and the decoded frames come back to rank 0 with
-the re-noised slots, so frames go in and come out here. Every input frame gets exactly one output frame
+The session is an engine client like :class:`~wanstream.session.StreamSession`; its engine's runner is the
+pipeline. Rank 0 (this process) buffers frames into chunks (5, then 4), VAE-encodes them, runs the motion-aware
+noise controller and the first block range; the last rank decodes, and the decoded frames come back to rank 0
+with the re-noised slots, so frames go in and come out here. Every input frame gets exactly one output frame
 (:meth:`PipelineSession.flush` pads the last partial chunk and drains the ring).
 
     session = PipelineSession("models/sdv2-1.3b", devices=["cuda:0", "cuda:1"], prompt="a watercolor painting")
@@ -24,9 +25,11 @@ import torch
 
 from ..block_scheduler import SchedulerConfig
 from ..config import CacheConfig, StreamSettings
-from ..noise import NoiseSource
+from ..engine import Engine
+from ..runner import Done, RunnerStream
 from ..session import StreamSession
 from .driver import PipelineDriver
+from .stage import STREAM
 
 RENOISE_SEED_OFFSET = 1_000_003
 
@@ -47,46 +50,74 @@ def default_devices(world: int, device: str | None = None) -> list[str]:
     return [str(dev)] * world
 
 
-class PipelineDenoiser:
-    """The denoiser interface of :class:`~wanstream.session.LocalDenoiser` over a launched pipeline: the last
-    rank decodes, finished chunks come back to rank 0 as uint8 frames."""
+class PipelineRunner:
+    """The engine's runner over a launched pipeline (the interface of :class:`~wanstream.runner.Runner`): rank 0
+    (this process) executes each call's first block range and sends it around the ring; the last rank settles the
+    rows and decodes; the RETURN brings re-noised rows and finished frames back. The pipeline serves one stream.
+    """
 
-    def __init__(self, driver: PipelineDriver, settings: StreamSettings, decoder: str):
+    def __init__(self, driver: PipelineDriver, settings: StreamSettings, decoder: str, tokens_per_frame: int):
         self.driver = driver
         self.settings = settings
         self.decoder = decoder
+        self.tokens_per_frame = tokens_per_frame
+        self._stream: RunnerStream | None = None
+        self._embedding: torch.Tensor | None = None
+        self._started = False
 
-    def start(self, embedding: torch.Tensor, noise: NoiseSource, tokens_per_frame: int) -> None:
+    @property
+    def streams(self) -> dict:
+        return self.driver.streams
+
+    @property
+    def calls(self) -> int:
+        return self.driver.calls
+
+    @property
+    def lag(self) -> int:
+        return self.driver.lag
+
+    def encoding(self):
+        """Encode time counts in rank 0's stage time (the block scheduler balances it)."""
+        return self.driver.stage.timer.section("busy")
+
+    def add(self, stream: RunnerStream, rows: int) -> None:
+        if self._stream is not None:
+            raise ValueError("a pipeline serves one stream")
+        self._stream = stream            # the stream starts on every rank with its first prompt
+
+    def remove(self, stream_id) -> None:
+        self._stream = None
+        self._started = False
+
+    def set_prompt(self, stream_id, embedding: torch.Tensor) -> None:
+        self._embedding = embedding
+        if self._started:
+            self.driver.set_prompt(embedding)
+        else:
+            self._start()
+
+    def _start(self) -> None:
         st = self.settings
-        self.driver.start(embedding, tokens_per_frame=tokens_per_frame, noise=noise,
+        self.driver.start(self._embedding, tokens_per_frame=self.tokens_per_frame, noise=self._stream.noise,
                           renoise_seed=renoise_seed(st.seed), steps=st.steps, batch=st.batch, cache=st.cache,
                           decode=self.decoder)
+        self.driver.streams[STREAM] = self._stream
+        self._started = True
 
-    def prepare(self, z: torch.Tensor, s: float, chunk: int):
-        return self._frames([self.driver.prepare(z, s, chunk=chunk)])
+    def reset(self, stream_id, rows: int) -> None:
+        self._stream.inputs.clear()
+        self._stream.latents.clear()
+        self._start()
 
-    def push(self, z: torch.Tensor, s, t: torch.Tensor, chunk: int):
-        return self._frames(self.driver.push(z, s, t, chunk))
+    def reseed(self, stream_id, seed: int) -> None:
+        self.driver.reseed(self._stream.noise, renoise_seed(seed))
 
-    def drain(self):
-        return self._frames(self.driver.drain())
+    def run(self, call) -> list[Done]:
+        return [Done(f.row, f.latent, f.frames) for f in self.driver.execute(call)]
 
-    def reconfigure(self, steps: int):
-        return self._frames(self.driver.reconfigure(steps))
-
-    def set_prompt(self, embedding: torch.Tensor) -> None:
-        self.driver.set_prompt(embedding)
-
-    def reseed(self, noise: NoiseSource, seed: int) -> None:
-        self.driver.reseed(noise, renoise_seed(seed))
-
-    def close(self) -> None:
-        if not self.driver.closed:
-            self.driver.close()
-
-    @staticmethod
-    def _frames(finished):
-        return [(f.chunk, f.frames.cpu().numpy()) for f in finished]
+    def pending(self) -> list[Done]:
+        return [Done(f.row, f.latent, f.frames) for f in self.driver.collect()]
 
 
 class PipelineSession(StreamSession):
@@ -116,25 +147,32 @@ class PipelineSession(StreamSession):
         self.driver = driver
         if driver.model.vae is None:
             raise ValueError("rank 0 needs the VAE to encode frames (launch with vae=True)")
+        settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
+                                  batch=batch, seed=seed, cache=cache or CacheConfig())
+        model = driver.model
+
+        def runner(engine, w, h, cache_config):
+            return PipelineRunner(driver, settings, decoder, model.tokens_per_frame(h, w))
         try:
-            super().__init__(driver.model, prompt=prompt, prompt_embeds=prompt_embeds, width=width, height=height,
+            super().__init__(model, prompt=prompt, prompt_embeds=prompt_embeds, width=width, height=height,
                              steps=steps, noise_scale=noise_scale, noise_controller=noise_controller, batch=batch,
-                             seed=seed, cache=cache, decoder=decoder)
+                             seed=seed, cache=cache, decoder=decoder, engine=Engine(model, runner_factory=runner))
+            self.stream.settings = settings             # the runner reads the stream's live settings
         except BaseException:
             if not driver.closed:
                 driver.close()
             raise
 
-    def _make_denoiser(self) -> PipelineDenoiser:
-        return PipelineDenoiser(self.driver, self.settings, self.decoder)
-
-    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
-        with self.driver.stage.timer.section("busy"):     # encode time counts in rank 0's stage time
-            return super()._encode(frames)
-
     def _check_open(self) -> None:
         if self.closed or self.driver.closed:
             raise RuntimeError("this pipeline session is closed")
+        super()._check_open()
+
+    def close(self) -> None:
+        """End the stream and stop every rank."""
+        super().close()
+        if not self.driver.closed:
+            self.driver.close()
 
     def __exit__(self, *exc):
         if exc[0] is None:

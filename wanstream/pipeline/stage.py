@@ -25,16 +25,19 @@ import torch
 
 from ..block_scheduler import Move, apply_move, format_split
 from ..config import CacheConfig
-from ..kv_cache import CachePolicy, CacheStep
+from ..kv_cache import CachePolicy, CacheStep, KVPool
 from ..models.dit import CausalWanDiT, PromptKV
 from ..noise import SeededNoise
-from ..sampling import FlowMatchSampler, step_list
+from ..runner import settle
+from ..sampling import FlowMatchSampler
+from ..scheduler import Row, step_list
 from .protocol import Kind, Message, ProtocolError, f2i, i2f
 from .transport import Health, Transport
 
 log = logging.getLogger("wanstream.pipeline")
 
 DECODE_NONE, DECODE_VAE, DECODE_TAEHV = 0, 1, 2
+STREAM = 0                      # the pipeline serves one stream (its id in every stage's cache pool)
 
 
 # ============================================================================================ loading
@@ -211,42 +214,45 @@ class PipeConfig:
         return cls(m[0], bool(m[1]), "v2v" if m[2] == 0 else "t2v", m[3], cache, m[9], m[10])
 
 
+ROW_INTS = 8     # per row in a STEP: stream, level, cache row, frame, rope, final, t, t_next
+
+
 @dataclass
 class StepMeta:
-    """Metadata of a STEP / RETURN (host ints; every stage builds the same CacheStep from them)."""
+    """Metadata of a STEP / RETURN (host ints): the call's rows exactly as the scheduler planned them, so every
+    stage builds the same CacheStep and the last stage settles the rows the same way the runner does."""
 
     epoch: int
-    lo: int                    # first cache row of the call (= first occupied slot)
-    frames: list[int]          # per batch row: frame index in the stream (decides the cache slot)
-    ropes: list[int]           # per batch row: temporal RoPE position
+    rows: list[Row]                    # the call's rows (chunk ids stay on rank 0)
     grid: tuple[int, int, int]
-    seq: int = -1              # sequential mode (prepare / no-batch): step index; -1 = stream batch
-    final: bool = False        # sequential: last step
-    prepare: bool = False      # sequential: the stream's prepare (rows are copied after the last step)
-    keep: int = 0              # RETURN: re-noised rows returned
-    finished: bool = False     # RETURN: a clean chunk is included
-    decoded: bool = False      # RETURN: its decoded frames are included
+    copy_row0: bool = False            # after the call: the rows' streams copy cache row 0 to all rows (prepare)
+    keep: int = 0                      # RETURN: re-noised rows returned
+    finished: int = 0                  # RETURN: clean rows returned
+    decoded: bool = False              # RETURN: their decoded frames are included
     timings: list[tuple[int, int, int]] = field(default_factory=list)   # per stage: (dit us, busy us, blocks)
 
     def to_meta(self) -> list[int]:
-        head = [self.epoch, self.lo, len(self.frames), *self.grid, self.seq, int(self.final), int(self.prepare),
-                self.keep, int(self.finished), int(self.decoded), len(self.timings)]
-        out = head + list(self.frames) + list(self.ropes)
+        out = [self.epoch, len(self.rows), *self.grid, int(self.copy_row0), self.keep, self.finished,
+               int(self.decoded), len(self.timings)]
+        for r in self.rows:
+            out += [int(r.stream), r.level, r.cache_row, r.frame, r.rope, int(r.final), r.t, r.t_next]
         for t in self.timings:
             out += list(t)
         return out
 
     @classmethod
     def from_meta(cls, m: list[int]) -> "StepMeta":
-        epoch, lo, b, f, h, w, seq, final, prep, keep, fin, dec, nt = m[:13]
-        frames = m[13: 13 + b]
-        ropes = m[13 + b: 13 + 2 * b]
-        tail = m[13 + 2 * b:]
-        if len(tail) != 3 * nt:
+        epoch, n, f, h, w, copy, keep, fin, dec, nt = m[:10]
+        body = m[10:]
+        if len(body) != ROW_INTS * n + 3 * nt:
             raise ProtocolError(f"step metadata of {len(m)} ints does not match its counts")
+        rows = []
+        for i in range(n):
+            sid, level, crow, frame, rope, final, t, t_next = body[ROW_INTS * i: ROW_INTS * (i + 1)]
+            rows.append(Row(sid, None, level, crow, frame, rope, bool(final), False, t, t_next))
+        tail = body[ROW_INTS * n:]
         timings = [tuple(tail[3 * i: 3 * i + 3]) for i in range(nt)]
-        return cls(epoch, lo, frames, ropes, (f, h, w), seq, bool(final), bool(prep), keep, bool(fin), bool(dec),
-                   timings)
+        return cls(epoch, rows, (f, h, w), bool(copy), keep, fin, bool(dec), timings)
 
 
 # ============================================================================================ timing
@@ -319,8 +325,7 @@ class Stage:
         self.health = health
         self.timer = StageTimer(self.device)
         self.cfg: PipeConfig | None = None
-        self.cache = None
-        self.prompt: PromptKV | None = None
+        self.pool: KVPool | None = None
         self.renoise = None
         self.decoder = None
         self.epoch = 0
@@ -350,11 +355,13 @@ class Stage:
 
     # -------------------------------------------------------------- stream state
     def start(self, cfg: PipeConfig, context: torch.Tensor) -> None:
-        """A new stream: fresh caches, prompt K/V for this stage's blocks, fresh re-noise source / decoder."""
+        """A new stream: fresh cache rows and prompt K/V for this stage's blocks, fresh re-noise source / decoder."""
         self.cfg = cfg
         self.policy = CachePolicy(cfg.cache)
-        self._configure(cfg.steps)
-        self.cache = self.dit.new_cache(self.rows, cfg.cache.capacity, cfg.tokens_per_frame, layers=self.layers)
+        dit = self.dit
+        self.pool = KVPool(self.layers, cfg.cache.capacity, cfg.tokens_per_frame, dit.heads, dit.head_dim,
+                           self.model.dtype, self.device, text_len=dit.text_len)
+        self.pool.acquire(STREAM, self.rows_for(cfg.steps))
         self.set_prompt(context)
         if self.is_last:
             self.renoise = SeededNoise(cfg.renoise_seed, self.device)
@@ -369,22 +376,16 @@ class Stage:
                 from ..models.taehv import TAEHVStreamDecoder
                 self.decoder = TAEHVStreamDecoder(self.model.taehv)
 
-    def _configure(self, steps: int) -> None:
-        self.steps = steps
-        self.step_list = step_list(steps, self.cfg.mode)
-        self.rows = len(self.step_list) if self.cfg.batch else 1
-        self.t_list = torch.tensor(self.step_list, dtype=torch.long, device=self.device)
+    def rows_for(self, steps: int) -> int:
+        return len(step_list(steps, self.cfg.mode)) if self.cfg.batch else 1
 
     def set_prompt(self, context: torch.Tensor) -> None:
-        self.prompt = self.dit.embed_prompt(context.to(self.device), layers=self.layers)
+        kv = self.dit.embed_prompt(context.to(self.device), layers=self.layers)
+        self.pool.set_prompt(STREAM, kv.k, kv.v)
 
-    def reconfigure(self, steps: int) -> None:
-        """New step count between chunks (after a drain): cache rows are kept per level, as LatentStream does."""
-        old_rows = self.rows
-        self._configure(steps)
-        self.cfg.steps = steps
-        if self.rows != old_rows:
-            self.cache = self.cache.resized(self.rows)
+    def reconfigure_rows(self, stream: int, rows: int) -> None:
+        """A stream's rows change (a step change, after its drain): re-laid as the runner does."""
+        self.pool.resize(stream, rows)
 
     def reseed(self, seed: int) -> None:
         if self.is_last and self.cfg is not None:
@@ -396,13 +397,17 @@ class Stage:
         """This stage's blocks for one call (latents in on stage 0, flow out on the last stage)."""
         if self.cfg is None:
             raise ProtocolError(f"rank {self.rank}: STEP before START")
-        step = CacheStep.build(self.policy, m.frames, m.ropes, m.grid[0], self.cfg.tokens_per_frame, self.device,
-                               row_start=m.lo)
+        leases = self.pool.leases
+        step = CacheStep.build(self.policy, [r.frame for r in m.rows], [r.rope for r in m.rows], m.grid[0],
+                               self.cfg.tokens_per_frame, self.device,
+                               cache_rows=[leases[r.stream].row + r.cache_row for r in m.rows],
+                               prompts=[leases[r.stream].slot for r in m.rows])
         with self.timer.section("dit"):
-            out = self.dit(x, ts, self.prompt, self.cache, step, blocks=self.blocks,
+            out = self.dit(x, ts, PromptKV(self.pool.pk, self.pool.pv), self.pool, step, blocks=self.blocks,
                            grid=None if self.blocks[0] == 0 else tuple(m.grid))
-        if m.prepare and m.final and self.rows > 1:
-            self.cache.copy_row(0, slice(1, None))
+        if m.copy_row0:
+            for sid in {r.stream for r in m.rows}:
+                self.pool.copy_row0(sid)
         self.calls += 1
         return out
 
@@ -412,32 +417,17 @@ class Stage:
         return (t // pt, h // ph, w // pw)
 
     def finish(self, x_lat: torch.Tensor, flow: torch.Tensor, ts: torch.Tensor, m: StepMeta) -> Message:
-        """Last stage: x0, re-noise, the finished chunk and its decode → the RETURN message for stage 0."""
-        x0 = self.sampler.to_x0(x_lat, flow, ts)
+        """Last stage: the call's outcome (``runner.settle``: x0, re-noise, clean rows) and the decode of the
+        clean rows → the RETURN message for stage 0 (re-noised rows, then clean rows, then their frames)."""
+        kept, finished = settle(self.sampler, x_lat, flow, ts, m.rows, lambda sid: self.renoise)
+        out = StepMeta(m.epoch, [], m.grid, keep=len(kept), finished=len(finished))
         payloads = []
-        out = StepMeta(m.epoch, m.lo, m.frames, m.ropes, m.grid, m.seq, m.final, m.prepare)
-        finished = None
-        if m.seq >= 0:                                    # sequential step (prepare / no-batch)
-            if m.final:
-                finished = x0
-            else:
-                nxt = self.sampler.add_noise(x0, self.renoise(x0.shape).to(x0.dtype), self.t_list[m.seq + 1: m.seq + 2])
-                payloads.append(nxt)
-                out.keep = 1
-        else:                                             # stream batch (LatentStream._run)
-            lo, hi = m.lo, m.lo + len(m.frames)
-            if hi == self.rows:
-                finished = x0[-1:]
-            keep = min(hi, self.rows - 1) - lo
-            if keep > 0:
-                targets = self.t_list[lo + 1: lo + 1 + keep]
-                payloads.append(self.sampler.add_noise(x0[:keep], self.renoise(x0[:keep].shape).to(x0.dtype), targets))
-                out.keep = keep
-        if finished is not None:
-            payloads.append(finished)
-            out.finished = True
+        if kept:
+            payloads.append(torch.cat([x for _, x in kept]))
+        if finished:
+            payloads.append(torch.cat([x for _, x in finished]))
             if self.decoder is not None:
-                payloads.append(self._decode(finished))
+                payloads += [self._decode(x) for _, x in finished]
                 out.decoded = True
         return Message(Kind.RETURN, meta=out.to_meta(), payloads=payloads)
 
@@ -455,10 +445,8 @@ class Stage:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         total = self.model.resident_bytes()
-        if self.cache is not None:
-            total += self.cache.nbytes()
-        if self.prompt is not None:
-            total += sum(t.numel() * t.element_size() for t in (*self.prompt.k.values(), *self.prompt.v.values()))
+        if self.pool is not None:
+            total += self.pool.nbytes()
         for extra in (self.model.vae.vae if self.model.vae is not None else None, self.model.taehv):
             if extra is not None:
                 total += sum(p.numel() * p.element_size() for p in extra.parameters())
@@ -469,23 +457,20 @@ class Stage:
         """Take block ``i`` off this stage: its weights, KV cache and prompt K/V in a BLOCK message."""
         blk = self.dit.transformer.blocks[i]
         params = [t.detach() for t in blk.state_dict().values()]
-        has_cache = self.cache is not None and i in self.cache.k
-        has_prompt = self.prompt is not None and i in self.prompt.k
+        has_cache = self.pool is not None and i in self.pool.k
         payloads = list(params)
         if has_cache:
-            payloads += list(self.cache.pop_layer(i))
-        if has_prompt:
-            payloads += [self.prompt.k.pop(i), self.prompt.v.pop(i)]
+            payloads += list(self.pool.pop_layer(i))           # K, V, prompt K, prompt V
         blk.to("meta")
-        return Message(Kind.BLOCK, meta=[i, len(params), int(has_cache), int(has_prompt), self.epoch],
+        return Message(Kind.BLOCK, meta=[i, len(params), int(has_cache), self.epoch],
                        payloads=payloads)
 
     def import_block(self, msg: Message) -> int:
-        i, n, has_cache, has_prompt, _ = msg.meta[:5]
+        i, n, has_cache, _ = msg.meta[:4]
         blk = self.dit.transformer.blocks[i]
         names = list(blk.state_dict().keys())
         shapes = [t.shape for t in blk.state_dict().values()]
-        if n != len(names) or len(msg.payloads) != n + 2 * has_cache + 2 * has_prompt:
+        if n != len(names) or len(msg.payloads) != n + 4 * has_cache:
             raise ProtocolError(f"rank {self.rank}: block {i} arrived with {len(msg.payloads)} tensors")
         params = msg.payloads[:n]
         for name, shape, t in zip(names, shapes, params):
@@ -495,12 +480,9 @@ class Stage:
         blk.requires_grad_(False)
         rest = msg.payloads[n:]
         if has_cache:
-            if self.cache is None:
+            if self.pool is None:
                 raise ProtocolError(f"rank {self.rank}: block {i} brought a KV cache but no stream is running")
-            self.cache.put_layer(i, rest[0], rest[1])
-            rest = rest[2:]
-        if has_prompt:
-            self.prompt.k[i], self.prompt.v[i] = rest[0], rest[1]
+            self.pool.put_layer(i, *rest[:4])
         return i
 
     def apply_move(self, move: Move) -> None:
@@ -525,7 +507,7 @@ class Stage:
                 self.set_prompt(msg.payloads[0])
                 self._forward(msg)
             elif kind == Kind.RECONFIG:
-                self.reconfigure(msg.meta[0])
+                self.reconfigure_rows(*msg.meta[:2])
                 self._forward(msg)
             elif kind == Kind.SEED:
                 self.reseed(msg.meta[0])

@@ -1,0 +1,177 @@
+"""The chunk rule and frame numbering of a stream — the one home of both.
+
+A stream's input frames are cut into chunks: the first chunk has 5 frames (the Wan VAE encodes the first frame
+alone, so 5 frames → 2 latent frames), every later chunk 4 frames (→ 1 latent frame). Each input frame has an
+*index* (its position in the stream's input, 0, 1, 2, …), the caller's *frame id* (what the output frame that
+restyles it reports; the index unless the caller gives its own) and a *timestamp* (its capture or arrival time,
+carried to the output). :class:`ChunkBuffer` holds frames until a chunk is full and hands out whole chunks with
+their :class:`ChunkInfo`; at the end of a stream :meth:`ChunkBuffer.take_padded` pads the last partial chunk
+by repeating its last frame (the padding frames produce no output).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+FIRST_CHUNK_FRAMES = 5      # pixel frames of a stream's first chunk (→ 2 latent frames)
+CHUNK_FRAMES = 4            # pixel frames of every later chunk (→ 1 latent frame)
+FIRST_CHUNK_LATENTS = 2
+CHUNK_LATENTS = 1
+
+
+def chunk_frames(prepared: bool) -> int:
+    """Pixel frames of the next chunk of a stream (``prepared``: its first chunk has been taken)."""
+    return CHUNK_FRAMES if prepared else FIRST_CHUNK_FRAMES
+
+
+def chunks_in(frames: int) -> int:
+    """Whole chunks that ``frames`` input frames of a new stream fill."""
+    return 0 if frames < FIRST_CHUNK_FRAMES else 1 + (frames - FIRST_CHUNK_FRAMES) // CHUNK_FRAMES
+
+
+def frames_for(chunks: int) -> int:
+    """Input frames that fill ``chunks`` whole chunks of a new stream."""
+    return 0 if chunks <= 0 else FIRST_CHUNK_FRAMES + CHUNK_FRAMES * (chunks - 1)
+
+
+@dataclass
+class FrameIn:
+    """One queued input frame."""
+
+    image: Any               # the pixels (numpy uint8 [H, W, 3] or a tensor); opaque here
+    index: int               # position in the stream's input
+    frame_id: int            # reported back with the output frame
+    timestamp: float         # carried to the output frame
+    arrival: float           # when it arrived (for waiting times and deadlines)
+
+
+@dataclass
+class ChunkInfo:
+    """What the output frames of a chunk report: one entry per frame of the chunk."""
+
+    indices: list[int]
+    frame_ids: list[int]
+    timestamps: list[float]
+    arrivals: list[float]
+    real: int                # frames that were real input (the rest is end-of-stream padding)
+    first: bool = False      # the stream's first chunk
+
+    @property
+    def oldest_arrival(self) -> float:
+        return min(self.arrivals[: self.real]) if self.real else min(self.arrivals)
+
+
+@dataclass
+class ChunkBuffer:
+    """Input frames of one stream, cut into chunks. Thread-safe (transports push, the engine takes).
+
+    ``max_frames`` bounds the queue: a frame pushed onto a full queue drops the oldest (``dropped`` counts them),
+    so a stream that outruns the model keeps the newest frames and never builds a backlog. ``None``: unbounded
+    (files and the Python API, where every frame must come out).
+    """
+
+    max_frames: int | None = None
+    prepared: bool = False
+    frames_in: int = 0
+    dropped: int = 0
+    _queue: deque = field(default_factory=deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def next_len(self) -> int:
+        return chunk_frames(self.prepared)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def push(self, image, timestamp: float, arrival: float | None = None, frame_id: int | None = None) -> int:
+        """Queue a frame; returns how many old frames it pushed out (0 unless the queue was full)."""
+        with self._lock:
+            index = self.frames_in
+            self.frames_in += 1
+            dropped = 0
+            if self.max_frames is not None:
+                while len(self._queue) >= self.max_frames:
+                    self._queue.popleft()
+                    dropped += 1
+            self.dropped += dropped
+            self._queue.append(FrameIn(image, index, index if frame_id is None else int(frame_id), float(timestamp),
+                                       float(timestamp if arrival is None else arrival)))
+            return dropped
+
+    def ready(self) -> bool:
+        """A whole chunk is queued."""
+        with self._lock:
+            return len(self._queue) >= self.next_len
+
+    def chunks_ready(self) -> int:
+        with self._lock:
+            n = len(self._queue)
+            if not self.prepared:
+                return chunks_in(n)
+            return n // CHUNK_FRAMES
+
+    def arrivals(self) -> list[float]:
+        """Arrival times of the queued frames, oldest first."""
+        with self._lock:
+            return [f.arrival for f in self._queue]
+
+    def drop_oldest(self, n: int) -> int:
+        """Discard up to ``n`` of the oldest queued frames; returns how many."""
+        with self._lock:
+            k = min(n, len(self._queue))
+            for _ in range(k):
+                self._queue.popleft()
+            self.dropped += k
+            return k
+
+    def clear(self) -> int:
+        """Discard every queued frame (a reset or a prompt change); returns how many."""
+        with self._lock:
+            k = len(self._queue)
+            self._queue.clear()
+            self.dropped += k
+            return k
+
+    def restart(self) -> int:
+        """A new stream starts on the next frame (reset): queued frames are discarded, the next chunk has 5."""
+        with self._lock:
+            k = len(self._queue)
+            self._queue.clear()
+            self.dropped += k
+            self.prepared = False
+            return k
+
+    def take(self) -> tuple[list, ChunkInfo] | None:
+        """The next whole chunk (images, info), or None."""
+        with self._lock:
+            n = self.next_len
+            if len(self._queue) < n:
+                return None
+            return self._take(n, n)
+
+    def take_padded(self) -> tuple[list, ChunkInfo] | None:
+        """End of input: the remaining frames as one chunk padded with repeats of its last frame (None if none).
+
+        Every queued frame fits in one chunk when frames are taken as soon as chunks fill."""
+        with self._lock:
+            n = self.next_len
+            real = len(self._queue)
+            if real == 0:
+                return None
+            if real >= n:
+                return self._take(n, n)
+            last = self._queue[-1]
+            for _ in range(n - real):
+                self._queue.append(FrameIn(last.image, -1, -1, last.timestamp, last.arrival))
+            return self._take(n, real)
+
+    def _take(self, n: int, real: int) -> tuple[list, ChunkInfo]:
+        frames = [self._queue.popleft() for _ in range(n)]
+        info = ChunkInfo([f.index for f in frames], [f.frame_id for f in frames], [f.timestamp for f in frames],
+                         [f.arrival for f in frames], real, first=not self.prepared)
+        self.prepared = True
+        return [f.image for f in frames], info
