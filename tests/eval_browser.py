@@ -25,7 +25,8 @@ PROBE = """() => {
             vlines: svg.querySelectorAll('.vline').length};
   });
   const images = [...document.querySelectorAll('img')].map(img => ({
-    alt: img.alt, complete: img.complete, naturalWidth: img.naturalWidth, shownWidth: img.getBoundingClientRect().width}));
+    alt: img.alt, complete: img.complete, naturalWidth: img.naturalWidth,
+    shownWidth: img.getBoundingClientRect().width}));
   const values = Object.fromEntries([...document.querySelectorAll('td[data-metric]')].map(td =>
     [td.dataset.metric, td.textContent]));
   return {plots, images, values, title: document.title};

@@ -126,6 +126,33 @@ def test_download_is_offline_first(tmp_path, clip_dir, monkeypatch):
         download_eval_model("dino", tmp_path)
 
 
+def test_download_without_network_says_where_to_copy(tmp_path, monkeypatch):
+    """The fetch itself is replaced by a failing one: no test traffic leaves the machine."""
+    import urllib.error
+
+    import huggingface_hub
+    import torch.hub
+
+    from wanstream.eval.models import download_eval_model
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(*args, **kwargs):
+        partial = args[1] if len(args) > 1 else None
+        if partial:                                  # torch.hub writes the partial file first
+            open(partial, "wb").write(b"half")
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda *a, **k: no_network())
+    with pytest.raises(RuntimeError, match=r"Without network access, copy https://download\.pytorch\.org/models/"
+                                           r"raft_large_C_T_SKHT_V2-ff5fadd5\.pth to .*models/eval/"):
+        download_eval_model("raft", tmp_path / "models", log=lambda *_: None)
+    assert list((tmp_path / "models" / "eval").iterdir()) == []          # no partial file left behind
+    with pytest.raises(RuntimeError, match=r"copy the files of openai/clip-vit-base-patch32 .* into .*models/eval/"
+                                           r"clip-vit-base-patch32$"):
+        download_eval_model("clip", tmp_path / "models", log=lambda *_: None)
+
+
 def test_clip_loader_rejects_a_mismatched_checkpoint(tmp_path, clip_dir):
     import json
     import shutil
@@ -136,3 +163,56 @@ def test_clip_loader_rejects_a_mismatched_checkpoint(tmp_path, clip_dir):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="bad"):
         load_clip(bad)
+
+
+def test_metric_code_does_not_import_the_streaming_engine():
+    """Everything but the sweep scores files alone: no session, stream batch, DiT, VAE or loader imported."""
+    import subprocess
+    import sys
+    code = ("import sys; import wanstream.eval.cli, wanstream.eval.evaluate, wanstream.eval.report; "
+            "print(sorted(m for m in sys.modules if m.startswith('wanstream')))")
+    mods = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = eval(mods)
+    engine = [m for m in loaded if m.startswith(("wanstream.session", "wanstream.stream_batch", "wanstream.models",
+                                                 "wanstream.kv_cache", "wanstream.noise", "wanstream.pipeline",
+                                                 "wanstream.server", "wanstream.eval.sweep"))]
+    assert engine == [], engine
+    assert "wanstream.eval.flow" in loaded and "wanstream.io.video" in loaded
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_embeddings_and_flow_match_the_cpu(clip_dir, tmp_path):
+    from wanstream.eval.flow import load_raft
+    x = frames(4, seed=3, h=64, w=96)
+    cpu, gpu = load_clip(clip_dir), load_clip(clip_dir, device="cuda")
+    assert torch.allclose(cpu.images(x), gpu.images(x), atol=1e-3)
+    assert torch.allclose(cpu.text(["a dog"]), gpu.text(["a dog"]), atol=1e-3)
+    path = write_random_raft(tmp_path)
+    f_cpu = load_raft(path, iters=3).flow(x[:2], x[1:3])
+    f_gpu = load_raft(path, iters=3, device="cuda").flow(x[:2], x[1:3])
+    assert f_gpu.device.type == "cuda" and torch.allclose(f_cpu, f_gpu.cpu(), atol=1e-2)
+
+
+def test_evaluate_aligns_the_pair_and_scores_with_given_motion(clip, tmp_path):
+    """The whole scoring on arrays: a pan of 2 px per frame with its true flow gives warp error 0, a wrong flow
+    does not; frame counts and sizes are aligned, with notes."""
+    from wanstream.eval.evaluate import evaluate
+    from wanstream.eval.flow import Motion, inside, load_raft
+    raft = load_raft(write_random_raft(tmp_path), iters=1)
+    base = frames(1, seed=5, h=32, w=48)[0]
+    pan = np.stack([np.roll(base, 2 * i, axis=1) for i in range(6)])
+    flow = torch.zeros(5, 2, 32, 48)
+    flow[:, 0] = 2.0
+    right = [Motion(0, flow, inside(flow))]
+    wrong = [Motion(0, -flow, inside(-flow))]
+    src = np.repeat(frames(1, seed=6, h=40, w=60), 7, axis=0)         # 7 frames, another size
+    r = evaluate(src, pan, [(0, "a"), (3, "b")], clip, raft, motion=right, progress=False)
+    assert r["frames"] == 6 and len(r["notes"]) == 2
+    assert "input has 7 frames, output 6" in r["notes"][0] and "resized to the output size 48x32" in r["notes"][1]
+    assert r["metrics"]["warp_error"]["value"] == pytest.approx(0.0, abs=1e-4)
+    assert r["metrics"]["warp_error"]["valid_fraction"] == pytest.approx([46 / 48] * 5)
+    assert [s["end"] for s in r["segments"]] == [3, 6]
+    bad = evaluate(src, pan, [(0, "a")], clip, raft, motion=wrong, progress=False)
+    assert bad["metrics"]["warp_error"]["value"] > 10
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        evaluate(src[:1], pan, [(0, "a")], clip, raft, progress=False)

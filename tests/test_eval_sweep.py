@@ -8,7 +8,7 @@ import pytest
 
 from eval_kit import write_random_clip, write_random_raft
 from wanstream.cli import main
-from wanstream.eval.sweep import load_config, render_table
+from wanstream.eval.sweep import load_config, render_table, slug
 
 FRAMES = 13
 
@@ -86,8 +86,7 @@ def test_sweep_rows_carry_quality_fps_and_their_settings(sweep):
     for r in ran:
         assert r["fps"] > 0 and all(v is not None for v in r["metrics"].values()), r
         assert len(r["clips"]) == 1
-        stem = r["name"].replace(" ", "-").replace(",", "")
-        folder = out / stem
+        folder = out / slug(r["name"])
         assert (folder / "motion.mp4").is_file() and (folder / "motion.eval.html").is_file()
         per_clip = json.loads((folder / "motion.eval.json").read_text())
         assert per_clip["frames"] == FRAMES and [s["start"] for s in per_clip["segments"]] == [0, 8]
@@ -108,7 +107,8 @@ def test_sweep_rows_carry_quality_fps_and_their_settings(sweep):
     ('[[settings]]\nname = "x"\ncache = {capacity = 3, sink = 3}\n', "cache sink frames must be in [0, capacity=3)"),
     ('[[settings]]\nname = "x"\ncache = {size = 3}\n', "cache: unknown key(s) 'size'"),
     ('[[settings]]\nname = "x"\ndecoder = "vqgan"\n', "decoder must be 'vae' or 'taehv'"),
-    ('[[settings]]\nname = "1 step"\n', "setting names must be unique, repeated: 1 step"),
+    ('[[settings]]\nname = "1 step"\n', "setting names must be unique as file names, clashing: 1 step"),
+    ('[[settings]]\nname = "1/step"\n', "clashing: 1 step, 1/step"),
     ('[[settings]]\nsteps = 2\n', "needs a non-empty 'name'"),
     ('[[settings]]\nname = "x"\nbatch = "yes"\n', "'batch' has the wrong type"),
 ])
@@ -123,8 +123,8 @@ def test_sweep_config_top_level_and_clip_errors(tmp_path):
     (tmp_path / "a.toml").write_text('model = "m"\nclips = []\nsettings = [{name = "x"}]\n')
     with pytest.raises(ValueError, match="'clips' must be a non-empty list"):
         load_config(tmp_path / "a.toml")
-    (tmp_path / "b.json").write_text('{"model": "m", "clips": [{"path": "c.mp4", "prompt": "p", "prompts": [[0, "q"]]}],'
-                                     ' "settings": [{"name": "x"}]}')
+    (tmp_path / "b.json").write_text('{"model": "m", "clips": [{"path": "c.mp4", "prompt": "p", '
+                                     '"prompts": [[0, "q"]]}], "settings": [{"name": "x"}]}')
     with pytest.raises(ValueError, match=r"clips\[0\]: 'prompts' must be a list of \[frame > 0"):
         load_config(tmp_path / "b.json")
     (tmp_path / "c.toml").write_text('model = "m"\nmodle = 1\n')

@@ -77,9 +77,9 @@ def score(inputs: np.ndarray, outputs: np.ndarray, prompts: Sequence[tuple[int, 
     drift = drift_curve(images, drift_ref)
     if motion is None:
         with _bar(n - 1, "flow", progress) as bar:
-            warp, valid_frac = warp_errors(outputs, input_motion(inputs, flow, flow_batch, progress=bar), clip.device)
+            warp, valid_frac = warp_errors(outputs, input_motion(inputs, flow, flow_batch, progress=bar), flow.device)
     else:
-        warp, valid_frac = warp_errors(outputs, motion, clip.device)
+        warp, valid_frac = warp_errors(outputs, motion, flow.device)
 
     truncated = [s.prompt for s in segs if clip.prompt_tokens(s.prompt) > clip.max_tokens]
     if truncated:

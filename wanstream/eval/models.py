@@ -68,13 +68,16 @@ def _hub_cache_clip() -> Path | None:
     return path if _clip_complete(path) else None
 
 
-def _how_to_get(name: str, target: Path) -> str:
+def _how_to_get(name: str, target: Path, downloading: bool = False) -> str:
+    """How to get a missing model: the download command (unless that is what failed), or where to copy it."""
     if name == "clip":
-        return (f"run `wanstream download clip --dir {target.parent.parent}` (needs access to huggingface.co), or copy "
-                f"the files of {CLIP_HUB_ID} (config.json, model.safetensors or pytorch_model.bin, "
-                f"preprocessor_config.json, tokenizer files) into {target}, or pass --clip DIR")
-    return (f"run `wanstream download raft --dir {target.parent.parent}` (needs access to download.pytorch.org), "
-            f"or copy {raft_weights().url} to {target}, or pass --raft FILE")
+        files = (f"the files of {CLIP_HUB_ID} (config.json, model.safetensors or pytorch_model.bin, "
+                 f"preprocessor_config.json, tokenizer files) into {target}")
+        get = f"run `wanstream download clip --dir {target.parent.parent}` (needs access to huggingface.co), or copy "
+        return ("Without network access, copy " + files if downloading else get + files + ", or pass --clip DIR")
+    file = f"{raft_weights().url} to {target}"
+    get = f"run `wanstream download raft --dir {target.parent.parent}` (needs access to download.pytorch.org), or copy "
+    return "Without network access, copy " + file if downloading else get + file + ", or pass --raft FILE"
 
 
 def find_clip(path: str | Path | None = None, models_dir: str | Path = DEFAULT_MODELS) -> tuple[Path, str]:
@@ -146,7 +149,7 @@ def _download_clip(target: Path, log) -> Path:
         snapshot_download(CLIP_HUB_ID, local_dir=target, allow_patterns=[*CLIP_FILES, weights])
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise RuntimeError(f"cannot reach the Hugging Face hub to download {CLIP_HUB_ID} ({type(exc).__name__}). "
-                           + _how_to_get("clip", target)) from exc
+                           + _how_to_get("clip", target, downloading=True)) from exc
     return target
 
 
@@ -170,6 +173,6 @@ def _download_raft(target: Path, log) -> Path:
     except (OSError, RuntimeError) as exc:       # URLError is an OSError; a hash mismatch a RuntimeError
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"cannot download {url} ({type(exc).__name__}: {exc}). "
-                           + _how_to_get("raft", target)) from exc
+                           + _how_to_get("raft", target, downloading=True)) from exc
     partial.replace(target)
     return target

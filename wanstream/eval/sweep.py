@@ -64,6 +64,11 @@ METRIC_ROWS = [("clip_consistency", "CLIP Score / Temporal CLIP ↑"), ("warp_er
 
 
 # ------------------------------------------------------------------------------------------------- config
+def slug(name: str) -> str:
+    """A setting or clip name as a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "unnamed"
+
+
 @dataclass
 class Setting:
     name: str
@@ -188,14 +193,13 @@ def load_config(path: str | Path) -> SweepConfig:
     _check_keys(f"{path}: defaults", defaults, SETTING_KEYS - {"name"})
     settings = [_setting(f"{path}: settings[{i}]", {**defaults, **s} if isinstance(s, dict) else s)
                 for i, s in enumerate(raw["settings"])]
-    names = [s.name for s in settings]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"{path}: setting names must be unique, repeated: {', '.join(dup)}")
     clips = [_clip(f"{path}: clips[{i}]", c, base) for i, c in enumerate(raw["clips"])]
-    cnames = [c.name for c in clips]
-    if len(set(cnames)) != len(cnames):
-        raise ValueError(f"{path}: clip names must be unique (set 'name' on clips that share a file stem)")
+    for what, names in (("setting", [s.name for s in settings]), ("clip", [c.name for c in clips])):
+        # names become file names: they must stay apart once reduced to [A-Za-z0-9._-]
+        dup = sorted({n for n in names if [slug(m) for m in names].count(slug(n)) > 1})
+        if dup:
+            raise ValueError(f"{path}: {what} names must be unique as file names, clashing: {', '.join(dup)}"
+                             + (" (set 'name' on clips that share a file stem)" if what == "clip" else ""))
     resolution = None
     if raw.get("resolution") is not None:
         try:
@@ -212,10 +216,6 @@ def load_config(path: str | Path) -> SweepConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- run
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "setting"
-
-
 class _Models:
     """Models loaded once per ``quantize`` value (with TAEHV when a setting decodes with it), each primed by a
     throw-away stream before its first timed one."""
@@ -266,7 +266,8 @@ def stream_clip(model, setting: Setting, clip: ClipSpec, frames: np.ndarray, wid
     outs = []
     with _session(model, setting, clip.prompts[0][1], width, height, seed) as session:
         t0 = time.perf_counter()
-        for i, frame in enumerate(frames):
+        for i, frame in enumerate(tqdm(frames, desc=f"{setting.name} × {clip.name}", unit="frame", disable=None,
+                                       leave=False)):
             if i in changes:
                 outs += session.update(prompt=changes[i], transition_chunks=setting.transition_chunks)
             outs += session.push(frame)
@@ -316,15 +317,15 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, clip_scorer, flow_model, *, flow_
                 models.primed.add(setting.quantize)
             log(f"[sweep] {setting.name} × {clip.name}")
             outputs, seconds = stream_clip(model, setting, clip, inputs, width, height, seed)
-            folder = out_dir / slug(setting.name)
-            with VideoWriter(folder / f"{clip.name}.mp4", fps, width, height) as writer:
+            video = out_dir / slug(setting.name) / f"{slug(clip.name)}.mp4"
+            with VideoWriter(video, fps, width, height) as writer:
                 writer.write(outputs)
             result = score(inputs, outputs, clip.prompts, clip_scorer, flow_model, drift_ref=drift_ref,
                            motion=motion, progress=False)
             result.update(setting=setting.name, clip=clip.name, input={"path": str(clip.path)},
-                          output={"path": str(folder / f"{clip.name}.mp4")}, fps=len(frames) / seconds)
-            (folder / f"{clip.name}.eval.json").write_text(json.dumps(result, indent=1) + "\n")
-            (folder / f"{clip.name}.eval.html").write_text(render_html(result, inputs, outputs, strip))
+                          output={"path": str(video)}, fps=len(frames) / seconds)
+            video.with_suffix(".eval.json").write_text(json.dumps(result, indent=1) + "\n")
+            video.with_suffix(".eval.html").write_text(render_html(result, inputs, outputs, strip))
             row["seconds"] += seconds
             row["frames"] += len(frames)
             row["clips"].append({"clip": clip.name, "fps": len(frames) / seconds,
@@ -380,8 +381,8 @@ def tables(sweep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ablation.append(knobs + (["skipped"] * 5 if r["skipped"] is not None else [_cell(v) for v in values]))
     return [("Table 1 layout", ["Metric"] + [r["name"] for r in rows], t1),
             ("Settings", ["Setting", "steps", "batch", "sink refresh", "noise controller", "cache (frames/sinks)",
-                          "decoder", "quantize", "Temporal CLIP ↑", "Warp ↓", "Text–Image CLIP ↑", "Drift ↑", "FPS ↑"],
-             ablation)]
+                          "decoder", "quantize", "Temporal CLIP ↑", "Warp ↓", "Text–Image CLIP ↑", "Drift ↑",
+                          "FPS ↑"], ablation)]
 
 
 def render_table(sweep: dict) -> str:
