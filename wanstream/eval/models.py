@@ -71,13 +71,15 @@ def _hub_cache_clip() -> Path | None:
 def _how_to_get(name: str, target: Path, downloading: bool = False) -> str:
     """How to get a missing model: the download command (unless that is what failed), or where to copy it."""
     if name == "clip":
-        files = (f"the files of {CLIP_HUB_ID} (config.json, model.safetensors or pytorch_model.bin, "
-                 f"preprocessor_config.json, tokenizer files) into {target}")
-        get = f"run `wanstream download clip --dir {target.parent.parent}` (needs access to huggingface.co), or copy "
-        return ("Without network access, copy " + files if downloading else get + files + ", or pass --clip DIR")
-    file = f"{raft_weights().url} to {target}"
-    get = f"run `wanstream download raft --dir {target.parent.parent}` (needs access to download.pytorch.org), or copy "
-    return "Without network access, copy " + file if downloading else get + file + ", or pass --raft FILE"
+        host, flag = "huggingface.co", "--clip DIR"
+        copy = (f"the files of {CLIP_HUB_ID} (config.json, model.safetensors or pytorch_model.bin, "
+                f"preprocessor_config.json, tokenizer files) into {target}")
+    else:
+        host, flag, copy = "download.pytorch.org", "--raft FILE", f"{raft_weights().url} to {target}"
+    if downloading:
+        return f"Without network access, copy {copy}"
+    return (f"run `wanstream download {name} --dir {target.parent.parent}` (needs access to {host}), or copy {copy}, "
+            f"or pass {flag}")
 
 
 def find_clip(path: str | Path | None = None, models_dir: str | Path = DEFAULT_MODELS) -> tuple[Path, str]:
