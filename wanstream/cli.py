@@ -67,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from .server.cli import add_serve_parser
     add_serve_parser(sub)
+    from .eval.cli import add_eval_parser
+    add_eval_parser(sub)
 
     p = sub.add_parser("download", help="fetch the released weights (needs network access to the hub)")
-    p.add_argument("name", choices=["sdv2-1.3b", "sdv2-14b"])
+    p.add_argument("name", nargs="+", choices=["sdv2-1.3b", "sdv2-14b", "clip", "raft"],
+                   help="clip / raft: the evaluation models (wanstream eval)")
     p.add_argument("--dir", type=Path, default=Path("models"))
     return parser
 
@@ -191,12 +194,19 @@ def cmd_serve(args) -> int:
 
 def cmd_download(args) -> int:
     from .models.download import download
-    download(args.name, args.dir)
+    for name in args.name:
+        download(name, args.dir)
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.cli import run_eval
+    return run_eval(args)
+
+
 COMMANDS = {"v2v": cmd_v2v, "t2v": cmd_t2v, "init-random": cmd_init_random, "clip": cmd_clip,
-            "bench": cmd_bench, "serve": cmd_serve, "download": cmd_download}
+            "bench": cmd_bench, "serve": cmd_serve, "download": cmd_download,
+            "eval": cmd_eval}
 
 if __name__ == "__main__":
     sys.exit(main())

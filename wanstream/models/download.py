@@ -11,7 +11,11 @@ WAN_FILES = ["config.json", "diffusion_pytorch_model*", "Wan2.1_VAE.pth", "model
 
 
 def download(name: str, root: Path) -> Path:
-    """``name`` is ``sdv2-1.3b`` or ``sdv2-14b``. Raises RuntimeError with a clear message when offline."""
+    """``name`` is ``sdv2-1.3b``, ``sdv2-14b`` or an evaluation model (``clip``, ``raft``: into ``root/eval/``).
+    Raises RuntimeError with a clear message when offline."""
+    if name in ("clip", "raft"):
+        from ..eval.models import download_eval_model
+        return download_eval_model(name, root)
     preset = {"sdv2-1.3b": "1.3b", "sdv2-14b": "14b"}[name]
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
