@@ -13,7 +13,7 @@ from torch import nn
 from kit import kit_dir, load_kit
 from wanstream.config import CacheConfig
 from wanstream.kv_cache import CachePolicy, CacheStep
-from wanstream.io.video import read_video, write_motion_clip
+from wanstream.io.video import read_video
 from wanstream.models.checkpoints import build_transformer, causal_state_dict, diffusers_dit_config
 from wanstream.models.dit import CausalWanDiT
 from wanstream.models.quantize import (DEFAULT_EXCLUDE, QuantizationError, check_quantize, flow_relative_error,
@@ -74,20 +74,13 @@ def test_fp8_is_refused_where_the_hardware_lacks_it(monkeypatch):
     assert fp8_unsupported_reason("cuda:0") is None
 
 
-@pytest.fixture(scope="module")
-def clip_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip") / "in.mp4"
-    write_motion_clip(path, 9, 80, 48, fps=12.5)
-    return path
-
-
 def test_v2v_quantize_int8_end_to_end_and_fp8_refused_on_cpu(tiny_model_dir, clip_path, tmp_path):
     out = tmp_path / "q.mp4"
     base = [sys.executable, "-m", "wanstream.cli", "v2v", str(clip_path), "--model", str(tiny_model_dir),
             "--prompt", "a watercolor", "--steps", "1", "--device", "cpu"]
     proc = subprocess.run(base + ["-o", str(out), "--quantize", "int8"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert read_video(out)[0].shape == (9, 48, 80, 3)
+    assert read_video(out)[0].shape == (14, 48, 80, 3)
     proc = subprocess.run(base + ["-o", str(tmp_path / "f.mp4"), "--quantize", "fp8"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2

@@ -5,33 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kit import kit_dir, load_kit
+from kit import kit_dir
+from test_vae import test_conformance_stream_encode_decode as _run_conformance  # one conformance check
 from wanstream.models.checkpoints import build_vae, read_torch_file
 from wanstream.models.vae import StreamingVAE
 from wanstream.models.vae_compare import compare_vae_paths
 
-TOL = 1e-4       # conformance
 EQ = 1e-5        # same math, different kernels / batch
 
 
 @pytest.fixture(scope="module")
 def vae():
     return build_vae(read_torch_file(kit_dir() / "Wan2.1_VAE_tiny.pth"), "tiny vae")
-
-
-def _run_conformance(svae: StreamingVAE) -> None:
-    d = load_kit("d_vae_stream.pt")
-    state = svae.new_state()
-    video = d["video"].transpose(1, 2)
-    for rec in d["stream_encode"]:
-        a, b = rec["frames"]
-        assert (svae.encode(state, video[:, a:b]) - rec["mu"].transpose(1, 2)).abs().max() <= TOL
-    state = svae.new_state()
-    for rec in d["stream_decode_pure_fp32"]:
-        a, b = rec["latents"]
-        pixels = svae.decode(state, d["decode_latents"][:, a:b])
-        assert pixels.shape == rec["pixels"].shape
-        assert (pixels - rec["pixels"]).abs().max() <= TOL
 
 
 def _video(seed: int, t: int = 13, h: int = 16, w: int = 24) -> torch.Tensor:
@@ -150,6 +135,11 @@ def test_many_rejects_mixed_phases_resolutions_and_bad_rows(vae):
         svae.encode_many([s1], torch.zeros(2, 4, 3, 16, 24))
     with pytest.raises(ValueError, match="twice"):
         svae.encode_many([s1, s1], torch.zeros(2, 4, 3, 16, 24))
+    eager = StreamingVAE(vae, fast=False)
+    e1 = eager.new_state()
+    eager.encode(e1, _video(0, t=5))
+    with pytest.raises(ValueError, match="fast=False"):
+        svae.encode(e1, _video(0, t=4))
     d1, d2 = svae.new_state(), svae.new_state()
     svae.decode(d1, _latents(0)[:, :2])
     with pytest.raises(ValueError, match="group them by phase"):

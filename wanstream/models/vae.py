@@ -59,8 +59,10 @@ class VAEStreamState:
 
 def _gather(slots: list[_Rows | None], what: str) -> list[Tensor] | None:
     """The caches of several streams stacked along the batch (no copy when they already are, in order)."""
-    if slots[0] is None:
-        return None
+    if any(s is None for s in slots):
+        if all(s is None for s in slots):
+            return None
+        raise ValueError(f"{what}: some streams have no caches yet; group them by phase")
     base = slots[0].caches
     if all(s.caches is base for s in slots) and slots[0].a == 0 and slots[-1].b == base[0].shape[0] and \
             all(p.b == q.a for p, q in zip(slots, slots[1:])):
@@ -170,8 +172,16 @@ class StreamingVAE:
             mu = (mu - self.mean.to(mu.dtype)) * self.inv_std.to(mu.dtype)
         return mu.transpose(1, 2)
 
+    @staticmethod
+    def _fast_caches(slots: list[_Rows | None], first: bool, what: str) -> list[Tensor] | None:
+        caches = _gather(slots, what)
+        if (caches is None) != first:
+            raise ValueError(f"{what}: a stream past its first call has no fast-path caches (was its state made "
+                             f"by a StreamingVAE with fast=False?)")
+        return caches
+
     def _encode_fast(self, states, rows, x, first):
-        caches = _gather([s.enc_rows for s in states], "encode")
+        caches = self._fast_caches([s.enc_rows for s in states], first, "encode")
         outs = []
         if first:
             mu, caches = self.fast.encode(x[:, :1], caches, first=True)
@@ -227,7 +237,7 @@ class StreamingVAE:
         return x.float().clamp(-1, 1)
 
     def _decode_fast(self, states, rows, z, first):
-        caches = _gather([s.dec_rows for s in states], "decode")
+        caches = self._fast_caches([s.dec_rows for s in states], first, "decode")
         outs = []
         for i in range(z.shape[1]):
             zi = z[:, i:i + 1]

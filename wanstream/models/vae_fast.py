@@ -6,7 +6,7 @@ tree once and builds a flat plan of our own small ops that read the same paramet
 * **layout** — activations are ``[B, T, H, W, C]`` (frames-major, channels last), so the RMS norm reduces over
   the innermost dimension and every 2-D convolution sees a channels-last tensor;
 * **norm** — ``F.rms_norm`` (``x * rsqrt(mean(x²) + eps) * gamma``) instead of ``F.normalize`` + scale; the
-  two agree up to rounding (eps is set so that both clamp the same tiny norms);
+  two agree up to rounding (eps is ``F.normalize``'s norm floor put on the mean square);
 * **causal conv without padding copies** — a conv's time history (the last ``kt - 1`` input frames of the
   stream, zeros before the first) is carried in the cache; the conv runs over ``[history ‖ new]`` with the
   spatial padding done by the convolution itself. On CPU the ``kt`` time taps are stacked along channels
@@ -37,7 +37,8 @@ def default_conv_impl(device: torch.device) -> str:
 
 
 class _Ctx:
-    """Caches of one call: ``hist_in`` read in plan order (``None`` entries are zero history), ``hist_out`` written."""
+    """Caches of one call: ``hist_in`` read in plan order (``None`` on a stream's first call: zero history),
+    ``hist_out`` written in the same order."""
 
     def __init__(self, hist_in: list[Tensor] | None, first: bool):
         self.hist_in = hist_in
@@ -116,7 +117,7 @@ class Norm:
         self.c = m.gamma.shape[0]
         self.gamma = m.gamma.view(self.c)
         self.bias = m.bias.view(self.c) if isinstance(m.bias, torch.Tensor) else None
-        # F.normalize divides by max(‖x‖, 1e-12): the same clamp on the mean square is 1e-24 / C
+        # F.normalize divides by max(‖x‖, 1e-12); that floor, put on the mean square, is 1e-24 / C
         self.eps = 1e-24 / self.c
         self.silu = silu
 
@@ -148,7 +149,6 @@ class Attention:
     def __init__(self, m):
         self.norm = Norm(m.norm, False)
         c = m.to_qkv.out_channels // 3
-        self.c = c
         self.w_qkv, self.b_qkv = m.to_qkv.weight.view(3 * c, c), m.to_qkv.bias
         self.w_proj, self.b_proj = m.proj.weight.view(c, c), m.proj.bias
 
@@ -182,11 +182,10 @@ class Resample:
             return self.conv(x)[0]
         x = self.conv(F.pad(x, (0, 0, 0, 1, 0, 1)))[0]     # ZeroPad2d((0, 1, 0, 1)), then stride 2
         if self.mode == "downsample3d":
-            hist = ctx.take()
             if ctx.first:            # the first frame passes; it becomes the history
                 ctx.hist_out.append(x)
             else:
-                x, hist = self.time(x, hist)
+                x, hist = self.time(x, ctx.take())
                 ctx.hist_out.append(hist)
         return x
 
@@ -212,7 +211,7 @@ class FastWanVAE:
         self.impl = conv_impl or default_conv_impl(dev)
         if self.impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.impl!r}")
-        self.z_dim = z = vae.config.z_dim
+        z = vae.config.z_dim
         enc, dec = vae.encoder, vae.decoder
         with torch.no_grad():
             self.enc_in = CausalConv.from_module(enc.conv_in, self.impl)
