@@ -46,3 +46,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_model(tiny_model_dir):
     from wanstream.models.loader import load_model
     return load_model(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def clip_path(tmp_path_factory) -> Path:
+    """A 14-frame 80x48 motion clip at 12.5 FPS."""
+    from wanstream.io.video import write_motion_clip
+    path = tmp_path_factory.mktemp("clip") / "in.mp4"
+    write_motion_clip(path, 14, 80, 48, fps=12.5)
+    return path

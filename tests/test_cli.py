@@ -9,14 +9,7 @@ import sys
 import pytest
 
 from wanstream.cli import main
-from wanstream.io.video import probe_video, read_video, write_motion_clip
-
-
-@pytest.fixture(scope="module")
-def clip_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip") / "in.mp4"
-    write_motion_clip(path, 14, 80, 48, fps=12.5)
-    return path
+from wanstream.io.video import probe_video, read_video
 
 
 def test_v2v_end_to_end_keeps_count_and_fps(tiny_model_dir, clip_path, tmp_path):

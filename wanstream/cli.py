@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-scale", type=float_in(0.0, 1.0, "noise scale"), default=0.8)
     p.add_argument("--no-noise-controller", action="store_true")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="DiT block linears in int8 (weight-only, any device) or fp8 (CUDA, compute capability >= 8.9)")
     from .pipeline_parallel import add_pipeline_args
     add_pipeline_args(p)
 
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_v2v(args) -> int:
     from .pipeline_parallel import pipeline_requested, run_v2v_pipeline
     if pipeline_requested(args):
+        if args.quantize:
+            raise ValueError("--quantize is not supported with the multi-GPU pipeline yet")
         return run_v2v_pipeline(args)
     from .io.video import fit_resolution, probe_video
     from .models.loader import load_model
@@ -100,7 +104,7 @@ def cmd_v2v(args) -> int:
 
     info = probe_video(args.input)
     width, height = args.resolution or fit_resolution(info.width, info.height)
-    model = load_model(args.model, device=args.device, taehv=args.taehv)
+    model = load_model(args.model, device=args.device, taehv=args.taehv, quantize=args.quantize)
     session = StreamSession(model, prompt=args.prompt, width=width, height=height, steps=args.steps,
                             noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
                             batch=not args.no_batch, seed=args.seed, decoder="taehv" if args.taehv else "vae")

@@ -194,7 +194,7 @@ def vae_call_costs(vae: nn.Module, height: int, width: int, bytes_per_el: int = 
     if not isinstance(vae, nn.Module):      # a StreamingVAE wrapper
         vae = vae.vae
     meta = _meta_vae(vae)
-    sv = StreamingVAE(meta)
+    sv = StreamingVAE(meta, fast=False)    # the hooks count diffusers' modules
     z_dim = sv.z_dim
     h, w = height // 8, width // 8
     out = {}

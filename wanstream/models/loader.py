@@ -21,6 +21,7 @@ from ..sampling import FlowMatchSampler
 from .checkpoints import (build_transformer, build_vae, causal_state_dict, diffusers_dit_config,
                           read_dit_safetensors, read_torch_file, read_wan_config)
 from .dit import CausalWanDiT
+from .quantize import check_quantize, quantize_dit
 from .vae import StreamingVAE
 
 VAE_FILE = "Wan2.1_VAE.pth"
@@ -100,11 +101,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(root: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-               text_encoder: bool = True, taehv: bool = False) -> ModelBundle:
-    """Load a model folder strictly (errors name the file and the culprit)."""
+               text_encoder: bool = True, taehv: bool = False, quantize: str | None = None) -> ModelBundle:
+    """Load a model folder strictly (errors name the file and the culprit).
+
+    ``quantize`` (``"int8"`` | ``"fp8"``, see :mod:`.quantize`) quantises the DiT's block linears after loading.
+    """
     paths = ModelPaths.discover(root)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    check_quantize(quantize, device)
     if paths.diffusers:
         transformer, vae = _load_diffusers(paths.root, device, dtype)
     else:
@@ -126,8 +131,10 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
             raise CheckpointError(f"{paths.root}: --taehv needs ckpts/{TAEHV_FILE}")
         from .taehv import load_taehv
         tae = load_taehv(paths.taehv, device=device, dtype=dtype)
-    return ModelBundle(CausalWanDiT(transformer), StreamingVAE(vae), encoder, FlowMatchSampler(), device, dtype,
-                       paths, tae)
+    dit = CausalWanDiT(transformer)
+    if quantize is not None:
+        quantize_dit(dit, quantize)
+    return ModelBundle(dit, StreamingVAE(vae), encoder, FlowMatchSampler(), device, dtype, paths, tae)
 
 
 def _load_text_encoder(paths: ModelPaths, device: torch.device, dtype: torch.dtype):

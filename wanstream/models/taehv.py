@@ -196,6 +196,36 @@ class TAEHVStreamDecoder:
         self.frames_to_drop -= drop
         return frames[:, drop:]
 
+    @staticmethod
+    @torch.no_grad()
+    def decode_many(decoders: list["TAEHVStreamDecoder"], latents: Tensor, rows: list[int] | None = None) -> Tensor:
+        """Decode the next latents of several streams in one call: ``[N, T, C, h, w]`` → ``[N, T', 3, H, W]``.
+
+        Row ``i`` belongs to ``decoders[i]`` (or ``rows[i]`` rows each); equal to decoding each stream alone.
+        The streams must share one :class:`TAEHV`, a resolution and their phase (a stream's first call drops
+        3 frames, later calls none): group them by ``frames_to_drop`` first. Their MemBlock memories are
+        stacked along the batch for the call and handed back as per-stream views.
+        """
+        rows = [1] * len(decoders) if rows is None else list(rows)
+        if not decoders or len(rows) != len(decoders) or sum(rows) != latents.shape[0]:
+            raise ValueError(f"{len(decoders)} streams with rows {rows} do not match a batch of {latents.shape[0]}")
+        if len({id(d) for d in decoders}) != len(decoders) or len({id(d.taehv) for d in decoders}) != 1:
+            raise ValueError("decode_many takes distinct streams of one TAEHV")
+        if len({d.frames_to_drop for d in decoders}) != 1:
+            raise ValueError("streams at their first call and streams in the steady state cannot share a call; "
+                             "group them by phase")
+        batch = TAEHVStreamDecoder(decoders[0].taehv)
+        batch.frames_to_drop = decoders[0].frames_to_drop
+        if decoders[0].memory:
+            batch.memory = {k: torch.cat([d.memory[k] for d in decoders]) for k in decoders[0].memory}
+        frames = batch.decode(latents)
+        a = 0
+        for d, n in zip(decoders, rows):
+            d.memory = {k: v[a:a + n] for k, v in batch.memory.items()}
+            d.frames_to_drop = batch.frames_to_drop
+            a += n
+        return frames
+
 
 # ------------------------------------------------------------------------------------------- checkpoints
 def _read_state_dict(path: Path) -> dict[str, Tensor]:

@@ -1,0 +1,115 @@
+"""Side-by-side timing of the streaming VAE paths in one process: eager diffusers modules vs our fast path.
+
+:func:`compare_vae_paths` times the steady-state streaming step (encode one 4-frame chunk + decode one
+latent) of both paths over the same weights, alternating which path runs first in each round, and returns
+the paired ratios (fast / eager) of every round. Run it as a script for a one-line report::
+
+    python -m wanstream.models.vae_compare tests/data/conformance/Wan2.1_VAE_tiny.pth --resolution 64x64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from .vae import StreamingVAE
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quantiles(xs: list[float]) -> dict:
+    q = statistics.quantiles(xs, n=10) if len(xs) > 1 else [xs[0]] * 9
+    return {"median": statistics.median(xs), "p10": q[0], "p90": q[-1], "min": min(xs), "max": max(xs)}
+
+
+@torch.no_grad()
+def compare_vae_paths(vae, height: int, width: int, rounds: int = 20, batch: int = 1, compile: bool = False,
+                      seed: int = 0, progress: bool = False) -> dict:
+    """Paired, alternated timing of one streaming step (4-frame encode + 1-latent decode) on both paths.
+
+    ``vae`` is a diffusers ``AutoencoderKLWan``. Each path gets its own streams (``batch`` rows), started
+    with the 5-frame / 2-latent first call and one untimed steady step (plus compilation when ``compile``).
+    Returns milliseconds per path and part, the per-round ratios fast / eager (``ratio``: median, p10, p90),
+    and the largest output difference between the paths over the timed rounds.
+    """
+    dev = vae.quant_conv.weight.device
+    dtype = vae.quant_conv.weight.dtype
+    gen = torch.Generator().manual_seed(seed)
+    frames = (torch.rand(batch, 5, 3, height, width, generator=gen) * 2 - 1).to(dev, dtype)
+    latents = torch.randn(batch, 2, vae.config.z_dim, height // 8, width // 8, generator=gen).to(dev, dtype)
+    paths = {"eager": StreamingVAE(vae, fast=False), "fast": StreamingVAE(vae, fast=True, compile=compile)}
+    states = {}
+    for name, sv in paths.items():
+        enc, dec = sv.new_state(), sv.new_state()
+        sv.encode(enc, frames)
+        sv.decode(dec, latents)
+        for _ in range(2 if compile else 1):
+            sv.encode(enc, frames[:, 1:])
+            sv.decode(dec, latents[:, 1:])
+        states[name] = (enc, dec)
+    times = {name: {"encode": [], "decode": []} for name in paths}
+    diff = {"encode": 0.0, "decode": 0.0}
+    for r in tqdm(range(rounds), desc="vae compare", disable=not progress):
+        order = list(paths) if r % 2 == 0 else list(paths)[::-1]
+        outs = {}
+        for name in order:
+            sv, (enc, dec) = paths[name], states[name]
+            _sync(dev)
+            t0 = time.perf_counter()
+            mu = sv.encode(enc, frames[:, 1:])
+            _sync(dev)
+            t1 = time.perf_counter()
+            px = sv.decode(dec, latents[:, 1:])
+            _sync(dev)
+            t2 = time.perf_counter()
+            times[name]["encode"].append(t1 - t0)
+            times[name]["decode"].append(t2 - t1)
+            outs[name] = (mu, px)
+        diff["encode"] = max(diff["encode"], (outs["fast"][0] - outs["eager"][0]).abs().max().item())
+        diff["decode"] = max(diff["decode"], (outs["fast"][1] - outs["eager"][1]).abs().max().item())
+    total = {n: [e + d for e, d in zip(t["encode"], t["decode"])] for n, t in times.items()}
+    ratio = lambda part: [f / e for f, e in zip(part("fast"), part("eager"))]  # noqa: E731
+    return {
+        "resolution": f"{width}x{height}", "batch": batch, "rounds": rounds, "compile": compile,
+        "device": str(dev), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "ms": {n: {"encode": 1e3 * statistics.median(t["encode"]), "decode": 1e3 * statistics.median(t["decode"]),
+                   "total": 1e3 * statistics.median(total[n])} for n, t in times.items()},
+        "ratio": _quantiles(ratio(lambda n: total[n])),
+        "ratio_encode": _quantiles(ratio(lambda n: times[n]["encode"])),
+        "ratio_decode": _quantiles(ratio(lambda n: times[n]["decode"])),
+        "max_abs_diff": diff,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..argtypes import int_in, resolution
+    from .checkpoints import build_vae, read_torch_file
+    p = argparse.ArgumentParser(prog="python -m wanstream.models.vae_compare", description=__doc__.split("\n")[0])
+    p.add_argument("vae", help="a Wan2.1_VAE.pth-layout file")
+    p.add_argument("--resolution", type=resolution, default=(64, 64), help="WxH")
+    p.add_argument("--rounds", type=int_in(2), default=20)
+    p.add_argument("--batch", type=int_in(1), default=1, help="streams per call")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast steady-state calls")
+    p.add_argument("--threads", type=int_in(1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    args = p.parse_args(argv)
+    width, height = args.resolution
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vae = build_vae(read_torch_file(args.vae), args.vae, args.device, getattr(torch, args.dtype))
+    out = compare_vae_paths(vae, height, width, args.rounds, args.batch, args.compile, progress=True)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
