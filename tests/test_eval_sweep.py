@@ -71,9 +71,9 @@ def test_sweep_writes_the_table_in_table1_layout(sweep):
     for label in ("CLIP Score / Temporal CLIP ↑", "Warp Error ↓", "Text–Image CLIP ↑", "FPS ↑"):
         row = next(line for line in lines if line.startswith(f"| {label} |"))
         cells = [c.strip() for c in row.strip("|").split("|")][1:]
-        assert cells[3] == "skipped"                                   # fp8: no quantize option yet
+        assert cells[3] == "skipped"                                   # fp8: no FP8 GPU here
         assert all(float(c) == float(c) for i, c in enumerate(cells) if i != 3), row
-    assert "Skipped **fp8**: quantization ('fp8') is not available" in table
+    assert "Skipped **fp8**: quantization ('fp8') cannot run here" in table
     assert (out / "sweep.html").is_file() and "<svg" in (out / "sweep.html").read_text()
 
 

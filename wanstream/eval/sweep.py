@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import inspect
 import json
 import re
 import time
@@ -228,12 +227,14 @@ class _Models:
 
     def get(self, setting: Setting):
         """``(model, None)`` or ``(None, the reason the setting cannot run)``."""
-        from ..models.loader import load_model
+        from ..models.loader import default_device, load_model
+        from ..models.quantize import QuantizationError, check_quantize
         kwargs = {}
         if setting.quantize is not None:
-            if "quantize" not in inspect.signature(load_model).parameters:
-                return None, (f"quantization ({setting.quantize!r}) is not available: load_model has no "
-                              f"'quantize' option yet")
+            try:
+                check_quantize(setting.quantize, self.cfg.device or default_device())
+            except QuantizationError as exc:
+                return None, f"quantization ({setting.quantize!r}) cannot run here: {exc}"
             kwargs["quantize"] = setting.quantize
         key = setting.quantize
         if key not in self.loaded:
