@@ -73,6 +73,7 @@ class StreamSettings:
     mode: str = "v2v"               # "v2v" | "t2v"
     frames_per_block: int = 1       # latent frames per DiT call (t2v: 3)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    lora: tuple[float, ...] | None = None   # LoRA strengths, one per loaded LoRA (models/lora.py); None: defaults
 
     def __post_init__(self) -> None:
         if self.mode not in ("v2v", "t2v"):

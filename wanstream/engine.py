@@ -27,14 +27,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .chunking import ChunkBuffer, ChunkInfo
 from .config import CacheConfig, StreamSettings
-from .io.video import frames_to_tensor, resize_frames, tensor_to_frames
+from .io.video import FIT_MODES, fit_frames, frames_to_tensor, tensor_to_frames
 from .kv_cache import CachePolicy, KVPool
 from .noise import NoiseSource, SeededNoise
 from .noise_controller import NoiseController
@@ -80,12 +80,13 @@ class EngineStream:
 
     def __init__(self, engine: "Engine", sid: int, group: "Group", *, settings: StreamSettings, width: int,
                  height: int, decoder: str, embedding: torch.Tensor, noise: NoiseSource | None,
-                 max_queue_frames: int | None, target_latency_s: float | None):
+                 max_queue_frames: int | None, target_latency_s: float | None, fit: str = "crop"):
         self.engine = engine
         self.id = sid
         self.group = group
         self.settings = settings
         self.width, self.height = width, height
+        self.fit = fit                 # framing of input frames of another aspect (io.video.fit_frames)
         self.decoder = decoder
         self.target_latency_s = target_latency_s
         self.buffer = ChunkBuffer(max_frames=max_queue_frames)
@@ -203,16 +204,21 @@ class Engine:
     def open(self, *, prompt_embeds: torch.Tensor, width: int, height: int, steps: int = 2,
              noise_scale: float = 0.8, noise_controller: bool = True, batch: bool = True, seed: int = 0,
              cache: CacheConfig | None = None, decoder: str = "vae", noise: NoiseSource | None = None,
-             max_queue_frames: int | None = None, target_latency_s: float | None = None) -> EngineStream:
-        """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here)."""
+             max_queue_frames: int | None = None, target_latency_s: float | None = None, fit: str = "crop",
+             lora: Mapping[str, float] | None = None) -> EngineStream:
+        """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here); ``fit``: how
+        frames of another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults)."""
         if width % 16 or height % 16 or width <= 0 or height <= 0:
             raise ValueError(f"resolution must be positive multiples of 16, got {width}x{height}")
         if decoder not in ("vae", "taehv"):
             raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
         if decoder == "taehv" and getattr(self.model, "taehv", None) is None:
             raise ValueError("decoder='taehv' needs a model loaded with taehv=True")
+        if fit not in FIT_MODES:
+            raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
         settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
-                                  batch=batch, seed=seed, cache=cache or CacheConfig())
+                                  batch=batch, seed=seed, cache=cache or CacheConfig(),
+                                  lora=self.lora_strengths(lora))
         embedding = self.pad_prompt(prompt_embeds)
         with self._tick, self._registry:
             group = self._group(width, height, settings.cache)
@@ -220,12 +226,21 @@ class Engine:
             self._next_id += 1
             s = EngineStream(self, sid, group, settings=settings, width=width, height=height, decoder=decoder,
                              embedding=embedding, noise=noise, max_queue_frames=max_queue_frames,
-                             target_latency_s=target_latency_s)
-            group.runner.add(RunnerStream(sid, s.noise), s.schedule.rows)
+                             target_latency_s=target_latency_s, fit=fit)
+            group.runner.add(RunnerStream(sid, s.noise, lora=settings.lora), s.schedule.rows)
             group.runner.set_prompt(sid, embedding)
             group.streams.append(s)
             self.streams[sid] = s
         return s
+
+    def lora_strengths(self, lora: Mapping[str, float] | None) -> tuple[float, ...] | None:
+        """A validated LoRA strength vector from strengths by name (``None``: the loaded defaults)."""
+        lora_set = self.model.dit.lora
+        if lora_set is None:
+            if lora:
+                raise ValueError(f"no LoRA is loaded (asked for {', '.join(map(repr, lora))})")
+            return None
+        return None if lora is None else lora_set.strengths(lora)
 
     def pad_prompt(self, embeds: torch.Tensor) -> torch.Tensor:
         """Validate a prompt embedding and zero-pad it to the text length (so embeddings can be blended)."""
@@ -262,8 +277,8 @@ class Engine:
 
     def feed(self, stream: EngineStream, frames, timestamps: Sequence[float] | None = None,
              arrivals: Sequence[float] | None = None, frame_ids: Sequence[int] | None = None) -> int:
-        """Queue frames (uint8 ``[N, H, W, 3]`` or ``[H, W, 3]``, any size: resized). Thread-safe. Returns how
-        many queued frames were pushed out of a bounded queue."""
+        """Queue frames (uint8 ``[N, H, W, 3]`` or ``[H, W, 3]``, any size: framed by the stream's ``fit``).
+        Thread-safe. Returns how many queued frames were pushed out of a bounded queue."""
         if stream.closed:
             raise RuntimeError("this stream is closed" + (f": {stream.error}" if stream.error else ""))
         arr = np.asarray(frames)
@@ -274,7 +289,7 @@ class Engine:
         if arr.dtype != np.uint8:
             raise ValueError(f"frames must be uint8, got {arr.dtype}")
         if arr.shape[1:3] != (stream.height, stream.width):
-            arr = resize_frames(arr, stream.width, stream.height)
+            arr = fit_frames(arr, stream.width, stream.height, stream.fit)
         n = arr.shape[0]
         now = self.clock()
         timestamps = [now] * n if timestamps is None else list(timestamps)
@@ -288,8 +303,10 @@ class Engine:
         return dropped
 
     def update(self, stream: EngineStream, *, steps: int | None = None, noise_scale: float | None = None,
-               noise_controller: bool | None = None, seed: int | None = None) -> None:
-        """Knob changes, applied in order at the stream's next tick (before its next chunk)."""
+               noise_controller: bool | None = None, seed: int | None = None,
+               lora: Mapping[str, float] | None = None) -> None:
+        """Knob changes, applied in order at the stream's next tick (before its next chunk). ``lora``: strengths
+        by LoRA name (a name left out: its default strength)."""
         if steps is not None:
             StreamSettings(steps=steps)                 # validates
             stream._queue_update("steps", int(steps))
@@ -300,6 +317,8 @@ class Engine:
             stream._queue_update("noise_controller", bool(noise_controller))
         if seed is not None:
             stream._queue_update("seed", int(seed))
+        if lora is not None:
+            stream._queue_update("lora", self.lora_strengths(lora))
 
     def set_prompt_embedding(self, stream: EngineStream, embedding: torch.Tensor, transition_chunks: int = 0) -> None:
         """New prompt from the stream's next DiT call; with ``transition_chunks`` = K > 0 the embedding moves
@@ -504,6 +523,9 @@ class Engine:
             elif kind == "steps":
                 s.settings.steps = value
                 stages += s.schedule.reconfigure(value)
+            elif kind == "lora":
+                s.settings.lora = value
+                s.group.runner.set_lora(s.id, value)
         return stages
 
     def _decide(self, g: Group, streams: list[EngineStream], now: float, running_rows: int) -> Decision:

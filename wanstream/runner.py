@@ -51,6 +51,8 @@ class RunnerStream:
     renoise_source: NoiseSource | None = None    # re-noising noise (default: the mixing source)
     inputs: dict = field(default_factory=dict)     # chunk → ChunkInput
     latents: dict = field(default_factory=dict)    # chunk → latent at its current level [1, T, C, h, w]
+    lora: tuple[float, ...] | None = None          # LoRA strength vector (models/lora.py); None: the defaults
+    prompt: object = None                          # the last prompt given (embedding or PromptKV)
 
     @property
     def renoise(self) -> NoiseSource:
@@ -141,9 +143,30 @@ class Runner:
             t[lease.row: lease.row + lease.rows].zero_()
 
     def set_prompt(self, stream_id: Hashable, embedding: torch.Tensor | PromptKV) -> None:
-        """A stream's prompt: an embedding ``[1, text_len, text_dim]`` (its K/V are computed here) or K/V."""
-        prompt = embedding if isinstance(embedding, PromptKV) else self.dit.embed_prompt(embedding)
+        """A stream's prompt: an embedding ``[1, text_len, text_dim]`` (its K/V are computed here, under the
+        stream's LoRA strengths) or K/V."""
+        st = self.streams[stream_id]
+        lora = self.dit.lora
+        if isinstance(embedding, PromptKV):
+            prompt = embedding
+        elif lora is not None:
+            prompt = lora.embed_prompt(self.dit, embedding, st.lora)
+        else:
+            prompt = self.dit.embed_prompt(embedding)
+        st.prompt = embedding
         self.pool.set_prompt(stream_id, prompt.k, prompt.v)
+
+    def set_lora(self, stream_id: Hashable, strengths: tuple[float, ...] | None) -> None:
+        """A stream's LoRA strengths (``None``: the defaults), from its next call. When the LoRAs touch the
+        cross-attention K/V, the stream's prompt K/V are recomputed with the new strengths."""
+        st = self.streams[stream_id]
+        st.lora = strengths
+        lora = self.dit.lora
+        if lora is not None and lora.touches_prompt and st.prompt is not None:
+            if isinstance(st.prompt, PromptKV):
+                raise ValueError("the prompt of this stream was given as K/V: pass an embedding so that it can be "
+                                 "recomputed for new LoRA strengths")
+            self.set_prompt(stream_id, st.prompt)
 
     def reseed(self, stream_id: Hashable, seed: int) -> None:
         """Re-noising uses the stream's mixing source here, which the engine replaces itself."""
@@ -187,7 +210,10 @@ class Runner:
                                self.tokens_per_frame, self.device,
                                cache_rows=[leases[r.stream].row + r.cache_row for r in rows],
                                prompts=[leases[r.stream].slot for r in rows])
-        with self.timer.section("dit") if self.timer is not None else contextlib.nullcontext():
+        lora = self.dit.lora
+        per_row = [self.streams[r.stream].lora for r in rows]
+        strengths = contextlib.nullcontext() if lora is None else lora.rows(per_row)
+        with self.timer.section("dit") if self.timer is not None else contextlib.nullcontext(), strengths:
             flow = self.dit(x, ts, self.prompts, self.pool, step)
             kept, finished = settle(self.sampler, x, flow, ts, rows, lambda sid: self.streams[sid].renoise)
         for r, latent in kept:

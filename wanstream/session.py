@@ -22,7 +22,7 @@ have a chunk ready in the same tick (see ``wanstream v2v a.mp4 b.mp4 ...``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -40,7 +40,8 @@ class StreamSession:
     def __init__(self, model: ModelBundle, *, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
                  width: int = 512, height: int = 512, steps: int = 2, noise_scale: float = 0.8,
                  noise_controller: bool = True, batch: bool = True, seed: int = 0, cache: CacheConfig | None = None,
-                 decoder: str = "vae", noise: NoiseSource | None = None, engine: Engine | None = None):
+                 decoder: str = "vae", noise: NoiseSource | None = None, engine: Engine | None = None,
+                 fit: str = "crop", lora: Mapping[str, float] | None = None):
         if width % 16 or height % 16 or width <= 0 or height <= 0:
             raise ValueError(f"resolution must be positive multiples of 16, got {width}x{height}")
         if decoder not in ("vae", "taehv"):
@@ -54,7 +55,7 @@ class StreamSession:
         self.stream: EngineStream = self.engine.open(
             prompt_embeds=self._resolve_prompt(prompt, prompt_embeds), width=width, height=height, steps=steps,
             noise_scale=noise_scale, noise_controller=noise_controller, batch=batch, seed=seed, cache=cache,
-            decoder=decoder, noise=noise)
+            decoder=decoder, noise=noise, fit=fit, lora=lora)
 
     # ----------------------------------------------------------------- state
     @property
@@ -103,7 +104,7 @@ class StreamSession:
         return self.model.prompt_embedding(prompt)
 
     def push(self, frames, timestamps: Sequence[float] | None = None) -> list[OutputFrame]:
-        """Add frames (uint8 ``[N, H, W, 3]``, any N, any size: resized to the session resolution).
+        """Add frames (uint8 ``[N, H, W, 3]``, any N, any size: framed to the session resolution by ``fit``).
 
         Returns the output frames that became ready.
         """
@@ -131,13 +132,14 @@ class StreamSession:
     # -------------------------------------------------------------- live changes
     def update(self, *, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
                transition_chunks: int = 0, steps: int | None = None, noise_scale: float | None = None,
-               noise_controller: bool | None = None, seed: int | None = None) -> list[OutputFrame]:
+               noise_controller: bool | None = None, seed: int | None = None,
+               lora: Mapping[str, float] | None = None) -> list[OutputFrame]:
         """Change knobs live; they apply from the next chunk. Returns frames finished by a step change."""
         self._check_open()
         if prompt is not None or prompt_embeds is not None:
             self.set_prompt_embedding(self._resolve_prompt(prompt, prompt_embeds), transition_chunks, run=False)
         self.engine.update(self.stream, steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
-                           seed=seed)
+                           seed=seed, lora=lora)
         return self._run()
 
     def set_prompt_embedding(self, embedding: torch.Tensor, transition_chunks: int = 0, run: bool = True) -> None:

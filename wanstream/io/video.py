@@ -1,4 +1,4 @@
-"""Video file I/O (PyAV), frame resizing, pixel <-> tensor conversion and a synthetic motion clip.
+"""Video file I/O (PyAV), frame resizing and framing, pixel <-> tensor conversion and a synthetic motion clip.
 
 Frames are RGB ``uint8`` arrays, ``[H, W, 3]`` for one frame and ``[T, H, W, 3]`` for several. Model tensors are
 ``[T, 3, H, W]`` floats in ``[-1, 1]``.
@@ -138,6 +138,42 @@ def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     return out if arr.ndim == 4 else out[0]
 
 
+FIT_MODES = ("crop", "pad", "stretch")
+
+
+def fit_frames(frames: np.ndarray, width: int, height: int, mode: str = "crop") -> np.ndarray:
+    """Frame ``uint8 [T, H, W, 3]`` or ``[H, W, 3]`` frames to ``width x height`` when their aspect differs.
+
+    * ``crop`` (default): the largest centred region of the target aspect is cut out, then resized (fills the
+      frame, loses the edges of the longer side);
+    * ``pad``: resized to fit inside, centred on black bars (keeps everything, letter- or pillarbox);
+    * ``stretch``: resized to the target size, distorting the aspect.
+
+    Frames already at the target size are returned as they are; resizing is :func:`resize_frames`.
+    """
+    if mode not in FIT_MODES:
+        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {mode!r}")
+    arr = _frames_array(frames)
+    if width < 1 or height < 1:
+        raise ValueError(f"frame target must be positive, got {width}x{height}")
+    h, w = arr.shape[-3:-1]
+    if (h, w) == (height, width) or mode == "stretch":
+        return resize_frames(arr, width, height)
+    if mode == "crop":
+        # the centred crop of the target aspect: full height when the source is wider, else full width
+        cw, ch = (round(h * width / height), h) if w * height > h * width else (w, round(w * height / width))
+        cw, ch = max(1, min(w, cw)), max(1, min(h, ch))
+        x0, y0 = (w - cw) // 2, (h - ch) // 2
+        return resize_frames(arr[..., y0: y0 + ch, x0: x0 + cw, :], width, height)
+    # pad: the resized frame fits inside the target, on black
+    sw, sh = (width, round(h * width / w)) if w * height > h * width else (round(w * height / h), height)
+    sw, sh = max(1, min(width, sw)), max(1, min(height, sh))
+    out = np.zeros((*arr.shape[:-3], height, width, 3), np.uint8)
+    x0, y0 = (width - sw) // 2, (height - sh) // 2
+    out[..., y0: y0 + sh, x0: x0 + sw, :] = resize_frames(arr, sw, sh)
+    return out
+
+
 def fit_resolution(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
     """Round a size down to multiples of ``multiple`` (at least one multiple each way)."""
     if width < 1 or height < 1 or multiple < 1:
@@ -188,6 +224,23 @@ def _has_encoder(name: str) -> bool:
     return True
 
 
+# Encoder threads of the writer: a fixed count, so the bitstream does not depend on how many cores the process
+# may use (x264's frame threads are deterministic for a given count; its "auto" count follows the core count).
+ENCODER_THREADS = 4
+
+
+def x264_asm_flags() -> str | None:
+    """The x264 ``asm`` setting that keeps its output reproducible on this CPU (``None``: x264's own choice).
+
+    x264's AVX-512 routines (as built into PyAV's wheels) make the bitstream differ from run to run: at 160x96
+    a quarter of encodes of the same frames differed, even with one thread; restricted to AVX2 every run gave
+    the same bytes (which are also what the AVX-512 run gives most of the time). So on CPUs with AVX2 (which
+    every AVX-512 CPU has) x264 is limited to AVX2. Elsewhere it keeps its own choice.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AVX2" if capability in ("AVX2", "AVX512") else None
+
+
 class VideoWriter:
     """Encode RGB frames into a video file (H.264 in ``.mp4`` by default); use as a context manager.
 
@@ -196,6 +249,9 @@ class VideoWriter:
     (1 = best, 31 = worst). ``fps`` may be fractional (29.97 is stored as the rate 2997/100). Every written
     frame is kept: the frame count and rate read back are the ones written. Width and height must be even
     (yuv420p). Missing parent folders are created.
+
+    Reproducible: the same frames give the same file bytes on the same machine (:data:`ENCODER_THREADS` frame
+    threads, :func:`x264_asm_flags`; the container carries no creation time).
     """
 
     def __init__(self, path: PathLike, fps: float | Fraction, width: int, height: int, codec: str = "libx264",
@@ -228,8 +284,11 @@ class VideoWriter:
             self._stream = self._container.add_stream(codec, rate=rate)
             self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
             ctx = self._stream.codec_context
+            ctx.thread_type, ctx.thread_count = "FRAME", ENCODER_THREADS
             if codec in ("libx264", "libx265"):
                 ctx.options = {"crf": str(crf), "preset": preset}
+            if codec == "libx264" and (asm := x264_asm_flags()):
+                ctx.options = {**ctx.options, "x264-params": f"asm={asm}"}
             elif codec == "mpeg4":
                 ctx.qmin = ctx.qmax = qscale  # a constant quantiser, like ffmpeg's -q:v
             self._container.start_encoding()  # opens the file now, so a bad path fails here and not later

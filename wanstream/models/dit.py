@@ -51,6 +51,7 @@ class CausalWanDiT(nn.Module):
         self.out_channels = cfg.out_channels
         self.text_len = 512
         self.rope = RopeTables(self.head_dim, max_positions, device=self._device())
+        self.lora = None        # a models.lora.LoRASet while LoRAs are attached (per-row strengths)
 
     def _device(self) -> torch.device:
         return self.transformer.patch_embedding.weight.device

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -21,6 +22,7 @@ from ..sampling import FlowMatchSampler
 from .checkpoints import (build_transformer, build_vae, causal_state_dict, diffusers_dit_config,
                           read_dit_safetensors, read_torch_file, read_wan_config)
 from .dit import CausalWanDiT
+from .lora import LoRAError, LoRASet, LoRASpec
 from .quantize import check_quantize, quantize_dit
 from .vae import StreamingVAE
 
@@ -101,12 +103,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(root: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-               text_encoder: bool = True, taehv: bool = False, quantize: str | None = None) -> ModelBundle:
+               text_encoder: bool = True, taehv: bool = False, quantize: str | None = None,
+               lora: Sequence[LoRASpec | str] = ()) -> ModelBundle:
     """Load a model folder strictly (errors name the file and the culprit).
 
     ``quantize`` (``"int8"`` | ``"fp8"``, see :mod:`.quantize`) quantises the DiT's block linears after loading.
+    ``lora``: LoRA files (``PATH[:strength]`` or :class:`~.lora.LoRASpec`) attached as run-time adapters
+    (:mod:`.lora`; ``bundle.dit.lora``); a missing LoRA file is reported before the model loads.
     """
     paths = ModelPaths.discover(root)
+    lora = [s if isinstance(s, LoRASpec) else LoRASpec.parse(s) for s in lora]
+    missing = [str(s.path) for s in lora if not s.path.exists()]
+    if missing:
+        raise LoRAError(f"LoRA file not found: {', '.join(missing)}")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     check_quantize(quantize, device)
@@ -134,6 +143,8 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
     dit = CausalWanDiT(transformer)
     if quantize is not None:
         quantize_dit(dit, quantize)
+    if lora:
+        LoRASet.load(lora, dit)
     return ModelBundle(dit, StreamingVAE(vae), encoder, FlowMatchSampler(), device, dtype, paths, tae)
 
 
