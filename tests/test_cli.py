@@ -72,3 +72,16 @@ def test_download_offline_is_a_clear_error(tmp_path, capsys):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert "cannot reach the Hugging Face hub" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_v2v_twice_gives_the_same_file(tiny_model_dir, clip_path, tmp_path):
+    """Same seed + input + device → the same mp4 bytes, from two separate processes."""
+    outs = [tmp_path / "a.mp4", tmp_path / "b.mp4"]
+    for out in outs:
+        proc = subprocess.run([sys.executable, "-m", "wanstream.cli", "v2v", str(clip_path), "-o", str(out),
+                               "--model", str(tiny_model_dir), "--prompt", "a watercolor", "--seed", "5",
+                               "--resolution", "64x48", "--fit", "pad", "--device", "cpu"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert read_video(outs[0])[0].shape == (14, 48, 64, 3)

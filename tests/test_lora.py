@@ -318,3 +318,15 @@ def test_engine_refuses_loras_it_does_not_have(lora_model, tiny_model):
     with pytest.raises(ValueError, match="strength"):
         session.update(lora={"ink": 100.0})
     assert Engine(tiny_model).lora_strengths(None) is None and Engine(tiny_model).lora_strengths({}) is None
+
+
+def test_t2v_with_a_lora_at_zero_is_the_base_file(tiny_model, tiny_model_dir, tmp_path):
+    from wanstream.cli import main
+    path = write_lora(random_lora(tiny_model.dit, ALL_BLOCKS[:4], seed=6, std=0.3), "kohya", tmp_path, "ink")
+    common = ["t2v", "--prompt", "a fox", "--frames", "5", "--model", str(tiny_model_dir), "--resolution", "64x48",
+              "--steps", "1", "--device", "cpu"]
+    files = {}
+    for name, extra in (("base", []), ("zero", ["--lora", f"{path}:0"]), ("on", ["--lora", str(path)])):
+        assert main([*common, "-o", str(tmp_path / f"{name}.mp4"), *extra]) == 0
+        files[name] = (tmp_path / f"{name}.mp4").read_bytes()
+    assert files["zero"] == files["base"] and files["on"] != files["base"]

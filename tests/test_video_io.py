@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from wanstream.io import video
-from wanstream.io.video import (VideoError, VideoInfo, VideoWriter, fit_resolution, frames_to_tensor, iter_frames,
-                                make_motion_clip, parse_resolution, probe_video, read_video, resize_frames,
-                                tensor_to_frames, write_motion_clip)
+from wanstream.io.video import (VideoError, VideoInfo, VideoWriter, fit_frames, fit_resolution, frames_to_tensor,
+                                iter_frames, make_motion_clip, parse_resolution, probe_video, read_video,
+                                resize_frames, tensor_to_frames, write_motion_clip)
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,77 @@ def test_write_motion_clip_checks_arguments_before_creating_the_file(tmp_path):
     with pytest.raises(ValueError, match="positive"):
         write_motion_clip(tmp_path / "bad.mp4", 0, 64, 48)
     assert not (tmp_path / "bad.mp4").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# framing (--fit) and reproducible files
+
+def _ramp(width: int, height: int, frames: int = 2) -> np.ndarray:
+    """Frames whose red channel is the column and green channel the row (so geometry is visible in values)."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    img = np.stack([xs % 256, ys % 256, (xs + ys) % 256], axis=-1).astype(np.uint8)
+    return np.stack([img] * frames)
+
+
+def test_fit_crop_cuts_the_centre_of_the_longer_side():
+    wide, tall = _ramp(160, 96), _ramp(96, 160)
+    assert np.array_equal(fit_frames(wide, 96, 96, "crop"), wide[:, :, 32:128])        # no resize needed
+    assert np.array_equal(fit_frames(tall, 96, 96, "crop"), tall[:, 32:128])
+    big = _ramp(320, 192)
+    assert np.array_equal(fit_frames(big, 96, 96), resize_frames(big[:, :, 64:256], 96, 96))   # crop is the default
+    assert np.array_equal(fit_frames(big, 80, 48), resize_frames(big, 80, 48))         # same aspect: a resize
+    assert np.array_equal(fit_frames(wide[0], 96, 96, "crop"), wide[0, :, 32:128])      # one frame [H, W, 3]
+
+
+def test_fit_pad_centres_the_whole_frame_on_black():
+    wide, tall = _ramp(160, 96), _ramp(96, 160)
+    out = fit_frames(wide, 160, 160, "pad")
+    assert out.shape == (2, 160, 160, 3)
+    assert np.array_equal(out[:, 32:128], wide) and not out[:, :32].any() and not out[:, 128:].any()
+    out = fit_frames(tall, 160, 160, "pad")
+    assert np.array_equal(out[:, :, 32:128], tall) and not out[:, :, :32].any() and not out[:, :, 128:].any()
+    big = _ramp(320, 192)
+    out = fit_frames(big, 128, 128, "pad")                  # 320x192 → 128x77 (rounded), 25 rows of bar above
+    assert np.array_equal(out[:, 25:102], resize_frames(big, 128, 77))
+    assert not out[:, :25].any() and not out[:, 102:].any()
+
+
+def test_fit_stretch_and_errors():
+    wide = _ramp(160, 96)
+    assert np.array_equal(fit_frames(wide, 64, 64, "stretch"), resize_frames(wide, 64, 64))
+    assert fit_frames(wide, 160, 96, "pad") is wide                             # already the target size
+    with pytest.raises(ValueError, match="fit must be one of crop, pad, stretch"):
+        fit_frames(wide, 64, 64, "zoom")
+    with pytest.raises(ValueError, match="positive"):
+        fit_frames(wide, 0, 64)
+
+
+def test_same_frames_give_the_same_file_bytes(tmp_path):
+    """x264 with its AVX-512 routines differs between runs (measured: a quarter of runs at 160x96); the writer
+    pins the threads and the instruction set, so 12 encodes of the same frames are one file."""
+    frames = make_motion_clip(17, 160, 96, seed=1)
+    files = set()
+    for i in range(12):
+        with VideoWriter(tmp_path / f"{i}.mp4", 16, 160, 96) as writer:
+            writer.write(frames)
+        files.add((tmp_path / f"{i}.mp4").read_bytes())
+    assert len(files) == 1
+
+
+@pytest.mark.parametrize("fit", ["crop", "pad", "stretch"])
+def test_streams_frame_their_input_by_their_fit(tiny_model, fit):
+    from wanstream.session import StreamSession
+    clip = make_motion_clip(5, 80, 48, seed=3)
+    session = StreamSession(tiny_model, prompt_embeds=torch.zeros(1, 4, 4096), width=48, height=48, fit=fit)
+    try:
+        session.engine.feed(session.stream, clip)
+        images, _ = session.stream.buffer.take()
+        assert np.array_equal(np.stack(images), fit_frames(clip, 48, 48, fit))
+    finally:
+        session.close()
+
+
+def test_unknown_fit_is_refused(tiny_model):
+    from wanstream.session import StreamSession
+    with pytest.raises(ValueError, match="fit must be one of crop, pad, stretch, got 'zoom'"):
+        StreamSession(tiny_model, prompt_embeds=torch.zeros(1, 4, 4096), width=48, height=48, fit="zoom")

@@ -447,6 +447,7 @@ class BenchRun:
     sweep: bool = False
     measure_peak: bool = True
     base: BenchConfig = field(default_factory=BenchConfig)
+    lora: list = field(default_factory=list)      # LoRASpec s attached to the DiT
 
     def configs(self) -> list[BenchConfig]:
         if not self.sweep:
@@ -472,7 +473,7 @@ def run(spec: BenchRun, log=print) -> dict:
     dtype = _DTYPES[spec.dtype] if spec.dtype else None
     t0 = time.perf_counter()
     model = load_model(spec.model_dir, device=spec.device, dtype=dtype, text_encoder=False,
-                       taehv=spec.base.decoder == "taehv")
+                       taehv=spec.base.decoder == "taehv", lora=spec.lora)
     load_s = time.perf_counter() - t0
     commit, dirty = git_commit()
     meta = {"schema": SCHEMA, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -480,6 +481,7 @@ def run(spec: BenchRun, log=print) -> dict:
             **device_info(model.device), "dtype": str(model.dtype).replace("torch.", ""),
             "model": str(spec.model_dir), "load_s": load_s, "host_load_start": _loadavg(),
             "prompt": "synthetic embedding (speed does not depend on the prompt)",
+            "lora": [f"{s.path}:{s.strength:g}" for s in spec.lora],
             "warmup": _warmup_statement(spec.base)}
     with torch.no_grad():
         peaks = roofline.measure_peaks(model.device, model.dtype) if spec.measure_peak else None
@@ -679,6 +681,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="write the rows as a markdown table here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH]",
+                   help="run with this LoRA attached (repeatable); measures the adapters' cost")
+    from .presets import add_preset_arg
+    add_preset_arg(p)
     return p
 
 
@@ -689,8 +695,9 @@ def spec_from_args(args) -> BenchRun:
                        target_latency_s=args.target_latency, seed=args.seed,
                        decoder="taehv" if args.taehv else "vae", prime_chunks=args.prime_chunks)
     base.validate()
+    from .presets import lora_specs
     return BenchRun(model_dir=args.model, device=args.device, dtype=args.dtype, sweep=args.sweep,
-                    measure_peak=not args.no_peak, base=base)
+                    measure_peak=not args.no_peak, base=base, lora=lora_specs(args))
 
 
 def run_bench(args) -> int:
@@ -714,7 +721,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wanstream")
     sub = parser.add_subparsers(dest="command", required=True)
     add_bench_parser(sub)
-    return run_bench(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.preset_file is not None:
+        from .presets import apply_preset
+        args = apply_preset(parser, argv, "bench", args.preset_file)
+    return run_bench(args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .argtypes import float_in, int_in, resolution
 from .errors import CheckpointError
+from .io.video import FIT_MODES
+from .presets import PRESET_COMMANDS, add_preset_arg, apply_preset, lora_specs, prompt_embedding
 
 _steps = int_in(1, 4, "steps")
 _positive = int_in(1, None, "frames")
@@ -19,6 +21,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
 
 
+def _creator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=None, help="the prompt (required unless a --preset gives one)")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH]",
+                   help="a Wan LoRA (diffusers/PEFT, original-Wan or kohya/musubi keys), strength default 1; "
+                        "repeatable")
+    add_preset_arg(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanstream", description="Live video restyling on causal Wan 2.1 DiTs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     _model_args(p)
-    p.add_argument("--prompt", required=True)
+    _creator_args(p)
+    p.add_argument("--fit", choices=FIT_MODES, default="crop",
+                   help="framing when the input's aspect differs from --resolution (centred; default crop)")
     p.add_argument("--steps", type=_steps, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=resolution, default=None, help="WxH, multiples of 16 (default: input size)")
@@ -43,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("t2v", help="generate a video from text")
     p.add_argument("-o", "--output", type=Path, required=True)
     _model_args(p)
-    p.add_argument("--prompt", required=True)
+    _creator_args(p)
     p.add_argument("--frames", type=_positive, default=81)
     p.add_argument("--steps", type=_steps, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -80,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .io.video import VideoError
     try:
+        if args.command in PRESET_COMMANDS and args.preset_file is not None:
+            args = apply_preset(parser, argv, args.command, args.preset_file)
         return COMMANDS[args.command](args)
     except (VideoError, CheckpointError, ValueError, RuntimeError, OSError) as exc:
         print(f"wanstream {args.command}: error: {exc}", file=sys.stderr)
@@ -95,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_v2v(args) -> int:
     from .pipeline_parallel import pipeline_requested, run_v2v_pipeline
     if pipeline_requested(args):
-        if args.quantize:
-            raise ValueError("--quantize is not supported with the multi-GPU pipeline yet")
+        for flag, given in (("--quantize", args.quantize), ("--lora", lora_specs(args))):
+            if given:
+                raise ValueError(f"{flag} is not supported with the multi-GPU pipeline yet")
+        if args.prompt is None:
+            raise ValueError("the multi-GPU pipeline needs --prompt (or a preset with one prompt, not a blend)")
         return run_v2v_pipeline(args)
     from .io.video import fit_resolution, probe_video
     from .models.loader import load_model
@@ -104,10 +122,12 @@ def cmd_v2v(args) -> int:
 
     info = probe_video(args.input)
     width, height = args.resolution or fit_resolution(info.width, info.height)
-    model = load_model(args.model, device=args.device, taehv=args.taehv, quantize=args.quantize)
-    session = StreamSession(model, prompt=args.prompt, width=width, height=height, steps=args.steps,
-                            noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
-                            batch=not args.no_batch, seed=args.seed, decoder="taehv" if args.taehv else "vae")
+    model = load_model(args.model, device=args.device, taehv=args.taehv, quantize=args.quantize,
+                       lora=lora_specs(args))
+    session = StreamSession(model, prompt_embeds=prompt_embedding(model, args), width=width, height=height,
+                            steps=args.steps, noise_scale=args.noise_scale,
+                            noise_controller=not args.no_noise_controller, batch=not args.no_batch, seed=args.seed,
+                            decoder="taehv" if args.taehv else "vae", fit=args.fit)
     written, elapsed, first = restyle_file(session, args, info, width, height)
     print(f"frames {written} | {written / elapsed:.2f} FPS | time to first frame {first:.2f} s | "
           f"{elapsed:.1f} s total | output {args.output}")
@@ -152,8 +172,8 @@ def cmd_t2v(args) -> int:
     from .t2v import text_to_video
 
     width, height = args.resolution
-    model = load_model(args.model, device=args.device)
-    embeds = model.prompt_embedding(args.prompt)
+    model = load_model(args.model, device=args.device, lora=lora_specs(args))
+    embeds = prompt_embedding(model, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     first = None

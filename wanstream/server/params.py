@@ -7,19 +7,26 @@ are refused, ranges are checked, prompts are at most 2,000 characters.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import torch
+
+from ..models.lora import MAX_STRENGTH
 
 MAX_PROMPT_CHARS = 2000
 MAX_BLEND_PROMPTS = 8
 MAX_TRANSITION_CHUNKS = 64
 MAX_SEED = 2**32 - 1
+MAX_LORAS = 16
+
+LoRAStrength = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH)]
 
 # Fields whose change alters the conditioning (and so discards the frames queued before it).
 PROMPT_FIELDS = frozenset({"prompt", "prompts"})
 # Fields the model worker applies at the next chunk.
-MODEL_FIELDS = frozenset({"prompt", "prompts", "steps", "noise_scale", "noise_controller", "seed"})
+MODEL_FIELDS = frozenset({"prompt", "prompts", "steps", "noise_scale", "noise_controller", "seed", "lora"})
 
 
 class WeightedPrompt(BaseModel):
@@ -43,6 +50,9 @@ class ParamsUpdate(BaseModel):
     noise_scale: float | None = Field(None, gt=0.0, le=1.0)
     noise_controller: bool | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    lora: dict[str, LoRAStrength] | None = Field(None, max_length=MAX_LORAS,
+                                                  description="LoRA strengths by name (0: off); names left out "
+                                                              "keep their strength")
     recording: bool | None = None
     reset: bool | None = Field(None, description="true: drop the caches and re-prepare on the next frames")
 
@@ -65,6 +75,7 @@ class SessionParams(BaseModel):
     noise_scale: float = 0.8
     noise_controller: bool = True
     seed: int = 0
+    lora: dict[str, float] = Field(default_factory=dict)
     recording: bool = False
 
     def merged(self, update: ParamsUpdate) -> tuple[SessionParams, set[str]]:
@@ -75,6 +86,8 @@ class SessionParams(BaseModel):
         new = self.model_copy(update={k: v for k, v in values.items()})
         if update.prompts is not None:
             new.prompts = [p.model_copy() for p in update.prompts]
+        if update.lora is not None:
+            new.lora = {**self.lora, **update.lora}
         changed = {k for k in type(self).model_fields if getattr(new, k) != getattr(self, k)}
         return new, changed
 

@@ -1,0 +1,172 @@
+"""Presets: a JSON file with prompt(s) and blend weights, the knobs and the LoRAs (paths and strengths).
+
+A preset is validated with the live parameter schema of the server (:class:`~.server.params.ParamsUpdate`, the
+same fields, types and ranges) plus its LoRA files::
+
+    {"format": "wanstream-preset", "version": 1,
+     "prompts": [{"text": "ink wash painting", "weight": 2}, {"text": "neon city", "weight": 1}],
+     "transition_chunks": 4, "steps": 2, "noise_scale": 0.7, "noise_controller": true, "seed": 7,
+     "loras": [{"path": "styles/ink.safetensors", "strength": 0.8}]}
+
+Every field is optional. LoRA paths are relative to the preset file's folder (a preset travels with its LoRAs).
+``--preset FILE`` on ``v2v`` / ``t2v`` / ``bench`` makes the preset the defaults of the command's flags, so flags
+given on the command line win (``--lora`` replaces the preset's LoRA list; ``--prompt`` its prompt or blend);
+``bench`` uses only steps, seed and LoRAs (its prompt is a fixed embedding). The server turns a preset into a
+live update with :meth:`Preset.to_params` and a session's state into a preset with :meth:`Preset.from_params`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Literal, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from .models.lora import MAX_STRENGTH, LoRASpec, lora_name
+from .server.params import MAX_LORAS, ParamsUpdate, SessionParams, conditioning
+
+FORMAT = "wanstream-preset"
+VERSION = 1
+PRESET_COMMANDS = ("v2v", "t2v", "bench")
+_NOT_IN_PRESET = ("recording", "reset", "lora")          # live-only fields (a preset names LoRAs by path)
+_KNOBS = ("prompt", "prompts", "transition_chunks", "steps", "noise_scale", "noise_controller", "seed")
+
+
+class PresetError(ValueError):
+    """A preset file is missing, not JSON, or does not fit the schema (the message names the file and field)."""
+
+
+class PresetLoRA(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    path: str = Field(min_length=1, description="LoRA file or folder, relative to the preset file's folder")
+    strength: float = Field(1.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH)
+
+    @property
+    def name(self) -> str:
+        return lora_name(self.path)
+
+
+class Preset(ParamsUpdate):
+    """A preset: the live parameters (:class:`ParamsUpdate`'s schema) and LoRAs with their files."""
+
+    format: Literal["wanstream-preset"] = FORMAT
+    version: Literal[1] = VERSION
+    loras: list[PresetLoRA] = Field(default_factory=list, max_length=MAX_LORAS)
+    _folder: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_preset(self) -> Preset:
+        given = [k for k in _NOT_IN_PRESET if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not part of a preset (LoRAs go in 'loras' with their paths)")
+        names = [lo.name for lo in self.loras]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two LoRAs with the name {', '.join(twice)} (names are file names without extension)")
+        return self
+
+    # ------------------------------------------------------------------------------------------ files
+    @classmethod
+    def load(cls, path: str | Path) -> Preset:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise PresetError(f"{path}: cannot read preset ({exc.strerror or exc})") from None
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PresetError(f"{path}: not JSON ({exc})") from None
+        try:
+            preset = cls.model_validate_json(text)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'preset'}: {e['msg']}" for e in exc.errors())
+            raise PresetError(f"{path}: {problems}") from None
+        preset._folder = path.resolve().parent
+        return preset
+
+    def save(self, path: str | Path) -> Path:
+        """Write the preset; LoRA paths are rewritten relative to the new file's folder (same files)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.model_dump(mode="json", exclude_none=True, exclude=set(_NOT_IN_PRESET))
+        folder = path.resolve().parent
+        for entry, spec in zip(data["loras"], self.lora_specs()):
+            entry["path"] = os.path.relpath(spec.path.resolve(), folder)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    # ------------------------------------------------------------------------------------------ conversions
+    def lora_specs(self) -> list[LoRASpec]:
+        """The LoRAs to load (relative paths resolved against the preset file's folder)."""
+        base = self._folder or Path.cwd()
+        return [LoRASpec(Path(os.path.normpath(base / lo.path)), lo.strength) for lo in self.loras]
+
+    def to_params(self) -> ParamsUpdate:
+        """The live update this preset asks for (LoRA strengths by name; the LoRAs must be loaded)."""
+        values = {k: getattr(self, k) for k in _KNOBS if getattr(self, k) is not None}
+        if self.loras:
+            values["lora"] = {lo.name: lo.strength for lo in self.loras}
+        return ParamsUpdate(**values)
+
+    @classmethod
+    def from_params(cls, params: SessionParams, lora_paths: Mapping[str, str | Path] | None = None) -> Preset:
+        """A preset of a session's parameters; ``lora_paths``: the file of each loaded LoRA by name."""
+        lora_paths = lora_paths or {}
+        unknown = sorted(set(params.lora) - set(lora_paths))
+        if unknown:
+            raise PresetError(f"no file known for LoRA {', '.join(unknown)}")
+        values = {k: getattr(params, k) for k in _KNOBS if getattr(params, k) is not None}
+        if params.prompts:
+            values.pop("prompt")
+        loras = [PresetLoRA(path=str(lora_paths[n]), strength=s) for n, s in params.lora.items()]
+        return cls(**values, loras=loras)
+
+
+# ============================================================================================ command line
+def add_preset_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", dest="preset_file", type=Path, default=None, metavar="FILE",
+                   help="a preset JSON (prompts, knobs, LoRAs); flags given here override its values")
+
+
+def cli_defaults(preset: Preset) -> dict:
+    """The command-line defaults a preset stands for (``argparse`` dests)."""
+    out: dict = {"preset": preset, "preset_loras": preset.lora_specs()}
+    if preset.prompts:
+        out["prompt"], out["prompts"] = None, preset.prompts        # an explicit --prompt still wins
+    elif preset.prompt is not None:
+        out["prompt"] = preset.prompt
+    for key in ("steps", "seed", "noise_scale"):
+        if getattr(preset, key) is not None:
+            out[key] = getattr(preset, key)
+    if preset.noise_controller is not None:
+        out["no_noise_controller"] = not preset.noise_controller
+    return out
+
+
+def apply_preset(parser: argparse.ArgumentParser, argv: Sequence[str] | None, command: str,
+                 path: Path) -> argparse.Namespace:
+    """Parse ``argv`` again with the preset as the defaults of ``command`` (so explicit flags win)."""
+    preset = Preset.load(path)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    sub.set_defaults(**cli_defaults(preset))
+    return parser.parse_args(argv)
+
+
+def lora_specs(args: argparse.Namespace) -> list[LoRASpec]:
+    """``--lora`` flags (they replace a preset's LoRAs), else the preset's LoRAs."""
+    if getattr(args, "lora", None):
+        return [LoRASpec.parse(s) for s in args.lora]
+    return list(getattr(args, "preset_loras", None) or [])
+
+
+def prompt_embedding(model, args: argparse.Namespace):
+    """The prompt embedding ``--prompt`` or else the preset's prompt blend asks for."""
+    prompt = getattr(args, "prompt", None)
+    prompts = None if prompt is not None else getattr(args, "prompts", None)
+    if prompt is None and not prompts:
+        raise ValueError("give --prompt (or a --preset with a prompt)")
+    return conditioning(model, argparse.Namespace(prompt=prompt, prompts=prompts))
