@@ -233,9 +233,9 @@ def x264_asm_flags() -> str | None:
     """The x264 ``asm`` setting that keeps its output reproducible on this CPU (``None``: x264's own choice).
 
     x264's AVX-512 routines (as built into PyAV's wheels) make the bitstream differ from run to run: at 160x96
-    a quarter of encodes of the same frames differed, even with one thread; restricted to AVX2 every run gave
-    the same bytes (which are also what the AVX-512 run gives most of the time). So on CPUs with AVX2 (which
-    every AVX-512 CPU has) x264 is limited to AVX2. Elsewhere it keeps its own choice.
+    a quarter of encodes of the same frames differed (a few percent with one thread); restricted to AVX2, 100 of
+    100 runs gave the same bytes (which are also what the AVX-512 runs give most of the time). So on CPUs with
+    AVX2 (which every AVX-512 CPU has) x264 is limited to AVX2. Elsewhere it keeps its own choice.
     """
     capability = torch.backends.cpu.get_cpu_capability()
     return "AVX2" if capability in ("AVX2", "AVX512") else None
