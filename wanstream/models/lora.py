@@ -343,13 +343,14 @@ class _CallScales:
     def __init__(self, rows: list[tuple[float, ...]], device: torch.device):
         self.rows = rows
         self.device = device
-        self._table: torch.Tensor | None = None
+        self._tables: dict[torch.dtype, torch.Tensor] = {}
         self._plans: dict = {}
 
     def table(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._table is None or self._table.dtype != dtype:
-            self._table = torch.tensor(self.rows, dtype=dtype).to(self.device, non_blocking=True)
-        return self._table
+        """``[B, n_loras]`` on the device (one upload per call and dtype)."""
+        if dtype not in self._tables:
+            self._tables[dtype] = torch.tensor(self.rows, dtype=dtype).to(self.device, non_blocking=True)
+        return self._tables[dtype]
 
     def segments(self, loras: tuple[int, ...]) -> list[tuple[int, int]]:
         """Runs ``[lo, hi)`` of rows with a non-zero strength for any of ``loras``."""
