@@ -378,9 +378,8 @@ class _CallScales:
 class _Adapter:
     """The LoRAs on one linear layer, stacked along the rank; called as the layer's forward hook."""
 
-    def __init__(self, owner: "LoRASet", name: str, deltas: list[tuple[int, LayerDelta]], device, dtype):
+    def __init__(self, owner: "LoRASet", deltas: list[tuple[int, LayerDelta]], device, dtype):
         self.owner = owner
-        self.name = name
         self.loras = tuple(j for j, _ in deltas)
         low = [(j, d) for j, d in deltas if d.A is not None]
         self.A = torch.cat([d.A for _, d in low]).to(device, dtype) if low else None              # [R, in]
@@ -465,7 +464,7 @@ class LoRASet:
             for name, d in w.layers.items():
                 per_layer.setdefault(name, []).append((j, d))
         for name, deltas in per_layer.items():
-            adapter = _Adapter(self, name, deltas, ref.device, ref.dtype)
+            adapter = _Adapter(self, deltas, ref.device, ref.dtype)
             self.adapters[name] = adapter
             self._hooks.append(modules[name].register_forward_hook(adapter))
         self._dit = dit
@@ -502,9 +501,6 @@ class LoRASet:
         if len(values) != len(self.names):
             raise ValueError(f"need {len(self.names)} LoRA strengths, got {len(values)}")
         return tuple(check_strength(v, n) for n, v in zip(self.names, values))
-
-    def as_dict(self, vector: Sequence[float] | None) -> dict[str, float]:
-        return dict(zip(self.names, self.defaults if vector is None else vector))
 
     @contextmanager
     def rows(self, per_row: Sequence[Sequence[float] | None]) -> Iterator[None]:
