@@ -460,7 +460,7 @@ class Stage:
         has_cache = self.pool is not None and i in self.pool.k
         payloads = list(params)
         if has_cache:
-            payloads += list(self.pool.pop_layer(i))           # K, V, prompt K, prompt V
+            payloads += list(self.pool.pop_layer(i))   # K, V, K means, V means, prompt K, prompt V
         blk.to("meta")
         return Message(Kind.BLOCK, meta=[i, len(params), int(has_cache), self.epoch],
                        payloads=payloads)
@@ -470,7 +470,7 @@ class Stage:
         blk = self.dit.transformer.blocks[i]
         names = list(blk.state_dict().keys())
         shapes = [t.shape for t in blk.state_dict().values()]
-        if n != len(names) or len(msg.payloads) != n + 4 * has_cache:
+        if n != len(names) or len(msg.payloads) != n + 6 * has_cache:
             raise ProtocolError(f"rank {self.rank}: block {i} arrived with {len(msg.payloads)} tensors")
         params = msg.payloads[:n]
         for name, shape, t in zip(names, shapes, params):
@@ -482,7 +482,7 @@ class Stage:
         if has_cache:
             if self.pool is None:
                 raise ProtocolError(f"rank {self.rank}: block {i} brought a KV cache but no stream is running")
-            self.pool.put_layer(i, *rest[:4])
+            self.pool.put_layer(i, *rest[:6])
         return i
 
     def apply_move(self, move: Move) -> None:
