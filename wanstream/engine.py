@@ -34,7 +34,7 @@ import torch
 
 from .chunking import ChunkBuffer, ChunkInfo
 from .config import CacheConfig, StreamSettings
-from .io.video import frames_to_tensor, resize_frames, tensor_to_frames
+from .io.video import resize_frames
 from .kv_cache import CachePolicy, KVPool
 from .noise import NoiseSource, SeededNoise
 from .noise_controller import NoiseController
@@ -42,6 +42,7 @@ from .runner import ChunkInput, Done, Runner, RunnerStream
 from .scheduler import (Decision, LatencyModel, Scheduler, SLOConfig, Stage, StreamSchedule, StreamView,
                         compose)
 from .timing import PhaseTimer
+from .transfer import download_frames, upload_frames
 
 log = logging.getLogger("wanstream.engine")
 
@@ -176,7 +177,8 @@ class Engine:
     """The multi-stream engine of one model (see the module docstring)."""
 
     def __init__(self, model, *, slo: SLOConfig | None = None, policy: str = "continuous",
-                 clock: Callable[[], float] = time.perf_counter, reserve_rows: int = 0, runner_factory=None):
+                 clock: Callable[[], float] = time.perf_counter, reserve_rows: int = 0, runner_factory=None,
+                 compile: bool = False):
         if policy not in ("continuous", "round_robin"):
             raise ValueError(f"policy must be 'continuous' or 'round_robin', got {policy!r}")
         self.model = model
@@ -185,6 +187,7 @@ class Engine:
         self.clock = clock
         self.reserve_rows = reserve_rows
         self.runner_factory = runner_factory      # (engine, width, height, cache) → runner; default: one device
+        self.compile = compile                    # the default runner's steady-state DiT call compiled (+ CUDA graphs)
         self.timer = PhaseTimer(model.device)
         self.groups: dict[tuple, Group] = {}
         self.streams: dict[int, EngineStream] = {}
@@ -256,7 +259,7 @@ class Engine:
                               m.device, text_len=dit.text_len)
                 if self.reserve_rows:
                     pool.reserve(self.reserve_rows)
-                runner = Runner(dit, m.sampler, pool, CachePolicy(cache), tpf, timer=self.timer)
+                runner = Runner(dit, m.sampler, pool, CachePolicy(cache), tpf, timer=self.timer, compile=self.compile)
             g = self.groups[key] = Group(key, runner, Scheduler(self.slo, LatencyModel()), tpf)
         return g
 
@@ -556,7 +559,7 @@ class Engine:
         for s in joining:
             images, info = taken[s.id]
             try:
-                pixels[s.id] = frames_to_tensor(np.stack(images)).to(m.device, m.dtype)
+                pixels[s.id] = upload_frames(images, m.device, m.dtype)
             except Exception as exc:  # noqa: BLE001
                 self._stream_error(s, "frames", exc)
         joining = [s for s in joining if s.id in pixels]
@@ -620,9 +623,9 @@ class Engine:
                         if d.frames is not None:
                             images = d.frames.cpu().numpy()
                         elif s.decoder == "vae":
-                            images = tensor_to_frames(vae.decode(s.dec_state, d.latent)[0])
+                            images = download_frames(vae.decode(s.dec_state, d.latent)[0])
                         else:
-                            images = tensor_to_frames(s.dec_state.decode(d.latent)[0])
+                            images = download_frames(s.dec_state.decode(d.latent)[0])
                         info = s.chunks.pop(d.row.chunk)
                         for img, fid, ts in zip(images[: info.real], info.frame_ids, info.timestamps):
                             frames_out.append(OutputFrame(img, fid, ts))
