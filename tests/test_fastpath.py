@@ -241,6 +241,11 @@ def test_step_buffers_are_persistent_and_match_a_fresh_build():
         assert buf.values[0].tolist() == [f * 10 for f in frames]
     with pytest.raises(ValueError, match="one entry per batch row"):
         buf.fill([1, 2], [1, 2], ([0, 0],))
+    # per stream: a stream still filling its cache attends with the mask, a full one without (as alone)
+    mixed = StepBuffers(policy, 1, 4, "cpu", [0, 1, 2, 3], streams=["a", "a", "b", "b"])
+    step = mixed.fill([9, 8, 2, 1], [0] * 4)
+    assert step.segments == [(0, 2, 0), (2, 4, 2)] and step.masked == [False, True]
+    assert mixed.fill([9, 8, 7, 6], [0] * 4).attn_mask is None
 
 
 def test_steady_runner_calls_build_no_tensors_from_host_lists(kit_dit, kit_context, monkeypatch):

@@ -309,7 +309,9 @@ class CacheStep:
     """Where one DiT call writes and what it reads, as device index tensors built from host integers.
 
     Batch row b uses cache row ``cache_row[b]``. ``segments`` are the maximal runs of batch rows whose cache rows
-    are consecutive: self-attention reads each run's rows as one slice (in the steady state: one run). With
+    are consecutive and that agree on needing the mask (``masked``: a stream still filling its cache attends with
+    it, a full one without, exactly as alone): self-attention reads each run's rows as one slice (in the steady
+    state: one run, no mask). With
     ``prompts`` (per-row prompt slots), cross-attention reads the pool's prompt slots in ``prompt_groups``; without,
     the prompt K/V has batch 1 (shared) or B (per row). The tensors are usually views of a :class:`StepBuffers`,
     refilled in place for every call of the same layout.
@@ -328,6 +330,7 @@ class CacheStep:
     token_offsets: torch.Tensor        # [F] int64 0..F-1
     write_means: bool                  # some new frame lands in a sink slot: its token means are written too
     prompt_groups: list[tuple[int, int, int, int]] | None = None
+    masked: list[bool] | None = None   # per segment: attend with the mask (its streams still fill their cache)
 
     @property
     def rows(self) -> slice:
@@ -345,15 +348,17 @@ class CacheStep:
     @classmethod
     def build(cls, policy: CachePolicy, frames: Sequence[int], rope_starts: Sequence[int], num_frames: int,
               tokens_per_frame: int, device, row_start: int = 0, cache_rows: Sequence[int] | None = None,
-              prompts: Sequence[int] | None = None) -> "CacheStep":
+              prompts: Sequence[int] | None = None, streams: Sequence | None = None) -> "CacheStep":
         """``frames[r]`` = frame count of batch row r before this call; ``rope_starts[r]`` = its RoPE position.
 
         Batch row r uses cache row ``cache_rows[r]`` (default ``row_start + r``) and, with ``prompts``, prompt
-        slot ``prompts[r]``. One-off buffers; a caller with repeating layouts keeps a :class:`StepBuffers`.
+        slot ``prompts[r]``. With ``streams`` (each row's stream), a stream whose rows are all full attends
+        without a mask even when another stream of the call still fills its cache, exactly as it would alone.
+        One-off buffers; a caller with repeating layouts keeps a :class:`StepBuffers`.
         """
         b = len(frames)
         cache_rows = list(range(row_start, row_start + b)) if cache_rows is None else list(cache_rows)
-        buffers = StepBuffers(policy, num_frames, tokens_per_frame, device, cache_rows, prompts)
+        buffers = StepBuffers(policy, num_frames, tokens_per_frame, device, cache_rows, prompts, streams=streams)
         return buffers.fill(frames, rope_starts)
 
 
@@ -367,18 +372,20 @@ class StepBuffers:
     """
 
     def __init__(self, policy: CachePolicy, num_frames: int, tokens_per_frame: int, device,
-                 cache_rows: Sequence[int], prompts: Sequence[int] | None = None, row_values: int = 0):
+                 cache_rows: Sequence[int], prompts: Sequence[int] | None = None, row_values: int = 0,
+                 streams: Sequence | None = None):
         b = len(cache_rows)
         if b < 1:
             raise ValueError("a call needs at least one batch row")
-        if prompts is not None and len(prompts) != b:
-            raise ValueError("cache_rows and prompts must have one entry per batch row")
+        self.streams = [0] * b if streams is None else list(streams)
+        if (prompts is not None and len(prompts) != b) or len(self.streams) != b:
+            raise ValueError("cache_rows, prompts and streams must have one entry per batch row")
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         device = torch.device(device)
         self.policy, self.b, self.frames, self.f_tok = policy, b, num_frames, tokens_per_frame
         self.row_values = row_values
-        self.segments = runs(cache_rows)
+        self.row_runs = runs(cache_rows)
         self.groups = prompt_groups(prompts) if prompts is not None else None
         n = b * (num_frames + 3 + row_values)
         pinned = device.type == "cuda"
@@ -432,12 +439,26 @@ class StepBuffers:
             self._turn = (self._turn + 1) % len(self._host)
         torch.add(self.token_offsets, self.slot_index[:, :, None], alpha=self.f_tok,
                   out=self.write_index.view(b, nf, self.f_tok))
-        mask = None
-        if min(valid) < pol.capacity:
+        mask, segments, masked = None, self.row_runs, [False] * len(self.row_runs)
+        filling = {sid for sid, n in zip(self.streams, valid) if n < pol.capacity}
+        if filling:
             torch.lt(self.positions, self.valid_tokens[:, None], out=self.mask.view(b, -1))
             mask = self.mask
+            segments, masked = self._split(self.row_runs, [sid in filling for sid in self.streams])
         refresh = self.refresh.copy_(self.eligible) if any(eligible) else None
         write_means = pol.sink > 0 and min(slots) < pol.sink
-        return CacheStep(self.write_index, self.row_index, mask, refresh, self.rope_starts, self.segments,
+        return CacheStep(self.write_index, self.row_index, mask, refresh, self.rope_starts, segments,
                          pol.sink * self.f_tok, pol.config.sink_threshold, self.cache_row, self.slot_index,
-                         self.token_offsets, write_means, self.groups)
+                         self.token_offsets, write_means, self.groups, masked)
+
+    @staticmethod
+    def _split(row_runs, row_masked: list[bool]) -> tuple[list[tuple[int, int, int]], list[bool]]:
+        """The runs of consecutive cache rows, split where the rows' need for the mask changes."""
+        segments: list[list[int]] = []
+        for b0, b1, r0 in row_runs:
+            for i in range(b0, b1):
+                if i == b0 or row_masked[i] != row_masked[i - 1]:
+                    segments.append([i, i + 1, r0 + i - b0])
+                else:
+                    segments[-1][1] = i + 1
+        return [tuple(x) for x in segments], [row_masked[x[0]] for x in segments]

@@ -238,7 +238,7 @@ class Runner:
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         leases = self.pool.leases
         lay = self._layout(call.frames, tuple(leases[r.stream].row + r.cache_row for r in rows),
-                           tuple(leases[r.stream].slot for r in rows))
+                           tuple(leases[r.stream].slot for r in rows), tuple(r.stream for r in rows))
         step = lay.buffers.fill([r.frame for r in rows], [r.rope for r in rows],
                                 ([r.t for r in rows], [r.t_next for r in rows]))
         ts, t_next = lay.buffers.values
@@ -254,12 +254,13 @@ class Runner:
         return [Done(r, x0) for r, x0 in finished]
 
     # ------------------------------------------------------------------------------------------ fast path
-    def _layout(self, frames: int, cache_rows: tuple[int, ...], prompts: tuple[int, ...]) -> _Layout:
-        key = (frames, cache_rows, prompts)
+    def _layout(self, frames: int, cache_rows: tuple[int, ...], prompts: tuple[int, ...],
+                streams: tuple) -> _Layout:
+        key = (frames, cache_rows, prompts, streams)
         lay = self._layouts.get(key)
         if lay is None:
             buffers = StepBuffers(self.policy, frames, self.tokens_per_frame, self.device, cache_rows, prompts,
-                                  row_values=2)
+                                  row_values=2, streams=streams)
             lay = self._layouts[key] = _Layout(buffers)
             while len(self._layouts) > MAX_LAYOUTS:
                 self._layouts.popitem(last=False)

@@ -43,8 +43,9 @@ def self_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
         cache_km.index_put_((rows, step.slot_index), mk)
         cache_vm.index_put_((rows, step.slot_index), mv)
     outs = []
-    for b0, b1, r0 in step.segments:
-        mask = None if step.attn_mask is None else step.attn_mask[b0:b1]
+    for j, (b0, b1, r0) in enumerate(step.segments):
+        use_mask = step.attn_mask is not None and (step.masked is None or step.masked[j])
+        mask = step.attn_mask[b0:b1] if use_mask else None
         outs.append(attend(q[b0:b1], cache_k[r0: r0 + b1 - b0], cache_v[r0: r0 + b1 - b0], mask))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return attn.to_out[0](out.flatten(2).type_as(x))
