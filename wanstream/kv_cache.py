@@ -311,10 +311,9 @@ class CacheStep:
     Batch row b uses cache row ``cache_row[b]``. ``segments`` are the maximal runs of batch rows whose cache rows
     are consecutive and that agree on needing the mask (``masked``: a stream still filling its cache attends with
     it, a full one without, exactly as alone): self-attention reads each run's rows as one slice (in the steady
-    state: one run, no mask). With
-    ``prompts`` (per-row prompt slots), cross-attention reads the pool's prompt slots in ``prompt_groups``; without,
-    the prompt K/V has batch 1 (shared) or B (per row). The tensors are usually views of a :class:`StepBuffers`,
-    refilled in place for every call of the same layout.
+    state: one run, no mask). With ``prompts`` (per-row prompt slots), cross-attention reads the pool's prompt
+    slots in ``prompt_groups``; without, the prompt K/V has batch 1 (shared) or B (per row). The tensors are usually
+    views of a :class:`StepBuffers`, refilled in place for every call of the same layout.
     """
 
     write_index: torch.Tensor          # [B, T*F] token positions to write, per row
