@@ -428,7 +428,7 @@ def test_cli_v2v_pipeline_two_cpu_ranks(model4, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wanstream.models.text_encoder", fake)
     clip = write_motion_clip(tmp_path / "in.mp4", 11, W_PIX, H, 16.0)
     p = argparse.ArgumentParser()
-    p.add_argument("input", type=Path)
+    p.add_argument("input", type=Path, nargs="+")
     p.add_argument("-o", "--output", type=Path)
     p.add_argument("--model", type=Path)
     p.add_argument("--device", default=None)

@@ -301,6 +301,7 @@ class CacheStep:
     sink_tokens: int                   # sink frames * tokens per frame
     sink_threshold: float
     prompt_groups: list[tuple[int, int, int, int]] | None = None
+    masked: list[bool] | None = None   # per segment: attend with the mask (its streams still fill their cache)
 
     @property
     def rows(self) -> slice:
@@ -313,18 +314,20 @@ class CacheStep:
     @classmethod
     def build(cls, policy: CachePolicy, frames: Sequence[int], rope_starts: Sequence[int], num_frames: int,
               tokens_per_frame: int, device, row_start: int = 0, cache_rows: Sequence[int] | None = None,
-              prompts: Sequence[int] | None = None) -> "CacheStep":
+              prompts: Sequence[int] | None = None, streams: Sequence | None = None) -> "CacheStep":
         """``frames[r]`` = frame count of batch row r before this call; ``rope_starts[r]`` = its RoPE position.
 
         Batch row r uses cache row ``cache_rows[r]`` (default ``row_start + r``) and, with ``prompts``, prompt
-        slot ``prompts[r]``.
+        slot ``prompts[r]``. With ``streams`` (each row's stream), a stream whose rows are all full attends
+        without a mask even when another stream of the call still fills its cache, exactly as it would alone.
         """
         if len(frames) != len(rope_starts):
             raise ValueError("frames and rope_starts must have one entry per batch row")
         b = len(frames)
         cache_rows = list(range(row_start, row_start + b)) if cache_rows is None else list(cache_rows)
-        if len(cache_rows) != b or (prompts is not None and len(prompts) != b):
-            raise ValueError("cache_rows and prompts must have one entry per batch row")
+        streams = [0] * b if streams is None else list(streams)
+        if len(cache_rows) != b or len(streams) != b or (prompts is not None and len(prompts) != b):
+            raise ValueError("cache_rows, prompts and streams must have one entry per batch row")
         f_tok = tokens_per_frame
         slots = [[policy.slot(f + i) for i in range(num_frames)] for f in frames]
         valid = [policy.valid_after(f, num_frames) for f in frames]
@@ -332,13 +335,22 @@ class CacheStep:
         write = (slot_t[:, :, None] * f_tok + torch.arange(f_tok, device=device)).reshape(b, -1)
         rows_t = torch.tensor(cache_rows, dtype=torch.long).to(device, non_blocking=True)
         rows = rows_t[:, None].expand_as(write)
+        filling = {sid for sid, n in zip(streams, valid) if n < policy.capacity}
+        masked = [sid in filling for sid in streams]
         mask = None
-        if min(valid) < policy.capacity:
+        if filling:
             valid_t = torch.tensor(valid, dtype=torch.long).to(device, non_blocking=True) * f_tok
             mask = (torch.arange(policy.capacity * f_tok, device=device)[None] < valid_t[:, None])[:, None, None, :]
         eligible = [policy.refresh_eligible(f, num_frames) for f in frames]
         refresh = torch.tensor(eligible).to(device, non_blocking=True) if any(eligible) else None
         starts = torch.tensor(list(rope_starts), dtype=torch.long).to(device, non_blocking=True)
         groups = prompt_groups(prompts) if prompts is not None else None
-        return cls(write, rows, mask, refresh, starts, runs(cache_rows), policy.sink * f_tok,
-                   policy.config.sink_threshold, groups)
+        segments = []                      # runs of consecutive cache rows that also agree on needing the mask
+        for b0, b1, r0 in runs(cache_rows):
+            for i in range(b0, b1):
+                if i == b0 or masked[i] != masked[i - 1]:
+                    segments.append([i, i + 1, r0 + i - b0])
+                else:
+                    segments[-1][1] = i + 1
+        return cls(write, rows, mask, refresh, starts, [tuple(x) for x in segments], policy.sink * f_tok,
+                   policy.config.sink_threshold, groups, [masked[x[0]] for x in segments])

@@ -186,7 +186,7 @@ class Runner:
         step = CacheStep.build(self.policy, [r.frame for r in rows], [r.rope for r in rows], call.frames,
                                self.tokens_per_frame, self.device,
                                cache_rows=[leases[r.stream].row + r.cache_row for r in rows],
-                               prompts=[leases[r.stream].slot for r in rows])
+                               prompts=[leases[r.stream].slot for r in rows], streams=[r.stream for r in rows])
         with self.timer.section("dit") if self.timer is not None else contextlib.nullcontext():
             flow = self.dit(x, ts, self.prompts, self.pool, step)
             kept, finished = settle(self.sampler, x, flow, ts, rows, lambda sid: self.streams[sid].renoise)

@@ -35,9 +35,10 @@ def self_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     cache_k.index_put_((step.row_index, step.write_index), k)
     cache_v.index_put_((step.row_index, step.write_index), v)
     outs = []
-    for b0, b1, r0 in step.segments:
+    for j, (b0, b1, r0) in enumerate(step.segments):
         keys, values = cache_k[r0: r0 + b1 - b0], cache_v[r0: r0 + b1 - b0]
-        mask = None if step.attn_mask is None else step.attn_mask[b0:b1]
+        use_mask = step.attn_mask is not None and (step.masked is None or step.masked[j])
+        mask = step.attn_mask[b0:b1] if use_mask else None
         outs.append(F.scaled_dot_product_attention(q[b0:b1].transpose(1, 2), keys.transpose(1, 2),
                                                    values.transpose(1, 2), attn_mask=mask))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)

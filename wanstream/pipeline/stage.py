@@ -401,7 +401,7 @@ class Stage:
         step = CacheStep.build(self.policy, [r.frame for r in m.rows], [r.rope for r in m.rows], m.grid[0],
                                self.cfg.tokens_per_frame, self.device,
                                cache_rows=[leases[r.stream].row + r.cache_row for r in m.rows],
-                               prompts=[leases[r.stream].slot for r in m.rows])
+                               prompts=[leases[r.stream].slot for r in m.rows], streams=[r.stream for r in m.rows])
         with self.timer.section("dit"):
             out = self.dit(x, ts, PromptKV(self.pool.pk, self.pool.pv), self.pool, step, blocks=self.blocks,
                            grid=None if self.blocks[0] == 0 else tuple(m.grid))
