@@ -26,8 +26,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from ..errors import CheckpointError
-from .checkpoints import check_keys, read_torch_file
-from .loader import T5_FILE, TOKENIZER_DIR
+from .checkpoints import T5_FILE, TOKENIZER_DIR, check_keys, read_torch_file
 
 TEXT_LEN = 512
 EMBED_ALIAS = "encoder.embed_tokens.weight"
