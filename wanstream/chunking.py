@@ -68,12 +68,13 @@ class ChunkInfo:
 class ChunkBuffer:
     """Input frames of one stream, cut into chunks. Thread-safe (transports push, the engine takes).
 
-    ``max_frames`` bounds the queue: a frame pushed onto a full queue drops the oldest (``dropped`` counts them),
-    so a stream that outruns the model keeps the newest frames and never builds a backlog. ``None``: unbounded
-    (files and the Python API, where every frame must come out).
+    ``max_chunks`` bounds the queue to that many chunks (5 frames each before the first chunk is taken, 4 after):
+    a frame pushed onto a full queue drops the oldest (``dropped`` counts them), so a stream that outruns the model
+    keeps the newest frames and never builds a backlog. ``None``: unbounded (files and the Python API, where every
+    frame must come out).
     """
 
-    max_frames: int | None = None
+    max_chunks: int | None = None
     prepared: bool = False
     frames_in: int = 0
     dropped: int = 0
@@ -93,8 +94,8 @@ class ChunkBuffer:
             index = self.frames_in
             self.frames_in += 1
             dropped = 0
-            if self.max_frames is not None:
-                while len(self._queue) >= self.max_frames:
+            if self.max_chunks is not None:
+                while len(self._queue) >= self.max_chunks * self.next_len:
                     self._queue.popleft()
                     dropped += 1
             self.dropped += dropped

@@ -80,7 +80,7 @@ class EngineStream:
 
     def __init__(self, engine: "Engine", sid: int, group: "Group", *, settings: StreamSettings, width: int,
                  height: int, decoder: str, embedding: torch.Tensor, noise: NoiseSource | None,
-                 max_queue_frames: int | None, target_latency_s: float | None):
+                 max_queue_chunks: int | None, target_latency_s: float | None):
         self.engine = engine
         self.id = sid
         self.group = group
@@ -88,7 +88,7 @@ class EngineStream:
         self.width, self.height = width, height
         self.decoder = decoder
         self.target_latency_s = target_latency_s
-        self.buffer = ChunkBuffer(max_frames=max_queue_frames)
+        self.buffer = ChunkBuffer(max_chunks=max_queue_chunks)
         self.stats = StreamStats()
         self.outbox: deque[OutputFrame] = deque()
         self.closed = False
@@ -207,7 +207,7 @@ class Engine:
     def open(self, *, prompt_embeds: torch.Tensor, width: int, height: int, steps: int = 2,
              noise_scale: float = 0.8, noise_controller: bool = True, batch: bool = True, seed: int = 0,
              cache: CacheConfig | None = None, decoder: str = "vae", noise: NoiseSource | None = None,
-             max_queue_frames: int | None = None, target_latency_s: float | None = None) -> EngineStream:
+             max_queue_chunks: int | None = None, target_latency_s: float | None = None) -> EngineStream:
         """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here)."""
         if width % 16 or height % 16 or width <= 0 or height <= 0:
             raise ValueError(f"resolution must be positive multiples of 16, got {width}x{height}")
@@ -223,7 +223,7 @@ class Engine:
             sid = self._next_id
             self._next_id += 1
             s = EngineStream(self, sid, group, settings=settings, width=width, height=height, decoder=decoder,
-                             embedding=embedding, noise=noise, max_queue_frames=max_queue_frames,
+                             embedding=embedding, noise=noise, max_queue_chunks=max_queue_chunks,
                              target_latency_s=target_latency_s)
             group.runner.add(RunnerStream(sid, s.noise), s.schedule.rows)
             group.runner.set_prompt(sid, embedding)
