@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ import torch
 from ..metrics import MetricsRegistry
 from .pacing import Pacer, Released
 from .params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams
-from .recording import Recorder, recording_path
+from .recording import Recorder, RecordingStore
 from .settings import ServerSettings
 from .stats import ServerTotals, SessionStats
 
@@ -77,6 +78,7 @@ class Session:
         self.settings = settings
         self.clock = manager.clock
         self.id = uuid.uuid4().hex
+        self.secret = secrets.token_urlsafe(24)     # the stream's authority over HTTP (see auth.py); never listed
         self.transport = transport
         self.loop = loop
         self.width, self.height = settings.width, settings.height
@@ -104,6 +106,11 @@ class Session:
         self._on_close: list[Callable[[str], None]] = []
         self._wake = asyncio.Event() if loop is not None else None
         self.stats.queued = lambda: len(self._queue)
+
+    def owned_by(self, secret: str | None) -> bool:
+        """``secret`` is this stream's secret (constant-time)."""
+        return secret is not None and secrets.compare_digest(secret.encode("utf-8", "surrogatepass"),
+                                                             self.secret.encode())
 
     # ------------------------------------------------------------------ inputs (transport side)
     @property
@@ -183,10 +190,9 @@ class Session:
         if on and self.recorder is None:
             fps = self.stats.summary()["fps_out"] or 16.0
             fps = float(min(60, max(4, round(fps))))
-            rec = Recorder(recording_path(self.settings.record_dir, self.id, len(self.recordings) + 1), fps,
-                           self.width, self.height)
+            rec = self.manager.recordings.start(self.id, self.secret, len(self.recordings) + 1, fps,
+                                                self.width, self.height)
             self.recordings.append(rec)
-            self.manager.track_recorder(rec)
             self.recorder = rec
         elif not on and self.recorder is not None:
             rec, self.recorder = self.recorder, None
@@ -389,7 +395,9 @@ class SessionManager:
                                    active=lambda: [s.stats for s in self.list()])
         self.worker = ModelWorker(self, stream_factory)
         self._free_memory = free_memory or self._cuda_free_memory
-        self.recorders: list[Recorder] = []     # recordings of this server not yet finished
+        self.recordings = RecordingStore(settings.record_dir, settings.max_recordings_per_session,
+                                         settings.max_recording_files, settings.max_recording_bytes,
+                                         on_event=self.totals.add)
 
     # ------------------------------------------------------------------ admission
     def _cuda_free_memory(self) -> int | None:
@@ -432,10 +440,6 @@ class SessionManager:
         log.info("session %s closed (%s), %d/%d", session.id[:8], session.close_reason, self.count,
                  self.settings.max_sessions)
 
-    def track_recorder(self, rec: Recorder) -> None:
-        with self._lock:
-            self.recorders = [r for r in self.recorders if not r.done.is_set()] + [rec]
-
     def stream_released(self) -> None:
         self.worker.memory_released()
 
@@ -472,5 +476,4 @@ class SessionManager:
         for s in self.list():
             s.close("server shutdown")
         self.worker.stop()
-        for r in list(self.recorders):
-            r.stop(wait=True)
+        self.recordings.stop_all(wait=True)
