@@ -247,3 +247,17 @@ def make_offer(video: bool = True, direction: str = "sendrecv") -> str:
         await pc.close()
         return sdp
     return asyncio.run(run())
+
+
+def netns_prefix() -> list[str]:
+    """A command prefix that runs a command in a new network namespace with only ``lo`` up (root + unshare),
+    so nothing but loopback is reachable; [] where that is not possible."""
+    import os
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return []
+    probe = subprocess.run(["unshare", "--net", "sh", "-c", "ip link set lo up"], capture_output=True)
+    if probe.returncode != 0:
+        return []
+    return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']

@@ -48,7 +48,8 @@ def bad(srv, healthy):
 def server_stats(srv, client) -> dict:
     """The session's counters over HTTP (not subject to the control-message rate limit)."""
     ready = client.ready()
-    return srv.http("GET", f"/api/sessions/{ready['session']}", headers={"X-Stream-Secret": ready["secret"]})[1]["stats"]
+    own = {"X-Stream-Secret": ready["secret"]}
+    return srv.http("GET", f"/api/sessions/{ready['session']}", headers=own)[1]["stats"]
 
 
 def still_streams(client, clip, n=9):

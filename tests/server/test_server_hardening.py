@@ -445,7 +445,8 @@ def test_every_bound_is_a_metric(srv):
                  "offer_timeout_s", "max_recordings_per_session", "max_recording_files", "max_recording_bytes",
                  "prompt_cache_bytes", "idle_timeout_s", "max_sessions", "max_frame_bytes", "max_control_bytes"):
         assert f'wanstream_server_limit{{name="{name}"}}' in text, name
-    for name in ("wanstream_prompt_cache_bytes", "wanstream_prompt_cache_entries", "wanstream_prompt_cache_evictions_total",
+    for name in ("wanstream_prompt_cache_bytes", "wanstream_prompt_cache_entries",
+                 "wanstream_prompt_cache_evictions_total",
                  "wanstream_server_recording_bytes", "wanstream_server_recording_files",
                  "wanstream_server_recorders_running", "wanstream_process_threads",
                  "wanstream_server_webrtc_offers_expired_total", "wanstream_server_recordings_refused_total",

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +44,8 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, stre
     """The app; the model worker starts with the app (lifespan) and stops with it (recordings finished)."""
     manager = SessionManager(model, settings, clock=clock, stream_factory=stream_factory)
     executor = ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="wanstream-codec")
+    loop_threads = min(32, (os.cpu_count() or 1) + 4)          # asyncio's default size
+    default_executor = ThreadPoolExecutor(loop_threads, thread_name_prefix="wanstream-loop")
     peers: set = set()
     totals = manager.totals
     store = manager.recordings
@@ -50,6 +53,12 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, stre
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        # aiortc encodes / decodes on the loop's default executor. Both pools start all their threads now, so
+        # the server's thread count is flat in use and any growth is a leak (see scripts/soak.py).
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(default_executor)
+        _start_threads(executor, settings.codec_threads)
+        _start_threads(default_executor, loop_threads)
         manager.start()
         reaper = asyncio.ensure_future(_reap(manager))
         try:
@@ -59,8 +68,9 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, stre
             for pc in list(peers):
                 with contextlib.suppress(Exception):
                     await pc.close()
-            await asyncio.get_running_loop().run_in_executor(None, manager.shutdown)
+            await loop.run_in_executor(None, manager.shutdown)
             executor.shutdown(wait=False, cancel_futures=True)
+            default_executor.shutdown(wait=False, cancel_futures=True)
 
     docs = settings.api_docs
     app = FastAPI(title="wanstream live server", lifespan=lifespan, docs_url="/docs" if docs else None,
@@ -69,7 +79,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, stre
     app.state.manager = manager
     app.state.settings = settings
 
-    def caller(request: Request) -> Caller:
+    async def caller(request: Request) -> Caller:       # async: a sync dependency would cost a worker thread
         return caller_of(request.scope)
 
     def controlled(session_id: str, c: Caller):
@@ -183,11 +193,18 @@ def _export_bounds(model, settings: ServerSettings, manager: SessionManager) -> 
         "max_recordings_per_session", "max_recording_files", "max_recording_bytes", "prompt_cache_bytes")})
 
 
+def _start_threads(pool: ThreadPoolExecutor, n: int) -> None:
+    """Make a pool of ``n`` threads start them all (it otherwise adds them one by one as work piles up)."""
+    barrier = threading.Barrier(n + 1)
+    for _ in range(n):
+        pool.submit(barrier.wait, 30)
+    barrier.wait(30)
+
+
 def _thread_count() -> int:
     try:
         return len(os.listdir("/proc/self/task"))
     except OSError:  # not Linux
-        import threading
         return threading.active_count()
 
 

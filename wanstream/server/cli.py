@@ -38,6 +38,8 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--offer-timeout", type=float_in(0.0, None, "offer timeout"), default=15.0,
                    help="free a WebRTC session whose peer has not connected after this many seconds (default 15)")
     p.add_argument("--max-recordings-per-session", type=int_in(0, None, "recordings per session"), default=16)
+    p.add_argument("--max-recording-files", type=int_in(1, None, "recording files"), default=1000,
+                   help="mp4 files in --record-dir beyond which new recordings are refused (default 1000)")
     p.add_argument("--max-recording-gb", type=float_in(0.0, None, "recording budget"), default=2.0,
                    help="disk budget of all recordings in --record-dir, GiB (default 2)")
     p.add_argument("--prompt-cache-mb", type=float_in(0.0, None, "prompt cache size"), default=64.0,
@@ -73,6 +75,7 @@ def settings_from_args(args) -> ServerSettings:
                           width=width, height=height, steps=args.steps, record_dir=args.record_dir,
                           idle_timeout_s=args.idle_timeout, offer_timeout_s=args.offer_timeout,
                           max_recordings_per_session=args.max_recordings_per_session,
+                          max_recording_files=args.max_recording_files,
                           max_recording_bytes=int(args.max_recording_gb * 2**30),
                           prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), max_connections=args.max_connections,
                           ice_servers=list(args.ice_server), webrtc_loopback_candidates=args.webrtc_loopback_candidates,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..metrics import MetricsRegistry
+from ..models.text_encoder import return_freed_heap
 from .pacing import Pacer, Released
 from .params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams
 from .recording import Recorder, RecordingStore
@@ -232,6 +233,7 @@ class Session:
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close()
+            del stream                          # the last reference: its tensors are freed now
             self.manager.stream_released()
 
     def deliver(self, outputs: list, dropped_in_flight: int = 0) -> None:
@@ -442,6 +444,7 @@ class SessionManager:
 
     def stream_released(self) -> None:
         self.worker.memory_released()
+        return_freed_heap()     # the host side of emptying the CUDA cache: the closed stream's pages go back to the OS
 
     # ------------------------------------------------------------------ lookup
     def get(self, session_id: str) -> Session | None:
