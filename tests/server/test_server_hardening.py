@@ -11,10 +11,10 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,18 +35,18 @@ HERE = Path(__file__).parent
 ADMIN = "the-admin-token"
 
 
-def request(srv, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-            timeout: float = 30) -> tuple[int, dict | str]:
-    """One raw HTTP request (any Host / Origin / body) → ``(status, JSON or text)``."""
-    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=dict(headers or {}))
-        r = conn.getresponse()
-        payload = r.read()
-    finally:
-        conn.close()
-    ctype = r.getheader("content-type", "")
-    return r.status, (json.loads(payload) if "json" in ctype else payload.decode("utf-8", "replace"))
+def read_reply(sock: socket.socket) -> bytes:
+    """An HTTP response read off a raw socket: until its body is complete (Content-Length) or the socket closes."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+        if sep and length and len(body) >= int(length.group(1)):
+            return data
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
 
 
 def metric(srv, name: str) -> float:
@@ -195,8 +195,8 @@ def test_non_json_numbers_and_lone_surrogates_on_params(srv, body, field, ws_cod
     over HTTP and over the WebSocket."""
     c = WSClient(srv.ws_url)
     ready = c.ready()
-    status, reply = request(srv, "POST", f"/api/sessions/{ready['session']}/params", body,
-                            {"Content-Type": "application/json", "X-Stream-Secret": ready["secret"]})
+    status, reply = srv.http("POST", f"/api/sessions/{ready['session']}/params", raw=body,
+                             headers={"X-Stream-Secret": ready["secret"]})
     assert status in (400, 422) and field in reply["message"], (status, reply)
     c.send_text(body.decode())
     assert field in c.wait_error(ws_code)["message"]
@@ -213,7 +213,7 @@ def test_non_json_numbers_and_lone_surrogates_on_params(srv, body, field, ws_cod
     (b'{"sdp": "v=0", "type": Infinity}', "type"),
 ])
 def test_non_json_numbers_and_lone_surrogates_on_offer(srv, body, field):
-    status, reply = request(srv, "POST", "/api/webrtc/offer", body, {"Content-Type": "application/json"})
+    status, reply = srv.http("POST", "/api/webrtc/offer", raw=body)
     assert status == 422 and reply["message"].startswith(field), reply
     assert srv.manager.count == 0
 
@@ -274,7 +274,7 @@ def test_streams_are_steered_only_with_their_secret(srv, clip):
 ])
 def test_host_header_guard(srv, host, ok):
     """Repro 5 (DNS rebinding): a page of attacker.example resolving to 127.0.0.1 sends its own name as Host."""
-    status, body = request(srv, "GET", "/api/health", headers={"Host": host.format(port=srv.port)})
+    status, body = srv.http("GET", "/api/health", headers={"Host": host.format(port=srv.port)})
     assert (status == 200) == ok, (host, status, body)
     if not ok:
         assert status == 403 and body["error"] == "bad_host"
@@ -283,10 +283,10 @@ def test_host_header_guard(srv, host, ok):
 def test_allowed_hosts_and_origins_are_configurable(tiny_model, tmp_path):
     settings = server_settings(tmp_path, allowed_hosts=["Studio.Example"], allowed_origins=["https://app.example"])
     with LiveServer(tiny_model, settings) as s:
-        assert request(s, "GET", "/api/health", headers={"Host": "studio.example"})[0] == 200
-        assert request(s, "GET", "/api/health", headers={"Host": "other.example"})[0] == 403
-        assert request(s, "GET", "/api/health", headers={"Origin": "https://app.example"})[0] == 200
-        assert request(s, "GET", "/api/health", headers={"Origin": "https://other.example"})[0] == 403
+        assert s.http("GET", "/api/health", headers={"Host": "studio.example"})[0] == 200
+        assert s.http("GET", "/api/health", headers={"Host": "other.example"})[0] == 403
+        assert s.http("GET", "/api/health", headers={"Origin": "https://app.example"})[0] == 200
+        assert s.http("GET", "/api/health", headers={"Origin": "https://other.example"})[0] == 403
 
 
 @pytest.mark.parametrize("origin,ok", [
@@ -296,8 +296,7 @@ def test_allowed_hosts_and_origins_are_configurable(tiny_model, tmp_path):
 def test_origin_guard_http_and_websocket(srv, origin, ok):
     """Repro 5 (cross-site): a page elsewhere may not drive the server from the user's browser."""
     headers = {} if origin is None else {"Origin": origin.format(port=srv.port)}
-    status, body = request(srv, "POST", "/api/webrtc/offer", b'{"sdp": "v=0", "type": "offer"}',
-                           {"Content-Type": "application/json", **headers})
+    status, body = srv.http("POST", "/api/webrtc/offer", raw=b'{"sdp": "v=0", "type": "offer"}', headers=headers)
     assert (status != 403) == ok, (origin, status, body)
     if ok:
         c = WSClient(srv.ws_url, headers=headers)
@@ -386,13 +385,13 @@ def test_large_body_is_refused_before_it_is_read(srv):
     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
         sock.sendall(b"POST /api/webrtc/offer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100000000\r\n\r\n" + b"{" * 1000)
-        reply = sock.recv(4096)
+        reply = read_reply(sock)
     assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply, reply[:200]
     chunks = b"".join(b"%x\r\n%s\r\n" % (8192, b" " * 8192) for _ in range(12)) + b"0\r\n\r\n"
     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
         sock.sendall(b"POST /api/webrtc/offer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n" + chunks)
-        reply = sock.recv(4096)
+        reply = read_reply(sock)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert metric(srv, 'wanstream_server_refused_total{reason="body_too_large"}') >= 2
     assert metric(srv, 'wanstream_server_limit{name="max_body_bytes"}') == 64 * 1024
@@ -414,7 +413,7 @@ def test_slow_body_and_half_sent_headers_time_out(tiny_model, tmp_path):
         assert time.monotonic() - t0 < 25
         with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
             sock.sendall(b"POST /api/webrtc/offer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
-            reply = sock.recv(4096)
+            reply = read_reply(sock)
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
         assert metric(s, 'wanstream_server_refused_total{reason="header_timeout"}') >= 20
         assert metric(s, 'wanstream_server_refused_total{reason="body_timeout"}') == 1
@@ -448,8 +447,35 @@ def test_every_bound_is_a_metric(srv):
     for name in ("wanstream_prompt_cache_bytes", "wanstream_prompt_cache_entries",
                  "wanstream_prompt_cache_evictions_total",
                  "wanstream_server_recording_bytes", "wanstream_server_recording_files",
-                 "wanstream_server_recorders_running", "wanstream_process_threads",
+                 "wanstream_server_recorders_running", "wanstream_process_threads", "wanstream_server_connections",
                  "wanstream_server_webrtc_offers_expired_total", "wanstream_server_recordings_refused_total",
                  "wanstream_server_recordings_cut_total", 'wanstream_server_refused_total{reason="header_timeout"}',
                  'wanstream_server_refused_total{reason="bad_origin"}'):
         assert name in text, name
+
+
+def test_bounds_and_authority_from_the_command_line():
+    import argparse
+
+    from wanstream.server.cli import add_serve_parser, settings_from_args
+    from wanstream.server.settings import ServerSettings
+    parser = argparse.ArgumentParser(prog="wanstream")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    s = settings_from_args(parser.parse_args([
+        "serve", "--model", "m", "--token", "t", "--admin-token", "a", "--allowed-host", "Studio.Example",
+        "--allowed-origin", "https://studio.example", "--api-docs", "--offer-timeout", "3",
+        "--max-recordings-per-session", "2", "--max-recording-files", "50", "--max-recording-gb", "0.5",
+        "--prompt-cache-mb", "8", "--max-connections", "32"]))
+    assert (s.token, s.admin_token, s.allowed_hosts, s.allowed_origins, s.api_docs) == \
+        ("t", "a", ["studio.example"], ["https://studio.example"], True)
+    assert (s.offer_timeout_s, s.max_recordings_per_session, s.max_recording_files, s.max_recording_bytes,
+            s.prompt_cache_bytes, s.max_connections) == (3.0, 2, 50, 2**29, 8 * 2**20, 32)
+    defaults = settings_from_args(parser.parse_args(["serve", "--model", "m"]))
+    assert defaults == ServerSettings(width=512, height=512)        # one set of defaults: CLI = settings
+    for bad in (["--offer-timeout", "0"], ["--max-connections", "0"], ["--prompt-cache-mb", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--model", "m", *bad])
+    with pytest.raises(ValueError, match="admin_token must differ"):
+        ServerSettings(token="same", admin_token="same")
+    with pytest.raises(ValueError, match="admin_token must not be empty"):
+        ServerSettings(admin_token="")

@@ -73,7 +73,7 @@ class Caller:
 
     def controls(self, session) -> bool:
         """May change, read and record ``session`` (its secret or the admin token)."""
-        return self.admin or session.owned_by(self.secret)
+        return self.admin or same_secret(self.secret, session.secret)
 
 
 def identify(settings: ServerSettings, headers: Headers, query: QueryParams) -> Caller:

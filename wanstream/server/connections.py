@@ -45,10 +45,15 @@ def redact_uvicorn_logs() -> None:
 def guarded_http_protocol(settings: ServerSettings, totals: ServerTotals) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol with a deadline for request headers and a cap on open connections."""
 
+    open_connections: set = set()            # uvicorn's set of open connections (HTTP and WebSocket), once seen
+    totals.gauge("server_connections", "Open HTTP and WebSocket connections", lambda: len(open_connections))
+
     class GuardedH11Protocol(H11Protocol):
         _header_deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
+            nonlocal open_connections
+            open_connections = self.connections
             super().connection_made(transport)
             if len(self.connections) > settings.max_connections:
                 totals.refuse("too_many_connections")

@@ -44,15 +44,10 @@ def describe_errors(errors: list[dict], skip: tuple[str, ...] = (), limit: int =
     return "; ".join(parts)
 
 
-def validation_message(exc: ValidationError) -> str:
-    return describe_errors(exc.errors())
-
-
 def ready_message(session: Session) -> dict:
     """The first message of a stream, to its own client only: it carries the stream's secret."""
     return {"type": "ready", "session": session.id, "secret": session.secret, "transport": session.transport,
-            "width": session.width,
-            "height": session.height, "params": session.params.model_dump(),
+            "width": session.width, "height": session.height, "params": session.params.model_dump(),
             "stats_interval_s": session.settings.stats_interval_s}
 
 
@@ -89,7 +84,7 @@ def handle_control(session: Session, text: str | bytes) -> dict | None:
             state = session.apply(update)
         except ValidationError as exc:
             stats.count("bad_messages")
-            return error("bad_params", validation_message(exc), request_id)
+            return error("bad_params", describe_errors(exc.errors()), request_id)
         except (ValueError, RuntimeError) as exc:
             stats.count("bad_messages")
             return error("bad_params", str(exc), request_id)

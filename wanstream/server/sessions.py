@@ -108,11 +108,6 @@ class Session:
         self._wake = asyncio.Event() if loop is not None else None
         self.stats.queued = lambda: len(self._queue)
 
-    def owned_by(self, secret: str | None) -> bool:
-        """``secret`` is this stream's secret (constant-time)."""
-        return secret is not None and secrets.compare_digest(secret.encode("utf-8", "surrogatepass"),
-                                                             self.secret.encode())
-
     # ------------------------------------------------------------------ inputs (transport side)
     @property
     def chunk_len(self) -> int:

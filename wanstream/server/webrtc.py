@@ -53,8 +53,6 @@ except ImportError:  # pragma: no cover - aiortc is a dependency, but the WebSoc
 
 VIDEO_CLOCK = 90000
 MAX_SDP_CHARS = 64 * 1024
-
-
 SDP_LINE = re.compile(r"^[a-z]=")
 
 
