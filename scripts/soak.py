@@ -8,8 +8,8 @@ connect → stream → prompt changes (every prompt new) → record on / off →
 cycle, over WebRTC (aiortc; some of those offers are never connected). Meanwhile it samples the server's RSS,
 threads, open fds and sessions.
 
-Phases: a warm-up cycle per client, a pause (no sessions) for the warm baseline, the soak, a pause for the end
-figures. Verdict (exit 0 only if all hold):
+Phases: a warm-up (one WebSocket and one WebRTC cycle per client), a pause (no sessions) for the warm
+baseline, the soak, a pause for the end figures. Verdict (exit 0 only if all hold):
 
 - memory: RSS at the end within ``--max-growth-mib`` of the warm baseline (both with no session open);
 - 0 leaked sessions (health and opened == closed) and 0 leaked threads / fds against the warm baseline;
@@ -243,18 +243,19 @@ class Soak:
         self.live: dict[int, str] = {}        # client → its current session id (a target for "steer another")
         self.ids = itertools.count(1)
 
-    async def run_clients(self, deadline: float, one_cycle: bool = False) -> None:
-        await asyncio.gather(*(self.client(k, deadline, one_cycle) for k in range(self.sessions)))
+    async def run_clients(self, deadline: float, warm_up: bool = False) -> None:
+        await asyncio.gather(*(self.client(k, deadline, warm_up) for k in range(self.sessions)))
 
-    async def client(self, k: int, deadline: float, one_cycle: bool) -> None:
+    async def client(self, k: int, deadline: float, warm_up: bool) -> None:
+        """Cycles until the deadline; ``warm_up``: one WebSocket and one WebRTC cycle (every code path once)."""
         rng = random.Random(k)
         for cycle in itertools.count():
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (warm_up and cycle == (2 if self.webrtc else 1)):
                 return
-            kind = "webrtc" if self.webrtc and cycle % 3 == 2 else "websocket"
+            kind = "webrtc" if self.webrtc and cycle % 3 == (1 if warm_up else 2) else "websocket"
             try:
                 if kind == "webrtc":
-                    await self.webrtc_cycle(k, rng, deadline)
+                    await self.webrtc_cycle(k, rng, unfinished=not warm_up and rng.random() < 0.25)
                 else:
                     await self.ws_cycle(k, rng, deadline)
             except ServerFullError:
@@ -266,8 +267,6 @@ class Soak:
                 await asyncio.sleep(1.0)
             finally:
                 self.live.pop(k, None)
-            if one_cycle:
-                return
 
     # ------------------------------------------------------------------ WebSocket
     async def ws_cycle(self, k: int, rng: random.Random, deadline: float) -> None:
@@ -366,7 +365,7 @@ class Soak:
                            server_error=detail.startswith("HTTP 5"))
 
     # ------------------------------------------------------------------ WebRTC
-    async def webrtc_cycle(self, k: int, rng: random.Random, deadline: float) -> None:
+    async def webrtc_cycle(self, k: int, rng: random.Random, unfinished: bool) -> None:
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
         from aiortc.mediastreams import MediaStreamError, VideoStreamTrack
         from av import VideoFrame
@@ -409,7 +408,7 @@ class Soak:
                                server_error=status >= 500)
                 return
             self.live[k] = answer["session"]
-            if rng.random() < 0.25:                 # an offer never followed by a connection
+            if unfinished:                          # an offer never followed by a connection
                 self.t.cycles["webrtc_unfinished"] += 1
                 return
             self.t.cycles["webrtc"] += 1
@@ -529,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         report["cold"] = server.sample()
         threading.Thread(target=sampler, args=(server, samples, stop), daemon=True).start()
         soak = Soak(server, args.sessions, clip, webrtc, tally)
-        print(f"soak: server on port {server.port}, {args.sessions} clients, warm-up cycle ...", file=sys.stderr)
-        asyncio.run(soak.run_clients(time.monotonic() + 120, one_cycle=True))
+        print(f"soak: server on port {server.port}, {args.sessions} clients, warm-up ...", file=sys.stderr)
+        asyncio.run(soak.run_clients(time.monotonic() + 180, warm_up=True))
         report["warm"] = warm = quiesce(server, None)
         t_end = time.monotonic() + args.minutes * 60
         with tqdm(total=round(args.minutes * 60), unit="s", desc="soak", file=sys.stderr, disable=None) as bar:
