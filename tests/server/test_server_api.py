@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
 
-from server_helpers import H, W, LiveServer, Streamer, WSClient, server_settings, wait_until  # noqa: E402
+from server_helpers import (H, W, LiveServer, Streamer, WSClient, make_offer, server_settings,  # noqa: E402
+                            stream_until, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +34,13 @@ def test_health_sessions_and_metrics(srv, clip):
     assert status == 200 and health["status"] == "ok" and health["capacity"] == 2
     assert health["width"] == W and "websocket" in health["transports"]
     c = WSClient(srv.ws_url)
-    sid = c.ready()["session"]
+    sid, secret = c.ready()["session"], c.ready()["secret"]
     stream_frames(c, clip, 9)
     c.wait_frames(5)
-    status, listing = srv.http("GET", "/api/sessions")
+    status, listing = srv.http("GET", "/api/sessions", headers={"X-Stream-Secret": secret})
     assert status == 200 and listing["count"] == 1 and listing["capacity"] == 2
     assert listing["sessions"][0]["id"] == sid and listing["sessions"][0]["transport"] == "websocket"
+    assert "secret" not in listing["sessions"][0]
     status, text = srv.http("GET", "/metrics")
     assert status == 200
     for name in (f'wanstream_stream_output_frames_total{{session="{sid}"}}', "wanstream_active_sessions 1.0",
@@ -55,19 +57,20 @@ def test_health_sessions_and_metrics(srv, clip):
 def test_http_params_share_the_live_schema(srv, clip):
     c = WSClient(srv.ws_url)
     sid = c.ready()["session"]
+    own = {"X-Stream-Secret": c.ready()["secret"]}
     status, body = srv.http("POST", f"/api/sessions/{sid}/params",
                             {"prompt": "an ink drawing", "steps": 3, "seed": 9, "noise_scale": 0.6,
-                             "noise_controller": False, "transition_chunks": 4})
+                             "noise_controller": False, "transition_chunks": 4}, headers=own)
     assert status == 200 and body["params"]["steps"] == 3 and body["params"]["prompt"] == "an ink drawing"
     for bad in ({"steps": 9}, {"foo": 1}, {"prompt": "x" * 2001}, {"noise_controller": 1}, {"seed": "1"},
                 {"noise_scale": 0}, {"prompts": [{"text": "a", "weight": 0}]}):
-        status, body = srv.http("POST", f"/api/sessions/{sid}/params", bad)
+        status, body = srv.http("POST", f"/api/sessions/{sid}/params", bad, headers=own)
         assert status == 422, (bad, body)
-    status, body = srv.http("POST", f"/api/sessions/{sid}/params", raw=b"{not json")
-    assert status == 422
+    status, body = srv.http("POST", f"/api/sessions/{sid}/params", raw=b"{not json", headers=own)
+    assert status == 422 and "malformed JSON" in body["message"]
     status, body = srv.http("POST", "/api/sessions/nope/params", {"steps": 2})
     assert status == 404 and body["error"] == "not_found"
-    status, info = srv.http("GET", f"/api/sessions/{sid}")
+    status, info = srv.http("GET", f"/api/sessions/{sid}", headers=own)
     assert info["params"]["seed"] == 9 and info["params"]["noise_controller"] is False
     stream_frames(c, clip, 13)                 # the stream starts with the parameters set over HTTP
     c.wait_frames(5)
@@ -102,7 +105,7 @@ def test_server_full_keeps_existing_sessions_streaming(srv, clip):
         wait_until(lambda: c.closed, 10, "refused socket closed")
         assert c.close_code == 1013
         if importlib.util.find_spec("aiortc") is not None:
-            status, body = srv.http("POST", "/api/webrtc/offer", {"sdp": "v=0", "type": "offer"})
+            status, body = srv.http("POST", "/api/webrtc/offer", {"sdp": make_offer(), "type": "offer"})
             assert status == 503 and body["code"] == "server_full"
         assert srv.manager.count == 2
         a.assert_progress()
@@ -141,21 +144,20 @@ def test_idle_session_is_closed(tiny_model, tmp_path, clip):
 
 def test_recording_is_complete_after_an_abrupt_disconnect(srv, clip):
     c = WSClient(srv.ws_url)
-    c.ready()
+    own = {"X-Stream-Secret": c.ready()["secret"]}
     assert c.params(recording=True)["params"]["recording"] is True
-    stream_frames(c, clip, 25)
-    c.wait_frames(12)
+    stream_until(c, clip, 12)
     c.ws.socket.close()                         # the client vanishes mid-recording
     wait_until(lambda: srv.manager.count == 0, 30, "session freed")
-    wait_until(lambda: all(r.done.is_set() for r in srv.manager.recorders), 30, "recording finished")
-    status, listing = srv.http("GET", "/api/recordings")
+    wait_until(lambda: not srv.manager.recordings.running(), 30, "recording finished")
+    status, listing = srv.http("GET", "/api/recordings", headers=own)
     rec = listing["recordings"][-1]
     assert status == 200 and rec["complete"] and rec["frames"] >= 12
     path = srv.settings.record_dir / rec["file"]
     with av.open(str(path)) as container:
         frames = [f for f in container.decode(video=0)]
     assert len(frames) == rec["frames"] and frames[0].width == W and frames[0].height == H
-    status, data = srv.http("GET", f"/api/recordings/{rec['file']}")
+    status, data = srv.http("GET", f"/api/recordings/{rec['file']}", headers=own)
     assert status == 200 and data[4:8] == b"ftyp" and len(data) == path.stat().st_size
     assert srv.http("GET", "/api/recordings/..%2Fsecret.mp4")[0] == 404
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -28,9 +29,10 @@ import numpy as np
 import torch
 
 from ..metrics import MetricsRegistry
+from ..models.text_encoder import return_freed_heap
 from .pacing import Pacer, Released
 from .params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams
-from .recording import Recorder, recording_path
+from .recording import Recorder, RecordingStore
 from .settings import ServerSettings
 from .stats import ServerTotals, SessionStats
 
@@ -77,6 +79,7 @@ class Session:
         self.settings = settings
         self.clock = manager.clock
         self.id = uuid.uuid4().hex
+        self.secret = secrets.token_urlsafe(24)     # the stream's authority over HTTP (see auth.py); never listed
         self.transport = transport
         self.loop = loop
         self.width, self.height = settings.width, settings.height
@@ -183,10 +186,9 @@ class Session:
         if on and self.recorder is None:
             fps = self.stats.summary()["fps_out"] or 16.0
             fps = float(min(60, max(4, round(fps))))
-            rec = Recorder(recording_path(self.settings.record_dir, self.id, len(self.recordings) + 1), fps,
-                           self.width, self.height)
+            rec = self.manager.recordings.start(self.id, self.secret, len(self.recordings) + 1, fps,
+                                                self.width, self.height)
             self.recordings.append(rec)
-            self.manager.track_recorder(rec)
             self.recorder = rec
         elif not on and self.recorder is not None:
             rec, self.recorder = self.recorder, None
@@ -226,6 +228,7 @@ class Session:
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close()
+            del stream                          # the last reference: its tensors are freed now
             self.manager.stream_released()
 
     def deliver(self, outputs: list, dropped_in_flight: int = 0) -> None:
@@ -389,7 +392,9 @@ class SessionManager:
                                    active=lambda: [s.stats for s in self.list()])
         self.worker = ModelWorker(self, stream_factory)
         self._free_memory = free_memory or self._cuda_free_memory
-        self.recorders: list[Recorder] = []     # recordings of this server not yet finished
+        self.recordings = RecordingStore(settings.record_dir, settings.max_recordings_per_session,
+                                         settings.max_recording_files, settings.max_recording_bytes,
+                                         on_event=self.totals.add)
 
     # ------------------------------------------------------------------ admission
     def _cuda_free_memory(self) -> int | None:
@@ -432,12 +437,9 @@ class SessionManager:
         log.info("session %s closed (%s), %d/%d", session.id[:8], session.close_reason, self.count,
                  self.settings.max_sessions)
 
-    def track_recorder(self, rec: Recorder) -> None:
-        with self._lock:
-            self.recorders = [r for r in self.recorders if not r.done.is_set()] + [rec]
-
     def stream_released(self) -> None:
         self.worker.memory_released()
+        return_freed_heap()     # the host side of emptying the CUDA cache: the closed stream's pages go back to the OS
 
     # ------------------------------------------------------------------ lookup
     def get(self, session_id: str) -> Session | None:
@@ -472,5 +474,4 @@ class SessionManager:
         for s in self.list():
             s.close("server shutdown")
         self.worker.stop()
-        for r in list(self.recorders):
-            r.stop(wait=True)
+        self.recordings.stop_all(wait=True)
