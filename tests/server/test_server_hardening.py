@@ -71,15 +71,15 @@ def test_distinct_prompts_do_not_grow_memory(tiny_model_dir):
     """Repro 1: every distinct prompt kept 2.4-4.2 MiB (8 MiB mostly-zero embeddings held in the cache and
     interleaved with the encoder's transient buffers in glibc's heap). Now the cache holds only the true
     rows of each prompt, bounded by bytes, and RSS stays flat after warm-up."""
-    out = subprocess.run([sys.executable, str(HERE / "prompt_memory_probe.py"), str(tiny_model_dir), "130"],
+    out = subprocess.run([sys.executable, str(HERE / "prompt_memory_probe.py"), str(tiny_model_dir), "100"],
                          capture_output=True, text=True, timeout=540)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["cache"]["bytes"] <= report["cache"]["max_bytes"]
     assert report["cache"]["bytes"] < 32 * 2**20, report["cache"]     # compact rows, not 32 x 8 MiB
-    growth = report["rss_mib"][-1] - report["rss_mib"][3]              # after 30 prompts → after 130
-    # before the fix: +500 MiB here (about 5 MiB per prompt); after: about +10 MiB
-    assert growth < 48, f"RSS grew {growth:.0f} MiB over 100 distinct prompts: {report}"
+    growth = report["rss_mib"][-1] - report["rss_mib"][3]              # after 30 prompts → after 100
+    # before the fix: about +400 MiB here (about 5 MiB per prompt); after: about +10 MiB
+    assert growth < 48, f"RSS grew {growth:.0f} MiB over 70 distinct prompts: {report}"
 
 
 # --------------------------------------------------------------------------------------------- 2. recordings
@@ -142,9 +142,7 @@ def test_unfinished_webrtc_offer_frees_its_slot(tiny_model, tmp_path):
         status, answer = s.http("POST", "/api/webrtc/offer", {"sdp": make_offer(), "type": "offer"})
         assert status == 200 and answer["type"] == "answer" and answer["secret"]
         assert s.manager.count == 1
-        t0 = time.monotonic()
-        wait_until(lambda: s.manager.count == 0, 20, "the unfinished offer's slot freed")
-        assert time.monotonic() - t0 < 20
+        wait_until(lambda: s.manager.count == 0, 20, "the unfinished offer's slot freed (idle timeout: 60 s)")
         assert metric(s, "wanstream_server_webrtc_offers_expired_total") == 1
         c = WSClient(s.ws_url)                             # the slot is usable again
         assert c.ready()["session"]
@@ -406,11 +404,9 @@ def test_slow_body_and_half_sent_headers_time_out(tiny_model, tmp_path):
             sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
             sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " if i % 2 else b"")
             socks.append(sock)
-        t0 = time.monotonic()
-        for sock in socks:                            # the server closes each: recv sees the end of the stream
+        for sock in socks:        # the server closes each (recv sees the end; a held one times out after 30 s)
             assert sock.recv(100) == b""
             sock.close()
-        assert time.monotonic() - t0 < 25
         with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
             sock.sendall(b"POST /api/webrtc/offer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
             reply = read_reply(sock)
@@ -424,6 +420,7 @@ def test_connection_cap(tiny_model, tmp_path):
     settings = server_settings(tmp_path, max_connections=8, header_timeout_s=30.0, admin_token=ADMIN)
     with LiveServer(tiny_model, settings) as s:
         socks = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(20)]
+        wait_until(lambda: s.manager.totals.refused.get("too_many_connections", 0) >= 12, 30, "12 refusals")
         closed = 0
         for sock in socks:
             sock.settimeout(2.0)
@@ -479,3 +476,40 @@ def test_bounds_and_authority_from_the_command_line():
         ServerSettings(token="same", admin_token="same")
     with pytest.raises(ValueError, match="admin_token must not be empty"):
         ServerSettings(admin_token="")
+
+
+def test_recording_store_bounds_files_and_stop_never_blocks(tmp_path):
+    """Unit level: the folder's file bound, owners, and a stop that returns at once with a full frame queue."""
+    import threading
+
+    import numpy as np
+
+    from wanstream.server.recording import RecordingStore
+    events = []
+    store = RecordingStore(tmp_path, max_per_session=5, max_files=2, max_bytes=2**30, on_event=events.append)
+    a = store.start("a" * 32, "secret-a", 1, 16.0, 64, 64)
+    b = store.start("b" * 32, "secret-b", 1, 16.0, 64, 64)
+    with pytest.raises(Exception, match="holds 2 files, the limit is 2"):
+        store.start("c" * 32, "secret-c", 1, 16.0, 64, 64)
+    with pytest.raises(Exception, match="used its 5 recordings"):
+        store.start("a" * 32, "secret-a", 6, 16.0, 64, 64)
+    assert events == ["recordings_started", "recordings_started", "recordings_refused", "recordings_refused"]
+    assert store.owned_by(a.path.name, "secret-a") and not store.owned_by(a.path.name, "secret-b")
+    assert not store.owned_by(a.path.name, None) and store.path("../x.mp4") is None
+    gate = threading.Event()
+    real_write = b._writer.write
+    b._writer.write = lambda image: (gate.wait(30), real_write(image))
+    frame = np.zeros((64, 64, 3), np.uint8)
+    for _ in range(300):                           # more than the queue holds: the rest is dropped and counted
+        b.write(frame)
+    watchdog = threading.Timer(120, gate.set)      # a blocking stop would otherwise hang the test
+    watchdog.start()
+    b.stop()                                       # the queue is full: stop must not wait for the encoder ...
+    assert not gate.is_set() and b.frames_dropped > 0     # ... which is still held at the gate
+    gate.set()
+    watchdog.cancel()
+    a.stop(wait=True)
+    b.stop(wait=True)
+    assert b.done.is_set() and b._writer is None and b.frames_written > 0   # the encoder is let go
+    assert [r["file"] for r in store.listing(lambda name: store.owned_by(name, "secret-b"))] == [b.path.name]
+    assert store.running() == []

@@ -304,7 +304,7 @@ class TextEncoder:
 
 def load_text_encoder(weights_path: str | Path, tokenizer_dir: str | Path, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32, cache_size: int = 32,
-                      text_len: int = TEXT_LEN, cache_bytes: int | None = None) -> TextEncoder:
+                      text_len: int = TEXT_LEN, cache_bytes: int = DEFAULT_CACHE_BYTES) -> TextEncoder:
     """Load Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl`` tokenizer strictly."""
     weights_path = Path(weights_path)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -316,8 +316,7 @@ def load_text_encoder(weights_path: str | Path, tokenizer_dir: str | Path, devic
     if len(tokenizer) > model.config.vocab_size:
         raise CheckpointError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens but {weights_path} "
                               f"embeds only {model.config.vocab_size}")
-    return TextEncoder(model, tokenizer, device, dtype, text_len, cache_size,
-                       DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+    return TextEncoder(model, tokenizer, device, dtype, text_len, cache_size, cache_bytes)
 
 
 # -------------------------------------------------------------------------------------- random writer
