@@ -80,7 +80,7 @@ class EngineStream:
 
     def __init__(self, engine: "Engine", sid: int, group: "Group", *, settings: StreamSettings, width: int,
                  height: int, decoder: str, embedding: torch.Tensor, noise: NoiseSource | None,
-                 max_queue_chunks: int | None, target_latency_s: float | None):
+                 max_queue_chunks: int | None, target_latency_s: float | None, buffer: ChunkBuffer | None = None):
         self.engine = engine
         self.id = sid
         self.group = group
@@ -88,7 +88,7 @@ class EngineStream:
         self.width, self.height = width, height
         self.decoder = decoder
         self.target_latency_s = target_latency_s
-        self.buffer = ChunkBuffer(max_chunks=max_queue_chunks)
+        self.buffer = buffer if buffer is not None else ChunkBuffer(max_chunks=max_queue_chunks)
         self.stats = StreamStats()
         self.outbox: deque[OutputFrame] = deque()
         self.closed = False
@@ -198,17 +198,19 @@ class Engine:
         self._tick = threading.RLock()            # one tick at a time
         self._closed: list[EngineStream] = []
         self.ticks = 0
+        self.chunks = 0                           # chunks that entered the model
         self.dit_calls = 0
         self.rows_run = 0
-        self.busy_since: float | None = None      # monotonic time the running tick started (None: idle)
         self.on_fault: Callable[[EngineStream, str], None] | None = None
 
     # ------------------------------------------------------------------------------------------ streams
     def open(self, *, prompt_embeds: torch.Tensor, width: int, height: int, steps: int = 2,
              noise_scale: float = 0.8, noise_controller: bool = True, batch: bool = True, seed: int = 0,
              cache: CacheConfig | None = None, decoder: str = "vae", noise: NoiseSource | None = None,
-             max_queue_chunks: int | None = None, target_latency_s: float | None = None) -> EngineStream:
-        """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here)."""
+             max_queue_chunks: int | None = None, target_latency_s: float | None = None,
+             buffer: ChunkBuffer | None = None) -> EngineStream:
+        """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here). ``buffer``: an
+        input queue the caller already fills (the server's session), else a new one."""
         if width % 16 or height % 16 or width <= 0 or height <= 0:
             raise ValueError(f"resolution must be positive multiples of 16, got {width}x{height}")
         if decoder not in ("vae", "taehv"):
@@ -218,13 +220,13 @@ class Engine:
         settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
                                   batch=batch, seed=seed, cache=cache or CacheConfig())
         embedding = self.pad_prompt(prompt_embeds)
-        with self._tick, self._registry:
+        with self._tick, self._registry, torch.inference_mode():
             group = self._group(width, height, settings.cache)
             sid = self._next_id
             self._next_id += 1
             s = EngineStream(self, sid, group, settings=settings, width=width, height=height, decoder=decoder,
                              embedding=embedding, noise=noise, max_queue_chunks=max_queue_chunks,
-                             target_latency_s=target_latency_s)
+                             target_latency_s=target_latency_s, buffer=buffer)
             group.runner.add(RunnerStream(sid, s.noise), s.schedule.rows)
             group.runner.set_prompt(sid, embedding)
             group.streams.append(s)
@@ -310,9 +312,12 @@ class Engine:
         linearly from the current one over the next K chunks."""
         stream._queue_update("prompt", (self.pad_prompt(embedding), int(transition_chunks)))
 
-    def reset(self, stream: EngineStream) -> None:
-        """Start over on the next frame: queued frames are discarded, in-flight chunks dropped, fresh state."""
-        stream.buffer.restart()
+    def reset(self, stream: EngineStream, discard_queued: bool = True) -> None:
+        """Start over on the next frame: queued frames are discarded, in-flight chunks dropped, fresh state.
+        ``discard_queued=False``: the caller restarted the stream's buffer itself when the reset was asked for (the
+        frames queued since then are the new start)."""
+        if discard_queued:
+            stream.buffer.restart()
         stream._queue_update("reset", None)
 
     def finish(self, stream: EngineStream) -> None:
@@ -321,18 +326,18 @@ class Engine:
         stream.finishing = True
 
     def close(self, stream: EngineStream) -> None:
-        """Release a stream; its cache rows go back to the pool at the next tick (now when no tick runs)."""
+        """End a stream (any thread); its cache rows go back to the pool at the start of the next tick, or at
+        :meth:`release_closed`."""
         if stream.closed:
             return
         stream.closed = True
-        stream.buffer.clear()
         with self._registry:
             self._closed.append(stream)
-        if self._tick.acquire(blocking=False):
-            try:
-                self._release_closed()
-            finally:
-                self._tick.release()
+
+    def release_closed(self) -> None:
+        """Give the rows of closed streams back to the pool now (waits for a running tick)."""
+        with self._tick, torch.inference_mode():
+            self._release_closed()
 
     def _release_closed(self) -> None:
         with self._registry:
@@ -388,17 +393,12 @@ class Engine:
     def step(self) -> dict[int, list[OutputFrame]]:
         """One tick over every group (see the module docstring). Returns the new output frames per stream (they
         are also queued in each stream's ``outbox``)."""
-        with self._tick:
-            self.busy_since = time.monotonic()
-            try:
-                self._release_closed()
-                out: dict[int, list[OutputFrame]] = {}
-                with torch.inference_mode():
-                    for g in list(self.groups.values()):
-                        self._tick_group(g, out)
-                return out
-            finally:
-                self.busy_since = None
+        with self._tick, torch.inference_mode():
+            self._release_closed()
+            out: dict[int, list[OutputFrame]] = {}
+            for g in list(self.groups.values()):
+                self._tick_group(g, out)
+            return out
 
     def run_until_idle(self, max_ticks: int = 10 ** 6) -> None:
         for _ in range(max_ticks):
@@ -513,6 +513,8 @@ class Engine:
     def _decide(self, g: Group, streams: list[EngineStream], now: float, running_rows: int) -> Decision:
         views = []
         for s in streams:
+            if s.buffer.held:
+                continue
             arrivals = s.buffer.arrivals()
             n = s.buffer.next_len
             if len(arrivals) < n:
@@ -577,6 +579,7 @@ class Engine:
             s.next_chunk += 1
             s.chunks[cid] = info
             s.stats.chunks += 1
+            self.chunks += 1
             self._advance_transition(s)
             rs = g.runner.streams[s.id]
             if not s.schedule.prepared:

@@ -186,26 +186,35 @@ def test_token_is_required_everywhere(tiny_model, tmp_path):
         ok.close()
 
 
-def test_a_model_failure_ends_only_that_session(tiny_model, tmp_path, clip):
-    from wanstream.session import StreamSession
+def _fail_for_seed(vae, name: str, seed: int, manager):
+    """Make the VAE's ``name`` call (``encode`` or ``decode_many``) fail for the stream whose seed is ``seed``."""
+    original = getattr(vae, name)
 
-    def factory(model, **kw):
-        s = StreamSession(model, **kw)
-        if kw["seed"] == 13:                     # this stream's model work fails
-            def broken(*args, **kwargs):
+    def broken(state_or_states, *args, **kwargs):
+        states = state_or_states if isinstance(state_or_states, list) else [state_or_states]
+        for sess in manager.list():
+            st = sess.stream
+            if st is not None and st.settings.seed == seed and any(x is st.enc_state or x is st.dec_state
+                                                                   for x in states):
                 raise RuntimeError("simulated out of memory")
-            s.push = broken
-        return s
+        return original(state_or_states, *args, **kwargs)
+    setattr(vae, name, broken)
 
-    with LiveServer(tiny_model, server_settings(tmp_path), stream_factory=factory) as s:
+
+@pytest.mark.parametrize("where", ["encode", "decode_many"])
+def test_a_model_failure_ends_only_that_session(tiny_model, tmp_path, clip, where):
+    """A fault in one stream's model work (its encode) or its VAE decode ends that session with a clear error;
+    another session keeps streaming through the same engine and the server stays healthy."""
+    with LiveServer(tiny_model, server_settings(tmp_path)) as s:
+        _fail_for_seed(tiny_model.vae, where, 13, s.manager)
         healthy = Streamer(s.ws_url, clip)
         try:
             c = WSClient(s.ws_url)
             c.ready()
             c.params(seed=13)
-            stream_frames(c, clip, 5)           # the first chunk fails; the server then closes the socket
+            stream_frames(c, clip, 5)           # the first chunk fails (encode, or decode of its output)
             err = c.wait_error("model_error")
-            assert "simulated out of memory" in err["message"]
+            assert "simulated out of memory" in err["message"] and where.split("_")[0] in err["message"]
             wait_until(lambda: c.closed, 30, "failed session closed")
             assert c.close_code == 1011
             healthy.assert_progress()
@@ -213,3 +222,29 @@ def test_a_model_failure_ends_only_that_session(tiny_model, tmp_path, clip):
             assert "wanstream_server_worker_errors_total 1.0" in s.http("GET", "/metrics")[1]
         finally:
             healthy.close()
+            delattr(tiny_model.vae, where)
+
+
+def test_a_stuck_model_call_is_reported_on_health(tiny_model, tmp_path, clip):
+    """A model tick that runs past ``stuck_after_s`` (a hung call) makes /api/health say "stuck"."""
+    import threading
+    release = threading.Event()
+    with LiveServer(tiny_model, server_settings(tmp_path, stuck_after_s=0.5)) as s:
+        original = s.manager.engine.step
+
+        def hung():
+            release.wait(20)                    # bounded: the test releases it
+            return original()
+        s.manager.engine.step = hung
+        try:
+            c = WSClient(s.ws_url)
+            c.ready()
+            stream_frames(c, clip, 5)
+            health = wait_until(lambda: (h := s.http("GET", "/api/health")[1])["status"] == "stuck" and h, 30,
+                                "health says stuck")
+            assert health["worker"]["running_for_s"] > 0.5
+        finally:
+            release.set()
+            s.manager.engine.step = original
+        wait_until(lambda: s.http("GET", "/api/health")[1]["status"] == "ok", 30, "healthy again")
+        c.close()

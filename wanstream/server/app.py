@@ -40,9 +40,9 @@ SECRET_HELP = "send the stream's secret (X-Stream-Secret header or ?secret=, giv
               "or the admin token"
 
 
-def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, stream_factory=None) -> FastAPI:
+def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> FastAPI:
     """The app; the model worker starts with the app (lifespan) and stops with it (recordings finished)."""
-    manager = SessionManager(model, settings, clock=clock, stream_factory=stream_factory)
+    manager = SessionManager(model, settings, clock=clock)
     executor = ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="wanstream-codec")
     loop_threads = min(32, (os.cpu_count() or 1) + 4)          # asyncio's default size
     default_executor = ThreadPoolExecutor(loop_threads, thread_name_prefix="wanstream-loop")
@@ -100,12 +100,18 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, stre
 
     @app.get("/api/health")
     async def health():
-        return {"status": "ok" if manager.worker.alive else "degraded", "sessions": manager.count,
+        """Liveness: "ok"; "degraded" when the model worker is gone; "stuck" when one model tick has run longer
+        than ``stuck_after_s`` (a hung kernel or call)."""
+        stuck = manager.worker.stuck_for()
+        status = ("degraded" if not manager.worker.alive else
+                  "stuck" if stuck > settings.stuck_after_s else "ok")
+        return {"status": status, "sessions": manager.count,
                 "capacity": settings.max_sessions, "device": str(getattr(model, "device", "cpu")),
                 "width": settings.width, "height": settings.height, "steps": settings.steps,
                 "transports": ["websocket"] + (["webrtc"] if WEBRTC_AVAILABLE else []),
                 "limits": {"max_frame_bytes": settings.max_frame_bytes, "prompt_chars": 2000},
-                "worker": {"chunks": manager.worker.chunks, "busy_s": round(manager.worker.busy_s, 3)}}
+                "worker": {"chunks": manager.worker.chunks, "busy_s": round(manager.worker.busy_s, 3),
+                           "running_for_s": round(stuck, 3)}}
 
     @app.get("/api/sessions")
     async def sessions(c: Caller = Depends(caller)):
