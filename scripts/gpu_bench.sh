@@ -36,41 +36,13 @@ cd "$REPO"
 log() { printf '[gpu_bench] %s\n' "$*" >&2; }
 
 # ------------------------------------------------------------------------------------------------ 1. install
-if "$PY" -c "import torch, diffusers, av, ftfy, safetensors, transformers" 2>/dev/null; then
-    log "using the installed packages of $("$PY" -c 'import sys; print(sys.executable)')"
-elif compgen -G ".whl/*.whl" >/dev/null; then
-    log "installing the wheels in .whl/ beside the preinstalled torch (offline)"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/wanstream-site \
-        .whl/*.whl
-    export PYTHONPATH=/tmp/wanstream-site${PYTHONPATH:+:$PYTHONPATH}
-else
-    log "creating .venv-gpu and installing wanstream (needs network access to PyPI)"
-    "$PY" -m venv .venv-gpu
-    .venv-gpu/bin/pip install -q -e .
-    PY=$REPO/.venv-gpu/bin/python
-fi
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-DEVICE=$DEVICE "$PY" - <<'EOF'
-import os, sys, torch
-if os.environ["DEVICE"].startswith("cuda") and not torch.cuda.is_available():
-    sys.exit("gpu_bench: torch sees no CUDA device; these rows need a GPU")
-name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-print(f"[gpu_bench] torch {torch.__version__}, {name}", file=sys.stderr)
-EOF
-if [ -z "${WANSTREAM_COMMIT:-}" ] && git -C "$REPO" rev-parse --short HEAD >/dev/null 2>&1; then
-    WANSTREAM_COMMIT=$(git -C "$REPO" rev-parse --short HEAD)
-    git -C "$REPO" --no-optional-locks diff --quiet HEAD -- 2>/dev/null || WANSTREAM_COMMIT="$WANSTREAM_COMMIT+dirty"
-fi
-export WANSTREAM_COMMIT=${WANSTREAM_COMMIT:-unknown}
+# shellcheck source=scripts/gpu_env.sh
+source "$REPO/scripts/gpu_env.sh"
 
 ws() { "$PY" -m wanstream.bench "$@"; }        # == `wanstream bench ...`
 
 # -------------------------------------------------------------------------------------------------- 2. model
-if [ ! -f "$MODEL/.done" ]; then
-    log "writing a random $PRESET model to $MODEL"
-    "$PY" -m wanstream.cli init-random --preset "$PRESET" --small-text-encoder "$MODEL"
-    touch "$MODEL/.done"
-fi
+ensure_model "$PRESET" "$MODEL"
 
 # --------------------------------------------------------------------------------------------------- 3. runs
 common=(--model "$MODEL" --device "$DEVICE" --frames "$FRAMES" --warmup "$WARMUP" --quiet)

@@ -18,3 +18,56 @@ def kit_dir() -> Path:
 
 def load_kit(name: str):
     return torch.load(kit_dir() / name, weights_only=False)
+
+
+def stream_batch_golden_errors(make_stream, device="cpu", dtype=torch.float32) -> dict[str, float]:
+    """Drive a stream through the free-running stream-batch golden ``c_dit_stream_n2_sinkoff.pt``: only the clean
+    latents, s, t and the recorded noise go in. ``make_stream(noise)`` builds the ``LatentStream`` (2 steps, sink
+    refresh off) with the given noise source. Returns the largest abs difference per compared quantity (prepare x0,
+    slot-0 latent, finished latent, block-0 K / V cache); structural mismatches (RoPE, chunk ids, noise count) raise."""
+    from wanstream.noise import ReplayNoise
+    c = load_kit("c_dit_stream_n2_sinkoff.pt")
+    noise = ReplayNoise([e["value"].to(device) for e in c["noise_log"]])
+    ls = make_stream(noise)
+    err: dict[str, float] = {}
+
+    def diff(name, got, want):
+        err[name] = max(err.get(name, 0.0), (got.float().cpu() - want).abs().max().item())
+
+    diff("prepare_x0", ls.prepare(c["prepare"]["z"].to(device, dtype), c["prepare"]["s"]), c["prepare"]["x0"])
+    for call in c["calls"]:
+        j = call["j"]
+        out = ls.push(call["z"].to(device, dtype), call["s"], torch.tensor(call["current_step"], device=device), j)
+        after = call["hidden_after"]
+        diff("slot0_latent", ls.slots[0].latent, after[0:1])
+        assert ls.slots[0].rope * 15 == call["starts"][0]
+        if j == 0:
+            assert out == []
+        else:
+            (cid, latent), = out
+            assert cid == j - 1
+            diff("finished_latent", latent, after[1:2])
+        if "k_block0" in call["cache"]:
+            diff("k_block0", ls.cache.k[0], call["cache"]["k_block0"])
+            diff("v_block0", ls.cache.v[0], call["cache"]["v_block0"])
+    assert noise.used == len(c["noise_log"])
+    return err
+
+
+def reference_refresh_sinks(cache_k, cache_v, k, v, eligible, step) -> None:
+    """The adaptive sink refresh as it was before the sink means were kept: the whole sink region of the rows
+    ``cache_k/v`` is read in fp32 to compare, then rewritten with ``where``. The reference of the refresh decisions
+    (``tests/test_fastpath.py``) and of the cost measurement (``scripts/dit_fastpath_compare.py``)."""
+    import torch.nn.functional as F
+    n_tok = k.shape[1]
+    n_sink = step.sink_tokens // n_tok
+    sink_k = cache_k[:, : step.sink_tokens].unflatten(1, (n_sink, n_tok))
+    sink_v = cache_v[:, : step.sink_tokens].unflatten(1, (n_sink, n_tok))
+    sim_k = F.cosine_similarity(k.float().mean(1).flatten(1)[:, None], sink_k.float().mean(2).flatten(2), dim=-1)
+    sim_v = F.cosine_similarity(v.float().mean(1).flatten(1)[:, None], sink_v.float().mean(2).flatten(2), dim=-1)
+    low, idx = ((sim_k + sim_v) / 2).min(dim=1)
+    replace = (low < step.sink_threshold) & eligible
+    pick = (torch.arange(n_sink, device=k.device)[None] == idx[:, None]) & replace[:, None]
+    pick = pick[:, :, None, None, None]
+    sink_k.copy_(torch.where(pick, k[:, None], sink_k))
+    sink_v.copy_(torch.where(pick, v[:, None], sink_v))

@@ -102,6 +102,28 @@ def test_bench_sweep_eight_rows(tiny_model_dir, tmp_path):
     assert result["meta"]["peaks"] is None
 
 
+def test_bench_sessions_share_dit_calls_and_compare_with_round_robin(tiny_model_dir, tmp_path):
+    """Three streams: batched, every steady tick is ONE DiT call over all streams' rows; round robin serves one
+    stream per call, so it makes three times the calls with a third of the rows."""
+    out = tmp_path / "sessions.json"
+    args = _parse(["--model", str(tiny_model_dir), "--device", "cpu", "--resolution", "32x32", "--steps", "2",
+                   "--frames", "21", "--warmup", "2", "--prime-chunks", "1", "--sessions", "3",
+                   "--compare-round-robin", "--no-peak", "--json", str(out), "--quiet"])
+    assert bench.run_bench(args) == 0
+    row = json.loads(out.read_text())
+    rr = row["round_robin"]
+    assert row["sessions"] == rr["sessions"] == 3 and rr["policy"] == "round_robin"
+    assert row["frames_out"] == row["frames_in"] == row["frames"] == 3 * 21 and row["output_order_ok"]
+    assert row["rows_per_call_mean"] == 2 * 3 and rr["rows_per_call_mean"] == 2
+    assert row["measured_chunks"] == 3 * row["dit_calls"]            # one call per tick, one chunk per stream
+    assert rr["dit_calls"] == 3 * row["dit_calls"]
+    assert row["dit_calls_per_chunk"] == pytest.approx(1 / 3)
+    assert len(row["per_session"]) == 3 and all(p["fps"] > 0 for p in row["per_session"])
+    assert row["fps_per_session_min"] <= row["fps_aggregate"] / 3 + 1e-9
+    for x in (row, rr):
+        assert x["fps_denoise"] > 0 and x["latency_ms"]["p99"] > 0 and 0 <= x["deadline_miss_rate"] <= 1
+
+
 def test_bench_rejects_too_few_frames():
     with pytest.raises(ValueError, match="frames"):
         bench.BenchConfig(frames=9, warmup=3).validate()

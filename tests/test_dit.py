@@ -221,4 +221,4 @@ def test_block_ranges_chained_equal_whole():
 def test_stage_cache_holds_only_its_blocks(kit_dit):
     cache = kit_dit.new_cache(2, 6, F_TOK, layers=range(1, 2))
     assert cache.layers == [1]
-    assert cache.nbytes() == 2 * 2 * 90 * 2 * 128 * 4
+    assert cache.nbytes() == 2 * 2 * 90 * 2 * 128 * 4 + 2 * 2 * 6 * 256 * 4   # K/V + fp32 slot means

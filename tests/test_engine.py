@@ -149,19 +149,21 @@ def test_call_layout_runs_and_prompt_groups():
     assert prompt_groups([3, 3, 3]) == [(0, 3, 3, 1)]
 
 
-def test_a_failure_in_one_stream_ends_only_that_stream(tiny_model, clips):
-    engine = Engine(tiny_model)
+@pytest.mark.parametrize("batch_vae", [False, True])
+def test_a_failure_in_one_stream_ends_only_that_stream(tiny_model, clips, batch_vae):
+    """A decoder fault of one stream (also inside a batched decode of both) ends that stream only."""
+    engine = Engine(tiny_model, batch_vae=batch_vae)
     good = engine.open(prompt_embeds=_prompt(0), width=W, height=H, steps=2, seed=1)
     bad = engine.open(prompt_embeds=_prompt(1), width=W, height=H, steps=2, seed=2)
-    original = tiny_model.vae.decode
+    original = tiny_model.vae.decode_many
 
-    def decode(state, latent):
-        if state is bad.dec_state:
+    def decode(states, latents, *a, **k):
+        if any(st is bad.dec_state for st in states):
             raise RuntimeError("simulated decoder fault")
-        return original(state, latent)
+        return original(states, latents, *a, **k)
     faults = []
     engine.on_fault = lambda s, msg: faults.append((s.id, msg))
-    tiny_model.vae.decode = decode
+    tiny_model.vae.decode_many = decode
     try:
         for k in range(4):
             n = 5 if k == 0 else 4
@@ -170,9 +172,51 @@ def test_a_failure_in_one_stream_ends_only_that_stream(tiny_model, clips):
                     engine.feed(s, clip[(0 if k == 0 else 1 + 4 * k): (5 if k == 0 else 5 + 4 * k)])
             engine.step()
     finally:
-        del tiny_model.vae.decode
+        del tiny_model.vae.decode_many
     assert bad.closed and "simulated decoder fault" in bad.error and faults == [(bad.id, bad.error)]
     assert not good.closed and good.stats.frames_out >= 9
     with pytest.raises(RuntimeError, match="closed"):
         engine.feed(bad, clips[1][:4])
     assert bad.id not in engine.streams and list(engine.groups.values())[0].runner.pool.used_rows == 2
+
+
+def test_vae_work_of_several_streams_shares_calls_and_equals_each_alone(tiny_model, clips):
+    """With VAE batching on, the chunks of streams at the same phase are encoded (and decoded) in one call each;
+    a stream that joins later runs its first chunk in its own call; every stream equals itself alone."""
+    calls = []
+    original = tiny_model.vae.encode_many
+
+    def spy(states, frames, *a, **k):
+        calls.append(frames.shape[0])
+        return original(states, frames, *a, **k)
+
+    def run(shared: bool):
+        engine = Engine(tiny_model, batch_vae=True)
+        outs = {}
+        streams = {}
+        for k in range(5):
+            if k in (0, 2):                                 # stream 2 joins at tick 2
+                for i in ((0, 1) if k == 0 else (2,)):
+                    eng = engine if shared else Engine(tiny_model)
+                    streams[i] = (eng, eng.open(prompt_embeds=_prompt(i), width=W, height=H, steps=2, seed=i))
+            for i, (eng, s) in streams.items():
+                start = 0 if s.frames_in == 0 else s.frames_in
+                eng.feed(s, clips[i][start: start + (5 if start == 0 else 4)])
+            for eng in {id(e): e for e, _ in streams.values()}.values():
+                eng.step()
+        for i, (eng, s) in streams.items():
+            eng.finish(s)
+            eng.run_until_idle(50)
+            outs[i] = np.stack([o.image for o in s.take_outputs()])
+        return outs
+
+    tiny_model.vae.encode_many = spy
+    try:
+        shared = run(True)
+    finally:
+        del tiny_model.vae.encode_many
+    alone = run(False)
+    assert 2 in calls                                       # streams 0 and 1 shared encode calls
+    for i in shared:
+        assert shared[i].shape == alone[i].shape
+        assert np.abs(shared[i].astype(int) - alone[i].astype(int)).max() <= 1

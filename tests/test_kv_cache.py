@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from wanstream.config import CacheConfig
-from wanstream.kv_cache import CachePolicy, CacheStep
-from wanstream.models.attention import _refresh_sinks
+from wanstream.kv_cache import CachePolicy, CacheStep, KVCache
+from wanstream.models.attention import frame_means, refresh_sinks
 
 
 def test_write_order_sinks_fixed_ring_cycles():
@@ -44,37 +44,51 @@ def test_refresh_only_when_all_sinks_hold_data():
 
 
 def _sinks_and_frame(opposite_sink: bool):
+    """A 2-row cache whose 3 sinks (and their means) are close to ``base``; with ``opposite_sink`` sink 2 points the
+    other way. Returns the cache and a new frame equal to ``base``."""
     torch.manual_seed(0)
     n_tok, heads, hd = 4, 2, 8
-    k = torch.zeros(2, 6 * n_tok, heads, hd)
-    v = torch.zeros_like(k)
+    cache = KVCache([0], 2, 6, n_tok, heads, hd, torch.float32, "cpu")
+    k, v = cache.k[0], cache.v[0]
     base = torch.randn(heads, hd)
-    for s in range(3):  # sinks close to `base`; with opposite_sink, sink 2 points the other way
+    for s in range(3):
         sign = -1.0 if (s == 2 and opposite_sink) else 1.0
         k[:, s * n_tok:(s + 1) * n_tok] = sign * base + 0.01 * torch.randn(n_tok, heads, hd)
         v[:, s * n_tok:(s + 1) * n_tok] = sign * base + 0.01 * torch.randn(n_tok, heads, hd)
+    cache.km[0][:, :3] = frame_means(k[:, :3 * n_tok], 3)
+    cache.vm[0][:, :3] = frame_means(v[:, :3 * n_tok], 3)
     new = base.expand(2, n_tok, heads, hd).clone()
-    return k, v, new
+    return cache, new
+
+
+def _refresh(cache, new, step):
+    m = frame_means(new, 1)[:, 0]
+    refresh_sinks(cache.k[0], cache.v[0], cache.km[0], cache.vm[0], new, new, m, m, step)
 
 
 def test_refresh_replaces_least_similar_sink_when_forced():
-    k, v, new = _sinks_and_frame(True)
+    cache, new = _sinks_and_frame(True)
     policy = CachePolicy(CacheConfig(capacity=6, sink=3, sink_threshold=0.2))
     step = CacheStep.build(policy, [2, 7], [2, 7], 1, 4, "cpu")  # row 0 still filling, row 1 eligible
-    k0, v0 = k.clone(), v.clone()
-    _refresh_sinks(k, v, new, new, step.refresh_rows, step)
-    assert torch.equal(k[0], k0[0]) and torch.equal(v[0], v0[0])      # not eligible: untouched
+    k0, v0, km0 = cache.k[0].clone(), cache.v[0].clone(), cache.km[0].clone()
+    _refresh(cache, new, step)
+    k, v = cache.k[0], cache.v[0]
+    # row 0 is not eligible: only its own slot (2, which the normal write fills anyway) got the frame
+    assert torch.equal(k[0, 8:12], new[0]) and torch.equal(k[0, :8], k0[0, :8]) and torch.equal(k[0, 12:], k0[0, 12:])
     assert torch.equal(k[1, 8:12], new[1]) and torch.equal(v[1, 8:12], new[1])  # sink 2 replaced
     assert torch.equal(k[1, :8], k0[1, :8]) and torch.equal(k[1, 12:], k0[1, 12:])
+    assert torch.equal(cache.km[0][1, 2], frame_means(new, 1)[1, 0])           # its means travel with it
+    assert torch.equal(cache.km[0][1, :2], km0[1, :2])
 
 
 def test_refresh_keeps_sinks_above_threshold():
-    k, v, new = _sinks_and_frame(False)
+    cache, new = _sinks_and_frame(False)
     policy = CachePolicy(CacheConfig(capacity=6, sink=3, sink_threshold=0.2))  # every sink is similar
-    step = CacheStep.build(policy, [7, 7], [7, 7], 1, 4, "cpu")
-    k0 = k.clone()
-    _refresh_sinks(k, v, new, new, step.refresh_rows, step)
-    assert torch.equal(k, k0)
+    step = CacheStep.build(policy, [7, 7], [7, 7], 1, 4, "cpu")               # frame 7 → ring slot 4
+    k0 = cache.k[0].clone()
+    _refresh(cache, new, step)
+    assert torch.equal(cache.k[0][:, :12], k0[:, :12])                          # no sink touched
+    assert torch.equal(cache.k[0][:, 16:20], new)                               # the frame's own ring slot
 
 
 def test_refresh_never_compares_against_empty_sinks():

@@ -25,6 +25,8 @@ from wanstream.pipeline.protocol import (Kind, Message, ProtocolError, encode, f
 from wanstream.sampling import FlowMatchSampler
 from wanstream.stream_batch import LatentStream
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))     # the scaling model (offline tool)
+
 TOL = 1e-5
 TOK = 15                       # 6x10 latent grid → 3x5 tokens
 H, W_PIX = 48, 80
@@ -428,7 +430,7 @@ def test_cli_v2v_pipeline_two_cpu_ranks(model4, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wanstream.models.text_encoder", fake)
     clip = write_motion_clip(tmp_path / "in.mp4", 11, W_PIX, H, 16.0)
     p = argparse.ArgumentParser()
-    p.add_argument("input", type=Path)
+    p.add_argument("input", type=Path, nargs="+")
     p.add_argument("-o", "--output", type=Path)
     p.add_argument("--model", type=Path)
     p.add_argument("--device", default=None)
@@ -456,7 +458,7 @@ def test_cli_v2v_pipeline_two_cpu_ranks(model4, tmp_path, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------ scaling model
 def test_scaling_model_predictions_and_table():
-    from wanstream.scaling_model import PAPER_FPS, Link, markdown, paper_profiles, predict
+    from scaling import PAPER_FPS, Link, markdown, paper_profiles, predict
     profiles = paper_profiles()
     link = Link(overhead_ms=4)
     for p in profiles:
@@ -473,7 +475,7 @@ def test_scaling_model_predictions_and_table():
 
 
 def test_scaling_measure_profile_and_pipeline_on_cpu(model4):
-    from wanstream.scaling_model import Link, measure_pipeline, measure_profile, predict
+    from scaling import Link, measure_pipeline, measure_profile, predict
     prof = measure_profile(model4, "cpu", W_PIX, H, repeats=1, name="tiny")
     assert prof.layers == 4 and prof.encode_ms > 0 and prof.decode_ms > 0 and all(prof.dit(n) > 0 for n in (1, 4))
     assert predict(prof, 2, 2, Link()).fps > 0

@@ -211,6 +211,29 @@ def test_cache_skips_the_model(tiny_dir):
     assert len(calls) == 4
 
 
+def test_cache_keeps_true_rows_only_and_is_bounded_by_bytes(tiny_dir):
+    enc = load_text_encoder(tiny_dir / T5_FILE, tiny_dir / TOKENIZER, cache_size=100)
+    fresh = load_text_encoder(tiny_dir / T5_FILE, tiny_dir / TOKENIZER, cache_size=0)
+    prompts = [f"a cat number {i} on a roof" + " and a dog" * i for i in range(6)]
+    lengths = enc.tokenizer(prompts, padding=True, return_tensors="pt").attention_mask.sum(1).tolist()
+    row_bytes = enc.dim * 4
+    enc.encode(prompts[:1])
+    assert enc.cache_info()["bytes"] == lengths[0] * row_bytes         # not 512 rows
+    enc.limit_cache(max_bytes=(lengths[4] + lengths[5]) * row_bytes)
+    for p in prompts[1:]:
+        enc.encode([p])
+    info = enc.cache_info()
+    assert info["bytes"] <= info["max_bytes"] and info["entries"] == 2 and info["evictions"] == 4
+    assert info["misses"] == 6 and info["hits"] == 0
+    for p in (prompts[5], prompts[0]):                                  # a hit and a re-encoded miss
+        out = enc.encode([p])
+        assert out.shape == (1, 512, enc.dim) and torch.equal(out, fresh.encode([p]))
+    assert enc.cache_info()["hits"] == 1
+    enc.limit_cache(max_bytes=1)                                        # nothing fits: nothing is kept
+    assert enc.cache_info()["entries"] == 0 and enc.cache_info()["bytes"] == 0
+    assert torch.equal(enc.encode([prompts[2]]), fresh.encode([prompts[2]]))
+
+
 def test_offload_then_encode(tiny_dir):
     enc = load_text_encoder(tiny_dir / T5_FILE, tiny_dir / TOKENIZER, cache_size=0)
     before = enc.encode(["a dog on the beach"])

@@ -1,22 +1,23 @@
-"""``wanstream bench``: a live-source benchmark of one stream, with definitions behind every figure.
+"""``wanstream bench``: a live-source benchmark of one or many streams, with definitions behind every figure.
 
-A synthetic clip with motion is fed to a :class:`~wanstream.session.StreamSession` one frame at a time, as a
-live source: frame ``i`` arrives at ``t0 + i / input_fps`` (real time; when the model is slower than the input,
-frames queue and their wait counts in their latency), or, with ``--input-fps max``, each frame arrives the moment
-the previous push returned. Every figure is defined in ``docs/benchmarks.md``; in short:
+N streams (``--sessions N``, own prompt and seed each) of one :class:`~wanstream.engine.Engine` are fed a
+synthetic clip with motion one frame at a time, as live sources: frame ``i`` of every stream arrives at
+``t0 + i / input_fps`` (real time; when the model is slower than the input, frames queue and their wait counts in
+their latency), or, with ``--input-fps max``, the moment the previous tick returned. Every figure is defined in
+``docs/benchmarks.md``; in short:
 
-* the model is warm (a throw-away stream of a few chunks runs first), the measured stream starts cold;
-* ``ttff_s``: first input frame's arrival → first output frame (includes buffering the first 5-frame chunk);
-* the first ``warmup`` chunks of the measured stream fill the stream batch and the KV cache and are left out of
-  every steady-state figure: FPS, per-stage times, latency, jitter, deadline misses, roofline;
-* ``fps_e2e``: output frames per second of wall time over the steady window (encode + DiT + decode + host);
-  ``fps_capacity``: output frames per second of busy time (what the stream sustains when never starved of
-  input; equals ``fps_e2e`` with ``--input-fps max``); ``fps_denoise``: output frames per second of DiT time;
-* ``stage_ms``: mean per chunk of encode, DiT and decode (CUDA events on a GPU, wall clock on the CPU) and
-  host = push wall time − the three stages.
-
-Per-stage times come from wrapping ``model.vae.encode``, ``model.vae.decode`` and ``model.dit.forward`` on the
-bundle instance for the measured stream only; the wrappers are removed afterwards.
+* the model is warm (a throw-away run of a few chunks first), the measured streams start cold;
+* ``ttff_s``: first input frame's arrival → first output frame (the worst stream's);
+* the first ``warmup`` chunks of every stream fill the stream batch and the KV cache and are left out of every
+  steady-state figure: FPS, per-stage times, latency, jitter, deadline misses, roofline;
+* ``fps_e2e``: output frames per second of wall time over the steady window, all streams together
+  (``fps_per_session_min``: the slowest stream's); ``fps_capacity``: input frames per second of busy time (what
+  the engine sustains when never starved of input); ``fps_denoise``: input frames per second of DiT time;
+* ``stage_ms``: mean per engine tick of encode, DiT and decode (the engine's own timings: CUDA events on a GPU,
+  wall clock on the CPU) and host = tick wall time − the three;
+* ``dit_calls``, ``rows_per_call_mean``: DiT calls of the steady window and their mean batch rows;
+* ``--compare-round-robin``: the same streams served one stream per tick (the old server), measured in the same
+  process, reported under ``round_robin``.
 """
 
 from __future__ import annotations
@@ -38,10 +39,14 @@ import torch
 
 from . import roofline
 from .argtypes import int_in, resolution
+from .chunking import CHUNK_FRAMES as CHUNK
+from .chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
+from .chunking import chunks_in, frames_for
 
-SCHEMA = "wanstream-bench/1"
+SCHEMA = "wanstream-bench/2"
+COMPARED = ("sessions", "policy", "fps_aggregate", "fps_per_session_min", "fps_capacity", "fps_denoise",
+            "latency_ms", "deadline_miss_rate", "dit_calls", "rows_per_call_mean", "dit_call_ms", "ttff_s")
 STAGES = ("encode", "dit", "decode")
-FIRST_CHUNK, CHUNK = 5, 4          # frames of the first chunk and of every later chunk
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -58,6 +63,7 @@ class BenchConfig:
     seed: int = 0
     decoder: str = "vae"
     prime_chunks: int | None = None     # chunks of the throw-away priming stream (default: steps + 2)
+    sessions: int = 1                   # streams of the engine, fed together (own prompt and seed each)
 
     @property
     def mode(self) -> str:
@@ -69,7 +75,7 @@ class BenchConfig:
 
     def chunks(self) -> int:
         """Chunks the pushes of ``frames`` input frames process (the end-of-stream remainder is not measured)."""
-        return 0 if self.frames < FIRST_CHUNK else 1 + (self.frames - FIRST_CHUNK) // CHUNK
+        return chunks_in(self.frames)
 
     def validate(self) -> None:
         if not 1 <= self.steps <= 4:
@@ -79,77 +85,15 @@ class BenchConfig:
         # the first measured chunk must leave the stream batch (``steps`` calls later) before the input ends
         need_chunks = self.warmup + max(2, self.steps if self.batch else 1)
         if self.chunks() < need_chunks:
-            need = FIRST_CHUNK + CHUNK * (need_chunks - 1)
+            need = frames_for(need_chunks)
             raise ValueError(f"--frames {self.frames} gives {self.chunks()} chunks; with --warmup {self.warmup} and "
                              f"{self.steps} steps ({self.mode}) at least {need} frames are needed")
         if self.input_fps is not None and self.input_fps <= 0:
             raise ValueError(f"input fps must be positive or 'max', got {self.input_fps}")
         if self.target_latency_s <= 0:
             raise ValueError(f"target latency must be positive, got {self.target_latency_s}")
-
-
-# ------------------------------------------------------------------------------------------ stage timing
-class StageTimer:
-    """Wraps the stage callables of a model bundle and records, per chunk, each call's duration.
-
-    On CUDA, each call is bracketed by CUDA events on the current stream (no synchronisation is added; events
-    are resolved at the end); on the CPU by ``time.perf_counter``. The chunk of a call is the number of encode
-    calls so far minus one (every chunk starts with its encode).
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.chunk = -1
-        self._records: list[tuple[int, str, object, object]] = []
-        self._patched: list[tuple[object, str, bool, object]] = []
-
-    def _wrap(self, stage: str, fn):
-        def timed(*args, **kwargs):
-            if stage == "encode":
-                self.chunk += 1
-            if self.cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(*args, **kwargs)
-                end.record()
-            else:
-                start = time.perf_counter()
-                out = fn(*args, **kwargs)
-                end = time.perf_counter()
-            self._records.append((self.chunk, stage, start, end))
-            return out
-        return timed
-
-    def patch(self, obj, attr: str, stage: str) -> None:
-        had = attr in vars(obj)
-        original = getattr(obj, attr)
-        self._patched.append((obj, attr, had, vars(obj).get(attr)))
-        setattr(obj, attr, self._wrap(stage, original))
-
-    def restore(self) -> None:
-        for obj, attr, had, value in reversed(self._patched):
-            if had:
-                setattr(obj, attr, value)
-            else:
-                delattr(obj, attr)
-        self._patched.clear()
-
-    def stop(self) -> None:
-        """Stop attributing calls (later calls, e.g. the end-of-stream drain, are ignored)."""
-        self.chunk = 10 ** 9
-
-    def per_chunk(self) -> dict[int, dict[str, float]]:
-        """``{chunk: {stage: seconds, stage + "_calls": count}}`` (synchronises the device once)."""
-        if self.cuda and self._records:
-            torch.cuda.synchronize()
-        out: dict[int, dict[str, float]] = {}
-        for chunk, stage, start, end in self._records:
-            seconds = start.elapsed_time(end) / 1e3 if self.cuda else end - start
-            rec = out.setdefault(chunk, {s: 0.0 for s in STAGES} | {f"{s}_calls": 0 for s in STAGES})
-            rec[stage] += seconds
-            rec[f"{stage}_calls"] += 1
-        return out
+        if self.sessions < 1:
+            raise ValueError(f"sessions must be at least 1, got {self.sessions}")
 
 
 # -------------------------------------------------------------------------------------------- machine info
@@ -247,24 +191,34 @@ class LiveClip:
 
 
 # ------------------------------------------------------------------------------------------------ one row
-def _new_session(model, cfg: BenchConfig, prompt: torch.Tensor):
-    from .session import StreamSession
-    return StreamSession(model, prompt_embeds=prompt, width=cfg.width, height=cfg.height, steps=cfg.steps,
-                         batch=cfg.batch, seed=cfg.seed, decoder=cfg.decoder)
+def _open(engine, cfg: BenchConfig, prompts: list[torch.Tensor]) -> list:
+    return [engine.open(prompt_embeds=p, width=cfg.width, height=cfg.height, steps=cfg.steps, batch=cfg.batch,
+                        seed=cfg.seed + k, decoder=cfg.decoder) for k, p in enumerate(prompts)]
 
 
-def _prime(model, cfg: BenchConfig, prompt: torch.Tensor, clip: LiveClip) -> float:
-    """A throw-away stream as fast as possible: loads kernels, allocator pools, autotuning. Returns seconds."""
+def _source(clip: "LiveClip", k: int, i: int) -> np.ndarray:
+    """Frame ``i`` of stream ``k`` (streams start at different points of the clip)."""
+    return clip.frame(i + 7 * k)[None]
+
+
+def _prime(model, cfg: BenchConfig, prompts: list[torch.Tensor], clip: LiveClip, policy: str) -> float:
+    """Throw-away streams as fast as possible: loads kernels, allocator pools, autotuning. Returns seconds."""
+    from .engine import Engine
     chunks = cfg.prime_chunks if cfg.prime_chunks is not None else cfg.steps + 2
     t0 = time.perf_counter()
     if chunks <= 0:
         return 0.0
-    session = _new_session(model, cfg, prompt)
-    for i in range(FIRST_CHUNK + CHUNK * max(0, chunks - 1)):
-        session.push(clip.frame(i)[None])
-    session.flush()
-    session.close()
-    del session
+    engine = Engine(model, policy=policy)
+    streams = _open(engine, cfg, prompts)
+    for i in range(frames_for(chunks)):
+        for k, s in enumerate(streams):
+            engine.feed(s, _source(clip, k, i))
+        engine.run_until_idle()
+    for s in streams:
+        engine.finish(s)
+    engine.run_until_idle()
+    for s in streams:
+        engine.close(s)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     return time.perf_counter() - t0
@@ -283,132 +237,167 @@ def _mean(xs) -> float | None:
     return float(sum(xs) / len(xs)) if xs else None
 
 
+@dataclass
+class _Tick:
+    start: float
+    end: float
+    entered: dict            # stream index → chunk index that entered in this tick
+    phases: dict = field(default_factory=dict)
+    rows: int = 0
+    calls: int = 0
+
+
 @torch.no_grad()
-def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor, clip: LiveClip, costs: dict | None = None,
-               peaks: dict | None = None) -> dict:
-    """Prime, then run one measured live stream; returns one result row (see ``docs/benchmarks.md``)."""
+def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor], clip: LiveClip,
+               costs: dict | None = None, peaks: dict | None = None, policy: str = "continuous") -> dict:
+    """Prime, then run the measured live streams (one per prompt); returns one result row (see
+    ``docs/benchmarks.md``)."""
+    from .engine import Engine
     from .metrics import StreamMetrics
     cfg.validate()
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+    n = len(prompts)
     device = model.device
-    prime_s = _prime(model, cfg, prompt, clip)
+    prime_s = _prime(model, cfg, prompts, clip, policy)
     memory = PeakMemory(device)
     memory.start()
-    metrics = StreamMetrics(target_latency_s=cfg.target_latency_s)
-    session = _new_session(model, cfg, prompt)
-    timer = StageTimer(device)
-    timer.patch(model.vae, "encode", "encode")
-    timer.patch(model.dit, "forward", "dit")
-    if cfg.decoder == "vae":
-        timer.patch(model.vae, "decode", "decode")
-    elif getattr(model, "taehv", None) is not None and hasattr(model.taehv, "_decode"):
-        timer.patch(model.taehv, "_decode", "decode")     # TAEHV: one call per latent; summed per chunk
-
-    walls: dict[int, tuple[float, float]] = {}      # chunk → (push start, push end)
-    outputs: list[tuple[float, int]] = []           # (time, frames) of each push that returned frames
+    engine = Engine(model, policy=policy)
+    streams = _open(engine, cfg, prompts)
+    metrics = [StreamMetrics(target_latency_s=cfg.target_latency_s) for _ in streams]
+    outputs: list[list[tuple[float, int]]] = [[] for _ in streams]     # per stream: (time, frames) of each tick
+    ticks: list[_Tick] = []
     backlog_max = 0
-    t_ref = None                                    # end of the last warm-up chunk
+    t_ref = None
     order_ok = True
-    next_index = 0
-    warm_frames = FIRST_CHUNK + CHUNK * (cfg.warmup - 1)   # input frames of the warm-up chunks
+    next_index = [0] * n
+    warm_frames = frames_for(cfg.warmup)
     samples = 0
-    try:
-        t_start = time.perf_counter()
-        for i in range(cfg.frames):
-            if cfg.input_fps is None:
-                arrival = time.perf_counter()
-            else:
-                arrival = t_start + i / cfg.input_fps
-                _wait_until(arrival)
-            metrics.on_input(timestamp=arrival)
-            chunk_before = timer.chunk
+    t_start = time.perf_counter()
+    for i in range(cfg.frames):
+        if cfg.input_fps is None:
+            arrival = time.perf_counter()
+        else:
+            arrival = t_start + i / cfg.input_fps
+            _wait_until(arrival)
+        for k, s in enumerate(streams):
+            engine.feed(s, _source(clip, k, i), [arrival])
+            metrics[k].on_input(timestamp=arrival)
+        while any(s.buffer.ready() for s in streams):
+            before = [s.next_chunk for s in streams]
             t0 = time.perf_counter()
-            out = session.push(clip.frame(i)[None], [arrival])
+            engine.step()
             t1 = time.perf_counter()
-            if out:
-                metrics.on_output(len(out), now=t1)
-                outputs.append((t1, len(out)))
+            ticks.append(_Tick(t0, t1, {k: before[k] for k, s in enumerate(streams) if s.next_chunk != before[k]}))
+            for k, s in enumerate(streams):
+                out = s.take_outputs()
+                if not out:
+                    continue
+                metrics[k].on_output(len(out), now=t1)
+                outputs[k].append((t1, len(out)))
                 for o in out:
-                    order_ok &= o.index == next_index
-                    next_index += 1
+                    order_ok &= o.index == next_index[k]
+                    next_index[k] += 1
                     samples += o.index >= warm_frames
-            if timer.chunk != chunk_before:
-                walls[timer.chunk] = (t0, t1)
-                if timer.chunk == cfg.warmup - 1:
-                    # steady state starts: forget warm-up samples, skip the warm-up frames still in flight
-                    t_ref = t1
-                    metrics.reset_stats(keep_pending=True)
-                    metrics.warmup(max(0, warm_frames - session.frames_out))
-            if cfg.input_fps is not None:
-                arrived = min(cfg.frames, int((time.perf_counter() - t_start) * cfg.input_fps) + 1)
-                backlog_max = max(backlog_max, arrived - (i + 1))
-        t_end = time.perf_counter()
-        summary = metrics.summary()
-        peak_mem = memory.read()
-        timer.stop()
-        rest = session.flush()
-        total_out = session.frames_out
-        total_in = session.frames_in
-        for o in rest:
-            order_ok &= o.index == next_index
-            next_index += 1
-    finally:
-        timer.restore()
-    stage = timer.per_chunk()
-    session.close()
+            if t_ref is None and all(s.next_chunk >= cfg.warmup for s in streams):
+                # steady state starts: forget warm-up samples, skip the warm-up frames still in flight
+                t_ref = t1
+                for k, s in enumerate(streams):
+                    metrics[k].reset_stats(keep_pending=True)
+                    metrics[k].warmup(max(0, warm_frames - s.stats.frames_out))
+        if cfg.input_fps is not None:
+            arrived = min(cfg.frames, int((time.perf_counter() - t_start) * cfg.input_fps) + 1)
+            backlog_max = max(backlog_max, arrived - (i + 1))
+    t_end = time.perf_counter()
+    summaries = [m.summary() for m in metrics]
+    peak_mem = memory.read()
+    for (info, phases), tick in zip(engine.timer.ticks(wait=True), ticks):
+        tick.phases, tick.rows, tick.calls = phases, info.get("rows", 0), info.get("calls", 0)
+    dit_calls_total = engine.dit_calls
+    for s in streams:
+        engine.finish(s)
+    engine.run_until_idle()
+    for k, s in enumerate(streams):
+        for o in s.take_outputs():
+            order_ok &= o.index == next_index[k]
+            next_index[k] += 1
+    total_in = sum(s.frames_in for s in streams)
+    total_out = sum(s.stats.frames_out for s in streams)
+    for s in streams:
+        engine.close(s)
+    if t_ref is None:
+        raise ValueError("the measured streams never left their warm-up chunks; give more --frames")
 
-    steady = [c for c in sorted(walls) if c >= cfg.warmup]
-    busy = sum(walls[c][1] - walls[c][0] for c in steady)
-    steady_out = sum(n for t, n in outputs if t > t_ref)
-    last_out = max(t for t, _ in outputs)
-    dit_time = sum(stage.get(c, {}).get("dit", 0.0) for c in steady)
-    rows = {c: stage.get(c, {s: 0.0 for s in STAGES} | {f"{s}_calls": 0 for s in STAGES}) for c in steady}
-    stage_ms = {s: 1e3 * _mean(rows[c][s] for c in steady) for s in STAGES}
-    chunk_ms = 1e3 * _mean(walls[c][1] - walls[c][0] for c in steady)
-    stage_ms["host"] = chunk_ms - sum(stage_ms[s] for s in STAGES)
-    stage_ms["chunk"] = chunk_ms
-    dit_calls = _mean(rows[c]["dit_calls"] for c in steady)
+    steady = [t for t in ticks if t.entered and min(t.entered.values()) >= cfg.warmup]
+    chunks = sum(len(t.entered) for t in steady)
+    busy = sum(t.end - t.start for t in steady)
+    per_stream_out = [sum(c for t, c in outs if t > t_ref) for outs in outputs]
+    last_out = max(t for outs in outputs for t, _ in outs)
+    window = last_out - t_ref
+    dit_time = sum(t.phases.get("dit", 0.0) for t in steady)
+    stage_ms = {st: 1e3 * (_mean(t.phases.get(st, 0.0) for t in steady) or 0.0) for st in STAGES}
+    tick_ms = 1e3 * _mean(t.end - t.start for t in steady)
+    stage_ms["host"] = tick_ms - sum(stage_ms[st] for st in STAGES)
+    stage_ms["chunk"] = tick_ms
+    calls = sum(t.calls for t in steady)
+    rows = sum(t.rows for t in steady)
+    worst = max(range(n), key=lambda k: (summaries[k]["latency_ms"]["p99"] or 0.0))
+    misses = sum(sm["deadline_misses"] for sm in summaries)
+    n_samples = sum(len(m._latencies) for m in metrics)
     row = {
         "resolution": cfg.resolution, "width": cfg.width, "height": cfg.height, "steps": cfg.steps,
-        "mode": cfg.mode, "decoder": cfg.decoder,
+        "mode": cfg.mode, "decoder": cfg.decoder, "sessions": n, "policy": policy,
         "input_fps": "max" if cfg.input_fps is None else cfg.input_fps,
-        "frames": cfg.frames, "frames_in": total_in, "frames_out": total_out, "output_order_ok": bool(order_ok),
-        "warmup_chunks": cfg.warmup, "measured_chunks": len(steady), "measured_frames": steady_out,
+        "frames": cfg.frames * n, "frames_in": total_in, "frames_out": total_out, "output_order_ok": bool(order_ok),
+        "warmup_chunks": cfg.warmup, "measured_chunks": chunks, "measured_frames": sum(per_stream_out),
         "prime_s": prime_s,
-        "ttff_s": summary["ttff_s"],
-        "fps_e2e": steady_out / (last_out - t_ref) if last_out > t_ref else None,
-        "fps_capacity": CHUNK * len(steady) / busy if busy > 0 else None,
-        "fps_denoise": CHUNK * len(steady) / dit_time if dit_time > 0 else None,
+        "ttff_s": max(sm["ttff_s"] for sm in summaries),
+        "fps_e2e": sum(per_stream_out) / window if window > 0 else None,
+        "fps_aggregate": sum(per_stream_out) / window if window > 0 else None,
+        "fps_per_session_min": min(per_stream_out) / window if window > 0 else None,
+        "fps_capacity": CHUNK * chunks / busy if busy > 0 else None,
+        "fps_denoise": CHUNK * chunks / dit_time if dit_time > 0 else None,
         "stage_ms": stage_ms,
-        "dit_calls_per_chunk": dit_calls,
-        "dit_call_ms": stage_ms["dit"] / dit_calls if dit_calls else None,
-        "latency_ms": summary["latency_ms"],
-        "jitter_ms": summary["jitter_ms"],
-        "deadline_miss_rate": summary["deadline_miss_rate"],
+        "dit_calls": calls,
+        "dit_calls_per_chunk": calls / chunks if chunks else None,
+        "rows_per_call_mean": rows / calls if calls else None,
+        "dit_call_ms": 1e3 * dit_time / calls if calls else None,
+        "latency_ms": summaries[worst]["latency_ms"],
+        "jitter_ms": summaries[worst]["jitter_ms"],
+        "deadline_miss_rate": misses / n_samples if n_samples else None,
         "target_latency_s": cfg.target_latency_s,
         "latency_samples": samples,
+        "per_session": [{"fps": per_stream_out[k] / window if window > 0 else None,
+                         "latency_ms": {q: summaries[k]["latency_ms"][q] for q in ("p50", "p99")},
+                         "deadline_miss_rate": summaries[k]["deadline_miss_rate"], "ttff_s": summaries[k]["ttff_s"]}
+                        for k in range(n)],
+        "dit_calls_total": dit_calls_total,
         "peak_mem_bytes": peak_mem, "peak_mem_kind": memory.kind,
-        "timing": "cuda_events" if timer.cuda else "perf_counter",
+        "timing": "cuda_events" if engine.timer.cuda else "perf_counter",
         "wall_s": t_end - t_start,
     }
     if cfg.input_fps is None:
         row["queue"] = {"backlog_max_frames": 0, "lag_end_s": 0.0, "keeps_up": None}
     else:
         row["queue"] = {"backlog_max_frames": backlog_max,
-                        # how late the last push finished after the last frame arrived
+                        # how late the last tick finished after the last frame arrived
                         "lag_end_s": max(0.0, t_end - (t_start + (cfg.frames - 1) / cfg.input_fps)),
-                        "keeps_up": bool(row["fps_capacity"] and row["fps_capacity"] >= cfg.input_fps)}
+                        "keeps_up": bool(row["fps_per_session_min"] and row["fps_per_session_min"] >= cfg.input_fps)}
     if costs is not None:
         row["roofline"] = _roofline_row(row, cfg, costs, peaks)
     return row
 
 
 def _roofline_row(row: dict, cfg: BenchConfig, costs: dict, peaks: dict | None) -> dict:
-    dit = costs["dit_batch" if cfg.batch else "dit_single"][cfg.steps if cfg.batch else 1]
+    """Per DiT call (the call's rows: every session's stream-batch rows) and per VAE call of one stream."""
+    rows = round(row["rows_per_call_mean"] or 1)
+    dit = costs["dit_rows"](rows)
+    calls_per_tick = row["dit_calls"] / max(1, row["measured_chunks"] / row["sessions"])
+    per_tick = row["sessions"] if row["policy"] == "continuous" else 1
     out = {}
-    entries = {"dit": (dit, row["dit_calls_per_chunk"] or 0, row["stage_ms"]["dit"]),
-               "vae_encode": (costs["vae"]["encode"], 1, row["stage_ms"]["encode"])}
+    entries = {"dit": (dit, calls_per_tick, row["stage_ms"]["dit"]),
+               "vae_encode": (costs["vae"]["encode"], per_tick, row["stage_ms"]["encode"])}
     if cfg.decoder == "vae":
-        entries["vae_decode"] = (costs["vae"]["decode"], 1, row["stage_ms"]["decode"])
+        entries["vae_decode"] = (costs["vae"]["decode"], per_tick, row["stage_ms"]["decode"])
     for name, (cost, calls, ms) in entries.items():
         e = {"flops_per_call": cost["flops"], "bytes_per_call": cost["bytes"], "intensity": cost["intensity"],
              "calls_per_chunk": calls}
@@ -425,17 +414,16 @@ def _roofline_row(row: dict, cfg: BenchConfig, costs: dict, peaks: dict | None) 
     return out
 
 
-def model_costs(model, width: int, height: int, steps: list[int], cache_frames: int = 6) -> dict:
-    """Roofline counts for a resolution: DiT calls with 1..4 stream-batch rows, and the VAE calls."""
+def model_costs(model, width: int, height: int, cache_frames: int = 6) -> dict:
+    """Roofline counts for a resolution: a DiT call of any number of rows (``dit_rows``), and the VAE calls."""
     dims = roofline.DiTDims.from_dit(model.dit)
     tpf = model.tokens_per_frame(height, width)
     bpe = roofline.dtype_bytes(model.dtype)
-    dit_batch = {n: roofline.dit_call_cost(dims, tpf, rows=n, cache_frames=cache_frames, bytes_per_el=bpe)
-                 for n in steps}
-    single = {1: roofline.dit_call_cost(dims, tpf, rows=1, cache_frames=cache_frames, bytes_per_el=bpe)}
     vae = roofline.vae_call_costs(model.vae, height, width, bytes_per_el=bpe)
-    return {"dit_batch": dit_batch, "dit_single": single, "vae": vae, "tokens_per_frame": tpf,
-            "dims": dims.__dict__}
+
+    def dit_rows(rows: int) -> dict:
+        return roofline.dit_call_cost(dims, tpf, rows=rows, cache_frames=cache_frames, bytes_per_el=bpe)
+    return {"dit_rows": dit_rows, "vae": vae, "tokens_per_frame": tpf, "dims": dims.__dict__}
 
 
 # ---------------------------------------------------------------------------------------------- whole run
@@ -446,6 +434,7 @@ class BenchRun:
     dtype: str | None = None
     sweep: bool = False
     measure_peak: bool = True
+    compare_round_robin: bool = False
     base: BenchConfig = field(default_factory=BenchConfig)
     lora: list = field(default_factory=list)      # LoRASpec s attached to the DiT
 
@@ -463,8 +452,9 @@ def _warmup_statement(cfg: BenchConfig) -> str:
     prime = cfg.prime_chunks if cfg.prime_chunks is not None else "steps + 2"
     primed = ("model cold (no priming stream)" if cfg.prime_chunks == 0 else
               f"model warm (a throw-away stream of {prime} chunks runs before each row)")
-    return (f"{primed}; the measured stream starts cold, TTFF is its first output; its first {cfg.warmup} chunks "
-            f"({FIRST_CHUNK + CHUNK * (cfg.warmup - 1)} frames) are excluded from every steady-state figure")
+    return (f"{primed}; the measured streams start cold, TTFF is the worst stream's first output; the first "
+            f"{cfg.warmup} chunks of every stream ({frames_for(cfg.warmup)} frames) are excluded from every "
+            f"steady-state figure")
 
 
 def run(spec: BenchRun, log=print) -> dict:
@@ -488,17 +478,22 @@ def run(spec: BenchRun, log=print) -> dict:
         meta["peaks"] = peaks
         configs = spec.configs()
         cfg0 = configs[0]
-        costs = model_costs(model, cfg0.width, cfg0.height, sorted({c.steps for c in configs}),
-                            cache_frames=6)
+        costs = model_costs(model, cfg0.width, cfg0.height, cache_frames=6)
         meta["model_dims"] = costs["dims"]
         meta["tokens_per_frame"] = costs["tokens_per_frame"]
-        prompt = synthetic_prompt(model.dit.transformer.config.text_dim, cfg0.seed)
+        prompts = [synthetic_prompt(model.dit.transformer.config.text_dim, cfg0.seed + k)
+                   for k in range(cfg0.sessions)]
         clip = LiveClip(cfg0.width, cfg0.height, min(cfg0.frames, 96), seed=cfg0.seed)
         rows = []
         for cfg in configs:
-            log(f"[bench] {cfg.resolution} steps={cfg.steps} {cfg.mode} input="
+            log(f"[bench] {cfg.resolution} steps={cfg.steps} {cfg.mode} sessions={cfg.sessions} input="
                 f"{'max' if cfg.input_fps is None else cfg.input_fps} frames={cfg.frames} warmup={cfg.warmup}")
-            row = run_stream(model, cfg, prompt, clip, costs, peaks)
+            row = run_stream(model, cfg, prompts, clip, costs, peaks)
+            if spec.compare_round_robin:
+                log("[bench] the same streams, one stream per DiT call (round robin)")
+                rr = run_stream(model, cfg, prompts, clip, costs, peaks, policy="round_robin")
+                row["round_robin"] = {k: rr[k] for k in COMPARED}
+                row["round_robin"]["stage_ms"] = rr["stage_ms"]
             rows.append({**{k: meta[k] for k in ("device", "device_type", "dtype", "torch", "commit", "date")},
                          **row, "peak_flops_per_s": peaks["matmul_flops_per_s"] if peaks else None})
     meta["host_load_end"] = _loadavg()
@@ -545,6 +540,26 @@ def main_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
+SESSION_COLUMNS = ["res", "steps", "sessions", "serving", "FPS all", "FPS/session min", "FPS DiT", "DiT calls",
+                   "rows/call", "DiT call ms", "p99 ms (worst)", "miss %"]
+
+
+def session_rows(rows: list[dict]) -> list[list[str]]:
+    """Multi-stream figures: each row, and its round-robin comparison when measured."""
+    out = []
+    for r in rows:
+        if r.get("sessions", 1) == 1 and "round_robin" not in r:
+            continue
+        for x, label in ((r, "batched"), (r.get("round_robin"), "round robin")):
+            if x is None:
+                continue
+            out.append([r["resolution"], str(r["steps"]), str(x["sessions"]), label, _f(x["fps_aggregate"]),
+                        _f(x["fps_per_session_min"]), _f(x["fps_denoise"]), str(x["dit_calls"]),
+                        _f(x["rows_per_call_mean"], ".1f"), _f(x["dit_call_ms"], ".1f"),
+                        _f(x["latency_ms"]["p99"], ".0f"), _f(x["deadline_miss_rate"], ".1f", 100.0)])
+    return out
+
+
 def roofline_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
@@ -588,6 +603,9 @@ def render_text(result: dict) -> str:
     """The human tables as plain text."""
     rows = result["rows"]
     lines = _header(result["meta"]) + [""] + _plain_table(MAIN_COLUMNS, main_rows(rows))
+    sess = session_rows(rows)
+    if sess:
+        lines += ["", "sessions (all streams of the engine together):"] + _plain_table(SESSION_COLUMNS, sess)
     roof = roofline_rows(rows)
     if roof:
         lines += ["", "roofline (per call, steady state; minimum bytes):"] + _plain_table(ROOF_COLUMNS, roof)
@@ -607,6 +625,8 @@ def print_table(result: dict, file=None) -> None:
     for line in _header(result["meta"]):
         console.print(line, highlight=False)
     for title, columns, rows in (("stream", MAIN_COLUMNS, main_rows(result["rows"])),
+                                 ("sessions (all streams of the engine together)", SESSION_COLUMNS,
+                                  session_rows(result["rows"])),
                                  ("roofline (per call, steady state; minimum bytes)", ROOF_COLUMNS,
                                   roofline_rows(result["rows"]))):
         if not rows:
@@ -630,7 +650,8 @@ def render_markdown(result: dict) -> str:
         head += (f" Measured peaks: {p['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s ({p['matmul_dtype']} matmul), "
                  f"{p['copy_bytes_per_s'] / 1e9:.1f} GB/s copy.")
     lines = [head, ""]
-    for columns, rows in ((MAIN_COLUMNS, main_rows(result["rows"])), (ROOF_COLUMNS, roofline_rows(result["rows"]))):
+    for columns, rows in ((MAIN_COLUMNS, main_rows(result["rows"])), (SESSION_COLUMNS, session_rows(result["rows"])),
+                          (ROOF_COLUMNS, roofline_rows(result["rows"]))):
         if rows:
             lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
             lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
@@ -676,6 +697,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prime-chunks", type=int_in(0), default=None,
                    help="chunks of the throw-away stream that warms the model before each row (default: steps + 2; "
                         "0: none, TTFF then includes one-off initialisation)")
+    p.add_argument("--sessions", type=int_in(1, 64, "sessions"), default=1,
+                   help="streams fed together, each with its own prompt and seed, batched into shared DiT calls")
+    p.add_argument("--compare-round-robin", action="store_true",
+                   help="also measure the same streams served one stream per DiT call (reported as round_robin)")
     p.add_argument("--sweep", action="store_true", help="steps 1..4 x {stream batch, no-batch} in one table")
     p.add_argument("--no-peak", action="store_true", help="skip measuring the device's matmul / copy peaks")
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
@@ -693,11 +718,13 @@ def spec_from_args(args) -> BenchRun:
     base = BenchConfig(width=width, height=height, steps=args.steps, batch=not args.no_batch,
                        input_fps=args.input_fps, frames=args.frames, warmup=args.warmup,
                        target_latency_s=args.target_latency, seed=args.seed,
-                       decoder="taehv" if args.taehv else "vae", prime_chunks=args.prime_chunks)
+                       decoder="taehv" if args.taehv else "vae", prime_chunks=args.prime_chunks,
+                       sessions=args.sessions)
     base.validate()
     from .presets import lora_specs
     return BenchRun(model_dir=args.model, device=args.device, dtype=args.dtype, sweep=args.sweep,
-                    measure_peak=not args.no_peak, base=base, lora=lora_specs(args))
+                    measure_peak=not args.no_peak, base=base, lora=lora_specs(args),
+                    compare_round_robin=args.compare_round_robin)
 
 
 def run_bench(args) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 FIRST_CHUNK_FRAMES = 5      # pixel frames of a stream's first chunk (→ 2 latent frames)
 CHUNK_FRAMES = 4            # pixel frames of every later chunk (→ 1 latent frame)
@@ -68,13 +68,17 @@ class ChunkInfo:
 class ChunkBuffer:
     """Input frames of one stream, cut into chunks. Thread-safe (transports push, the engine takes).
 
-    ``max_frames`` bounds the queue: a frame pushed onto a full queue drops the oldest (``dropped`` counts them),
-    so a stream that outruns the model keeps the newest frames and never builds a backlog. ``None``: unbounded
-    (files and the Python API, where every frame must come out).
+    ``max_chunks`` bounds the queue to that many chunks (5 frames each before the first chunk is taken, 4 after):
+    a frame pushed onto a full queue drops the oldest (``dropped`` counts them), so a stream that outruns the model
+    keeps the newest frames and never builds a backlog. ``None``: unbounded (files and the Python API, where every
+    frame must come out).
     """
 
-    max_frames: int | None = None
+    max_chunks: int | None = None
+    on_take: Callable[[ChunkInfo], None] | None = None     # a chunk went to the model (called outside the lock)
+    on_drop: Callable[[int], None] | None = None           # frames were discarded (full queue, clear, late)
     prepared: bool = False
+    held: bool = False       # frames wait (e.g. for a prompt still being encoded): not ready, not late-dropped
     frames_in: int = 0
     dropped: int = 0
     _queue: deque = field(default_factory=deque)
@@ -93,19 +97,19 @@ class ChunkBuffer:
             index = self.frames_in
             self.frames_in += 1
             dropped = 0
-            if self.max_frames is not None:
-                while len(self._queue) >= self.max_frames:
+            if self.max_chunks is not None:
+                while len(self._queue) >= self.max_chunks * self.next_len:
                     self._queue.popleft()
                     dropped += 1
             self.dropped += dropped
             self._queue.append(FrameIn(image, index, index if frame_id is None else int(frame_id), float(timestamp),
                                        float(timestamp if arrival is None else arrival)))
-            return dropped
+        return self._dropped(dropped)
 
     def ready(self) -> bool:
-        """A whole chunk is queued."""
+        """A whole chunk is queued (and the queue is not held)."""
         with self._lock:
-            return len(self._queue) >= self.next_len
+            return not self.held and len(self._queue) >= self.next_len
 
     def chunks_ready(self) -> int:
         with self._lock:
@@ -126,7 +130,7 @@ class ChunkBuffer:
             for _ in range(k):
                 self._queue.popleft()
             self.dropped += k
-            return k
+        return self._dropped(k)
 
     def clear(self) -> int:
         """Discard every queued frame (a reset or a prompt change); returns how many."""
@@ -134,7 +138,7 @@ class ChunkBuffer:
             k = len(self._queue)
             self._queue.clear()
             self.dropped += k
-            return k
+        return self._dropped(k)
 
     def restart(self) -> int:
         """A new stream starts on the next frame (reset): queued frames are discarded, the next chunk has 5."""
@@ -143,7 +147,12 @@ class ChunkBuffer:
             self._queue.clear()
             self.dropped += k
             self.prepared = False
-            return k
+        return self._dropped(k)
+
+    def _dropped(self, k: int) -> int:
+        if k and self.on_drop is not None:
+            self.on_drop(k)
+        return k
 
     def take(self) -> tuple[list, ChunkInfo] | None:
         """The next whole chunk (images, info), or None."""
@@ -151,7 +160,8 @@ class ChunkBuffer:
             n = self.next_len
             if len(self._queue) < n:
                 return None
-            return self._take(n, n)
+            chunk = self._take(n, n)
+        return self._taken(chunk)
 
     def take_padded(self) -> tuple[list, ChunkInfo] | None:
         """End of input: the remaining frames as one chunk padded with repeats of its last frame (None if none).
@@ -163,11 +173,18 @@ class ChunkBuffer:
             if real == 0:
                 return None
             if real >= n:
-                return self._take(n, n)
-            last = self._queue[-1]
-            for _ in range(n - real):
-                self._queue.append(FrameIn(last.image, -1, -1, last.timestamp, last.arrival))
-            return self._take(n, real)
+                chunk = self._take(n, n)
+            else:
+                last = self._queue[-1]
+                for _ in range(n - real):
+                    self._queue.append(FrameIn(last.image, -1, -1, last.timestamp, last.arrival))
+                chunk = self._take(n, real)
+        return self._taken(chunk)
+
+    def _taken(self, chunk: tuple[list, ChunkInfo]) -> tuple[list, ChunkInfo]:
+        if self.on_take is not None:
+            self.on_take(chunk[1])
+        return chunk
 
     def _take(self, n: int, real: int) -> tuple[list, ChunkInfo]:
         frames = [self._queue.popleft() for _ in range(n)]

@@ -1,4 +1,4 @@
-"""``wanstream`` command line: v2v | t2v | init-random | download (bench and serve join later)."""
+"""``wanstream`` command line: v2v | t2v | init-random | clip | bench | serve | eval | download."""
 
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanstream", description="Live video restyling on causal Wan 2.1 DiTs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("v2v", help="restyle a video file")
-    p.add_argument("input", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p = sub.add_parser("v2v", help="restyle video files (several files run as concurrent, batched streams)")
+    p.add_argument("input", type=Path, nargs="+", help="one or more video files")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output file; with several inputs a folder (each result named after its input)")
     _model_args(p)
     _creator_args(p)
     p.add_argument("--fit", choices=FIT_MODES, default="crop",
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-scale", type=float_in(0.0, 1.0, "noise scale"), default=0.8)
     p.add_argument("--no-noise-controller", action="store_true")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    p.add_argument("--crf", type=int_in(0, 51, "crf"), default=18,
+                   help="H.264 quality of the output: 0 lossless, 18 visually lossless (default), 51 worst")
     p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
                    help="DiT block linears in int8 (weight-only, any device) or fp8 (CUDA, compute capability >= 8.9)")
     from .pipeline_parallel import add_pipeline_args
@@ -115,53 +118,31 @@ def cmd_v2v(args) -> int:
                 raise ValueError(f"{flag} is not supported with the multi-GPU pipeline yet")
         if args.prompt is None:
             raise ValueError("the multi-GPU pipeline needs --prompt (or a preset with one prompt, not a blend)")
+        if len(args.input) > 1:
+            raise ValueError("the multi-GPU pipeline restyles one file at a time")
         return run_v2v_pipeline(args)
+    from .engine import Engine
     from .io.video import fit_resolution, probe_video
     from .models.loader import load_model
-    from .session import StreamSession
+    from .restyle import FileJob, output_paths, report, restyle
 
-    info = probe_video(args.input)
-    width, height = args.resolution or fit_resolution(info.width, info.height)
+    outputs = output_paths(args.input, args.output)
+    infos = [probe_video(p) for p in args.input]
     model = load_model(args.model, device=args.device, taehv=args.taehv, quantize=args.quantize,
                        lora=lora_specs(args))
-    session = StreamSession(model, prompt_embeds=prompt_embedding(model, args), width=width, height=height,
-                            steps=args.steps, noise_scale=args.noise_scale,
-                            noise_controller=not args.no_noise_controller, batch=not args.no_batch, seed=args.seed,
-                            decoder="taehv" if args.taehv else "vae", fit=args.fit)
-    written, elapsed, first = restyle_file(session, args, info, width, height)
-    print(f"frames {written} | {written / elapsed:.2f} FPS | time to first frame {first:.2f} s | "
-          f"{elapsed:.1f} s total | output {args.output}")
+    embeds = prompt_embedding(model, args)
+    engine = Engine(model)
+    jobs = []
+    for path, out, info in zip(args.input, outputs, infos):
+        width, height = args.resolution or fit_resolution(info.width, info.height)
+        stream = engine.open(prompt_embeds=embeds, width=width, height=height, steps=args.steps,
+                             noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
+                             batch=not args.no_batch, seed=args.seed, decoder="taehv" if args.taehv else "vae",
+                             fit=args.fit)
+        jobs.append(FileJob(path, out, stream, info.fps, info.frames, crf=args.crf))
+    elapsed = restyle(engine, jobs, desc="v2v" if len(jobs) == 1 else f"v2v x{len(jobs)}")
+    report(jobs, elapsed)
     return 0
-
-
-def restyle_file(session, args, info, width: int, height: int, desc: str = "v2v") -> tuple[int, float, float]:
-    """Stream ``args.input`` through a session into ``args.output`` with a progress bar.
-
-    Returns (frames written, seconds, seconds to the first output frame)."""
-    from tqdm import tqdm
-
-    from .io.video import VideoWriter, iter_frames
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    first = None
-    written = 0
-    with VideoWriter(args.output, info.fps, width, height) as writer, \
-            tqdm(total=info.frames, unit="frame", desc=desc, disable=None) as bar:
-        def write(outputs):
-            nonlocal first, written
-            if outputs and first is None:
-                first = time.perf_counter() - t0
-            for out in outputs:
-                writer.write(out.image)
-            written += len(outputs)
-            bar.update(len(outputs))
-
-        for frame in iter_frames(args.input):
-            write(session.push(frame))
-        write(session.flush())
-    if written == 0:
-        raise ValueError(f"{args.input}: no frames decoded")
-    return written, time.perf_counter() - t0, first
 
 
 def cmd_t2v(args) -> int:

@@ -34,7 +34,7 @@ import torch
 
 from .chunking import ChunkBuffer, ChunkInfo
 from .config import CacheConfig, StreamSettings
-from .io.video import FIT_MODES, fit_frames, frames_to_tensor, tensor_to_frames
+from .io.video import FIT_MODES, fit_frames
 from .kv_cache import CachePolicy, KVPool
 from .noise import NoiseSource, SeededNoise
 from .noise_controller import NoiseController
@@ -42,6 +42,7 @@ from .runner import ChunkInput, Done, Runner, RunnerStream
 from .scheduler import (Decision, LatencyModel, Scheduler, SLOConfig, Stage, StreamSchedule, StreamView,
                         compose)
 from .timing import PhaseTimer
+from .transfer import download_frames, upload_frames
 
 log = logging.getLogger("wanstream.engine")
 
@@ -80,7 +81,8 @@ class EngineStream:
 
     def __init__(self, engine: "Engine", sid: int, group: "Group", *, settings: StreamSettings, width: int,
                  height: int, decoder: str, embedding: torch.Tensor, noise: NoiseSource | None,
-                 max_queue_frames: int | None, target_latency_s: float | None, fit: str = "crop"):
+                 max_queue_chunks: int | None, target_latency_s: float | None, buffer: ChunkBuffer | None = None,
+                 fit: str = "crop"):
         self.engine = engine
         self.id = sid
         self.group = group
@@ -89,7 +91,7 @@ class EngineStream:
         self.fit = fit                 # framing of input frames of another aspect (io.video.fit_frames)
         self.decoder = decoder
         self.target_latency_s = target_latency_s
-        self.buffer = ChunkBuffer(max_frames=max_queue_frames)
+        self.buffer = buffer if buffer is not None else ChunkBuffer(max_chunks=max_queue_chunks)
         self.stats = StreamStats()
         self.outbox: deque[OutputFrame] = deque()
         self.closed = False
@@ -177,7 +179,8 @@ class Engine:
     """The multi-stream engine of one model (see the module docstring)."""
 
     def __init__(self, model, *, slo: SLOConfig | None = None, policy: str = "continuous",
-                 clock: Callable[[], float] = time.perf_counter, reserve_rows: int = 0, runner_factory=None):
+                 clock: Callable[[], float] = time.perf_counter, reserve_rows: int = 0, runner_factory=None,
+                 batch_vae: bool | None = None, compile: bool = False):
         if policy not in ("continuous", "round_robin"):
             raise ValueError(f"policy must be 'continuous' or 'round_robin', got {policy!r}")
         self.model = model
@@ -186,6 +189,10 @@ class Engine:
         self.clock = clock
         self.reserve_rows = reserve_rows
         self.runner_factory = runner_factory      # (engine, width, height, cache) → runner; default: one device
+        self.compile = compile                    # the default runner's steady-state DiT call compiled (+ CUDA graphs)
+        # VAE work of several streams in one call: on by default on GPUs (fewer launches, the device never waits
+        # on Python between streams); off on the CPU, where stacking the caches measured slower at larger sizes
+        self.batch_vae = model.device.type == "cuda" if batch_vae is None else bool(batch_vae)
         self.timer = PhaseTimer(model.device)
         self.groups: dict[tuple, Group] = {}
         self.streams: dict[int, EngineStream] = {}
@@ -195,19 +202,21 @@ class Engine:
         self._tick = threading.RLock()            # one tick at a time
         self._closed: list[EngineStream] = []
         self.ticks = 0
+        self.chunks = 0                           # chunks that entered the model
         self.dit_calls = 0
         self.rows_run = 0
-        self.busy_since: float | None = None      # monotonic time the running tick started (None: idle)
         self.on_fault: Callable[[EngineStream, str], None] | None = None
 
     # ------------------------------------------------------------------------------------------ streams
     def open(self, *, prompt_embeds: torch.Tensor, width: int, height: int, steps: int = 2,
              noise_scale: float = 0.8, noise_controller: bool = True, batch: bool = True, seed: int = 0,
              cache: CacheConfig | None = None, decoder: str = "vae", noise: NoiseSource | None = None,
-             max_queue_frames: int | None = None, target_latency_s: float | None = None, fit: str = "crop",
+             max_queue_chunks: int | None = None, target_latency_s: float | None = None,
+             buffer: ChunkBuffer | None = None, fit: str = "crop",
              lora: Mapping[str, float] | None = None) -> EngineStream:
-        """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here); ``fit``: how
-        frames of another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults)."""
+        """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here). ``buffer``: an
+        input queue the caller already fills (the server's session), else a new one; ``fit``: how frames of
+        another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults)."""
         if width % 16 or height % 16 or width <= 0 or height <= 0:
             raise ValueError(f"resolution must be positive multiples of 16, got {width}x{height}")
         if decoder not in ("vae", "taehv"):
@@ -220,13 +229,13 @@ class Engine:
                                   batch=batch, seed=seed, cache=cache or CacheConfig(),
                                   lora=self.lora_strengths(lora))
         embedding = self.pad_prompt(prompt_embeds)
-        with self._tick, self._registry:
+        with self._tick, self._registry, torch.inference_mode():
             group = self._group(width, height, settings.cache)
             sid = self._next_id
             self._next_id += 1
             s = EngineStream(self, sid, group, settings=settings, width=width, height=height, decoder=decoder,
-                             embedding=embedding, noise=noise, max_queue_frames=max_queue_frames,
-                             target_latency_s=target_latency_s, fit=fit)
+                             embedding=embedding, noise=noise, max_queue_chunks=max_queue_chunks,
+                             target_latency_s=target_latency_s, buffer=buffer, fit=fit)
             group.runner.add(RunnerStream(sid, s.noise, lora=settings.lora), s.schedule.rows)
             group.runner.set_prompt(sid, embedding)
             group.streams.append(s)
@@ -271,7 +280,7 @@ class Engine:
                               m.device, text_len=dit.text_len)
                 if self.reserve_rows:
                     pool.reserve(self.reserve_rows)
-                runner = Runner(dit, m.sampler, pool, CachePolicy(cache), tpf, timer=self.timer)
+                runner = Runner(dit, m.sampler, pool, CachePolicy(cache), tpf, timer=self.timer, compile=self.compile)
             g = self.groups[key] = Group(key, runner, Scheduler(self.slo, LatencyModel()), tpf)
         return g
 
@@ -325,9 +334,12 @@ class Engine:
         linearly from the current one over the next K chunks."""
         stream._queue_update("prompt", (self.pad_prompt(embedding), int(transition_chunks)))
 
-    def reset(self, stream: EngineStream) -> None:
-        """Start over on the next frame: queued frames are discarded, in-flight chunks dropped, fresh state."""
-        stream.buffer.restart()
+    def reset(self, stream: EngineStream, discard_queued: bool = True) -> None:
+        """Start over on the next frame: queued frames are discarded, in-flight chunks dropped, fresh state.
+        ``discard_queued=False``: the caller restarted the stream's buffer itself when the reset was asked for (the
+        frames queued since then are the new start)."""
+        if discard_queued:
+            stream.buffer.restart()
         stream._queue_update("reset", None)
 
     def finish(self, stream: EngineStream) -> None:
@@ -336,18 +348,18 @@ class Engine:
         stream.finishing = True
 
     def close(self, stream: EngineStream) -> None:
-        """Release a stream; its cache rows go back to the pool at the next tick (now when no tick runs)."""
+        """End a stream (any thread); its cache rows go back to the pool at the start of the next tick, or at
+        :meth:`release_closed`."""
         if stream.closed:
             return
         stream.closed = True
-        stream.buffer.clear()
         with self._registry:
             self._closed.append(stream)
-        if self._tick.acquire(blocking=False):
-            try:
-                self._release_closed()
-            finally:
-                self._tick.release()
+
+    def release_closed(self) -> None:
+        """Give the rows of closed streams back to the pool now (waits for a running tick)."""
+        with self._tick, torch.inference_mode():
+            self._release_closed()
 
     def _release_closed(self) -> None:
         with self._registry:
@@ -403,17 +415,12 @@ class Engine:
     def step(self) -> dict[int, list[OutputFrame]]:
         """One tick over every group (see the module docstring). Returns the new output frames per stream (they
         are also queued in each stream's ``outbox``)."""
-        with self._tick:
-            self.busy_since = time.monotonic()
-            try:
-                self._release_closed()
-                out: dict[int, list[OutputFrame]] = {}
-                with torch.inference_mode():
-                    for g in list(self.groups.values()):
-                        self._tick_group(g, out)
-                return out
-            finally:
-                self.busy_since = None
+        with self._tick, torch.inference_mode():
+            self._release_closed()
+            out: dict[int, list[OutputFrame]] = {}
+            for g in list(self.groups.values()):
+                self._tick_group(g, out)
+            return out
 
     def run_until_idle(self, max_ticks: int = 10 ** 6) -> None:
         for _ in range(max_ticks):
@@ -531,6 +538,8 @@ class Engine:
     def _decide(self, g: Group, streams: list[EngineStream], now: float, running_rows: int) -> Decision:
         views = []
         for s in streams:
+            if s.buffer.held:
+                continue
             arrivals = s.buffer.arrivals()
             n = s.buffer.next_len
             if len(arrivals) < n:
@@ -578,7 +587,7 @@ class Engine:
         for s in joining:
             images, info = taken[s.id]
             try:
-                pixels[s.id] = frames_to_tensor(np.stack(images)).to(m.device, m.dtype)
+                pixels[s.id] = upload_frames(images, m.device, m.dtype)
             except Exception as exc:  # noqa: BLE001
                 self._stream_error(s, "frames", exc)
         joining = [s for s in joining if s.id in pixels]
@@ -595,6 +604,7 @@ class Engine:
             s.next_chunk += 1
             s.chunks[cid] = info
             s.stats.chunks += 1
+            self.chunks += 1
             self._advance_transition(s)
             rs = g.runner.streams[s.id]
             if not s.schedule.prepared:
@@ -611,13 +621,28 @@ class Engine:
             stages[s.id] += new
 
     def _encode(self, streams: list[EngineStream], pixels: dict) -> dict[int, torch.Tensor]:
-        out = {}
+        """VAE-encode the new chunks: one call per group of streams at the same phase (first chunk or steady)
+        when VAE batching is on, else one call per stream. A failing batched call is retried stream by stream,
+        so only the stream at fault ends."""
         vae = self.model.vae
+        groups: dict[tuple, list[EngineStream]] = {}
         for s in streams:
-            try:
-                out[s.id] = vae.encode(s.enc_state, pixels[s.id][None])
-            except Exception as exc:  # noqa: BLE001
-                self._stream_error(s, "encode", exc)
+            key = (s.enc_state.first_encode, tuple(pixels[s.id].shape)) if self.batch_vae else (s.id,)
+            groups.setdefault(key, []).append(s)
+        out = {}
+        for members in groups.values():
+            if len(members) > 1:
+                try:
+                    z = vae.encode_many([s.enc_state for s in members], torch.stack([pixels[s.id] for s in members]))
+                    out.update({s.id: z[i: i + 1] for i, s in enumerate(members)})
+                    continue
+                except Exception:  # noqa: BLE001 - find the stream at fault below
+                    log.exception("batched encode failed; encoding stream by stream")
+            for s in members:
+                try:
+                    out[s.id] = vae.encode(s.enc_state, pixels[s.id][None])
+                except Exception as exc:  # noqa: BLE001
+                    self._stream_error(s, "encode", exc)
         return out
 
     def _advance_transition(self, s: EngineStream) -> None:
@@ -629,31 +654,62 @@ class Engine:
         s.group.runner.set_prompt(s.id, blend)
         s._transition = None if k >= total else (start, end, k, total)
 
-    def _decode(self, g: Group, finished: dict[int, list], out: dict) -> None:
-        vae = self.model.vae
+    def _decode(self, g: Group, finished: dict[int, list[Done]], out: dict) -> None:
+        """Decode the finished chunks into output frames. Each stream's chunks go in order; the k-th chunks of
+        all streams at the same phase share one decoder call when VAE batching is on."""
+        queues = {sid: deque(items) for sid, items in finished.items()}
         with self.timer.section("decode"):
-            for sid, items in finished.items():
-                s = self.streams.get(sid)
-                if s is None or s.closed:
-                    continue
-                frames_out = []
+            while queues:
+                batch = []
+                for sid in list(queues):
+                    s = self.streams.get(sid)
+                    if s is None or s.closed or not queues[sid]:
+                        queues.pop(sid)
+                        continue
+                    batch.append((s, queues[sid].popleft()))
+                if not batch:
+                    break
+                self._decode_round(batch, out)
+
+    def _decode_round(self, batch: list[tuple[EngineStream, Done]], out: dict) -> None:
+        images: dict[int, np.ndarray] = {}
+        groups: dict[tuple, list[tuple[EngineStream, Done]]] = {}
+        for s, d in batch:
+            if d.frames is not None:                 # decoded where it finished (the pipeline's last stage)
+                images[s.id] = d.frames.cpu().numpy()
+                continue
+            phase = s.dec_state.first_decode if s.decoder == "vae" else s.dec_state.frames_to_drop
+            key = (s.decoder, phase, tuple(d.latent.shape)) if self.batch_vae else (s.id,)
+            groups.setdefault(key, []).append((s, d))
+        for members in groups.values():
+            if len(members) > 1:
                 try:
-                    for d in items:
-                        if d.frames is not None:
-                            images = d.frames.cpu().numpy()
-                        elif s.decoder == "vae":
-                            images = tensor_to_frames(vae.decode(s.dec_state, d.latent)[0])
-                        else:
-                            images = tensor_to_frames(s.dec_state.decode(d.latent)[0])
-                        info = s.chunks.pop(d.row.chunk)
-                        for img, fid, ts in zip(images[: info.real], info.frame_ids, info.timestamps):
-                            frames_out.append(OutputFrame(img, fid, ts))
+                    pixels = self._decode_many(members)
+                    images.update({s.id: download_frames(pixels[i]) for i, (s, _) in enumerate(members)})
+                    continue
+                except Exception:  # noqa: BLE001 - find the stream at fault below
+                    log.exception("batched decode failed; decoding stream by stream")
+            for s, d in members:
+                try:
+                    images[s.id] = download_frames(self._decode_many([(s, d)])[0])
                 except Exception as exc:  # noqa: BLE001
                     self._stream_error(s, "decode", exc)
-                    continue
-                s.stats.frames_out += len(frames_out)
-                s.outbox.extend(frames_out)
-                out.setdefault(sid, []).extend(frames_out)
+        for s, d in batch:
+            if s.id not in images or s.closed:
+                continue
+            info = s.chunks.pop(d.row.chunk)
+            frames_out = [OutputFrame(img, fid, ts) for img, fid, ts in
+                          zip(images[s.id][: info.real], info.frame_ids, info.timestamps)]
+            s.stats.frames_out += len(frames_out)
+            s.outbox.extend(frames_out)
+            out.setdefault(s.id, []).extend(frames_out)
+
+    def _decode_many(self, members: list[tuple[EngineStream, Done]]) -> torch.Tensor:
+        latents = torch.cat([d.latent for _, d in members])
+        if members[0][0].decoder == "vae":
+            return self.model.vae.decode_many([s.dec_state for s, _ in members], latents)
+        from .models.taehv import TAEHVStreamDecoder
+        return TAEHVStreamDecoder.decode_many([s.dec_state for s, _ in members], latents)
 
     def _stream_error(self, s: EngineStream | None, phase: str, exc: BaseException) -> None:
         if s is None:

@@ -10,7 +10,9 @@ count of the row (never read back from the device):
 
 Adaptive sink refresh is decided on the device inside attention (see ``models/attention.py``): when a new
 frame's mean K/V is less similar than ``sink_threshold`` to some sink, the least similar sink is overwritten
-with the new frame. It never stalls the stream and needs no host bookkeeping.
+with the new frame. It never stalls the stream and needs no host bookkeeping. The token means of what each
+sink holds are kept beside the storage (``km``/``vm``, fp32), written together with the sink, so the decision
+reads one vector per sink instead of the sink region.
 
 :class:`KVPool` is the storage of a resolution group shared by many streams: each stream borrows contiguous rows
 and a prompt K/V slot, and a call over several streams reads them in place (see its docstring).
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Hashable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .config import CacheConfig
@@ -53,9 +56,13 @@ class CachePolicy:
 
 
 class KVCache:
-    """Per-block K (after RoPE) and V storage, ``[rows, capacity*tokens_per_frame, heads, head_dim]``.
+    """Per-block K (after RoPE) and V storage, ``[rows, capacity*tokens_per_frame, heads, head_dim]``, and the
+    token means of each slot's K and V, ``km``/``vm`` ``[rows, capacity, heads*head_dim]`` float32.
 
-    Only the blocks in ``layers`` are allocated, so a pipeline stage holds only its own blocks' caches.
+    The means are kept for the sink slots: every write of a frame into a sink slot (the normal write while a row
+    fills, or a refresh) writes its means too, and row copies / moves carry them with K and V. Entries of ring
+    slots are scratch (a row that does not refresh writes its new frame's means there). Only the blocks in
+    ``layers`` are allocated, so a pipeline stage holds only its own blocks' caches.
     """
 
     def __init__(self, layers: Iterable[int], rows: int, capacity: int, tokens_per_frame: int, heads: int,
@@ -63,21 +70,34 @@ class KVCache:
         self.rows = rows
         self.capacity = capacity
         self.tokens_per_frame = tokens_per_frame
+        self.generation = 0      # bumped whenever a storage tensor is replaced (captured CUDA graphs are stale)
         shape = (rows, capacity * tokens_per_frame, heads, head_dim)
+        mshape = (rows, capacity, heads * head_dim)
+        layers = list(layers)
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.km = {i: torch.zeros(mshape, dtype=torch.float32, device=device) for i in layers}
+        self.vm = {i: torch.zeros(mshape, dtype=torch.float32, device=device) for i in layers}
 
     @property
     def layers(self) -> list[int]:
         return sorted(self.k)
 
+    def row_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every per-row storage tensor (K, V and their slot means, all blocks): row copies and moves go over these."""
+        return (*self.k.values(), *self.v.values(), *self.km.values(), *self.vm.values())
+
     def zero_(self) -> None:
-        for t in (*self.k.values(), *self.v.values()):
+        for t in self.row_tensors():
             t.zero_()
+
+    def zero_rows(self, rows: slice) -> None:
+        for t in self.row_tensors():
+            t[rows].zero_()
 
     def copy_row(self, src: int, dst: Sequence[int] | slice) -> None:
         """Copy row ``src`` of every block into rows ``dst`` (stream-batch start: all rows begin as row 0)."""
-        for t in (*self.k.values(), *self.v.values()):
+        for t in self.row_tensors():
             t[dst] = t[src]
 
     def resized(self, rows: int) -> "KVCache":
@@ -86,20 +106,21 @@ class KVCache:
         out = KVCache(self.layers, rows, self.capacity, self.tokens_per_frame, first.shape[2], first.shape[3],
                       first.dtype, first.device)
         src = [min(r, self.rows - 1) for r in range(rows)]
-        for i in self.layers:
-            out.k[i].copy_(self.k[i][src])
-            out.v[i].copy_(self.v[i][src])
+        for dst_t, src_t in zip(out.row_tensors(), self.row_tensors()):
+            dst_t.copy_(src_t[src])
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
+        return sum(t.numel() * t.element_size() for t in self.row_tensors())
 
-    def pop_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Remove a block's storage (it moves to another pipeline stage)."""
-        return self.k.pop(layer), self.v.pop(layer)
+    def pop_layer(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """Remove a block's storage (it moves to another pipeline stage): K, V, K means, V means."""
+        self.generation += 1
+        return self.k.pop(layer), self.v.pop(layer), self.km.pop(layer), self.vm.pop(layer)
 
-    def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer], self.v[layer] = k, v
+    def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, km: torch.Tensor, vm: torch.Tensor) -> None:
+        self.generation += 1
+        self.k[layer], self.v[layer], self.km[layer], self.vm[layer] = k, v, km, vm
 
 
 @dataclass
@@ -144,8 +165,9 @@ class KVPool(KVCache):
         return next(iter(self.pk.values())).shape[0] if self.pk else 0
 
     def row_bytes(self) -> int:
-        """Bytes of one cache row over every block held here."""
-        return 2 * len(self.k) * self.capacity * self.tokens_per_frame * self.heads * self.head_dim * self._elem()
+        """Bytes of one cache row over every block held here (K/V and their fp32 slot means)."""
+        per_block = self.capacity * self.heads * self.head_dim * (self.tokens_per_frame * self._elem() + 4)
+        return 2 * len(self.k) * per_block
 
     def slot_bytes(self) -> int:
         """Bytes of one prompt slot over every block held here."""
@@ -158,12 +180,15 @@ class KVPool(KVCache):
         """Grow the storage to at least ``rows`` rows and ``slots`` prompt slots (default: ``rows``)."""
         slots = rows if slots is None else slots
         if rows > self.rows:
-            self.k = {i: _grown(t, rows) for i, t in self.k.items()}
-            self.v = {i: _grown(t, rows) for i, t in self.v.items()}
+            for store in (self.k, self.v, self.km, self.vm):
+                for i, t in store.items():
+                    store[i] = _grown(t, rows)
             self.rows = rows
+            self.generation += 1
         if slots > self.slots:
             self.pk = {i: _grown(t, slots) for i, t in self.pk.items()}
             self.pv = {i: _grown(t, slots) for i, t in self.pv.items()}
+            self.generation += 1
 
     # ------------------------------------------------------------------------------------------ leases
     def acquire(self, stream: Hashable, rows: int) -> Lease:
@@ -176,8 +201,7 @@ class KVPool(KVCache):
         self.reserve(row + rows, slot + 1)
         lease = Lease(stream, row, rows, slot)
         self.leases[stream] = lease
-        for t in (*self.k.values(), *self.v.values()):
-            t[row: row + rows].zero_()
+        self.zero_rows(slice(row, row + rows))
         return lease
 
     def release(self, stream: Hashable) -> None:
@@ -190,15 +214,13 @@ class KVPool(KVCache):
         lease = self.leases[stream]
         if rows == lease.rows:
             return
-        old = {i: (self.k[i][lease.row: lease.row + lease.rows].clone(),
-                   self.v[i][lease.row: lease.row + lease.rows].clone()) for i in self.k}
+        old = [t[lease.row: lease.row + lease.rows].clone() for t in self.row_tensors()]
         src = [min(r, lease.rows - 1) for r in range(rows)]
         self.reserve(self.used_rows - lease.rows + rows, len(self.leases))
         lease.rows = rows
         self._repack()
-        for i, (k, v) in old.items():
-            self.k[i][lease.row: lease.row + rows] = k[src]
-            self.v[i][lease.row: lease.row + rows] = v[src]
+        for t, o in zip(self.row_tensors(), old):
+            t[lease.row: lease.row + rows] = o[src]
 
     def copy_row0(self, stream: Hashable) -> None:
         """Every row of a stream becomes a copy of its row 0 (end of prepare)."""
@@ -224,7 +246,7 @@ class KVPool(KVCache):
         up = [m for m in moves if m[1] > m[0].row]
         for lease, row, slot in down + up[::-1]:
             if row != lease.row:
-                for t in (*self.k.values(), *self.v.values()):
+                for t in self.row_tensors():
                     t[row: row + lease.rows] = t[lease.row: lease.row + lease.rows].clone()
             if slot != lease.slot:
                 for t in (*self.pk.values(), *self.pv.values()):
@@ -232,12 +254,12 @@ class KVPool(KVCache):
             lease.row, lease.slot = row, slot
 
     def pop_layer(self, layer: int) -> tuple[torch.Tensor, ...]:
-        """Remove a block's storage (it moves to another pipeline stage): K, V, prompt K, prompt V."""
-        return self.k.pop(layer), self.v.pop(layer), self.pk.pop(layer), self.pv.pop(layer)
+        """Remove a block's storage (it moves to another pipeline stage): K, V, K means, V means, prompt K, prompt V."""
+        return (*super().pop_layer(layer), self.pk.pop(layer), self.pv.pop(layer))
 
-    def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor | None = None,
-                  pv: torch.Tensor | None = None) -> None:
-        self.k[layer], self.v[layer] = k, v
+    def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, km: torch.Tensor, vm: torch.Tensor,
+                  pk: torch.Tensor | None = None, pv: torch.Tensor | None = None) -> None:
+        super().put_layer(layer, k, v, km, vm)
         if pk is not None:
             self.pk[layer], self.pv[layer] = pk, pv
 
@@ -286,10 +308,12 @@ def prompt_groups(slots: Sequence[int]) -> list[tuple[int, int, int, int]]:
 class CacheStep:
     """Where one DiT call writes and what it reads, as device index tensors built from host integers.
 
-    Batch row b uses cache row ``cache_rows[b]``. ``segments`` are the maximal runs of batch rows whose cache rows
-    are consecutive: self-attention reads each run's rows as one slice (in the steady state: one run). With
-    ``prompts`` (per-row prompt slots), cross-attention reads the pool's prompt slots in ``prompt_groups``; without,
-    the prompt K/V has batch 1 (shared) or B (per row).
+    Batch row b uses cache row ``cache_row[b]``. ``segments`` are the maximal runs of batch rows whose cache rows
+    are consecutive and that agree on needing the mask (``masked``: a stream still filling its cache attends with
+    it, a full one without, exactly as alone): self-attention reads each run's rows as one slice (in the steady
+    state: one run, no mask). With ``prompts`` (per-row prompt slots), cross-attention reads the pool's prompt
+    slots in ``prompt_groups``; without, the prompt K/V has batch 1 (shared) or B (per row). The tensors are usually
+    views of a :class:`StepBuffers`, refilled in place for every call of the same layout.
     """
 
     write_index: torch.Tensor          # [B, T*F] token positions to write, per row
@@ -300,7 +324,12 @@ class CacheStep:
     segments: list[tuple[int, int, int]]   # (batch lo, batch hi, first cache row)
     sink_tokens: int                   # sink frames * tokens per frame
     sink_threshold: float
+    cache_row: torch.Tensor            # [B] int64 cache row of each batch row
+    slot_index: torch.Tensor           # [B, T] int64 cache slot of each new frame
+    token_offsets: torch.Tensor        # [F] int64 0..F-1
+    write_means: bool                  # some new frame lands in a sink slot: its token means are written too
     prompt_groups: list[tuple[int, int, int, int]] | None = None
+    masked: list[bool] | None = None   # per segment: attend with the mask (its streams still fill their cache)
 
     @property
     def rows(self) -> slice:
@@ -310,35 +339,125 @@ class CacheStep:
         b0, b1, r0 = self.segments[0]
         return slice(r0, r0 + b1 - b0)
 
+    @property
+    def structure(self) -> tuple[bool, bool, bool]:
+        """What changes the computation of a call besides tensor values: mask, refresh, sink-mean writes."""
+        return self.attn_mask is not None, self.refresh_rows is not None, self.write_means
+
     @classmethod
     def build(cls, policy: CachePolicy, frames: Sequence[int], rope_starts: Sequence[int], num_frames: int,
               tokens_per_frame: int, device, row_start: int = 0, cache_rows: Sequence[int] | None = None,
-              prompts: Sequence[int] | None = None) -> "CacheStep":
+              prompts: Sequence[int] | None = None, streams: Sequence | None = None) -> "CacheStep":
         """``frames[r]`` = frame count of batch row r before this call; ``rope_starts[r]`` = its RoPE position.
 
         Batch row r uses cache row ``cache_rows[r]`` (default ``row_start + r``) and, with ``prompts``, prompt
-        slot ``prompts[r]``.
+        slot ``prompts[r]``. With ``streams`` (each row's stream), a stream whose rows are all full attends
+        without a mask even when another stream of the call still fills its cache, exactly as it would alone.
+        One-off buffers; a caller with repeating layouts keeps a :class:`StepBuffers`.
         """
-        if len(frames) != len(rope_starts):
-            raise ValueError("frames and rope_starts must have one entry per batch row")
         b = len(frames)
         cache_rows = list(range(row_start, row_start + b)) if cache_rows is None else list(cache_rows)
-        if len(cache_rows) != b or (prompts is not None and len(prompts) != b):
-            raise ValueError("cache_rows and prompts must have one entry per batch row")
-        f_tok = tokens_per_frame
-        slots = [[policy.slot(f + i) for i in range(num_frames)] for f in frames]
-        valid = [policy.valid_after(f, num_frames) for f in frames]
-        slot_t = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
-        write = (slot_t[:, :, None] * f_tok + torch.arange(f_tok, device=device)).reshape(b, -1)
-        rows_t = torch.tensor(cache_rows, dtype=torch.long).to(device, non_blocking=True)
-        rows = rows_t[:, None].expand_as(write)
-        mask = None
-        if min(valid) < policy.capacity:
-            valid_t = torch.tensor(valid, dtype=torch.long).to(device, non_blocking=True) * f_tok
-            mask = (torch.arange(policy.capacity * f_tok, device=device)[None] < valid_t[:, None])[:, None, None, :]
-        eligible = [policy.refresh_eligible(f, num_frames) for f in frames]
-        refresh = torch.tensor(eligible).to(device, non_blocking=True) if any(eligible) else None
-        starts = torch.tensor(list(rope_starts), dtype=torch.long).to(device, non_blocking=True)
-        groups = prompt_groups(prompts) if prompts is not None else None
-        return cls(write, rows, mask, refresh, starts, runs(cache_rows), policy.sink * f_tok,
-                   policy.config.sink_threshold, groups)
+        buffers = StepBuffers(policy, num_frames, tokens_per_frame, device, cache_rows, prompts, streams=streams)
+        return buffers.fill(frames, rope_starts)
+
+
+class StepBuffers:
+    """The device tensors of the :class:`CacheStep` s of one call layout (frames per row, the rows' cache rows and
+    prompt slots), allocated once and refilled in place: each call uploads its host integers (slots, valid
+    lengths, refresh eligibility, RoPE starts and ``row_values`` more int64 values per row, e.g. timesteps) with
+    ONE copy from a host staging buffer (pinned on CUDA, two in turn so a copy still in flight is never
+    overwritten) and derives the write indices and the mask on the device. The tensors keep their addresses, so
+    a compiled call or a captured CUDA graph reads the new values.
+    """
+
+    def __init__(self, policy: CachePolicy, num_frames: int, tokens_per_frame: int, device,
+                 cache_rows: Sequence[int], prompts: Sequence[int] | None = None, row_values: int = 0,
+                 streams: Sequence | None = None):
+        b = len(cache_rows)
+        if b < 1:
+            raise ValueError("a call needs at least one batch row")
+        self.streams = [0] * b if streams is None else list(streams)
+        if (prompts is not None and len(prompts) != b) or len(self.streams) != b:
+            raise ValueError("cache_rows, prompts and streams must have one entry per batch row")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        device = torch.device(device)
+        self.policy, self.b, self.frames, self.f_tok = policy, b, num_frames, tokens_per_frame
+        self.row_values = row_values
+        self.row_runs = runs(cache_rows)
+        self.groups = prompt_groups(prompts) if prompts is not None else None
+        n = b * (num_frames + 3 + row_values)
+        pinned = device.type == "cuda"
+        self._host = [torch.zeros(n, dtype=torch.long, pin_memory=pinned) for _ in range(2 if pinned else 1)]
+        self._host_np = [h.numpy() for h in self._host]
+        self._events = [None] * len(self._host)
+        self._turn = 0
+        self.ints = torch.zeros(n, dtype=torch.long, device=device)
+        bt = b * num_frames
+        self.slot_index = self.ints[:bt].view(b, num_frames)
+        self.valid_tokens = self.ints[bt: bt + b]
+        self.eligible = self.ints[bt + b: bt + 2 * b]
+        self.rope_starts = self.ints[bt + 2 * b: bt + 3 * b]
+        self.values = self.ints[bt + 3 * b:].view(row_values, b)
+        self.cache_row = torch.tensor(list(cache_rows), dtype=torch.long).to(device)
+        self.row_index = self.cache_row[:, None].expand(b, num_frames * tokens_per_frame)
+        self.token_offsets = torch.arange(tokens_per_frame, device=device)
+        self.positions = torch.arange(policy.capacity * tokens_per_frame, device=device)
+        self.write_index = torch.zeros(b, num_frames * tokens_per_frame, dtype=torch.long, device=device)
+        self.mask = torch.zeros(b, 1, 1, policy.capacity * tokens_per_frame, dtype=torch.bool, device=device)
+        self.refresh = torch.zeros(b, dtype=torch.bool, device=device)
+
+    def fill(self, frames: Sequence[int], rope_starts: Sequence[int],
+             values: Sequence[Sequence[int]] = ()) -> CacheStep:
+        """The step of a call whose batch row r has written ``frames[r]`` frames so far and starts at RoPE position
+        ``rope_starts[r]``; ``values[j][r]`` go to ``self.values[j, r]``."""
+        b, nf, pol = self.b, self.frames, self.policy
+        if len(frames) != b or len(rope_starts) != b:
+            raise ValueError("frames and rope_starts must have one entry per batch row")
+        if len(values) != self.row_values or any(len(v) != b for v in values):
+            raise ValueError(f"expected {self.row_values} value lists of {b} entries")
+        slots = [pol.slot(f + i) for f in frames for i in range(nf)]
+        valid = [pol.valid_after(f, nf) for f in frames]
+        eligible = [pol.refresh_eligible(f, nf) for f in frames]
+        host = self._host_np[self._turn]
+        event = self._events[self._turn]
+        if event is not None:
+            event.synchronize()          # the copy from this staging buffer two calls ago has completed
+        bt = b * nf
+        host[:bt] = slots
+        host[bt: bt + b] = np.asarray(valid) * self.f_tok
+        host[bt + b: bt + 2 * b] = eligible
+        host[bt + 2 * b: bt + 3 * b] = rope_starts
+        for j, v in enumerate(values):
+            host[bt + (3 + j) * b: bt + (4 + j) * b] = v
+        self.ints.copy_(self._host[self._turn], non_blocking=True)
+        if self.ints.is_cuda:
+            if event is None:
+                event = self._events[self._turn] = torch.cuda.Event()
+            event.record()
+            self._turn = (self._turn + 1) % len(self._host)
+        torch.add(self.token_offsets, self.slot_index[:, :, None], alpha=self.f_tok,
+                  out=self.write_index.view(b, nf, self.f_tok))
+        mask, segments, masked = None, self.row_runs, [False] * len(self.row_runs)
+        filling = {sid for sid, n in zip(self.streams, valid) if n < pol.capacity}
+        if filling:
+            torch.lt(self.positions, self.valid_tokens[:, None], out=self.mask.view(b, -1))
+            mask = self.mask
+            segments, masked = self._split(self.row_runs, [sid in filling for sid in self.streams])
+        refresh = self.refresh.copy_(self.eligible) if any(eligible) else None
+        write_means = pol.sink > 0 and min(slots) < pol.sink
+        return CacheStep(self.write_index, self.row_index, mask, refresh, self.rope_starts, segments,
+                         pol.sink * self.f_tok, pol.config.sink_threshold, self.cache_row, self.slot_index,
+                         self.token_offsets, write_means, self.groups, masked)
+
+    @staticmethod
+    def _split(row_runs, row_masked: list[bool]) -> tuple[list[tuple[int, int, int]], list[bool]]:
+        """The runs of consecutive cache rows, split where the rows' need for the mask changes."""
+        segments: list[list[int]] = []
+        for b0, b1, r0 in row_runs:
+            for i in range(b0, b1):
+                if i == b0 or row_masked[i] != row_masked[i - 1]:
+                    segments.append([i, i + 1, r0 + i - b0])
+                else:
+                    segments[-1][1] = i + 1
+        return [tuple(x) for x in segments], [row_masked[x[0]] for x in segments]

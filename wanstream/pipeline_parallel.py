@@ -147,19 +147,20 @@ def run_v2v_pipeline(args) -> int:
             return run_worker(env["rank"], env["host"], env["port"], spec, master=False)
         driver = PipelineDriver.join_torchrun(args.model, spec, vae=True, text_encoder=True, schedule=schedule)
 
-    info = probe_video(args.input)
+    path = args.input[0]
+    info = probe_video(path)
     width, height = args.resolution or fit_resolution(info.width, info.height)
     session = PipelineSession(args.model, devices=devices, prompt=args.prompt, width=width, height=height,
                               steps=args.steps, noise_scale=args.noise_scale,
                               noise_controller=not args.no_noise_controller, batch=not args.no_batch,
                               seed=args.seed, decoder=decoder, split=split, rebalance=schedule or False,
                               timeout=args.pipeline_timeout, threads=threads, driver=driver)
-    from .cli import restyle_file
+    from .restyle import FileJob, report, restyle
     with session:
-        written, elapsed, first = restyle_file(session, args, info, width, height, desc=f"v2v x{world}")
+        job = FileJob(path, args.output, session.stream, info.fps, info.frames)
+        elapsed = restyle(session.engine, [job], desc=f"v2v x{world}")
         split_now, moves = session.split, len(session.moves)
-    print(f"frames {written} | {written / elapsed:.2f} FPS | time to first frame {first:.2f} s | "
-          f"{elapsed:.1f} s total | output {args.output}")
+    report([job], elapsed)
     print(f"pipeline: {world} ranks on {', '.join(devices)} | split {format_split(split_now)} | "
           f"{moves} block move(s)")
     return 0

@@ -6,17 +6,27 @@ KVPool`, runs ONE DiT call, converts every row to x0, re-noises the rows that st
 returns the chunks that left clean. It decides nothing: which rows run, at which level and where they live all
 come from the call. :func:`settle` (x0 + re-noise + finished rows) is shared with the last stage of the multi-GPU
 pipeline, so both apply a call's outcome the same way.
+
+The fast path: every call layout (frames per row, the rows' cache rows and prompt slots) keeps persistent
+:class:`~wanstream.kv_cache.StepBuffers` (cache indices and timesteps uploaded with one copy, no tensor built from
+host lists per call). With ``compile=True`` a layout's steady-state calls (every row's cache full: no mask, the
+same shapes and structure every call) run ``torch.compile`` d (inductor, static shapes, one compiled function per
+layout so layouts never recompile each other); with ``cuda_graphs`` (default: on with ``compile`` on CUDA) the
+steady call is then captured once in a CUDA graph over the static buffers (the pool's storage and prompt slots, an
+input buffer, the step buffers) and replayed. Fill, drain and step changes run eagerly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
 import torch
 
-from .kv_cache import CachePolicy, CacheStep, KVPool
+from .kv_cache import CachePolicy, CacheStep, KVPool, StepBuffers
 from .models.dit import CausalWanDiT, PromptKV
 from .noise import NoiseSource
 from .sampling import FlowMatchSampler
@@ -68,6 +78,11 @@ def row_timesteps(rows: Sequence[Row], own_t0: dict, device) -> torch.Tensor:
     """Per-row int64 timesteps ``[B]``: each row's level timestep, or the chunk's own timestep where it has one
     (``own_t0[(stream, chunk)]``, level-0 rows)."""
     ts = torch.tensor([r.t for r in rows], dtype=torch.long).to(device, non_blocking=True)
+    return own_timesteps(ts, rows, own_t0)
+
+
+def own_timesteps(ts: torch.Tensor, rows: Sequence[Row], own_t0: dict) -> torch.Tensor:
+    """Level-0 rows of chunks with their own timestep take it, in place (device copies, no host read)."""
     for b, r in enumerate(rows):
         t0 = own_t0.get((r.stream, r.chunk)) if r.level == 0 else None
         if t0 is not None:
@@ -76,10 +91,11 @@ def row_timesteps(rows: Sequence[Row], own_t0: dict, device) -> torch.Tensor:
 
 
 def settle(sampler: FlowMatchSampler, x: torch.Tensor, flow: torch.Tensor, ts: torch.Tensor, rows: Sequence[Row],
-           renoise: Callable[[Hashable], NoiseSource]) -> tuple[list[tuple[Row, torch.Tensor]],
-                                                                list[tuple[Row, torch.Tensor]]]:
+           renoise: Callable[[Hashable], NoiseSource], t_next: torch.Tensor | None = None,
+           ) -> tuple[list[tuple[Row, torch.Tensor]], list[tuple[Row, torch.Tensor]]]:
     """The outcome of a call: x0 of every row (float64 math, as released); each stream's rows that stay are
     re-noised to their next level with ONE draw of that stream's re-noising source, the final rows leave clean.
+    ``t_next`` (``[B]`` on the device, each row's ``Row.t_next``) saves building the re-noise timesteps here.
 
     Returns ``(kept, finished)``: ``[(row, latent [1, T, C, h, w])]`` each, in row order."""
     x0 = sampler.to_x0(x, flow, ts)
@@ -95,7 +111,11 @@ def settle(sampler: FlowMatchSampler, x: torch.Tensor, flow: torch.Tensor, ts: t
             if stay != list(range(lo, hi)):
                 raise AssertionError("a stream's rows that stay must be contiguous")
             sub = x0[lo:hi]
-            targets = torch.tensor([rows[i].t_next for i in stay], dtype=torch.long).to(x.device, non_blocking=True)
+            if t_next is not None:
+                targets = t_next[lo:hi]
+            else:
+                targets = torch.tensor([rows[i].t_next for i in stay], dtype=torch.long).to(x.device,
+                                                                                            non_blocking=True)
             eps = renoise(rows[b].stream)(sub.shape).to(sub.dtype)
             renoised = sampler.add_noise(sub, eps, targets)
             kept += [(rows[i], renoised[i - lo: i - lo + 1]) for i in stay]
@@ -104,11 +124,38 @@ def settle(sampler: FlowMatchSampler, x: torch.Tensor, flow: torch.Tensor, ts: t
     return kept, finished
 
 
+STEADY_AFTER = 2      # a layout's calls run compiled from its 2nd consecutive call without a mask
+GRAPH_WARMUP = 2      # compiled calls of a layout (on a side stream) before its CUDA graph is captured
+MAX_LAYOUTS = 32      # layouts kept (least recently used dropped, with their compiled code and graph)
+
+
+@dataclass
+class _Layout:
+    """Persistent state of one call layout: step buffers, steady-call count, compiled call, CUDA graph."""
+
+    buffers: StepBuffers
+    steady: int = 0                            # consecutive calls without a mask
+    forward: Callable | None = None            # the compiled (or plain) DiT call of this layout
+    warm: int = 0                              # side-stream calls done towards a capture for ``warm_key``
+    warm_key: tuple | None = None
+    graph: object | None = None                # torch.cuda.CUDAGraph
+    graph_key: tuple | None = None             # (pool generation, step structure, input shape, dtype)
+    x: torch.Tensor | None = None              # the graph's input buffer
+    out: torch.Tensor | None = None            # the graph's output (overwritten by each replay)
+
+
+def _fresh_function(fn: Callable) -> Callable:
+    """A copy of ``fn`` with its own code object: torch.compile keeps one cache per code object, so each layout
+    compiles once and never counts as a recompile of another."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 class Runner:
     """Executes calls over the streams of one resolution group on one device (see the module docstring)."""
 
     def __init__(self, dit: CausalWanDiT, sampler: FlowMatchSampler, pool: KVPool, policy: CachePolicy,
-                 tokens_per_frame: int, timer: PhaseTimer | None = None):
+                 tokens_per_frame: int, timer: PhaseTimer | None = None, compile: bool = False,
+                 cuda_graphs: bool | None = None):
         self.dit = dit
         self.sampler = sampler
         self.pool = pool
@@ -120,6 +167,15 @@ class Runner:
         self.calls = 0
         self.rows_run = 0
         self.lag = 1                    # calls in flight: every call completes before the next
+        self.compile = bool(compile)
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = self.compile and on_cuda if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs needs a CUDA device; this runner's pool is on {self.device}")
+        self.path_calls = {"eager": 0, "compiled": 0, "graph": 0}     # DiT calls per execution path
+        self._layouts: OrderedDict[tuple, _Layout] = OrderedDict()
+        self._graph_pool = None
+        self._side_stream = None
 
     # ------------------------------------------------------------------------------------------ streams
     def add(self, stream: RunnerStream, rows: int) -> None:
@@ -139,8 +195,7 @@ class Runner:
         st.latents.clear()
         lease = self.pool.leases[stream_id]
         self.pool.resize(stream_id, rows)
-        for t in (*self.pool.k.values(), *self.pool.v.values()):
-            t[lease.row: lease.row + lease.rows].zero_()
+        self.pool.zero_rows(slice(lease.row, lease.row + lease.rows))
 
     def set_prompt(self, stream_id: Hashable, embedding: torch.Tensor | PromptKV) -> None:
         """A stream's prompt: an embedding ``[1, text_len, text_dim]`` (its K/V are computed here, under the
@@ -204,21 +259,88 @@ class Runner:
             else:
                 xs.append(st.latents.pop(r.chunk))
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        ts = row_timesteps(rows, own_t0, self.device)
         leases = self.pool.leases
-        step = CacheStep.build(self.policy, [r.frame for r in rows], [r.rope for r in rows], call.frames,
-                               self.tokens_per_frame, self.device,
-                               cache_rows=[leases[r.stream].row + r.cache_row for r in rows],
-                               prompts=[leases[r.stream].slot for r in rows])
+        lay = self._layout(call.frames, tuple(leases[r.stream].row + r.cache_row for r in rows),
+                           tuple(leases[r.stream].slot for r in rows), tuple(r.stream for r in rows))
+        step = lay.buffers.fill([r.frame for r in rows], [r.rope for r in rows],
+                                ([r.t for r in rows], [r.t_next for r in rows]))
+        ts, t_next = lay.buffers.values
+        own_timesteps(ts, rows, own_t0)
+        lay.steady = lay.steady + 1 if step.attn_mask is None else 0
         lora = self.dit.lora
-        per_row = [self.streams[r.stream].lora for r in rows]
-        strengths = contextlib.nullcontext() if lora is None else lora.rows(per_row)
+        strengths = (contextlib.nullcontext() if lora is None else
+                     lora.rows([self.streams[r.stream].lora for r in rows]))
         with self.timer.section("dit") if self.timer is not None else contextlib.nullcontext(), strengths:
-            flow = self.dit(x, ts, self.prompts, self.pool, step)
-            kept, finished = settle(self.sampler, x, flow, ts, rows, lambda sid: self.streams[sid].renoise)
+            flow = self._forward(lay, x, ts, step)
+            kept, finished = settle(self.sampler, x, flow, ts, rows, lambda sid: self.streams[sid].renoise, t_next)
         for r, latent in kept:
             self.streams[r.stream].latents[r.chunk] = latent
         self.calls += 1
         self.rows_run += len(rows)
         return [Done(r, x0) for r, x0 in finished]
 
+    # ------------------------------------------------------------------------------------------ fast path
+    def _layout(self, frames: int, cache_rows: tuple[int, ...], prompts: tuple[int, ...],
+                streams: tuple) -> _Layout:
+        key = (frames, cache_rows, prompts, streams)
+        lay = self._layouts.get(key)
+        if lay is None:
+            buffers = StepBuffers(self.policy, frames, self.tokens_per_frame, self.device, cache_rows, prompts,
+                                  row_values=2, streams=streams)
+            lay = self._layouts[key] = _Layout(buffers)
+            while len(self._layouts) > MAX_LAYOUTS:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(key)
+        return lay
+
+    def _dit(self, x: torch.Tensor, ts: torch.Tensor, step: CacheStep) -> torch.Tensor:
+        """The DiT call over the pool: what is compiled and captured."""
+        return self.dit(x, ts, PromptKV(self.pool.pk, self.pool.pv), self.pool, step)
+
+    def _forward(self, lay: _Layout, x: torch.Tensor, ts: torch.Tensor, step: CacheStep) -> torch.Tensor:
+        # per-stream LoRA strengths live outside the traced call: such a DiT runs eager (compile / graphs: not yet)
+        if lay.steady < STEADY_AFTER or not (self.compile or self.cuda_graphs) or self.dit.lora is not None:
+            self.path_calls["eager"] += 1
+            return self._dit(x, ts, step)
+        if lay.forward is None:
+            fn = types.MethodType(_fresh_function(Runner._dit), self)
+            lay.forward = torch.compile(fn, fullgraph=True, dynamic=False) if self.compile else fn
+        if not self.cuda_graphs:
+            self.path_calls["compiled"] += 1
+            return lay.forward(x, ts, step)
+        return self._graph_call(lay, x, ts, step)
+
+    def _graph_call(self, lay: _Layout, x: torch.Tensor, ts: torch.Tensor, step: CacheStep) -> torch.Tensor:
+        """Replay the layout's CUDA graph; before that, warm up on a side stream and capture (real calls all)."""
+        key = (self.pool.generation, step.structure, tuple(x.shape), x.dtype)
+        if lay.graph is not None and lay.graph_key == key:
+            lay.x.copy_(x)
+            lay.graph.replay()
+            self.path_calls["graph"] += 1
+            return lay.out
+        lay.graph = lay.out = lay.x = None        # stale: the pool's storage or the call's structure changed
+        if lay.warm_key != key:
+            lay.warm, lay.warm_key = 0, key
+        if lay.warm < GRAPH_WARMUP:              # compile, autotune and lazy CUDA set-up away from the capture
+            lay.warm += 1
+            self.path_calls["compiled" if self.compile else "eager"] += 1
+            main = torch.cuda.current_stream(self.device)
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(self.device)
+            self._side_stream.wait_stream(main)
+            with torch.cuda.stream(self._side_stream):
+                out = lay.forward(x, ts, step)
+            main.wait_stream(self._side_stream)
+            out.record_stream(main)
+            return out
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        lay.x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            lay.out = lay.forward(lay.x, ts, step)
+        lay.graph, lay.graph_key = graph, key
+        graph.replay()                           # the capture recorded this call; the replay runs it
+        self.path_calls["graph"] += 1
+        return lay.out

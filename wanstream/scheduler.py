@@ -310,8 +310,8 @@ class SLOConfig:
     """Deadline policy of the live engine (the paper's SLO-aware batching and the released code's online mode)."""
 
     target_latency_s: float = 1.0              # per-frame deadline: arrival → output
-    sequential_after_s: float | None = 0.5     # a stream whose oldest frame waited this long runs its steps in turn
-    batch_again_below_s: float = 0.25          # ... and returns to the stream batch when the wait is below this
+    sequential_after_s: float | None = 0.5     # a stream whose next chunk has been ready this long runs its steps
+    batch_again_below_s: float = 0.25          # in turn; it returns to the stream batch when the wait is below this
     switch_hold_ticks: int = 8                 # ticks between two mode switches of a stream (no flapping)
     max_defer: int = 1                         # consecutive ticks a ready stream may be held back (bounded wait)
     drop_late: bool = True                     # drop queued chunks that would miss their deadline anyway
@@ -428,7 +428,9 @@ class Scheduler:
         slo = self.slo
         if slo.sequential_after_s is None or s.since_switch < slo.switch_hold_ticks:
             return
-        wait = now - s.arrivals[d.drop.get(s.id, 0)]
+        # how long its next chunk has been ready (its last frame arrived): the wait the model causes, without the
+        # time the camera needs to deliver a chunk
+        wait = now - s.arrivals[d.drop.get(s.id, 0) + s.chunk_len - 1]
         if not s.sequential and s.can_batch and s.levels > 1 and wait >= slo.sequential_after_s:
             d.sequential.append(s.id)
             d.note(s.id, f"sequential: frames waited {wait:.2f} s")

@@ -81,6 +81,7 @@ class StreamSession:
         """Release this stream's caches; the session cannot be used afterwards."""
         if not self.closed:
             self.engine.close(self.stream)
+            self.engine.release_closed()
         self.closed = True
 
     def __enter__(self):

@@ -47,7 +47,7 @@ class LatentStream:
     def __init__(self, dit: CausalWanDiT, sampler: FlowMatchSampler, prompt: PromptKV, noise: NoiseSource, *,
                  tokens_per_frame: int, steps: int = 2, mode: str = "v2v", batch: bool = True,
                  cache: CacheConfig = CacheConfig(), frames_per_block: int = 1, lag: int = 1,
-                 renoise: NoiseSource | None = None, pool: KVPool | None = None):
+                 renoise: NoiseSource | None = None, pool: KVPool | None = None, compile: bool = False):
         self.dit = dit
         self.mode = mode
         self.cache_config = cache
@@ -56,7 +56,7 @@ class LatentStream:
         device = next(dit.parameters()).device
         self.pool = pool or KVPool(range(dit.num_layers), cache.capacity, tokens_per_frame, dit.heads, dit.head_dim,
                                    dit.dtype, device, text_len=dit.text_len)
-        self.runner = Runner(dit, sampler, self.pool, CachePolicy(cache), tokens_per_frame)
+        self.runner = Runner(dit, sampler, self.pool, CachePolicy(cache), tokens_per_frame, compile=compile)
         self.stream = RunnerStream(0, noise, renoise)
         self.runner.add(self.stream, self.schedule.rows)
         self.prompt = prompt

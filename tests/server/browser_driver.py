@@ -111,8 +111,8 @@ def run_transport(browser, base: str, transport: str, server_pid: int, shot: Pat
     wait_js(page, "wanstream.params && wanstream.params.steps === 3 && wanstream.params.seed === 7 && "
                   "wanstream.params.noise_scale === 0.5 && wanstream.params.prompt === 'a pencil sketch of a harbour'",
             30, f"{transport}: parameter acks")
-    session_id = page.evaluate("wanstream.session")
-    server_view = get_json(f"{base}/api/sessions/{session_id}")["params"]
+    session_id, secret = page.evaluate("[wanstream.session, wanstream.secret]")
+    server_view = get_json(f"{base}/api/sessions/{session_id}?secret={secret}")["params"]   # the stream's secret
     r["params_server"] = server_view
     r["params_roundtrip"] = (server_view["steps"] == 3 and server_view["seed"] == 7
                              and server_view["noise_scale"] == 0.5
@@ -128,6 +128,20 @@ def run_transport(browser, base: str, transport: str, server_pid: int, shot: Pat
     r["latency_ms"] = page.evaluate("wanstream.stats.latency_ms")
     r["ttff_server_s"] = page.evaluate("wanstream.stats.ttff_s")
     r["dropped"] = page.evaluate("wanstream.stats.frames_dropped")
+    # a recording through the page, downloaded through the link it shows (which carries the stream's secret)
+    page.click("#record")
+    wait_js(page, "wanstream.params && wanstream.params.recording === true", 30, f"{transport}: recording on")
+    before = page.evaluate("wanstream.framesOut")
+    wait_js(page, f"wanstream.framesOut >= {before + 8}", 60, f"{transport}: frames while recording")
+    page.click("#record")
+    wait_js(page, "document.querySelector('#recordings a') !== null", 60, f"{transport}: download link")
+    r["download"] = page.evaluate("""async () => {
+        const a = document.querySelector('#recordings a');
+        const resp = await fetch(a.href);
+        const body = new Uint8Array(await resp.arrayBuffer());
+        return {status: resp.status, bytes: body.length, ftyp: String.fromCharCode(...body.slice(4, 8)),
+                has_secret: new URL(a.href).searchParams.has('secret')};
+    }""")
     if shot is not None:
         page.screenshot(path=str(shot))
     r["page_errors"] = page.evaluate("wanstream.errors")
@@ -160,11 +174,12 @@ def run_server_full(browser, base: str, record_dir: Path) -> dict:
     wait_js(a, "wanstream.params && wanstream.params.recording === true", 30, "recording on")
     before = a.evaluate("wanstream.framesOut")
     wait_js(a, f"wanstream.framesOut >= {before + 12}", 60, "frames while recording")
+    secret = a.evaluate("wanstream.secret")
     a.close()          # disconnect without stopping the recording
     recs = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        recs = get_json(f"{base}/api/recordings")["recordings"]
+        recs = get_json(f"{base}/api/recordings?secret={secret}")["recordings"]    # the closed stream's files
         if recs and all(r["complete"] for r in recs):
             break
         time.sleep(0.2)

@@ -17,7 +17,7 @@ import uvicorn
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from wanstream.server.app import create_app
+from wanstream.server.app import create_app, uvicorn_config
 from wanstream.server.frames import pack_raw, unpack_raw
 from wanstream.server.settings import ServerSettings
 
@@ -44,12 +44,11 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition", interv
 class LiveServer:
     """``create_app`` served by uvicorn on a thread of this process (127.0.0.1, port picked by the OS)."""
 
-    def __init__(self, model, settings, stream_factory=None, clock=time.perf_counter):
+    def __init__(self, model, settings, clock=time.perf_counter):
         self.settings = settings
-        self.app = create_app(model, settings, stream_factory=stream_factory, clock=clock)
+        self.app = create_app(model, settings, clock=clock)
         self.manager = self.app.state.manager
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                ws_max_size=max(16 * 2**20, 4 * settings.max_frame_bytes), lifespan="on")
+        config = uvicorn_config(self.app, settings, log_level="warning", port=0)   # the settings of `serve`
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
 
@@ -174,6 +173,22 @@ class WSClient:
         self.thread.join(10)
 
 
+def stream_until(client: WSClient, clip: np.ndarray, n: int, timeout: float = 120.0, fps: float = 30.0,
+                 start: int = 0) -> int:
+    """Send frames like a camera until the client has ``n`` output frames (bounded); returns frames sent.
+    Works on a loaded machine, where a fixed number of frames may yield fewer outputs (newest-frame policy)."""
+    deadline = time.monotonic() + timeout
+    sent = 0
+    while client.frame_count < n:
+        if time.monotonic() > deadline or client.closed:
+            raise AssertionError(f"{n} output frames not reached in {timeout:g} s ({client.frame_count} after "
+                                 f"{sent} frames sent, closed={client.closed})")
+        client.send_frame(clip[(start + sent) % len(clip)], start + sent)
+        sent += 1
+        time.sleep(1 / fps)
+    return sent
+
+
 class Streamer:
     """A healthy session streaming raw frames at ``fps`` on a thread (stops at ``close`` or after ``max_s``)."""
 
@@ -213,3 +228,36 @@ class Streamer:
         self._stop.set()
         self.thread.join(10)
         self.client.close()
+
+
+def make_offer(video: bool = True, direction: str = "sendrecv") -> str:
+    """A real SDP offer of an aiortc peer (a video transceiver and a data channel, as the page makes), gathered
+    with no STUN server; the peer is closed right after, so this offer is never followed by a connection."""
+    import asyncio
+
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    async def run() -> str:
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.createDataChannel("control")
+        if video:
+            pc.addTransceiver("video", direction=direction)
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+    return asyncio.run(run())
+
+
+def netns_prefix() -> list[str]:
+    """A command prefix that runs a command in a new network namespace with only ``lo`` up (root + unshare),
+    so nothing but loopback is reachable; [] where that is not possible."""
+    import os
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return []
+    probe = subprocess.run(["unshare", "--net", "sh", "-c", "ip link set lo up"], capture_output=True)
+    if probe.returncode != 0:
+        return []
+    return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']

@@ -47,7 +47,9 @@ def bad(srv, healthy):
 
 def server_stats(srv, client) -> dict:
     """The session's counters over HTTP (not subject to the control-message rate limit)."""
-    return srv.http("GET", f"/api/sessions/{client.ready()['session']}")[1]["stats"]
+    ready = client.ready()
+    own = {"X-Stream-Secret": ready["secret"]}
+    return srv.http("GET", f"/api/sessions/{ready['session']}", headers=own)[1]["stats"]
 
 
 def still_streams(client, clip, n=9):

@@ -13,25 +13,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from server_helpers import netns_prefix
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 CHROMIUM = "/usr/bin/chromium"
-
-
-def _netns_prefix() -> list[str]:
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
-        return []
-    probe = subprocess.run(["unshare", "--net", "sh", "-c", "ip link set lo up"], capture_output=True)
-    if probe.returncode != 0:
-        return []
-    return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +38,7 @@ def browser_run(tiny_model_dir, tmp_path_factory):
     out = work / "report.json"
     cmd = [sys.executable, str(HERE / "browser_driver.py"), "--model", str(tiny_model_dir), "--workdir", str(work),
            "--out", str(out), "--screenshot"]
-    netns = _netns_prefix()
+    netns = netns_prefix()
     proc = subprocess.run(netns + cmd, cwd=ROOT, capture_output=True, text=True, timeout=540)
     assert out.is_file(), f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads(out.read_text())
@@ -65,6 +56,8 @@ def test_browser_stream_params_and_stats(browser_run, transport):
     assert r["stats_ok"], r["stats_line"]                                # the stats line shows live numbers
     assert r["server_stats"]["frames_out"] > 0
     assert r["freed_after_stop"]                                         # Stop frees the session
+    d = r["download"]                                                    # the page's link carries the secret
+    assert d["status"] == 200 and d["ftyp"] == "ftyp" and d["bytes"] > 0 and d["has_secret"], d
     assert r["page_errors"] == []
     if browser_run["netns"]:
         assert browser_run["netns_interfaces"] == ["lo"]

@@ -96,6 +96,7 @@ def test_two_sessions_are_isolated_and_match_the_session_api(tiny_model, tmp_pat
         images, _ = refs[key]
         got = dict(results[key]["frames"])
         assert set(got) == set(images), f"session {key}: output indices differ"
-        for index, image in images.items():
-            assert np.array_equal(got[index], image), f"session {key}: frame {index} differs from the session API"
+        for index, image in images.items():   # the engine batches both sessions into shared DiT calls: a row may
+            diff = np.abs(got[index].astype(int) - image.astype(int)).max()   # round a pixel one level apart
+            assert diff <= 1, f"session {key}: frame {index} differs from the session API by {diff} levels"
         assert results[key]["errors"] == []

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from server_helpers import server_settings, wait_until
-from wanstream.server.sessions import FIRST_CHUNK, SessionManager
-from wanstream.session import StreamSession
+from wanstream.chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
+from wanstream.server.sessions import SessionManager
 
 SIM_S = float(os.environ.get("WANSTREAM_LATENCY_SIM_S", "60"))
 REAL_S = float(os.environ.get("WANSTREAM_LATENCY_TEST_S", "6"))
@@ -34,30 +34,33 @@ class Clock:
         return self.t
 
 
-def slow_factory(delay, clock=None):
-    """Stream sessions whose ``push`` takes ``delay`` more seconds (virtual when a clock is given)."""
-    def factory(model, **kw):
-        s = StreamSession(model, **kw)
-        push = s.push
+def slow_down(manager, delay, clock=None):
+    """Every engine tick (one chunk per stream) takes ``delay`` more seconds (virtual when a clock is given)."""
+    step = manager.engine.step
 
-        def slow_push(frames, timestamps=None):
-            out = push(frames, timestamps)
-            if clock is not None:
-                clock.t += delay
-            else:
-                time.sleep(delay)
-            return out
-        s.push = slow_push
-        return s
-    return factory
+    def slow_step():
+        out = step()
+        if clock is not None:
+            clock.t += delay
+        else:
+            time.sleep(delay)
+        return out
+    manager.engine.step = slow_step
+
+
+def wait_for_prompt(session, limit: float = 60.0):
+    """The session's first prompt is encoded on the prompt thread (real time, bounded)."""
+    wait_until(lambda: session._encoded is not None, limit, "the first prompt encoded")
 
 
 def test_latency_bounded_with_slow_model_virtual_time(tiny_model, tmp_path, clip):
     clock = Clock()
     cost = 0.8                                 # 1.25 chunks per second: 5 fps out of a 30 fps camera
     settings = server_settings(tmp_path, max_sessions=1)
-    mgr = SessionManager(tiny_model, settings, clock=clock, stream_factory=slow_factory(cost, clock))
+    mgr = SessionManager(tiny_model, settings, clock=clock)
+    slow_down(mgr, cost, clock)
     s = mgr.open("test")
+    wait_for_prompt(s)
     n, dt = int(SIM_S * FPS), 1.0 / FPS
     latencies, depth = [], []
     k = 0
@@ -105,7 +108,8 @@ def test_latency_bounded_with_slow_model_over_websocket(tiny_model, tmp_path, cl
     pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
     from server_helpers import LiveServer, WSClient
     settings = server_settings(tmp_path, max_sessions=1)
-    with LiveServer(tiny_model, settings, stream_factory=slow_factory(0.25)) as srv:
+    with LiveServer(tiny_model, settings) as srv:
+        slow_down(srv.manager, 0.25)
         c = WSClient(srv.ws_url, "raw")
         c.ready()
         sent_at: list[float] = []

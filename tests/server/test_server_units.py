@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from server_helpers import H, W, server_settings
+from server_helpers import H, W, server_settings, wait_until
 from wanstream.server.frames import FrameError, decode_frame, encode_jpeg, fit_frame, pack_raw, unpack_raw
 from wanstream.server.pacing import Pacer
 from wanstream.server.params import ParamsUpdate, SessionParams, blend_embeddings
@@ -172,10 +172,10 @@ def test_input_queue_keeps_the_newest_chunk_and_discards_on_prompt_change(tiny_m
     for i in range(12):
         clock.t = i / 30
         s.submit(clip[i], t=clock.t)
-    work = s.take_work()                       # first chunk: 5 frames, the newest ones
-    assert [t for _, t, _ in work.frames] == [i / 30 for i in range(7, 12)]
+    assert s.buffer.arrivals() == [i / 30 for i in range(7, 12)]      # one chunk (5 frames), the newest ones
     assert s.stats.summary()["frames_dropped"] == 7
-    s.finish_work([])
+    frames, info = s.buffer.take()                                   # the model takes it
+    assert info.arrivals == [i / 30 for i in range(7, 12)] and s.stats.summary()["frames_to_model"] == 5
     for i in range(12, 15):
         s.submit(clip[i], t=i / 30)
     s.apply(ParamsUpdate(prompt="something else"))   # the 3 queued frames predate the change: dropped
@@ -183,14 +183,38 @@ def test_input_queue_keeps_the_newest_chunk_and_discards_on_prompt_change(tiny_m
     assert summary["queued"] == 0 and summary["frames_dropped"] == 10
     for i in range(15, 19):
         s.submit(clip[i], t=i / 30)
-    work = s.take_work()
-    assert len(work.frames) == 4 and work.dirty == {"prompt"}
-    s.finish_work([])
-    s.apply(ParamsUpdate(reset=True))
-    assert s.chunk_len == 5 and s.take_work().reset
-    s.finish_work([])
+    # the frames after the change wait for the new prompt: held until the worker hands it to the stream
+    assert s.chunk_len == 4 and len(s.buffer) == 4 and s.buffer.held and not s.buffer.ready()
+    assert s._dirty == {"prompt"} and s._prompt_gen == 2
     s.close()
     assert mgr.count == 0
+    mgr.shutdown()
+
+
+def test_the_worker_runs_every_session_in_one_engine_tick(tiny_model, tmp_path, clip):
+    """Two sessions with a chunk ready: one worker turn is one engine tick with one DiT call for both."""
+    mgr = SessionManager(tiny_model, server_settings(tmp_path))
+    a, b = mgr.open("test"), mgr.open("test")
+    wait_until(lambda: a._encoded is not None and b._encoded is not None, 60, "prompts encoded")
+    for i in range(5):
+        a.submit(clip[i])
+        b.submit(clip[i + 3])
+    calls = mgr.engine.dit_calls
+    while mgr.worker.run_once():                     # bounded: the work runs out
+        pass
+    assert a.stream is not None and b.stream is not None
+    assert a.stream.stats.chunks == b.stream.stats.chunks == 1
+    # the first chunks of both streams: prepare (2 levels) as calls of 2 rows each, not 4 calls
+    assert mgr.engine.dit_calls - calls == 2 and mgr.engine.rows_run == 4
+    for i in range(5, 9):
+        a.submit(clip[i])
+        b.submit(clip[i + 3])
+    while mgr.worker.run_once():
+        pass
+    assert mgr.engine.dit_calls - calls == 3                   # steady chunk: ONE call for both streams
+    a.close()
+    b.close()
+    mgr.shutdown()
 
 
 def test_admission_control_and_vram_estimate(tiny_model, tmp_path):
@@ -212,6 +236,7 @@ def test_admission_control_and_vram_estimate(tiny_model, tmp_path):
 def test_closing_a_session_releases_its_stream(tiny_model, tmp_path, clip):
     mgr = SessionManager(tiny_model, server_settings(tmp_path))
     s = mgr.open("test")
+    wait_until(lambda: s._encoded is not None, 60, "prompt encoded")
     for i in range(9):
         s.submit(clip[i])
     while mgr.worker.run_once():
@@ -219,8 +244,10 @@ def test_closing_a_session_releases_its_stream(tiny_model, tmp_path, clip):
     assert s.stream is not None
     ref = weakref.ref(s.stream)
     s.close("disconnected")
+    mgr.engine.release_closed()                 # what the worker does on its next turn
     gc.collect()
     assert ref() is None and s.stream is None and mgr.count == 0
+    assert mgr.engine.streams == {} and list(mgr.engine.groups.values())[0].runner.pool.used_rows == 0
     assert mgr.metrics.render().count(s.id.encode()) == 0
 
 

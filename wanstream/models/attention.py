@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kv_cache import CacheStep
+from .attention_backends import attend
 from .rope import apply_rope
 
 
@@ -19,54 +20,68 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def self_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
-                   cache_v: torch.Tensor, step: CacheStep) -> torch.Tensor:
+                   cache_v: torch.Tensor, step: CacheStep, cache_km: torch.Tensor,
+                   cache_vm: torch.Tensor) -> torch.Tensor:
     """``x [B, L, dim]`` → attention output ``[B, L, dim]``; writes this call's K/V into the cache rows.
 
-    ``cache_k/v`` are the storage of one block, ``[R, S, heads, head_dim]``; each run of batch rows with
-    consecutive cache rows (``step.segments``) attends to its rows' storage in place (no copy of the cache).
+    ``cache_k/v`` are the storage of one block, ``[R, S, heads, head_dim]``, and ``cache_km/vm`` its slot means
+    ``[R, capacity, heads*head_dim]``; each run of batch rows with consecutive cache rows (``step.segments``)
+    attends to its rows' storage in place (no copy of the cache).
     """
     q = apply_rope(_heads(attn.norm_q(attn.to_q(x)), attn.heads), cos, sin)
     k = apply_rope(_heads(attn.norm_k(attn.to_k(x)), attn.heads), cos, sin)
     v = _heads(attn.to_v(x), attn.heads)
+    frames = step.slot_index.shape[1]
+    if step.write_means or step.refresh_rows is not None:
+        mk, mv = frame_means(k, frames), frame_means(v, frames)
     if step.refresh_rows is not None:
-        for b0, b1, r0 in step.segments:
-            _refresh_sinks(cache_k[r0: r0 + b1 - b0], cache_v[r0: r0 + b1 - b0], k[b0:b1], v[b0:b1],
-                           step.refresh_rows[b0:b1], step)
+        refresh_sinks(cache_k, cache_v, cache_km, cache_vm, k, v, mk[:, 0], mv[:, 0], step)
     cache_k.index_put_((step.row_index, step.write_index), k)
     cache_v.index_put_((step.row_index, step.write_index), v)
+    if step.write_means:
+        rows = step.cache_row[:, None].expand_as(step.slot_index)
+        cache_km.index_put_((rows, step.slot_index), mk)
+        cache_vm.index_put_((rows, step.slot_index), mv)
     outs = []
-    for b0, b1, r0 in step.segments:
-        keys, values = cache_k[r0: r0 + b1 - b0], cache_v[r0: r0 + b1 - b0]
-        mask = None if step.attn_mask is None else step.attn_mask[b0:b1]
-        outs.append(F.scaled_dot_product_attention(q[b0:b1].transpose(1, 2), keys.transpose(1, 2),
-                                                   values.transpose(1, 2), attn_mask=mask))
+    for j, (b0, b1, r0) in enumerate(step.segments):
+        use_mask = step.attn_mask is not None and (step.masked is None or step.masked[j])
+        mask = step.attn_mask[b0:b1] if use_mask else None
+        outs.append(attend(q[b0:b1], cache_k[r0: r0 + b1 - b0], cache_v[r0: r0 + b1 - b0], mask))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    out = out.transpose(1, 2).flatten(2).type_as(x)
-    return attn.to_out[0](out)
+    return attn.to_out[0](out.flatten(2).type_as(x))
 
 
-def _refresh_sinks(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   eligible: torch.Tensor, step: CacheStep) -> None:
-    """Adaptive sink refresh, decided and applied on the device (no host read), for rows whose cache rows are
-    ``cache_k/v`` (a slice of the storage, written in place).
+def frame_means(t: torch.Tensor, frames: int) -> torch.Tensor:
+    """Token mean of each frame of ``t [B, frames*F, heads, head_dim]`` in float32: ``[B, frames, heads*head_dim]``."""
+    return t.float().unflatten(1, (frames, -1)).mean(2).flatten(2)
 
-    For each eligible row, the similarity of the new frame to each sink is the mean of the cosine similarities
-    of the token-mean keys and of the token-mean values; if the least similar sink is below the threshold it
-    is overwritten with the new frame (the frame is also written to its ring slot as usual).
+
+def refresh_sinks(cache_k: torch.Tensor, cache_v: torch.Tensor, cache_km: torch.Tensor, cache_vm: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, mk: torch.Tensor, mv: torch.Tensor, step: CacheStep) -> None:
+    """Adaptive sink refresh, decided and applied on the device (no host read), at the cost of one frame.
+
+    For each eligible row, the similarity of the new frame (``k/v [B, F, heads, head_dim]``, token means
+    ``mk/mv [B, heads*head_dim]``) to each sink is the mean of the cosine similarities of the token-mean keys
+    and of the token-mean values, read from the sink means kept beside the cache. If the least similar sink is
+    below the threshold, that sink is overwritten with the new frame and its means; every other row writes its
+    new frame to its own ring slot (which the normal write does anyway), so one indexed write of one frame per
+    row does both.
     """
-    n_tok = k.shape[1]
+    n_tok = step.token_offsets.shape[0]
     n_sink = step.sink_tokens // n_tok
-    sink_k = cache_k[:, : step.sink_tokens].unflatten(1, (n_sink, n_tok))
-    sink_v = cache_v[:, : step.sink_tokens].unflatten(1, (n_sink, n_tok))
-    sim_k = F.cosine_similarity(k.float().mean(1).flatten(1)[:, None], sink_k.float().mean(2).flatten(2), dim=-1)
-    sim_v = F.cosine_similarity(v.float().mean(1).flatten(1)[:, None], sink_v.float().mean(2).flatten(2), dim=-1)
-    sim = (sim_k + sim_v) / 2                                               # [B, n_sink]
-    low, idx = sim.min(dim=1)
-    replace = (low < step.sink_threshold) & eligible                         # [B]
-    pick = (torch.arange(n_sink, device=k.device)[None] == idx[:, None]) & replace[:, None]
-    pick = pick[:, :, None, None, None]
-    sink_k.copy_(torch.where(pick, k[:, None], sink_k))
-    sink_v.copy_(torch.where(pick, v[:, None], sink_v))
+    sink_k = cache_km[step.cache_row, :n_sink]                            # [B, n_sink, heads*head_dim]
+    sink_v = cache_vm[step.cache_row, :n_sink]
+    sim_k = F.cosine_similarity(mk[:, None], sink_k, dim=-1)
+    sim_v = F.cosine_similarity(mv[:, None], sink_v, dim=-1)
+    low, idx = ((sim_k + sim_v) / 2).min(dim=1)
+    replace = (low < step.sink_threshold) & step.refresh_rows             # [B]
+    target = torch.where(replace, idx, step.slot_index[:, 0])           # the sink, or the frame's own ring slot
+    tokens = target[:, None] * n_tok + step.token_offsets
+    rows = step.row_index[:, :n_tok]
+    cache_k.index_put_((rows, tokens), k)
+    cache_v.index_put_((rows, tokens), v)
+    cache_km.index_put_((step.cache_row, target), mk)
+    cache_vm.index_put_((step.cache_row, target), mv)
 
 
 def prompt_kv(attn, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,14 +104,11 @@ def cross_attention(attn, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if groups is None:
         if k.shape[0] != b:
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = attend(q, k, v)
     else:
         outs = []
         for b0, b1, s0, n in groups:
             qg = q[b0:b1].reshape(n, -1, *q.shape[2:])                   # [n, rows_per_run * L, H, D]
-            og = F.scaled_dot_product_attention(qg.transpose(1, 2), k[s0: s0 + n].transpose(1, 2),
-                                                v[s0: s0 + n].transpose(1, 2))
-            outs.append(og.transpose(1, 2).reshape(b1 - b0, -1, og.shape[1], og.shape[3]).transpose(1, 2))
+            outs.append(attend(qg, k[s0: s0 + n], v[s0: s0 + n]).reshape(b1 - b0, -1, *q.shape[2:]))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    out = out.transpose(1, 2).flatten(2).type_as(x)
-    return attn.to_out[0](out)
+    return attn.to_out[0](out.flatten(2).type_as(x))

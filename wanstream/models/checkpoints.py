@@ -24,7 +24,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.loaders.single_file_utils import (convert_wan_transformer_to_diffusers,
                                                  convert_wan_vae_to_diffusers)
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
@@ -32,26 +32,46 @@ from ..errors import CheckpointError
 CAUSAL_KEYS = ("generator", "generator_ema", "state_dict")
 SAFETENSORS = "diffusion_pytorch_model.safetensors"
 SAFETENSORS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+# File names of the released layouts (inside the Wan folder, and ckpts/ for TAEHV).
+VAE_FILE = "Wan2.1_VAE.pth"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = Path("google") / "umt5-xxl"
+TAEHV_FILE = "taew2_1.pth"
+
+
+def block_of(key: str) -> int | None:
+    """The DiT block a (Wan- or diffusers-named) key belongs to, or None for the shared parts."""
+    if key.startswith("blocks."):
+        return int(key.split(".", 2)[1])
+    return None
+
+
+def in_blocks(blocks: range | None):
+    """A key filter: the shared parts and the keys of ``blocks`` (every key when ``blocks`` is None)."""
+    return lambda key: blocks is None or block_of(key) is None or block_of(key) in blocks
 
 
 # ------------------------------------------------------------------------------------------------ files
-def read_torch_file(path: Path) -> object:
-    """``torch.load`` with errors that name the file."""
+def read_torch_file(path: Path, mmap: bool = False) -> object:
+    """``torch.load`` with errors that name the file (``mmap``: tensors stay in the file until read)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated zip, pickle errors, ...
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, wanted=None) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
-        return load_file(str(path))
+        if wanted is None:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from exc
 
@@ -103,9 +123,10 @@ def read_wan_config(folder: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
 
 
-def causal_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Wan-named DiT tensors of a StreamDiffusionV2 ``model.pt`` (the ``model.`` prefix stripped)."""
-    obj = read_torch_file(path)
+def causal_state_dict(path: Path, wanted=None) -> dict[str, torch.Tensor]:
+    """Wan-named DiT tensors of a StreamDiffusionV2 ``model.pt`` (the ``model.`` prefix stripped); with
+    ``wanted(key)``, only those tensors are read (the file is memory-mapped)."""
+    obj = read_torch_file(path, mmap=wanted is not None)
     if isinstance(obj, dict):
         for key in CAUSAL_KEYS:
             if key in obj and isinstance(obj[key], dict):
@@ -113,7 +134,10 @@ def causal_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a state dict (or a dict with one of {CAUSAL_KEYS})")
-    return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in obj.items()}
+    out = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in obj.items()}
+    if wanted is not None:
+        out = {k: v.clone() for k, v in out.items() if wanted(k)}      # detached from the mapped file
+    return out
 
 
 def wan_to_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -152,13 +176,22 @@ def wan_dit_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def build_transformer(config: dict, wan_sd: dict[str, torch.Tensor], source: str, device="cpu",
-                      dtype=torch.float32) -> WanTransformer3DModel:
-    """Strictly load Wan-named DiT weights into a diffusers ``WanTransformer3DModel``."""
-    expected = {k: torch.Size(v) for k, v in wan_dit_shapes(config).items()}
+                      dtype=torch.float32, blocks: range | None = None) -> WanTransformer3DModel:
+    """Strictly load Wan-named DiT weights into a diffusers ``WanTransformer3DModel``.
+
+    With ``blocks``, only the shared parts and those blocks are expected and materialised; the other blocks stay
+    on the meta device (a pipeline stage)."""
+    if blocks is not None and not (0 <= blocks.start < blocks.stop <= config["num_layers"]):
+        raise ValueError(f"block range [{blocks.start}, {blocks.stop}) is not inside the model's "
+                         f"{config['num_layers']} blocks")
+    wanted = in_blocks(blocks)
+    expected = {k: torch.Size(v) for k, v in wan_dit_shapes(config).items() if wanted(k)}
     check_keys(expected, wan_sd, source)
     model = _meta_dit(config)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in wan_to_diffusers_dit(wan_sd).items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+    res = model.load_state_dict(sd, strict=blocks is None, assign=True)
+    if blocks is not None and [k for k in res.missing_keys if wanted(k)]:
+        raise CheckpointError(f"{source}: missing {[k for k in res.missing_keys if wanted(k)][:5]}")
     # Non-persistent RoPE buffers stay on meta after an assign-load; we do not use them (own RoPE tables),
     # but nothing may be left on the meta device.
     model.rope.freqs_cos = torch.empty(0, device=device)
@@ -250,8 +283,8 @@ def save_dit_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_sha
                                                         "weight_map": weight_map}, indent=1))
 
 
-def read_dit_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Wan-named DiT weights from a single or sharded safetensors folder."""
+def read_dit_safetensors(folder: Path, wanted=None) -> dict[str, torch.Tensor]:
+    """Wan-named DiT weights from a single or sharded safetensors folder (``wanted(key)``: only those are read)."""
     folder = Path(folder)
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
@@ -259,8 +292,9 @@ def read_dit_safetensors(folder: Path) -> dict[str, torch.Tensor]:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError) as exc:
             raise CheckpointError(f"{index}: invalid shard index ({exc})") from exc
-        out: dict[str, torch.Tensor] = {}
-        for name in files:
-            out.update(read_safetensors(folder / name))
-        return out
-    return read_safetensors(folder / SAFETENSORS)
+    else:
+        files = [SAFETENSORS]
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        out.update(read_safetensors(folder / name, wanted))
+    return out

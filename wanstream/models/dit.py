@@ -100,10 +100,19 @@ class CausalWanDiT(nn.Module):
         return e, e0
 
     def patchify(self, latents: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Pipeline-layout latents ``[B, T, C, H, W]`` → tokens ``[B, T*h*w, dim]`` and the grid ``(T, h, w)``."""
-        x = self.transformer.patch_embedding(latents.transpose(1, 2).to(self.dtype))
-        grid = tuple(x.shape[2:])
-        return x.flatten(2).transpose(1, 2).contiguous(), grid
+        """Pipeline-layout latents ``[B, T, C, H, W]`` → tokens ``[B, T*h*w, dim]`` and the grid ``(T, h, w)``.
+
+        The patch embedding (a Conv3d with stride = kernel = patch) is applied as the matmul it is, on the
+        patches: a row's tokens then do not depend on which other rows share the call (the CPU's conv kernels
+        round differently for different batch sizes), so a stream batched with others equals itself alone."""
+        conv = self.transformer.patch_embedding
+        pt, ph, pw = self.patch_size
+        b, t, c, hh, ww = latents.shape
+        f, h, w = t // pt, hh // ph, ww // pw
+        x = latents.to(self.dtype).reshape(b, f, pt, c, h, ph, w, pw)
+        x = x.permute(0, 1, 4, 6, 3, 2, 5, 7).reshape(b, f * h * w, c * pt * ph * pw)     # (c, pt, ph, pw) order
+        x = torch.nn.functional.linear(x, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+        return x, (f, h, w)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """Head output ``[B, L, C*pt*ph*pw]`` → flow in pipeline layout ``[B, T, C, H, W]``."""
@@ -156,7 +165,7 @@ class CausalWanDiT(nn.Module):
             return t.flatten(1, 2)
 
         y = flat(blk.norm1(per_frame(x)) * (1 + scale1) + shift1).type_as(x)
-        y = self_attention(blk.attn1, y, cos, sin, cache.k[i], cache.v[i], step)
+        y = self_attention(blk.attn1, y, cos, sin, cache.k[i], cache.v[i], step, cache.km[i], cache.vm[i])
         x = flat(per_frame(x) + per_frame(y) * gate1).type_as(x)
         y = blk.norm2(x.float()).type_as(x)
         x = x + cross_attention(blk.attn2, y, prompt.k[i], prompt.v[i], step.prompt_groups)

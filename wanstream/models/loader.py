@@ -19,17 +19,13 @@ import torch
 
 from ..errors import CheckpointError
 from ..sampling import FlowMatchSampler
-from .checkpoints import (build_transformer, build_vae, causal_state_dict, diffusers_dit_config,
-                          read_dit_safetensors, read_torch_file, read_wan_config)
+from .checkpoints import (T5_FILE, TAEHV_FILE, TOKENIZER_DIR, VAE_FILE, build_transformer, build_vae,
+                          causal_state_dict, diffusers_dit_config, in_blocks, read_dit_safetensors, read_torch_file,
+                          read_wan_config)
 from .dit import CausalWanDiT
 from .lora import LoRAError, LoRASet, LoRASpec
 from .quantize import check_quantize, quantize_dit
 from .vae import StreamingVAE
-
-VAE_FILE = "Wan2.1_VAE.pth"
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-TOKENIZER_DIR = Path("google") / "umt5-xxl"
-TAEHV_FILE = "taew2_1.pth"
 
 
 @dataclass
@@ -122,18 +118,11 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
     if paths.diffusers:
         transformer, vae = _load_diffusers(paths.root, device, dtype)
     else:
-        config = diffusers_dit_config(read_wan_config(paths.wan_dir))
-        if paths.causal is not None:
-            sd, source = causal_state_dict(paths.causal), str(paths.causal)
-        else:
-            sd, source = read_dit_safetensors(paths.wan_dir), str(paths.wan_dir)
-        transformer = build_transformer(config, sd, source, device, dtype)
-        del sd
-        vae_path = paths.wan_dir / VAE_FILE
-        vae = build_vae(read_torch_file(vae_path), str(vae_path), device, dtype)
+        transformer = load_dit(paths, device, dtype)
+        vae = load_vae(paths, device, dtype)
     encoder = None
     if text_encoder:
-        encoder = _load_text_encoder(paths, device, dtype)
+        encoder = load_text_encoder_of(paths, device, dtype)
     tae = None
     if taehv:
         if paths.taehv is None:
@@ -148,7 +137,26 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
     return ModelBundle(dit, StreamingVAE(vae), encoder, FlowMatchSampler(), device, dtype, paths, tae)
 
 
-def _load_text_encoder(paths: ModelPaths, device: torch.device, dtype: torch.dtype):
+def load_dit(paths: ModelPaths, device: torch.device, dtype: torch.dtype, blocks: range | None = None):
+    """The DiT of a released-layout model (causal ``model.pt`` when present, else the Wan folder's weights),
+    strictly; with ``blocks`` only the shared parts and those blocks are read and materialised (a pipeline
+    stage; the other blocks stay on the meta device)."""
+    config = diffusers_dit_config(read_wan_config(paths.wan_dir))
+    wanted = None if blocks is None else in_blocks(blocks)
+    if paths.causal is not None:
+        sd, source = causal_state_dict(paths.causal, wanted), str(paths.causal)
+    else:
+        sd, source = read_dit_safetensors(paths.wan_dir, wanted), str(paths.wan_dir)
+    return build_transformer(config, sd, source, device, dtype, blocks=blocks)
+
+
+def load_vae(paths: ModelPaths, device: torch.device, dtype: torch.dtype):
+    vae_path = paths.wan_dir / VAE_FILE
+    return build_vae(read_torch_file(vae_path), str(vae_path), device, dtype)
+
+
+def load_text_encoder_of(paths: ModelPaths, device: torch.device, dtype: torch.dtype):
+    """The UMT5 text encoder of a released-layout model."""
     from .text_encoder import load_text_encoder
     if paths.diffusers:
         raise CheckpointError(f"{paths.root}: text encoders of diffusers-layout repos are not supported yet; "

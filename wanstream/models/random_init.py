@@ -16,7 +16,7 @@ from diffusers import AutoencoderKLWan
 
 from ..config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VAE_PRESETS, WAN_FOLDER
 from .checkpoints import diffusers_dit_config, save_dit_safetensors, vae_state_dict_original, wan_dit_shapes
-from .loader import T5_FILE, TAEHV_FILE, VAE_FILE
+from .checkpoints import T5_FILE, TAEHV_FILE, VAE_FILE
 
 SHARD_BYTES = 5 * 1024 ** 3
 

@@ -26,7 +26,11 @@ def _angles(positions: int, dim: int, theta: float) -> torch.Tensor:
 
 
 class RopeTables:
-    """cos/sin tables per axis, ``[max_positions, pairs]`` float32, on one device."""
+    """cos/sin tables per axis, ``[max_positions, pairs]`` float32, on one device.
+
+    The spatial part of a token grid (height and width angles of every token) is built once per
+    ``(frames, height, width)`` and kept; a call only gathers each row's temporal angles.
+    """
 
     def __init__(self, head_dim: int, max_positions: int = 1024, theta: float = 10000.0, device=None):
         dims = axis_dims(head_dim)
@@ -35,11 +39,27 @@ class RopeTables:
         angles = [_angles(max_positions, d, theta) for d in dims]
         self.cos = [a.cos().float().to(device) for a in angles]
         self.sin = [a.sin().float().to(device) for a in angles]
+        self._grids: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def to(self, device) -> "RopeTables":
         self.cos = [c.to(device) for c in self.cos]
         self.sin = [s.to(device) for s in self.sin]
+        self._grids = {}
         return self
+
+    def _grid(self, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(0..frames-1, cos_hw, sin_hw)`` with ``cos_hw/sin_hw [1, frames*height*width, pairs_h + pairs_w]``."""
+        key = (frames, height, width)
+        hit = self._grids.get(key)
+        if hit is None:
+            parts = []
+            for tab_list in (self.cos, self.sin):
+                _, th, tw = tab_list
+                fh = th[:height][None, :, None, :].expand(frames, height, width, -1)
+                fw = tw[:width][None, None, :, :].expand(frames, height, width, -1)
+                parts.append(torch.cat([fh, fw], dim=-1).reshape(1, frames * height * width, -1))
+            hit = self._grids[key] = (torch.arange(frames, device=self.cos[0].device), *parts)
+        return hit
 
     def for_grid(self, starts: torch.Tensor, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape ``[B, frames*height*width, 1, head_dim/2]`` for tokens in (f, h, w) order.
@@ -47,14 +67,12 @@ class RopeTables:
         ``starts`` is a device int64 tensor ``[B]`` of temporal positions of each row's first frame.
         """
         b = starts.shape[0]
-        t_idx = starts[:, None] + torch.arange(frames, device=starts.device)[None]
+        steps, cos_hw, sin_hw = self._grid(frames, height, width)
+        t_idx = starts[:, None] + steps[None]
         out = []
-        for tab_list in (self.cos, self.sin):
-            tt, th, tw = tab_list
-            ft = tt[t_idx][:, :, None, None, :].expand(b, frames, height, width, -1)
-            fh = th[:height][None, None, :, None, :].expand(b, frames, height, width, -1)
-            fw = tw[:width][None, None, None, :, :].expand(b, frames, height, width, -1)
-            out.append(torch.cat([ft, fh, fw], dim=-1).reshape(b, frames * height * width, 1, -1))
+        for tt, hw in ((self.cos[0], cos_hw), (self.sin[0], sin_hw)):
+            ft = tt[t_idx][:, :, None, :].expand(b, frames, height * width, -1).reshape(b, hw.shape[1], -1)
+            out.append(torch.cat([ft, hw.expand(b, -1, -1)], dim=-1)[:, :, None])
         return out[0], out[1]
 
 

@@ -4,7 +4,8 @@ The released file is a plain state dict under Wan's own key names; :func:`conver
 them onto ``UMT5EncoderModel`` (same maths: per-layer bidirectional relative bias with 32 log buckets up to 128,
 no 1/sqrt(d) scaling, gated tanh-GELU FFN, fp32-variance RMSNorm). Prompts are cleaned as Wan does, tokenized to
 512 tokens, encoded with the padding mask, and the rows after each prompt's true length are zeroed
-(``[B, 512, 4096]``). Results are cached per prompt (LRU).
+(``[B, 512, 4096]``). Results are cached per prompt (LRU, bounded by entries and by bytes); the cache keeps only
+the rows up to each prompt's true length (the rest is zero), so a short prompt costs kilobytes, not 8 MiB.
 
 :func:`write_random_text_encoder` writes a seeded random encoder and a small offline-trained tokenizer in the
 released on-disk layout, for tests and demos.
@@ -12,6 +13,8 @@ released on-disk layout, for tests and demos.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import html
 import json
 import re
@@ -26,10 +29,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from ..errors import CheckpointError
-from .checkpoints import check_keys, read_torch_file
-from .loader import T5_FILE, TOKENIZER_DIR
+from .checkpoints import T5_FILE, TOKENIZER_DIR, check_keys, read_torch_file
 
 TEXT_LEN = 512
+DEFAULT_CACHE_BYTES = 64 * 2**20   # prompt cache bound (a full 512-token fp32 prompt is 8 MiB)
 EMBED_ALIAS = "encoder.embed_tokens.weight"
 
 # Wan key (full match) → transformers key; the embedding is also aliased to EMBED_ALIAS.
@@ -165,23 +168,56 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
 
 
 # -------------------------------------------------------------------------------------------- encoder
+def _load_malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):   # not glibc
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def return_freed_heap() -> None:
+    """Give the heap pages freed by an encoder pass back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    An encoder pass on the CPU allocates and frees buffers of several MiB ([512, d_model] hidden states,
+    attention maps); glibc serves them from its heap once one was freed (its mmap threshold adapts upwards), and
+    the blocks that stay (cached prompts, a stream's prompt K/V) pin the holes between them, so each new prompt
+    left a few MiB of free but unreturned memory (RSS grew without bound). A trim costs a few milliseconds,
+    against tens to thousands for the pass itself.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class TextEncoder:
     """Prompts → ``[B, text_len, d_model]`` embeddings, zero after each prompt's true length, LRU-cached.
 
     ``device`` / ``dtype`` are where and how results are returned; the encoder itself may live elsewhere
-    (:meth:`offload` parks it on the CPU, :meth:`to` moves it back). Thread-safe.
+    (:meth:`offload` parks it on the CPU, :meth:`to` moves it back). The cache holds at most ``cache_size``
+    prompts and ``cache_bytes`` bytes; it stores each embedding only up to the prompt's true length and pads
+    the returned copy. Thread-safe.
     """
 
     def __init__(self, model: UMT5EncoderModel, tokenizer: PreTrainedTokenizerBase,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 text_len: int = TEXT_LEN, cache_size: int = 32) -> None:
+                 text_len: int = TEXT_LEN, cache_size: int = 32, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.dtype = dtype
         self.text_len = text_len
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()   # cleaned prompt → [length, d_model]
+        self._cached_bytes = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.cache_evictions = 0
         self._lock = threading.Lock()
 
     @property
@@ -203,6 +239,22 @@ class TextEncoder:
         """Park the encoder on the CPU so it holds no accelerator memory while streaming."""
         return self.to("cpu")
 
+    def limit_cache(self, max_bytes: int | None = None, max_entries: int | None = None) -> None:
+        """Change the cache bounds (evicting the least recently used prompts now if needed)."""
+        with self._lock:
+            if max_bytes is not None:
+                self.cache_bytes = int(max_bytes)
+            if max_entries is not None:
+                self.cache_size = int(max_entries)
+            self._evict()
+
+    def cache_info(self) -> dict:
+        """Entries, bytes held, bounds and hit / miss / eviction counts of the prompt cache."""
+        with self._lock:
+            return {"entries": len(self._cache), "bytes": self._cached_bytes, "max_bytes": self.cache_bytes,
+                    "max_entries": self.cache_size, "hits": self.cache_hits, "misses": self.cache_misses,
+                    "evictions": self.cache_evictions}
+
     @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> torch.Tensor:
         """``[B, text_len, d_model]`` embeddings in ``self.dtype`` on ``self.device``; cached prompts are free."""
@@ -210,30 +262,49 @@ class TextEncoder:
         unique = list(dict.fromkeys(texts))
         with self._lock:
             found = {t: self._cache[t] for t in unique if t in self._cache}
+            self.cache_hits += len(found)
             new = [t for t in unique if t not in found]
             if new:
+                self.cache_misses += len(new)
                 found.update(zip(new, self._run(new)))
+                if self.model_device.type == "cpu":
+                    return_freed_heap()      # the pass's transient buffers (MiBs each) are free now
             for t in unique:
-                self._cache[t] = found[t]
-                self._cache.move_to_end(t)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return torch.stack([found[t] for t in texts])
+                self._store(t, found[t])
+            self._evict()
+        out = torch.zeros(len(texts), self.text_len, self.dim, device=self.device, dtype=self.dtype)
+        for row, t in enumerate(texts):
+            out[row, :found[t].shape[0]] = found[t]
+        return out
+
+    def _store(self, text: str, rows: torch.Tensor) -> None:
+        if text in self._cache:
+            self._cache.move_to_end(text)
+            return
+        self._cache[text] = rows
+        self._cached_bytes += rows.nbytes
+
+    def _evict(self) -> None:
+        while self._cache and (len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes):
+            _, rows = self._cache.popitem(last=False)
+            self._cached_bytes -= rows.nbytes
+            self.cache_evictions += 1
 
     def _run(self, texts: list[str]) -> list[torch.Tensor]:
-        """One encoder pass over cleaned texts; one ``[text_len, d_model]`` tensor each."""
+        """One encoder pass over cleaned texts; one ``[length, d_model]`` tensor each (the rows of the prompt's
+        true length, in their own compact storage)."""
         tokens = self.tokenizer(texts, return_tensors="pt", padding="max_length", max_length=self.text_len,
-                                truncation=True, add_special_tokens=True)
+                                truncation=True, add_special_tokens=True, padding_side="right")
         device = self.model_device
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
-        return list(hidden.to(self.device, self.dtype).unbind(0))
+        lengths = tokens["attention_mask"].sum(1).tolist()
+        return [hidden[i, :n].to(self.device, self.dtype, copy=True) for i, n in enumerate(lengths)]
 
 
 def load_text_encoder(weights_path: str | Path, tokenizer_dir: str | Path, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32, cache_size: int = 32,
-                      text_len: int = TEXT_LEN) -> TextEncoder:
+                      text_len: int = TEXT_LEN, cache_bytes: int = DEFAULT_CACHE_BYTES) -> TextEncoder:
     """Load Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl`` tokenizer strictly."""
     weights_path = Path(weights_path)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -245,7 +316,7 @@ def load_text_encoder(weights_path: str | Path, tokenizer_dir: str | Path, devic
     if len(tokenizer) > model.config.vocab_size:
         raise CheckpointError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens but {weights_path} "
                               f"embeds only {model.config.vocab_size}")
-    return TextEncoder(model, tokenizer, device, dtype, text_len, cache_size)
+    return TextEncoder(model, tokenizer, device, dtype, text_len, cache_size, cache_bytes)
 
 
 # -------------------------------------------------------------------------------------- random writer

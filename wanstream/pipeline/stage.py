@@ -68,103 +68,28 @@ class StageModel:
         return sum(p.numel() * p.element_size() for p in self.dit.parameters() if p.device.type != "meta")
 
 
-def _block_of(key: str) -> int | None:
-    if key.startswith("blocks."):
-        return int(key.split(".", 2)[1])
-    return None
-
-
-def _read_selected(paths, wanted) -> tuple[dict[str, torch.Tensor], str]:
-    """Wan-named DiT tensors for which ``wanted(key)``; only those are read from disk."""
-    from ..errors import CheckpointError
-    from ..models.checkpoints import CAUSAL_KEYS, SAFETENSORS, SAFETENSORS_INDEX
-    if paths.causal is not None:
-        path = Path(paths.causal)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-        if isinstance(obj, dict):
-            for key in CAUSAL_KEYS:
-                if key in obj and isinstance(obj[key], dict):
-                    obj = obj[key]
-                    break
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: expected a state dict")
-        out = {}
-        for k, v in obj.items():
-            k = k[len("model."):] if k.startswith("model.") else k
-            if wanted(k):
-                out[k] = v.clone()  # detach from the mapped file
-        return out, str(path)
-    import json
-
-    from safetensors import safe_open
-    folder = Path(paths.wan_dir)
-    index = folder / SAFETENSORS_INDEX
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else [SAFETENSORS])
-    out = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder / name}: file not found")
-        with safe_open(str(folder / name), framework="pt") as f:
-            for k in f.keys():
-                if wanted(k):
-                    out[k] = f.get_tensor(k)
-    return out, str(folder)
-
-
 def load_stage_model(root: str | Path, device: str | torch.device, dtype: torch.dtype | None, blocks: range, *,
                      vae: bool = False, text_encoder: bool = False, taehv: bool = False) -> StageModel:
-    """Load the shared DiT parts and blocks ``blocks`` only (others stay on the meta device), strictly.
+    """Load the shared DiT parts and blocks ``blocks`` only (others stay on the meta device), strictly, through
+    the model loader's block filter; plus the VAE, text encoder and TAEHV this stage needs.
 
     Missing, unexpected or mis-shaped tensors among the ones this stage needs raise ``CheckpointError``.
     """
-    from diffusers import WanTransformer3DModel
-
     from ..errors import CheckpointError
-    from ..models.checkpoints import (build_vae, check_keys, diffusers_dit_config, read_torch_file,
-                                      read_wan_config, wan_dit_shapes, wan_to_diffusers_dit)
-    from ..models.loader import T5_FILE, TOKENIZER_DIR, VAE_FILE, ModelPaths, default_dtype
+    from ..models.loader import ModelPaths, default_dtype, load_dit, load_text_encoder_of, load_vae
     from ..models.vae import StreamingVAE
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     paths = ModelPaths.discover(root)
     if paths.diffusers:
         return _load_stage_diffusers(paths, device, dtype, blocks, vae=vae)
-    config = diffusers_dit_config(read_wan_config(paths.wan_dir))
-    num_layers = config["num_layers"]
-    if not (0 <= blocks.start < blocks.stop <= num_layers):
-        raise ValueError(f"block range [{blocks.start}, {blocks.stop}) is not inside the model's {num_layers} blocks")
-
-    def wanted(key: str) -> bool:
-        b = _block_of(key)
-        return b is None or b in blocks
-
-    sd, source = _read_selected(paths, wanted)
-    expected = {k: torch.Size(v) for k, v in wan_dit_shapes(config).items() if wanted(k)}
-    check_keys(expected, sd, source)
-    converted = {k: v.to(device=device, dtype=dtype) for k, v in wan_to_diffusers_dit(sd).items()}
-    del sd
-    with torch.device("meta"):
-        transformer = WanTransformer3DModel(**config)
-    res = transformer.load_state_dict(converted, strict=False, assign=True)
-    bad_missing = [k for k in res.missing_keys if _block_of(k) is None or _block_of(k) in blocks]
-    if res.unexpected_keys or bad_missing:
-        raise CheckpointError(f"{source}: stage load mismatch (missing {bad_missing[:5]}, unexpected "
-                              f"{res.unexpected_keys[:5]})")
-    transformer.rope.freqs_cos = torch.empty(0, device=device)
-    transformer.rope.freqs_sin = torch.empty(0, device=device)
-    transformer = transformer.eval().requires_grad_(False)
+    transformer = load_dit(paths, device, dtype, blocks=blocks)
+    source = str(paths.causal or paths.wan_dir)
     model = StageModel(CausalWanDiT(transformer), FlowMatchSampler(), device, dtype, source=source)
     if vae:
-        vae_path = paths.wan_dir / VAE_FILE
-        model.vae = StreamingVAE(build_vae(read_torch_file(vae_path), str(vae_path), device, dtype))
+        model.vae = StreamingVAE(load_vae(paths, device, dtype))
     if text_encoder:
-        from ..models.text_encoder import load_text_encoder
-        model.text_encoder = load_text_encoder(paths.wan_dir / T5_FILE, paths.wan_dir / TOKENIZER_DIR,
-                                               device=device, dtype=dtype)
+        model.text_encoder = load_text_encoder_of(paths, device, dtype)
     if taehv:
         if paths.taehv is None:
             raise CheckpointError(f"{paths.root}: --taehv needs ckpts/taew2_1.pth")
@@ -401,7 +326,7 @@ class Stage:
         step = CacheStep.build(self.policy, [r.frame for r in m.rows], [r.rope for r in m.rows], m.grid[0],
                                self.cfg.tokens_per_frame, self.device,
                                cache_rows=[leases[r.stream].row + r.cache_row for r in m.rows],
-                               prompts=[leases[r.stream].slot for r in m.rows])
+                               prompts=[leases[r.stream].slot for r in m.rows], streams=[r.stream for r in m.rows])
         with self.timer.section("dit"):
             out = self.dit(x, ts, PromptKV(self.pool.pk, self.pool.pv), self.pool, step, blocks=self.blocks,
                            grid=None if self.blocks[0] == 0 else tuple(m.grid))
@@ -460,7 +385,7 @@ class Stage:
         has_cache = self.pool is not None and i in self.pool.k
         payloads = list(params)
         if has_cache:
-            payloads += list(self.pool.pop_layer(i))           # K, V, prompt K, prompt V
+            payloads += list(self.pool.pop_layer(i))   # K, V, K means, V means, prompt K, prompt V
         blk.to("meta")
         return Message(Kind.BLOCK, meta=[i, len(params), int(has_cache), self.epoch],
                        payloads=payloads)
@@ -470,7 +395,7 @@ class Stage:
         blk = self.dit.transformer.blocks[i]
         names = list(blk.state_dict().keys())
         shapes = [t.shape for t in blk.state_dict().values()]
-        if n != len(names) or len(msg.payloads) != n + 4 * has_cache:
+        if n != len(names) or len(msg.payloads) != n + 6 * has_cache:
             raise ProtocolError(f"rank {self.rank}: block {i} arrived with {len(msg.payloads)} tensors")
         params = msg.payloads[:n]
         for name, shape, t in zip(names, shapes, params):
@@ -482,7 +407,7 @@ class Stage:
         if has_cache:
             if self.pool is None:
                 raise ProtocolError(f"rank {self.rank}: block {i} brought a KV cache but no stream is running")
-            self.pool.put_layer(i, *rest[:4])
+            self.pool.put_layer(i, *rest[:6])
         return i
 
     def apply_move(self, move: Move) -> None:

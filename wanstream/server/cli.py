@@ -21,12 +21,31 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--max-sessions", type=int_in(1, None, "max sessions"), default=4,
                    help="streams served at once; more get a 'server full' answer (default 4)")
     p.add_argument("--token", default=None, help="require this token on every API and stream call")
+    p.add_argument("--admin-token", default=None,
+                   help="the admin's token: sees, steers and records every stream (default: no admin)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name served besides IP addresses and localhost, e.g. the domain of a reverse "
+                        "proxy (repeatable; '*' turns the DNS-rebinding guard off)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
+                   help="a browser Origin accepted besides the page's own, e.g. https://example.com (repeatable)")
+    p.add_argument("--api-docs", action="store_true", help="serve /docs, /redoc and /openapi.json (token needed)")
     p.add_argument("--resolution", type=resolution, default=(512, 512), help="WxH, multiples of 16")
     p.add_argument("--steps", type=int_in(1, 4, "steps"), default=2, help="default denoising steps (1-4)")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder (needs taew2_1.pth)")
     p.add_argument("--record-dir", type=Path, default=Path("recordings"), help="where recordings go")
     p.add_argument("--idle-timeout", type=float_in(0.0, None, "idle timeout"), default=60.0,
                    help="close a session after this many seconds without frames (default 60)")
+    p.add_argument("--offer-timeout", type=float_in(0.0, None, "offer timeout"), default=15.0,
+                   help="free a WebRTC session whose peer has not connected after this many seconds (default 15)")
+    p.add_argument("--max-recordings-per-session", type=int_in(0, None, "recordings per session"), default=16)
+    p.add_argument("--max-recording-files", type=int_in(1, None, "recording files"), default=1000,
+                   help="mp4 files in --record-dir beyond which new recordings are refused (default 1000)")
+    p.add_argument("--max-recording-gb", type=float_in(0.0, None, "recording budget"), default=2.0,
+                   help="disk budget of all recordings in --record-dir, GiB (default 2)")
+    p.add_argument("--prompt-cache-mb", type=float_in(0.0, None, "prompt cache size"), default=64.0,
+                   help="bytes the prompt embedding cache may hold, MiB (default 64)")
+    p.add_argument("--max-connections", type=int_in(1, None, "max connections"), default=256,
+                   help="open HTTP / WebSocket connections; more are closed at once (default 256)")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for WebRTC (repeatable; none by default)")
     p.add_argument("--webrtc-loopback-candidates", action="store_true",
@@ -51,9 +70,15 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def settings_from_args(args) -> ServerSettings:
     width, height = args.resolution
     return ServerSettings(host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token,
+                          admin_token=args.admin_token, allowed_hosts=list(args.allowed_host),
+                          allowed_origins=list(args.allowed_origin), api_docs=args.api_docs,
                           width=width, height=height, steps=args.steps, record_dir=args.record_dir,
-                          idle_timeout_s=args.idle_timeout, ice_servers=list(args.ice_server),
-                          webrtc_loopback_candidates=args.webrtc_loopback_candidates,
+                          idle_timeout_s=args.idle_timeout, offer_timeout_s=args.offer_timeout,
+                          max_recordings_per_session=args.max_recordings_per_session,
+                          max_recording_files=args.max_recording_files,
+                          max_recording_bytes=int(args.max_recording_gb * 2**30),
+                          prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), max_connections=args.max_connections,
+                          ice_servers=list(args.ice_server), webrtc_loopback_candidates=args.webrtc_loopback_candidates,
                           decoder="taehv" if args.taehv else "vae")
 
 

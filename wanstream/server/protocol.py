@@ -24,17 +24,30 @@ def error(code: str, message: str, request_id=None) -> dict:
     return msg
 
 
-def validation_message(exc: ValidationError) -> str:
+def describe_errors(errors: list[dict], skip: tuple[str, ...] = (), limit: int = 5) -> str:
+    """Pydantic / FastAPI validation errors → ``"field.path: what is wrong; ..."`` (the values are not echoed:
+    NaN, infinities and lone surrogates cannot even be written back as JSON)."""
     parts = []
-    for e in exc.errors()[:5]:
-        where = ".".join(str(p) for p in e["loc"]) or "params"
-        parts.append(f"{where}: {e['msg']}")
+    for e in errors[:limit]:
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "json_invalid":          # FastAPI: loc ("body", character position)
+            position = e.get("loc", ("", "?"))[-1]
+            parts.append(f"malformed JSON at character {position}: {(e.get('ctx') or {}).get('error', msg)}")
+            continue
+        loc = [str(p)[:64] for p in e.get("loc", ()) if str(p) not in skip]
+        where = ".".join(loc).encode("utf-8", "backslashreplace").decode() or "params"
+        if "unicode" in msg.lower():
+            msg = "not valid Unicode text (a lone surrogate such as \\ud800?)"
+            if not loc:
+                where = "a field name"
+        parts.append(f"{where}: {msg}")
     return "; ".join(parts)
 
 
 def ready_message(session: Session) -> dict:
-    return {"type": "ready", "session": session.id, "transport": session.transport, "width": session.width,
-            "height": session.height, "params": session.params.model_dump(),
+    """The first message of a stream, to its own client only: it carries the stream's secret."""
+    return {"type": "ready", "session": session.id, "secret": session.secret, "transport": session.transport,
+            "width": session.width, "height": session.height, "params": session.params.model_dump(),
             "stats_interval_s": session.settings.stats_interval_s}
 
 
@@ -71,7 +84,7 @@ def handle_control(session: Session, text: str | bytes) -> dict | None:
             state = session.apply(update)
         except ValidationError as exc:
             stats.count("bad_messages")
-            return error("bad_params", validation_message(exc), request_id)
+            return error("bad_params", describe_errors(exc.errors()), request_id)
         except (ValueError, RuntimeError) as exc:
             stats.count("bad_messages")
             return error("bad_params", str(exc), request_id)

@@ -1,43 +1,49 @@
 """Sessions and admission: one :class:`Session` per connection, owned by one :class:`SessionManager`.
 
-A session owns everything of its stream: its input queue, its parameters, its :class:`~wanstream.session.
-StreamSession` (caches, prompt K/V, noise, controller; created and used only on the model worker thread), its
-paced output queue, its statistics and its recordings. Nothing is shared between sessions but the model
-weights, so no frame of one session can reach another.
+A session owns everything of its stream: its input queue (a :class:`~wanstream.chunking.ChunkBuffer`), its
+parameters, its :class:`~wanstream.engine.EngineStream` (cache rows, prompt K/V, noise, controller, VAE caches;
+created and changed only on the model worker thread, which runs the engine), its paced output queue, its
+statistics and its recordings. The streams of all sessions share the engine's DiT calls, never their state, so no
+frame of one session can reach another.
 
 This is also the frame interface the transports share: ``note_arrival`` / ``enqueue`` (or ``submit``) for
 input frames, ``apply`` for parameter changes, ``await next_output()`` for paced output frames, ``close``.
 
 Latency discipline: the input queue holds at most ``queue_chunks`` chunks (5 frames before the first chunk,
 4 after); a new frame on a full queue drops the oldest, so the model always gets the newest frames and never a
-backlog. A prompt change or a reset discards the frames queued before it.
+backlog. A prompt change or a reset discards the frames queued before it. Prompts are encoded on their own
+thread, so one stream's new prompt never stalls the others; the frames sent after a prompt change wait (in the
+bounded queue) until that prompt is encoded, so they are always restyled by it — the output does not depend on
+how fast the encoder was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from ..chunking import ChunkBuffer
+from ..engine import Engine, EngineStream
 from ..metrics import MetricsRegistry
+from ..scheduler import SLOConfig
 from .pacing import Pacer, Released
-from .params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams
-from .recording import Recorder, recording_path
+from .params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams, conditioning
+from .recording import Recorder, RecordingStore
 from .settings import ServerSettings
 from .stats import ServerTotals, SessionStats
 
 log = logging.getLogger("wanstream.server")
 
-FIRST_CHUNK = 5
-CHUNK = 4
+KNOBS = ("steps", "noise_scale", "noise_controller", "seed", "lora")
 
 
 class ServerFull(Exception):
@@ -60,16 +66,6 @@ class TokenBucket:
         return False
 
 
-@dataclass
-class Work:
-    """What the model worker does for a session in one turn."""
-
-    frames: list[tuple[np.ndarray, float, int]]
-    params: SessionParams
-    dirty: set[str]
-    reset: bool
-
-
 class Session:
     def __init__(self, manager: SessionManager, transport: str, loop: asyncio.AbstractEventLoop | None):
         settings = manager.settings
@@ -77,6 +73,7 @@ class Session:
         self.settings = settings
         self.clock = manager.clock
         self.id = uuid.uuid4().hex
+        self.secret = secrets.token_urlsafe(24)     # the stream's authority over HTTP (see auth.py); never listed
         self.transport = transport
         self.loop = loop
         self.width, self.height = settings.width, settings.height
@@ -87,28 +84,30 @@ class Session:
         self.pacer = Pacer(settings.output_queue_frames)
         self.closed = False
         self.close_reason: str | None = None
-        self.stream = None                  # the StreamSession: created, used and released by the worker only
-        self.prepared = False               # the next chunk is a 4-frame chunk (the stream is prepared)
+        self.stream: EngineStream | None = None     # created, changed and released by the model worker only
         self.recorder: Recorder | None = None
         self.recordings: list[Recorder] = []
         self.control_bucket = TokenBucket(settings.control_rate, settings.control_burst, self.clock)
         self._error_bucket = TokenBucket(2.0, 5, self.clock)
         self._lock = threading.Lock()
-        self._queue: deque[tuple[np.ndarray, float, int]] = deque()   # (frame, arrival time, frame id)
+        self.buffer = ChunkBuffer(max_chunks=settings.queue_chunks, on_drop=self.stats.on_dropped_early,
+                                  on_take=self._on_take)
         self._arrivals = 0
-        self.frame_ids: dict[int, int] = {}     # stream-internal input index → frame id (worker only)
         self._dirty: set[str] = set()
         self._reset = False
-        self._busy = False
+        self._prompt_gen = 0                    # the newest prompt asked for
+        self._given_gen = 0                     # the prompt the stream has (0: no stream yet)
+        self._encoded: tuple[int, torch.Tensor, int] | None = None   # newest encoding: (gen, embedding, transition)
         self._listeners: list[Callable[[dict], None]] = []
         self._on_close: list[Callable[[str], None]] = []
         self._wake = asyncio.Event() if loop is not None else None
-        self.stats.queued = lambda: len(self._queue)
+        self.stats.queued = lambda: len(self.buffer)
+        self._encode_prompt(self.params, 0)
 
     # ------------------------------------------------------------------ inputs (transport side)
     @property
     def chunk_len(self) -> int:
-        return CHUNK if self.prepared else FIRST_CHUNK
+        return self.buffer.next_len
 
     def note_arrival(self, t: float | None = None) -> tuple[float, int]:
         """A frame arrived (before decoding): ``(arrival time, arrival number)``."""
@@ -129,20 +128,16 @@ class Session:
 
         ``frame_id`` comes back as the ``index`` of the output frame that restyles it (the client's own frame
         number when it sent one, else the arrival number)."""
-        with self._lock:
-            if self.closed:
-                return
-            cap = self.chunk_len * self.settings.queue_chunks
-            dropped = 0
-            while len(self._queue) >= cap:
-                self._queue.popleft()
-                dropped += 1
-            self._queue.append((frame, t, frame_id))
-            ready = len(self._queue) >= self.chunk_len
-        if dropped:
-            self.stats.on_dropped_early(dropped)
-        if ready:
+        if self.closed:
+            return
+        self.buffer.push(frame, t, t, frame_id)
+        if self.buffer.ready():
             self.manager.worker.notify()
+
+    def _on_take(self, info) -> None:
+        """A chunk went to the model (engine thread): its frames are in flight now."""
+        for ts in info.arrivals[: info.real]:
+            self.stats.model.on_input(timestamp=ts)
 
     def submit(self, frame: np.ndarray, t: float | None = None, frame_id: int | None = None) -> None:
         """``note_arrival`` + ``enqueue`` for a frame already at the session size."""
@@ -156,18 +151,19 @@ class Session:
             if self.closed:
                 raise RuntimeError("this session is closed")
             new, changed = self.params.merged(update)
-            discard = 0
-            if update.reset or changed & PROMPT_FIELDS:
-                discard = len(self._queue)
-                self._queue.clear()
+            if "lora" in changed:
+                self.manager.engine.lora_strengths(new.lora)   # unknown names / bad strengths: a 4xx, nothing set
             if update.reset:
                 self._reset = True
-                self.prepared = False
+                self.buffer.restart()               # the frames after the reset start the new stream
             self._dirty |= changed & MODEL_FIELDS
             old, self.params = self.params, new
             wake = bool(self._dirty) or self._reset
-        if discard:
-            self.stats.on_dropped_early(discard)
+            if wake:
+                self.buffer.held = True             # the next frames wait for the worker to hand over the change
+        if changed & PROMPT_FIELDS:
+            self.buffer.clear()                     # frames from before the change (counted as dropped)
+            self._encode_prompt(new, new.transition_chunks)
         if "recording" in changed:
             try:
                 self._set_recording(new.recording)
@@ -179,54 +175,92 @@ class Session:
             self.manager.worker.notify()
         return self.params
 
+    def _encode_prompt(self, params: SessionParams, transition_chunks: int) -> None:
+        """Encode the conditioning of ``params`` on the prompt thread; the worker gives it to the stream.
+
+        Until then the session's queue is held: the frames after the change wait for their prompt."""
+        with self._lock:
+            self._prompt_gen += 1
+            gen = self._prompt_gen
+            self.buffer.held = True
+
+        def done(future) -> None:
+            try:
+                embedding = future.result()
+            except Exception as exc:  # noqa: BLE001 - the stream keeps its prompt; the client is told
+                log.warning("session %s: prompt encoding failed: %s", self.id[:8], exc)
+                with self._lock:                    # fall back to the newest prompt that did encode
+                    if gen == self._prompt_gen:
+                        self._prompt_gen = max(self._given_gen, self._encoded[0] if self._encoded else 0)
+                        self.buffer.held = self.stream is None or self._held()
+                self.report_error("prompt_error", f"cannot use this prompt ({type(exc).__name__}: {exc})")
+                self.manager.worker.notify()
+                return
+            with self._lock:
+                if self.closed or (self._encoded is not None and gen < self._encoded[0]):
+                    return                          # a newer prompt is encoded already
+                self._encoded = (gen, embedding, transition_chunks)
+            self.manager.worker.notify()
+        self.manager.encode_prompt(params).add_done_callback(done)
+
     def _set_recording(self, on: bool) -> None:
         if on and self.recorder is None:
             fps = self.stats.summary()["fps_out"] or 16.0
             fps = float(min(60, max(4, round(fps))))
-            rec = Recorder(recording_path(self.settings.record_dir, self.id, len(self.recordings) + 1), fps,
-                           self.width, self.height)
+            rec = self.manager.recordings.start(self.id, self.secret, len(self.recordings) + 1, fps,
+                                                self.width, self.height)
             self.recordings.append(rec)
-            self.manager.track_recorder(rec)
             self.recorder = rec
         elif not on and self.recorder is not None:
             rec, self.recorder = self.recorder, None
             rec.stop()
 
     # ------------------------------------------------------------------ model worker side
-    def take_work(self) -> Work | None:
+    def sync(self, engine) -> None:
+        """Worker thread, between ticks: create the stream once its newest prompt is encoded; hand it the changes
+        (a newly encoded prompt, a reset, knobs); release the held queue once the stream has the newest prompt."""
         with self._lock:
-            if self.closed or self._busy:
-                return None
-            n = self.chunk_len
-            has_frames = len(self._queue) >= n
-            if not (has_frames or self._dirty or self._reset):
-                return None
-            frames = [self._queue.popleft() for _ in range(n)] if has_frames else []
-            work = Work(frames, self.params, set(self._dirty), self._reset)
-            self._dirty.clear()
-            self._reset = False
-            if has_frames:
-                self.prepared = True
-            self._busy = True
-            return work
-
-    def finish_work(self, outputs: list, dropped_in_flight: int = 0) -> None:
-        with self._lock:
-            self._busy = False
-            release = self.closed
-            more = not self.closed and (len(self._queue) >= self.chunk_len or self._dirty or self._reset)
-        if release:
-            self.release_stream()
+            if self.closed:
+                return
+            encoded, latest = self._encoded, self._prompt_gen
+            if self.stream is None and (encoded is None or encoded[0] < latest):
+                return                              # the prompt the first frames are for is still being encoded
+            dirty, self._dirty = self._dirty, set()
+            reset, self._reset = self._reset, False
+            params = self.params
+        given = self._given_gen
+        if self.stream is None:
+            stream = engine.open(prompt_embeds=encoded[1], width=self.width, height=self.height, steps=params.steps,
+                                 noise_scale=params.noise_scale, noise_controller=params.noise_controller,
+                                 seed=params.seed, lora=params.lora or None, decoder=self.settings.decoder,
+                                 buffer=self.buffer,
+                                 target_latency_s=self.settings.target_latency_s)
+            with self._lock:
+                closed = self.closed
+                if not closed:
+                    self.stream = stream
+                    self._given_gen = encoded[0]
+                    self.buffer.held = self._held()
+            if closed:                              # closed while the stream was being made
+                self.manager.release(stream)
             return
-        self.deliver(outputs, dropped_in_flight)
-        if more:
-            self.manager.worker.notify()
+        stream = self.stream
+        if reset:
+            self.deliver([], stream.in_flight_frames)   # the frames in flight will never come out
+            engine.reset(stream, discard_queued=False)
+        if encoded is not None and encoded[0] > given:
+            engine.set_prompt_embedding(stream, encoded[1], encoded[2])
+            given = encoded[0]
+        knobs = {k: getattr(params, k) for k in KNOBS if k in dirty}
+        if knobs:
+            engine.update(stream, **knobs)
+        with self._lock:
+            self._given_gen = given
+            self.buffer.held = self._held()
 
-    def release_stream(self) -> None:
-        stream, self.stream = self.stream, None
-        if stream is not None:
-            stream.close()
-            self.manager.stream_released()
+    def _held(self) -> bool:
+        """(Under the lock.) The queue waits: a prompt not yet encoded or a change not yet handed to the stream."""
+        return self._given_gen < self._prompt_gen or bool(self._dirty) or self._reset
 
     def deliver(self, outputs: list, dropped_in_flight: int = 0) -> None:
         """Output frames (``OutputFrame``) of the model, oldest first; ``dropped_in_flight`` frames before them
@@ -342,10 +376,10 @@ class Session:
                 return
             self.closed = True
             self.close_reason = reason
-            self._queue.clear()
-            release_now = not self._busy
-        if release_now:
-            self.release_stream()
+            stream, self.stream = self.stream, None
+        self.buffer.clear()
+        if stream is not None:
+            self.manager.release(stream)
         if self.recorder is not None:
             self.recorder.stop()
             self.recorder = None
@@ -377,7 +411,7 @@ class SessionManager:
     """All sessions of the server, admission control and the model worker."""
 
     def __init__(self, model, settings: ServerSettings, clock: Callable[[], float] = time.perf_counter,
-                 stream_factory=None, free_memory: Callable[[], int | None] | None = None):
+                 free_memory: Callable[[], int | None] | None = None):
         from .worker import ModelWorker
         self.model = model
         self.settings = settings
@@ -387,9 +421,14 @@ class SessionManager:
         self.metrics = MetricsRegistry()
         self.totals = ServerTotals(capacity=lambda: settings.max_sessions,
                                    active=lambda: [s.stats for s in self.list()])
-        self.worker = ModelWorker(self, stream_factory)
+        self.engine = Engine(model, slo=SLOConfig(target_latency_s=settings.target_latency_s), clock=clock)
+        self.engine.on_fault = self._on_fault
+        self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanstream-prompts")
+        self.worker = ModelWorker(self)
         self._free_memory = free_memory or self._cuda_free_memory
-        self.recorders: list[Recorder] = []     # recordings of this server not yet finished
+        self.recordings = RecordingStore(settings.record_dir, settings.max_recordings_per_session,
+                                         settings.max_recording_files, settings.max_recording_bytes,
+                                         on_event=self.totals.add)
 
     # ------------------------------------------------------------------ admission
     def _cuda_free_memory(self) -> int | None:
@@ -432,12 +471,14 @@ class SessionManager:
         log.info("session %s closed (%s), %d/%d", session.id[:8], session.close_reason, self.count,
                  self.settings.max_sessions)
 
-    def track_recorder(self, rec: Recorder) -> None:
-        with self._lock:
-            self.recorders = [r for r in self.recorders if not r.done.is_set()] + [rec]
-
-    def stream_released(self) -> None:
+    def release(self, stream) -> None:
+        """A closed session's stream: its cache rows go back to the pool at the worker's next turn."""
+        self.engine.close(stream)
         self.worker.memory_released()
+
+    def encode_prompt(self, params: SessionParams) -> Future:
+        """The conditioning of ``params`` (text encoder, blends), computed on the prompt thread."""
+        return self._prompts.submit(conditioning, self.model, params)
 
     # ------------------------------------------------------------------ lookup
     def get(self, session_id: str) -> Session | None:
@@ -464,6 +505,13 @@ class SessionManager:
             s.close("idle")
         return idle
 
+    def _on_fault(self, stream, message: str) -> None:
+        """A stream's model work failed (engine thread): only its session ends, with the reason."""
+        self.totals.add("worker_errors")
+        for s in self.list():
+            if s.stream is stream:
+                s.fail("model_error", message)
+
     def start(self) -> None:
         self.worker.start()
 
@@ -472,5 +520,5 @@ class SessionManager:
         for s in self.list():
             s.close("server shutdown")
         self.worker.stop()
-        for r in list(self.recorders):
-            r.stop(wait=True)
+        self._prompts.shutdown(wait=False, cancel_futures=True)
+        self.recordings.stop_all(wait=True)

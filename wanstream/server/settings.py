@@ -37,6 +37,25 @@ class ServerSettings:
     webrtc_loopback_candidates: bool = False  # use only the offer's 127.0.0.1 candidates (hermetic tests)
     vram_reserve_bytes: int = 1 << 30       # GPU admission: memory kept free beyond the per-session estimate
     codec_threads: int = 2                  # threads for JPEG / video frame conversion
+    # --- authority (see auth.py): the access token is `token`; the admin sees and steers every stream
+    admin_token: str | None = None          # admin: all sessions / recordings; None: nobody is admin
+    allowed_hosts: list[str] = field(default_factory=list)    # Host names accepted besides IP literals and
+    #                                         localhost ("*": any; needed behind a proxy with a domain name)
+    allowed_origins: list[str] = field(default_factory=list)  # browser Origins accepted besides the page's own
+    api_docs: bool = False                  # serve /docs, /redoc, /openapi.json (behind the token)
+    # --- bounds of what a client can cause (each has a counter in /metrics)
+    max_body_bytes: int = 256 * 1024        # one HTTP request body (read, bounded, before any validation)
+    body_timeout_s: float = 10.0            # to send that body
+    header_timeout_s: float = 10.0          # to send a request's line and headers once the connection is idle
+    keep_alive_timeout_s: int = 5           # an idle keep-alive connection is closed after this long
+    max_connections: int = 256              # open TCP connections (HTTP and WebSocket); more are closed at once
+    offer_timeout_s: float = 15.0           # a WebRTC session whose peer does not connect within this is freed
+    max_recordings_per_session: int = 16    # recordings one stream may start
+    max_recording_files: int = 1000         # mp4 files in record_dir (new recordings refused beyond)
+    max_recording_bytes: int = 2 * 2**30    # all recordings in record_dir together (new ones refused, running
+    #                                         ones finished when reached)
+    prompt_cache_bytes: int = 64 * 2**20    # text encoder prompt cache (embeddings kept to their true length)
+    stuck_after_s: float = 30.0             # /api/health says "stuck" when one model tick runs longer than this
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -47,8 +66,22 @@ class ServerSettings:
             raise ValueError(f"steps must be in 1..4, got {self.steps}")
         if self.decoder not in ("vae", "taehv"):
             raise ValueError(f"decoder must be 'vae' or 'taehv', got {self.decoder!r}")
-        if self.token is not None and not self.token:
-            raise ValueError("token must not be empty")
+        for name in ("token", "admin_token"):
+            value = getattr(self, name)
+            if value is not None and not value:
+                raise ValueError(f"{name} must not be empty")
+        if self.admin_token is not None and self.admin_token == self.token:
+            raise ValueError("admin_token must differ from token (every user of the page holds the token)")
+        for name in ("max_body_bytes", "max_connections", "max_recording_files", "max_recording_bytes",
+                     "prompt_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_recordings_per_session < 0:
+            raise ValueError(f"max_recordings_per_session must be >= 0, got {self.max_recordings_per_session}")
+        for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "offer_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        self.allowed_hosts = [h.lower() for h in self.allowed_hosts]
         self.record_dir = Path(self.record_dir)
 
     @property

@@ -93,6 +93,18 @@ class SessionStats:
         return s
 
 
+# Server-wide events with a lifetime counter (wanstream_server_<key>_total).
+_EVENTS = {
+    "webrtc_offers_expired": "WebRTC sessions freed because the peer never connected (offer_timeout_s)",
+    "recordings_started": "Recordings started",
+    "recordings_refused": "Recording starts refused (per-stream count or disk budget reached)",
+    "recordings_cut": "Recordings finished early because the disk budget was reached",
+}
+# Reasons a guard refuses a request or connection (always exported, 0 until it happens).
+REFUSAL_REASONS = ("bad_host", "bad_origin", "unauthorized", "forbidden", "body_too_large", "body_timeout",
+                   "header_timeout", "too_many_connections")
+
+
 class ServerTotals:
     """Server-wide counters (lifetime, closed sessions included) exported as Prometheus text."""
 
@@ -104,7 +116,11 @@ class ServerTotals:
         self._lock = threading.Lock()
         self.counters = {"sessions_opened": 0, "sessions_rejected": 0, "sessions_closed": 0,
                          "frames_in": 0, "frames_out": 0, "frames_dropped": 0, "deadline_misses": 0,
-                         "bad_frames": 0, "bad_messages": 0, "dropped_messages": 0, "worker_errors": 0}
+                         "bad_frames": 0, "bad_messages": 0, "dropped_messages": 0, "worker_errors": 0,
+                         **{key: 0 for key in _EVENTS}}
+        self.refused: dict[str, int] = {}    # requests / connections refused by a guard, by reason
+        self._gauges: dict[str, tuple[str, Callable[[], float], bool]] = {}
+        self._limits: dict[str, float] = {}
         self._latencies: deque[float] = deque(maxlen=4096)
         self.registry = CollectorRegistry()
         self.registry.register(self)
@@ -112,6 +128,19 @@ class ServerTotals:
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.counters[name] += n
+
+    def refuse(self, reason: str) -> None:
+        """Count a request or connection refused by a guard (``wanstream_server_refused_total{reason}``)."""
+        with self._lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def gauge(self, name: str, doc: str, value: Callable[[], float], counter: bool = False) -> None:
+        """Export ``wanstream_<name>`` (``..._total`` for a counter) read from ``value()`` at every scrape."""
+        self._gauges[name] = (doc, value, counter)
+
+    def limits(self, **values: float) -> None:
+        """Export configured bounds as ``wanstream_server_limit{name}`` (to read next to their counters)."""
+        self._limits.update(values)
 
     def on_latency(self, seconds: float) -> None:
         with self._lock:
@@ -155,6 +184,29 @@ class ServerTotals:
             for q in (0.5, 0.95, 0.99):
                 latency.add_metric([str(q)], float(np.percentile(lat, q * 100)))
         yield latency
+        for key, doc in _EVENTS.items():
+            c = CounterMetricFamily(f"{p}_server_{key}", doc)
+            c.add_metric([], counters[key])
+            yield c
+        with self._lock:
+            refused = dict(self.refused)
+        c = CounterMetricFamily(f"{p}_server_refused", "Requests / connections refused by a guard, by reason",
+                                labels=["reason"])
+        for reason in sorted(set(refused) | set(REFUSAL_REASONS)):
+            c.add_metric([reason], refused.get(reason, 0))
+        yield c
+        limit = GaugeMetricFamily(f"{p}_server_limit", "Configured bounds (see docs/reliability.md)",
+                                  labels=["name"])
+        for name, value in sorted(self._limits.items()):
+            limit.add_metric([name], float(value))
+        yield limit
+        for name, (doc, value, counter) in sorted(self._gauges.items()):
+            if counter:
+                c = CounterMetricFamily(f"{p}_{name}", doc)
+                c.add_metric([], float(value()))
+                yield c
+            else:
+                yield _gauge(f"{p}_{name}", doc, float(value()))
         ttffs = [s["ttff_s"] for s in summaries if s["ttff_s"] is not None]
         if ttffs:
             yield _gauge(f"{p}_server_ttff_seconds_max", "Largest time to first frame of the active sessions",

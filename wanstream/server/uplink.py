@@ -14,7 +14,8 @@ from concurrent.futures import Executor
 import numpy as np
 
 from .frames import FrameError
-from .sessions import FIRST_CHUNK, Session
+from ..chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
+from .sessions import Session
 
 
 class Uplink:

@@ -12,6 +12,10 @@ newest frame is decoded (aiortc's receive queue is unbounded); decoding and the 
 loop; output frames carry pts / time_base (without them Chrome shows a fraction of the frames); the answer
 asks Chrome for a bitrate floor and aiortc's encoder defaults are raised to the same floor (Chrome otherwise
 stays near 300 kbit/s, which is poor input for a diffusion model).
+
+Bounds: an offer is checked (SDP structure, a video section) before it takes a session slot, with a 400 naming
+the problem; a session whose peer does not connect within ``offer_timeout_s`` is freed (counted in
+``wanstream_server_webrtc_offers_expired_total``), so unfinished offers cannot hold the slots.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from concurrent.futures import Executor
 from fractions import Fraction
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,12 +53,28 @@ except ImportError:  # pragma: no cover - aiortc is a dependency, but the WebSoc
 
 VIDEO_CLOCK = 90000
 MAX_SDP_CHARS = 64 * 1024
+SDP_LINE = re.compile(r"^[a-z]=")
 
 
 class Offer(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     sdp: str = Field(max_length=MAX_SDP_CHARS)
     type: str = Field(pattern="^offer$")
+
+
+def check_offer_sdp(sdp: str) -> None:
+    """Raise ValueError naming what is wrong with an SDP offer's structure (before aiortc parses it)."""
+    lines = [line for line in sdp.replace("\r\n", "\n").split("\n") if line.strip()]
+    if not lines or lines[0].strip() != "v=0":
+        raise ValueError("malformed SDP offer: it must start with the line 'v=0'")
+    for number, line in enumerate(lines, 1):
+        if not SDP_LINE.match(line):
+            raise ValueError(f"malformed SDP offer: line {number} is not of the form 'x=value': {line[:60]!r}")
+    media = [line[2:].split(" ", 1)[0] for line in lines if line.startswith("m=")]
+    if not media:
+        raise ValueError("malformed SDP offer: it has no media section (no 'm=' line)")
+    if "video" not in media:
+        raise ValueError(f"the offer has no video track to restyle (its media sections: {', '.join(media)})")
 
 
 _configured = False
@@ -137,14 +157,18 @@ class SessionTrack(MediaStreamTrack):
         return frame
 
 
-def webrtc_router(manager: SessionManager, executor: Executor, require_token, peers: set) -> APIRouter:
+def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> APIRouter:
     router = APIRouter()
     settings = manager.settings
 
-    @router.post("/api/webrtc/offer", dependencies=[Depends(require_token)])
+    @router.post("/api/webrtc/offer")
     async def offer(body: Offer):
         if not AVAILABLE:
             raise HTTPException(501, "WebRTC needs the aiortc package; use the WebSocket transport")
+        try:
+            check_offer_sdp(body.sdp)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
         configure_aiortc(settings.webrtc_bitrate_kbps, settings.loopback_only)
         loop = asyncio.get_running_loop()
         try:
@@ -159,6 +183,7 @@ def webrtc_router(manager: SessionManager, executor: Executor, require_token, pe
         w, h = session.width, session.height
         uplink = Uplink(session, executor, lambda f: (video_frame_to_rgb(f, w, h), None))
         got_video = []
+        connected = []
 
         def send(msg: dict) -> None:
             for ch in channels:
@@ -208,8 +233,17 @@ def webrtc_router(manager: SessionManager, executor: Executor, require_token, pe
 
         @pc.on("connectionstatechange")
         async def on_state():
+            if pc.connectionState == "connected":
+                connected.append(True)
             if pc.connectionState in ("failed", "closed"):
                 session.close("disconnected" if pc.connectionState == "closed" else "connection failed")
+
+        async def expire():
+            await asyncio.sleep(settings.offer_timeout_s)
+            if not connected and not session.closed:
+                manager.totals.add("webrtc_offers_expired")
+                log.info("session %s: the peer did not connect within %g s", session.id[:8], settings.offer_timeout_s)
+                session.close("offer expired")
 
         async def cleanup():
             for t in list(tasks):
@@ -224,13 +258,20 @@ def webrtc_router(manager: SessionManager, executor: Executor, require_token, pe
         sdp = keep_loopback_candidates(body.sdp) if settings.webrtc_loopback_candidates else body.sdp
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            if not got_video:
-                raise ValueError("the offer has no video track to restyle")
-            await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on a malformed offer
             session.close("bad offer")
             raise HTTPException(400, f"malformed SDP offer: {type(exc).__name__}: {str(exc)[:300]}") from None
+        if not got_video:
+            session.close("bad offer")
+            raise HTTPException(400, "the offer's video section carries no track from the client (it must send "
+                                     "its camera: direction sendrecv or sendonly)")
+        try:
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:  # noqa: BLE001
+            session.close("bad offer")
+            raise HTTPException(400, f"cannot answer this offer: {type(exc).__name__}: {str(exc)[:300]}") from None
         tasks.append(asyncio.ensure_future(push_stats()))
+        tasks.append(asyncio.ensure_future(expire()))
         answer = add_bitrate_hints(pc.localDescription.sdp, settings.webrtc_bitrate_kbps)
         return {**ready_message(session), "sdp": answer, "type": "answer"}
 

@@ -1,9 +1,11 @@
-"""The model worker: one thread runs all model work of all sessions, one chunk at a time, round robin.
+"""The model worker: one thread runs the engine for every session of the server.
 
-The model (weights, text encoder cache) is shared and a :class:`~wanstream.session.StreamSession` is not
-thread-safe, so everything that touches torch happens here. Each turn serves the next session (in order) that
-has a full chunk queued or parameter changes pending: reset, then prompt / knob changes, then the chunk.
-An exception in one session's work ends that session with an error; the worker and the others go on.
+Each turn: every session hands its pending changes to its engine stream (creating the stream once its first
+prompt is encoded), one engine tick runs — the chunks of all sessions that have one ready go through ONE DiT call
+(see ``wanstream/engine.py``) — and each session receives its new output frames. Sessions feed frames from the
+transports' threads; the worker sleeps until a session has a chunk ready or a change pending. A failure in one
+stream's work ends that session with an error (the engine's fault callback); the worker and the others go on.
+``stuck_for`` tells ``/api/health`` when a model tick has been running for too long.
 """
 
 from __future__ import annotations
@@ -12,30 +14,25 @@ import logging
 import threading
 import time
 
-import numpy as np
 import torch
 
-from ..session import StreamSession
-from .params import PROMPT_FIELDS, conditioning
+from ..models.text_encoder import return_freed_heap
 
 log = logging.getLogger("wanstream.server")
 
-KNOBS = ("steps", "noise_scale", "noise_controller", "seed")
-
 
 class ModelWorker:
-    def __init__(self, manager, stream_factory=None):
+    def __init__(self, manager):
         self.manager = manager
-        self.model = manager.model
-        self.factory = stream_factory or StreamSession
+        self.engine = manager.engine
         self._cond = threading.Condition()
         self._signal = False
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._next = 0
         self._memory_released = False
         self.busy_s = 0.0
-        self.chunks = 0
+        self.ticks = 0
+        self._busy_since: float | None = None
 
     # ------------------------------------------------------------------ thread
     def start(self) -> None:
@@ -55,6 +52,11 @@ class ModelWorker:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def stuck_for(self) -> float:
+        """Seconds the running model tick has taken so far (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def notify(self) -> None:
         with self._cond:
@@ -77,70 +79,42 @@ class ModelWorker:
                 pass
             if self._memory_released:
                 self._memory_released = False
-                if self.model.device.type == "cuda":
+                self.engine.release_closed()
+                if self.manager.model.device.type == "cuda":
                     torch.cuda.empty_cache()
+                return_freed_heap()   # the host side too: a closed stream's pages go back to the OS
 
     # ------------------------------------------------------------------ one turn
     def run_once(self) -> bool:
-        """Serve the next session that has work; False when none has."""
+        """Hand every session's changes to the engine and run one tick; False when there was nothing to do."""
         sessions = self.manager.list()
-        n = len(sessions)
-        for i in range(n):
-            session = sessions[(self._next + i) % n]
-            work = session.take_work()
-            if work is not None:
-                self._next = (self._next + i + 1) % n
-                self._serve(session, work)
-                return True
-        return False
-
-    def _serve(self, session, work) -> None:
+        for s in sessions:
+            try:
+                s.sync(self.engine)
+            except Exception as exc:  # noqa: BLE001 - one session's failure must not stop the others
+                log.exception("session %s: model error", s.id[:8])
+                self.manager.totals.add("worker_errors")
+                s.fail("model_error", f"the model failed on this stream: {type(exc).__name__}: {exc}")
+        if not self.engine.has_work():
+            return False
         t0 = time.perf_counter()
+        self._busy_since = time.monotonic()
         try:
-            with torch.inference_mode():
-                outputs, dropped = self._do(session, work)
-        except Exception as exc:  # noqa: BLE001 - one session's failure must not stop the others
-            log.exception("session %s: model error", session.id[:8])
-            self.manager.totals.add("worker_errors")
-            session.finish_work([])
-            session.fail("model_error", f"the model failed on this stream: {type(exc).__name__}: {exc}")
-            return
+            self.engine.step()
         finally:
+            self._busy_since = None
             self.busy_s += time.perf_counter() - t0
-        self.chunks += bool(work.frames)
-        session.finish_work(outputs, dropped)
+        self.ticks += 1
+        for s in sessions:
+            stream = s.stream
+            if stream is None:
+                continue
+            outputs = stream.take_outputs()
+            if outputs:
+                s.deliver(outputs)
+        return True
 
-    def _do(self, session, work) -> tuple[list, int]:
-        params = work.params
-        outputs: list = []
-        dropped = 0
-        stream = session.stream
-        if work.reset and stream is not None:
-            dropped = stream.frames_in - stream.frames_out
-            stream.reset()
-            session.frame_ids.clear()
-        if stream is None:
-            if not work.frames:
-                return [], dropped           # the parameters are read when the stream starts
-            stream = self.factory(self.model, prompt_embeds=conditioning(self.model, params),
-                                  width=session.width, height=session.height, steps=params.steps,
-                                  noise_scale=params.noise_scale, noise_controller=params.noise_controller,
-                                  seed=params.seed, decoder=session.settings.decoder)
-            session.stream = stream
-        else:
-            if work.dirty & PROMPT_FIELDS:
-                stream.set_prompt_embedding(conditioning(self.model, params), params.transition_chunks)
-            knobs = {k: getattr(params, k) for k in KNOBS if k in work.dirty}
-            if knobs:
-                outputs += stream.update(**knobs)
-        if work.frames:
-            images = np.stack([f for f, _, _ in work.frames])
-            stamps = [t for _, t, _ in work.frames]
-            base = stream.frames_in
-            for i, (_, t, frame_id) in enumerate(work.frames):
-                session.stats.model.on_input(timestamp=t)
-                session.frame_ids[base + i] = frame_id
-            outputs += stream.push(images, timestamps=stamps)
-        for out in outputs:                  # the client's frame ids instead of the stream's own count
-            out.index = session.frame_ids.pop(out.index, out.index)
-        return outputs, dropped
+    @property
+    def chunks(self) -> int:
+        """Chunks that entered the model so far (all sessions)."""
+        return self.engine.chunks

@@ -1,10 +1,10 @@
 """WebSocket transport (the default): ``/api/ws[?token=T][&format=jpeg|raw]`` (the token may also come as an
-``Authorization: Bearer`` or ``X-Token`` header).
+``Authorization: Bearer`` or ``X-Token`` header; one precedence rule, see :mod:`.auth`).
 
 Binary messages are frames: JPEG (or raw RGB, see :mod:`.frames`) up, JPEG (or raw with ``format=raw``) down.
 Text messages are the JSON control protocol of :mod:`.protocol`; the server also pushes ``stats`` every
-``stats_interval_s``. The first server message is ``ready`` (session id, resolution, parameters) or an
-``error`` with code ``server_full`` / ``unauthorized`` / ``bad_format`` followed by the close.
+``stats_interval_s``. The first server message is ``ready`` (session id, its secret, resolution, parameters)
+or an ``error`` with code ``server_full`` / ``unauthorized`` / ``bad_format`` followed by the close.
 One task receives, one sends (frames and JSON, never two sends at once); when either ends, the session ends.
 """
 
@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from .auth import caller_of
 from .frames import decode_frame, encode_jpeg, pack_raw
 from .protocol import error, handle_control, ready_message
 from .sessions import ServerFull, SessionManager
@@ -31,16 +32,15 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_UNSUPPORTED = 1003
 
 
-def ws_router(manager: SessionManager, executor: Executor, token_ok) -> APIRouter:
+def ws_router(manager: SessionManager, executor: Executor) -> APIRouter:
     router = APIRouter()
     settings = manager.settings
 
     @router.websocket("/api/ws")
-    async def stream(ws: WebSocket, token: str | None = None, format: str = "jpeg"):
+    async def stream(ws: WebSocket, format: str = "jpeg"):
         await ws.accept()
-        auth = ws.headers.get("authorization", "")
-        token = token or ws.headers.get("x-token") or (auth[7:].strip() if auth.lower().startswith("bearer ") else None)
-        if not token_ok(token):
+        if not caller_of(ws.scope).token_ok:
+            manager.totals.refuse("unauthorized")
             await _refuse(ws, error("unauthorized", "missing or wrong token (add ?token=... to the URL)"),
                           CLOSE_UNAUTHORIZED)
             return

@@ -7,9 +7,11 @@
   const TOKEN = url.searchParams.get("token");
   const authHeaders = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
   const api = (path) => (TOKEN ? `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(TOKEN)}` : path);
+  // the stream's secret (from "ready"): the server's proof that a recording download is ours
+  const ownApi = (path) => (S.secret ? api(`${path}${path.includes("?") ? "&" : "?"}secret=${encodeURIComponent(S.secret)}`) : api(path));
 
   const S = (window.wanstream = {
-    status: "idle", transport: null, session: null, ready: null, params: null, stats: null,
+    status: "idle", transport: null, session: null, secret: null, ready: null, params: null, stats: null,
     framesSent: 0, framesOut: 0, ttffPage: null, fpsShown: null, paramAcks: 0, errors: [], messages: [],
   });
 
@@ -58,7 +60,7 @@
       const line = document.createElement("div");
       if (r.complete && !r.error) {
         const a = document.createElement("a");
-        a.href = api(`/api/recordings/${encodeURIComponent(r.file)}`);
+        a.href = ownApi(`/api/recordings/${encodeURIComponent(r.file)}`);
         a.textContent = `${r.file} (${r.frames} frames)`;
         a.download = r.file;
         line.appendChild(a);
@@ -127,6 +129,7 @@
       case "ready":
         S.ready = msg;
         S.session = msg.session;
+        S.secret = msg.secret || null;
         $("server-info").textContent = `session ${msg.session.slice(0, 8)} · ${msg.width}x${msg.height}`;
         if (!$("prompt").value.trim()) { $("prompt").value = msg.params.prompt; countPrompt(); }
         break;

@@ -34,10 +34,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .block_scheduler import even_split, plan_split
+from wanstream.block_scheduler import even_split, plan_split
+from wanstream.chunking import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
 
-CHUNK_FRAMES = 4
-FIRST_CHUNK_FRAMES = 5
 TEXT_LEN = 512
 VAE_PARAMS = 126_900_000           # Wan 2.1 VAE
 T5_PARAMS = 5_680_000_000          # umT5-XXL encoder
@@ -243,10 +242,10 @@ def measure_profile(model_dir: str | Path, device: str = "cuda", width: int = 51
     stream batch), VAE encode of 4 frames, VAE decode of one latent."""
     import torch
 
-    from .config import CacheConfig
-    from .models.loader import load_model
-    from .noise import SeededNoise
-    from .stream_batch import LatentStream
+    from wanstream.config import CacheConfig
+    from wanstream.models.loader import load_model
+    from wanstream.noise import SeededNoise
+    from wanstream.stream_batch import LatentStream
 
     bundle = load_model(model_dir, device=device, text_encoder=False)
     dev = bundle.device
@@ -397,7 +396,7 @@ def measure_pipeline(model_dir: str | Path, devices: list[str], steps: int, widt
     import numpy as np
     import torch
 
-    from .pipeline import PipelineSession
+    from wanstream.pipeline import PipelineSession
     gen = np.random.default_rng(seed)
     clip = gen.integers(0, 256, size=(frames, height, width, 3), dtype=np.uint8)
     embeds = torch.zeros(1, 16, prompt_dim)

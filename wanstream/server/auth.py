@@ -1,0 +1,244 @@
+"""Who may do what, checked before any route runs: Host and Origin, the tokens, the size of a request body.
+
+Credentials (one rule for every HTTP route and the WebSocket):
+
+- **token**: ``Authorization: Bearer T``, else ``X-Token: T``, else ``?token=T`` — the first form present is the
+  one used (a wrong Bearer header is not rescued by a right query token). With ``--token`` set, every API and
+  stream call needs it (the page itself and its static files do not). The ``--admin-token`` goes in the same
+  place and also counts as the token.
+- **stream secret**: ``X-Stream-Secret: S``, else ``?secret=S``. Creating a stream (WebSocket ``ready``, WebRTC
+  answer) returns its secret; changing its parameters, reading its details, listing and downloading its
+  recordings over HTTP need that secret or the admin token. Session ids are names, not capabilities.
+
+Host and Origin (DNS rebinding, cross-site requests and WebSockets): the ``Host`` header must name an IP address,
+``localhost``, the bound host or one of ``allowed_hosts``; a browser's ``Origin`` must be the page's own
+(same host and port as ``Host``) or one of ``allowed_origins``. Requests without ``Origin`` (curl, same-origin
+navigation) pass.
+
+Request bodies are read here, at most ``max_body_bytes`` within ``body_timeout_s``, before any parsing or
+validation; larger or slower ones get 413 / 408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers, QueryParams
+from starlette.responses import JSONResponse
+
+from .settings import ServerSettings
+from .stats import ServerTotals
+
+SCOPE_KEY = "wanstream.caller"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+
+def same_secret(given: str | None, expected: str | None) -> bool:
+    """Constant-time comparison; None never matches."""
+    if given is None or expected is None:
+        return False
+    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
+def presented_token(headers: Headers, query: QueryParams) -> str | None:
+    """The token of a request: Bearer header, else X-Token header, else ``?token=`` (the first one present)."""
+    auth = headers.get("authorization")
+    if auth is not None:
+        scheme, _, value = auth.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else ""
+    if "x-token" in headers:
+        return headers["x-token"]
+    return query.get("token")
+
+
+def presented_secret(headers: Headers, query: QueryParams) -> str | None:
+    """The stream secret of a request: ``X-Stream-Secret`` header, else ``?secret=``."""
+    if "x-stream-secret" in headers:
+        return headers["x-stream-secret"]
+    return query.get("secret")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """What one request may do."""
+
+    token_ok: bool           # holds the access token (or none is configured)
+    admin: bool              # holds the admin token
+    secret: str | None       # the stream secret it presented
+
+    def controls(self, session) -> bool:
+        """May change, read and record ``session`` (its secret or the admin token)."""
+        return self.admin or same_secret(self.secret, session.secret)
+
+
+def identify(settings: ServerSettings, headers: Headers, query: QueryParams) -> Caller:
+    token = presented_token(headers, query)
+    admin = same_secret(token, settings.admin_token)
+    token_ok = admin or settings.token is None or same_secret(token, settings.token)
+    return Caller(token_ok=token_ok, admin=admin, secret=presented_secret(headers, query))
+
+
+def caller_of(scope) -> Caller:
+    """The :class:`Caller` the guard attached to a request (``request.scope`` / ``websocket.scope``)."""
+    return scope[SCOPE_KEY]
+
+
+# ------------------------------------------------------------------------------------------- Host / Origin
+def split_host(value: str) -> tuple[str, int | None]:
+    """``host[:port]`` (IPv6 in brackets) → ``(lower-case host without brackets, port or None)``."""
+    parts = urlsplit("//" + value.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    return (parts.hostname or ""), port
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def host_allowed(settings: ServerSettings, host_header: str | None) -> bool:
+    """IP literals cannot be rebound by DNS; names must be localhost, the bound host or allowed explicitly."""
+    if "*" in settings.allowed_hosts:
+        return True
+    if not host_header:
+        return False
+    host, port = split_host(host_header)
+    if not host or port == -1:
+        return False
+    return (is_ip(host) or host == "localhost" or host.endswith(".localhost") or host == settings.host.lower()
+            or host in settings.allowed_hosts)
+
+
+def origin_allowed(settings: ServerSettings, origin: str | None, host_header: str | None, scheme: str) -> bool:
+    """No Origin (not a browser, or a same-origin navigation) passes; else the page's own origin (scheme, host,
+    port of this request) or an allowed one."""
+    if origin is None or "*" in settings.allowed_origins:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in (o.rstrip("/").lower() for o in settings.allowed_origins):
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.hostname or not host_header:
+        return False                                    # "null", file://, extensions ...
+    try:
+        origin_port = parts.port or DEFAULT_PORTS[parts.scheme]
+    except ValueError:
+        return False
+    host, port = split_host(host_header)
+    if port == -1:
+        return False
+    served = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    # The Host header omits default ports: compare with the default of the origin's scheme (the browser's view).
+    return (parts.scheme == served and parts.hostname == host
+            and origin_port == (port or DEFAULT_PORTS[parts.scheme]))
+
+
+# ----------------------------------------------------------------------------------------------- middleware
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware in front of every route: Host / Origin, token, bounded body; attaches the :class:`Caller`.
+
+    The page (``/``) and its static files need no token (the page passes ``?token=`` on). A WebSocket without
+    the token is accepted by its route and told ``unauthorized`` (so the page can say so); one from a wrong
+    Host or Origin is refused before the handshake (HTTP 403).
+    """
+
+    def __init__(self, app, settings: ServerSettings, totals: ServerTotals):
+        self.app = app
+        self.settings = settings
+        self.totals = totals
+
+    async def __call__(self, scope, receive, send):
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if not host_allowed(self.settings, host):
+            await self._refuse(scope, receive, send, 403, "bad_host",
+                               f"Host {str(host)[:100]!r} is not served here (a DNS-rebinding guard; add it with "
+                               f"--allowed-host)")
+            return
+        if not origin_allowed(self.settings, headers.get("origin"), host, scope.get("scheme", "http")):
+            await self._refuse(scope, receive, send, 403, "bad_origin",
+                               f"cross-site request from Origin {headers.get('origin', '')[:100]!r} refused "
+                               f"(allow it with --allowed-origin)")
+            return
+        caller = identify(self.settings, headers, QueryParams(scope.get("query_string", b"")))
+        scope[SCOPE_KEY] = caller
+        if kind == "websocket":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if not caller.token_ok and not (path == "/" or path.startswith("/static/")):
+            await self._refuse(scope, receive, send, 401, "unauthorized", "missing or wrong token",
+                               {"WWW-Authenticate": "Bearer"})
+            return
+        if scope["method"] in BODY_METHODS:
+            try:
+                body = await self._read_body(headers, receive)
+            except BodyTooLarge:
+                await self._refuse(scope, receive, send, 413, "body_too_large",
+                                   f"request bodies are limited to {self.settings.max_body_bytes} bytes")
+                return
+            except TimeoutError:
+                await self._refuse(scope, receive, send, 408, "body_timeout",
+                                   f"the request body did not arrive within {self.settings.body_timeout_s:g} s")
+                return
+            if body is None:            # the client went away
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def _read_body(self, headers: Headers, receive) -> bytes | None:
+        limit = self.settings.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > limit):
+            raise BodyTooLarge
+        body = bytearray()
+        async with asyncio.timeout(self.settings.body_timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                body += message.get("body", b"")
+                if len(body) > limit:
+                    raise BodyTooLarge
+                if not message.get("more_body", False):
+                    return bytes(body)
+
+    async def _refuse(self, scope, receive, send, status: int, reason: str, message: str,
+                      headers: dict | None = None) -> None:
+        self.totals.refuse(reason)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+            return
+        response = JSONResponse({"error": reason, "message": message}, status_code=status, headers=headers)
+        await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
