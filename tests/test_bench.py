@@ -124,6 +124,33 @@ def test_bench_sessions_share_dit_calls_and_compare_with_round_robin(tiny_model_
         assert x["fps_denoise"] > 0 and x["latency_ms"]["p99"] > 0 and 0 <= x["deadline_miss_rate"] <= 1
 
 
+def test_bench_compare_eager_alternates_the_reference_path(tiny_model_dir, tmp_path, monkeypatch):
+    """--compare-eager: the row runs fast, eager, eager, fast in one process; the eager runs use diffusers' own
+    VAE modules (a StreamingVAE built with fast=False and used); the ratios are the pairs' fast / eager."""
+    from wanstream.models import vae as vae_mod
+    used = []                                        # per encode call: did it run the eager (diffusers) path
+    encode = vae_mod.StreamingVAE.encode
+
+    def spy(self, *a, **kw):
+        used.append(self.fast is None)
+        return encode(self, *a, **kw)
+    monkeypatch.setattr(vae_mod.StreamingVAE, "encode", spy)
+    out = tmp_path / "eager.json"
+    args = _parse(["--model", str(tiny_model_dir), "--device", "cpu", "--resolution", "32x32", "--steps", "2",
+                   "--frames", "13", "--warmup", "1", "--prime-chunks", "1", "--compare-eager", "--no-peak",
+                   "--json", str(out), "--quiet"])
+    assert bench.run_bench(args) == 0
+    row = json.loads(out.read_text())
+    assert any(used) and not all(used)               # both paths ran (CPU: one stream's encode is vae.encode)
+    v = row["vs_eager"]
+    assert len(v["chunk_ratios"]) == 2 and len(v["vae_ratios"]) == 2
+    assert v["chunk_ratios"][0] == pytest.approx(v["fast_chunk_ms"][0] / v["eager_chunk_ms"][0])
+    assert v["chunk_ratio"] == pytest.approx(sum(v["chunk_ratios"]) / 2)     # the median of two
+    assert row["stage_ms"]["chunk"] == v["fast_chunk_ms"][0] and row["eager"]["stage_ms"]["encode"] > 0
+    assert row["frames_out"] == row["frames_in"] and row["compiled"] is False
+    assert row["dit_paths"]["eager"] > 0 and row["dit_paths"]["compiled"] == row["dit_paths"]["graph"] == 0
+
+
 def test_bench_rejects_too_few_frames():
     with pytest.raises(ValueError, match="frames"):
         bench.BenchConfig(frames=9, warmup=3).validate()

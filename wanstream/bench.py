@@ -17,7 +17,12 @@ their latency), or, with ``--input-fps max``, the moment the previous tick retur
   wall clock on the CPU) and host = tick wall time − the three;
 * ``dit_calls``, ``rows_per_call_mean``: DiT calls of the steady window and their mean batch rows;
 * ``--compare-round-robin``: the same streams served one stream per tick (the old server), measured in the same
-  process, reported under ``round_robin``.
+  process, reported under ``round_robin``;
+* ``--compile``: the fast path compiled (the steady-state DiT call per call layout, CUDA graphs on a GPU, and the
+  VAE's steady encode / decode); ``--quantize int8|fp8``: the DiT's block linears quantised;
+* ``--compare-eager``: the same row also on the eager reference path (diffusers' own VAE modules, nothing
+  compiled), alternated ABBA in one process, reported under ``eager`` with the paired ratios fast / eager of the
+  chunk time and of the VAE time (``vs_eager``).
 """
 
 from __future__ import annotations
@@ -201,14 +206,15 @@ def _source(clip: "LiveClip", k: int, i: int) -> np.ndarray:
     return clip.frame(i + 7 * k)[None]
 
 
-def _prime(model, cfg: BenchConfig, prompts: list[torch.Tensor], clip: LiveClip, policy: str) -> float:
+def _prime(model, cfg: BenchConfig, prompts: list[torch.Tensor], clip: LiveClip, policy: str,
+           compile: bool = False) -> float:
     """Throw-away streams as fast as possible: loads kernels, allocator pools, autotuning. Returns seconds."""
     from .engine import Engine
     chunks = cfg.prime_chunks if cfg.prime_chunks is not None else cfg.steps + 2
     t0 = time.perf_counter()
     if chunks <= 0:
         return 0.0
-    engine = Engine(model, policy=policy)
+    engine = Engine(model, policy=policy, compile=compile)
     streams = _open(engine, cfg, prompts)
     for i in range(frames_for(chunks)):
         for k, s in enumerate(streams):
@@ -249,7 +255,8 @@ class _Tick:
 
 @torch.no_grad()
 def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor], clip: LiveClip,
-               costs: dict | None = None, peaks: dict | None = None, policy: str = "continuous") -> dict:
+               costs: dict | None = None, peaks: dict | None = None, policy: str = "continuous",
+               compile: bool = False) -> dict:
     """Prime, then run the measured live streams (one per prompt); returns one result row (see
     ``docs/benchmarks.md``)."""
     from .engine import Engine
@@ -258,10 +265,10 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     n = len(prompts)
     device = model.device
-    prime_s = _prime(model, cfg, prompts, clip, policy)
+    prime_s = _prime(model, cfg, prompts, clip, policy, compile)
     memory = PeakMemory(device)
     memory.start()
-    engine = Engine(model, policy=policy)
+    engine = Engine(model, policy=policy, compile=compile)
     streams = _open(engine, cfg, prompts)
     metrics = [StreamMetrics(target_latency_s=cfg.target_latency_s) for _ in streams]
     outputs: list[list[tuple[float, int]]] = [[] for _ in streams]     # per stream: (time, frames) of each tick
@@ -373,6 +380,7 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
         "dit_calls_total": dit_calls_total,
         "peak_mem_bytes": peak_mem, "peak_mem_kind": memory.kind,
         "timing": "cuda_events" if engine.timer.cuda else "perf_counter",
+        "compiled": bool(compile), "dit_paths": _dit_paths(engine),
         "wall_s": t_end - t_start,
     }
     if cfg.input_fps is None:
@@ -385,6 +393,37 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
     if costs is not None:
         row["roofline"] = _roofline_row(row, cfg, costs, peaks)
     return row
+
+
+def _dit_paths(engine) -> dict:
+    """DiT calls per path of the runners (eager / compiled / CUDA graph replay), all ticks of the row."""
+    out: dict[str, int] = {}
+    for g in engine.groups.values():
+        for k, v in getattr(g.runner, "path_calls", {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _compare_eager(run_fast, run_eager) -> tuple[dict, dict]:
+    """Fast and eager rows alternated A B B A; returns the first fast row and the comparison (both eager rows'
+    figures and the paired ratios fast / eager of the chunk time and the VAE time)."""
+    fast1 = run_fast()
+    eager1 = run_eager()
+    eager2 = run_eager()
+    fast2 = run_fast()
+
+    def vae_ms(r):
+        return r["stage_ms"]["encode"] + r["stage_ms"]["decode"]
+    pairs = [(fast1, eager1), (fast2, eager2)]
+    chunk = [f["stage_ms"]["chunk"] / e["stage_ms"]["chunk"] for f, e in pairs]
+    vae = [vae_ms(f) / vae_ms(e) for f, e in pairs if vae_ms(e) > 0]
+    eager = {k: eager1[k] for k in COMPARED}
+    eager["stage_ms"] = {st: (eager1["stage_ms"][st] + eager2["stage_ms"][st]) / 2 for st in eager1["stage_ms"]}
+    return fast1, {"eager": eager, "vs_eager": {
+        "chunk_ratio": float(np.median(chunk)), "chunk_ratios": chunk,
+        "vae_ratio": float(np.median(vae)) if vae else None, "vae_ratios": vae,
+        "fast_chunk_ms": [fast1["stage_ms"]["chunk"], fast2["stage_ms"]["chunk"]],
+        "eager_chunk_ms": [eager1["stage_ms"]["chunk"], eager2["stage_ms"]["chunk"]]}}
 
 
 def _roofline_row(row: dict, cfg: BenchConfig, costs: dict, peaks: dict | None) -> dict:
@@ -435,6 +474,9 @@ class BenchRun:
     sweep: bool = False
     measure_peak: bool = True
     compare_round_robin: bool = False
+    compile: bool = False
+    quantize: str | None = None
+    compare_eager: bool = False
     base: BenchConfig = field(default_factory=BenchConfig)
     lora: list = field(default_factory=list)      # LoRASpec s attached to the DiT
 
@@ -463,7 +505,14 @@ def run(spec: BenchRun, log=print) -> dict:
     dtype = _DTYPES[spec.dtype] if spec.dtype else None
     t0 = time.perf_counter()
     model = load_model(spec.model_dir, device=spec.device, dtype=dtype, text_encoder=False,
-                       taehv=spec.base.decoder == "taehv", lora=spec.lora)
+                       taehv=spec.base.decoder == "taehv", lora=spec.lora, quantize=spec.quantize)
+    eager_model = None
+    if spec.compare_eager:                   # the reference path: diffusers' own VAE modules, nothing compiled
+        from .models.vae import StreamingVAE
+        eager_model = replace(model, vae=StreamingVAE(model.vae.vae, fast=False))
+    if spec.compile:
+        from .models.vae import StreamingVAE
+        model = replace(model, vae=StreamingVAE(model.vae.vae, compile=True))
     load_s = time.perf_counter() - t0
     commit, dirty = git_commit()
     meta = {"schema": SCHEMA, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -472,6 +521,7 @@ def run(spec: BenchRun, log=print) -> dict:
             "model": str(spec.model_dir), "load_s": load_s, "host_load_start": _loadavg(),
             "prompt": "synthetic embedding (speed does not depend on the prompt)",
             "lora": [f"{s.path}:{s.strength:g}" for s in spec.lora],
+            "compile": spec.compile, "quantize": spec.quantize,
             "warmup": _warmup_statement(spec.base)}
     with torch.no_grad():
         peaks = roofline.measure_peaks(model.device, model.dtype) if spec.measure_peak else None
@@ -488,7 +538,14 @@ def run(spec: BenchRun, log=print) -> dict:
         for cfg in configs:
             log(f"[bench] {cfg.resolution} steps={cfg.steps} {cfg.mode} sessions={cfg.sessions} input="
                 f"{'max' if cfg.input_fps is None else cfg.input_fps} frames={cfg.frames} warmup={cfg.warmup}")
-            row = run_stream(model, cfg, prompts, clip, costs, peaks)
+            if eager_model is not None:
+                log("[bench] alternating with the eager reference path (A B B A)")
+                row, cmp = _compare_eager(
+                    lambda: run_stream(model, cfg, prompts, clip, costs, peaks, compile=spec.compile),
+                    lambda: run_stream(eager_model, cfg, prompts, clip, costs, peaks))
+                row.update(cmp)
+            else:
+                row = run_stream(model, cfg, prompts, clip, costs, peaks, compile=spec.compile)
             if spec.compare_round_robin:
                 log("[bench] the same streams, one stream per DiT call (round robin)")
                 rr = run_stream(model, cfg, prompts, clip, costs, peaks, policy="round_robin")
@@ -560,6 +617,24 @@ def session_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
+EAGER_COLUMNS = ["res", "steps", "mode", "chunk ms fast", "chunk ms eager", "chunk fast/eager", "VAE fast/eager",
+                 "DiT ms fast", "DiT ms eager"]
+
+
+def eager_rows(rows: list[dict]) -> list[list[str]]:
+    """``--compare-eager``: the fast path against the eager reference (paired ratios, median of the pairs)."""
+    out = []
+    for r in rows:
+        v = r.get("vs_eager")
+        if not v:
+            continue
+        out.append([r["resolution"], str(r["steps"]), "batch" if r["mode"] == "stream_batch" else "no-batch",
+                    _f(r["stage_ms"]["chunk"], ".1f"), _f(r["eager"]["stage_ms"]["chunk"], ".1f"),
+                    _f(v["chunk_ratio"], ".2f"), _f(v["vae_ratio"], ".2f"), _f(r["stage_ms"]["dit"], ".1f"),
+                    _f(r["eager"]["stage_ms"]["dit"], ".1f")])
+    return out
+
+
 def roofline_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
@@ -606,6 +681,9 @@ def render_text(result: dict) -> str:
     sess = session_rows(rows)
     if sess:
         lines += ["", "sessions (all streams of the engine together):"] + _plain_table(SESSION_COLUMNS, sess)
+    eager = eager_rows(rows)
+    if eager:
+        lines += ["", "fast path vs the eager reference (paired, A B B A):"] + _plain_table(EAGER_COLUMNS, eager)
     roof = roofline_rows(rows)
     if roof:
         lines += ["", "roofline (per call, steady state; minimum bytes):"] + _plain_table(ROOF_COLUMNS, roof)
@@ -627,6 +705,8 @@ def print_table(result: dict, file=None) -> None:
     for title, columns, rows in (("stream", MAIN_COLUMNS, main_rows(result["rows"])),
                                  ("sessions (all streams of the engine together)", SESSION_COLUMNS,
                                   session_rows(result["rows"])),
+                                 ("fast path vs the eager reference (paired, A B B A)", EAGER_COLUMNS,
+                                  eager_rows(result["rows"])),
                                  ("roofline (per call, steady state; minimum bytes)", ROOF_COLUMNS,
                                   roofline_rows(result["rows"]))):
         if not rows:
@@ -651,7 +731,7 @@ def render_markdown(result: dict) -> str:
                  f"{p['copy_bytes_per_s'] / 1e9:.1f} GB/s copy.")
     lines = [head, ""]
     for columns, rows in ((MAIN_COLUMNS, main_rows(result["rows"])), (SESSION_COLUMNS, session_rows(result["rows"])),
-                          (ROOF_COLUMNS, roofline_rows(result["rows"]))):
+                          (EAGER_COLUMNS, eager_rows(result["rows"])), (ROOF_COLUMNS, roofline_rows(result["rows"]))):
         if rows:
             lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
             lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
@@ -674,6 +754,7 @@ def _input_fps(text: str) -> float | None:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``wanstream bench`` on the CLI's subparsers."""
+    from .models.quantize import QUANTIZE_MODES
     p = subparsers.add_parser("bench", help="benchmark one live stream: TTFF, FPS, stage times, latency SLO",
                               description="Feed a synthetic motion clip as a live source through a stream and "
                                           "report TTFF, FPS, per-stage times, latency percentiles, jitter, "
@@ -701,6 +782,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="streams fed together, each with its own prompt and seed, batched into shared DiT calls")
     p.add_argument("--compare-round-robin", action="store_true",
                    help="also measure the same streams served one stream per DiT call (reported as round_robin)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the steady-state DiT call (CUDA graphs on a GPU) and the VAE's steady encode/decode")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                   help="quantise the DiT's block linears (fp8 needs a GPU with FP8)")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="also run each row on the eager reference path (diffusers VAE modules, nothing compiled), "
+                        "alternated A B B A; reports the paired ratios")
     p.add_argument("--sweep", action="store_true", help="steps 1..4 x {stream batch, no-batch} in one table")
     p.add_argument("--no-peak", action="store_true", help="skip measuring the device's matmul / copy peaks")
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
@@ -724,7 +812,8 @@ def spec_from_args(args) -> BenchRun:
     from .presets import lora_specs
     return BenchRun(model_dir=args.model, device=args.device, dtype=args.dtype, sweep=args.sweep,
                     measure_peak=not args.no_peak, base=base, lora=lora_specs(args),
-                    compare_round_robin=args.compare_round_robin)
+                    compare_round_robin=args.compare_round_robin, compile=args.compile, quantize=args.quantize,
+                    compare_eager=args.compare_eager)
 
 
 def run_bench(args) -> int:
