@@ -111,3 +111,11 @@ def test_v2v_several_files_batched_equal_separate_runs(tiny_model_dir, tmp_path)
     with pytest.raises(ValueError, match="must be a folder"):
         from wanstream.restyle import output_paths
         output_paths(clips, tmp_path / "x.mp4")
+
+
+def test_serve_loads_its_loras_before_serving(tiny_model_dir, tmp_path):
+    """``serve --lora`` reaches the loader: a missing file is named and nothing is served."""
+    missing = tmp_path / "no-such-style.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "wanstream.server", "--model", str(tiny_model_dir), "--device", "cpu",
+                           "--lora", f"{missing}:0.5", "--port", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and f"LoRA file not found: {missing}" in proc.stderr

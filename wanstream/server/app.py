@@ -239,28 +239,3 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, log_level: str = "inf
                             http=guarded_http_protocol(settings, app.state.manager.totals))
     redact_uvicorn_logs()
     return config
-
-
-def serve(args) -> int:
-    """``wanstream serve``: load the model once, print the URL, serve until interrupted."""
-    import uvicorn
-
-    from ..models.loader import load_model
-    from .cli import settings_from_args
-    settings = settings_from_args(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: reachable from other machines%s", settings.host,
-                    "" if settings.token else " WITHOUT a token (consider --token)")
-    t0 = time.perf_counter()
-    model = load_model(args.model, device=args.device, taehv=settings.decoder == "taehv")
-    print(f"wanstream serve: model {args.model} on {model.device} loaded in {time.perf_counter() - t0:.1f} s",
-          flush=True)
-    app = create_app(model, settings)
-    config = uvicorn_config(app, settings)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    query = f"?token={settings.token}" if settings.token else ""
-    print(f"wanstream serve: open http://{host}:{settings.port}/{query}  "
-          f"({settings.width}x{settings.height}, up to {settings.max_sessions} sessions)", flush=True)
-    uvicorn.Server(config).run()
-    return 0

@@ -5,11 +5,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
 from pathlib import Path
 
 from ..argtypes import float_in, int_in, resolution
 from .settings import ServerSettings
+
+log = logging.getLogger("wanstream.server")
 
 
 def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -29,6 +33,9 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
                    help="a browser Origin accepted besides the page's own, e.g. https://example.com (repeatable)")
     p.add_argument("--api-docs", action="store_true", help="serve /docs, /redoc and /openapi.json (token needed)")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH]",
+                   help="load a Wan LoRA (repeatable); each session sets its strengths by name (params.lora), "
+                        "default STRENGTH (1)")
     p.add_argument("--resolution", type=resolution, default=(512, 512), help="WxH, multiples of 16")
     p.add_argument("--steps", type=int_in(1, 4, "steps"), default=2, help="default denoising steps (1-4)")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder (needs taew2_1.pth)")
@@ -54,9 +61,30 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def run_serve(args) -> int:
-    """Run ``wanstream serve`` with parsed arguments (imports the server only now)."""
-    from .app import serve
-    return serve(args)
+    """``wanstream serve``: load the model once, print the URL, serve until interrupted (imports the server only
+    now)."""
+    import uvicorn
+
+    from ..models.loader import load_model
+    from ..presets import lora_specs
+    from .app import create_app, uvicorn_config
+    settings = settings_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: reachable from other machines%s", settings.host,
+                    "" if settings.token else " WITHOUT a token (consider --token)")
+    t0 = time.perf_counter()
+    model = load_model(args.model, device=args.device, taehv=settings.decoder == "taehv", lora=lora_specs(args))
+    print(f"wanstream serve: model {args.model} on {model.device} loaded in {time.perf_counter() - t0:.1f} s"
+          + (f", LoRAs {', '.join(model.dit.lora.names)}" if model.dit.lora is not None else ""), flush=True)
+    app = create_app(model, settings)
+    config = uvicorn_config(app, settings)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    query = f"?token={settings.token}" if settings.token else ""
+    print(f"wanstream serve: open http://{host}:{settings.port}/{query}  "
+          f"({settings.width}x{settings.height}, up to {settings.max_sessions} sessions)", flush=True)
+    uvicorn.Server(config).run()
+    return 0
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
