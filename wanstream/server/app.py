@@ -193,10 +193,13 @@ def _export_bounds(model, settings: ServerSettings, manager: SessionManager) -> 
                  lambda: store.usage()[1])
     totals.gauge("server_recorders_running", "Recordings being written now", lambda: len(store.running()))
     totals.gauge("process_threads", "Threads of the server process", _thread_count)
+    totals.gauge("server_heap_trims", "Freed host heap returned to the OS by the model worker (idle / periodic)",
+                 lambda: manager.worker.heap_trims, counter=True)
     totals.limits(**{name: getattr(settings, name) for name in (
         "max_sessions", "idle_timeout_s", "max_frame_bytes", "max_control_bytes", "max_body_bytes",
         "body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "max_connections", "offer_timeout_s",
-        "max_recordings_per_session", "max_recording_files", "max_recording_bytes", "prompt_cache_bytes")})
+        "max_recordings_per_session", "max_recording_files", "max_recording_bytes", "prompt_cache_bytes",
+        "heap_trim_s")})
 
 
 def _start_threads(pool: ThreadPoolExecutor, n: int) -> None:

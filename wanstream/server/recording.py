@@ -33,8 +33,9 @@ class RecordingRefused(Exception):
 
 class Recorder:
     def __init__(self, path: Path, fps: float, width: int, height: int, max_queue: int = 256,
-                 over_budget=None, check_every: int = 8):
+                 over_budget=None, check_every: int = 8, on_done=None):
         self.path = Path(path)
+        self._on_done = on_done                # called on the recorder's thread once the file is closed
         self.fps = fps
         self.frames_written = 0
         self.frames_dropped = 0
@@ -99,6 +100,8 @@ class Recorder:
                 self.error = self.error or str(exc)
             self._writer = None                # frees the encoder and its threads now, not when collected
             self.done.set()
+            if self._on_done is not None:
+                self._on_done()
 
     def info(self) -> dict:
         return {"file": self.path.name, "frames": self.frames_written, "dropped": self.frames_dropped,
@@ -114,12 +117,13 @@ class RecordingStore:
     """The recordings of a server: bounds, owners, running recorders. Thread-safe."""
 
     def __init__(self, record_dir: Path, max_per_session: int, max_files: int, max_bytes: int,
-                 on_event=lambda name: None, scan_interval_s: float = 1.0):
+                 on_event=lambda name: None, scan_interval_s: float = 1.0, on_done=None):
         self.dir = Path(record_dir)
         self.max_per_session = max_per_session
         self.max_files = max_files
         self.max_bytes = max_bytes
         self._on_event = on_event                  # counts "recordings_started" / "_refused" / "_cut"
+        self._on_done = on_done                    # a recorder finished (its encoder's memory is free)
         self._scan_interval_s = scan_interval_s
         self._lock = threading.Lock()
         self._owners: dict[str, str] = {}          # file name → secret of the stream that recorded it
@@ -168,7 +172,7 @@ class RecordingStore:
             self._on_event("recordings_refused")
             raise RecordingRefused(why)
         rec = Recorder(recording_path(self.dir, session_id, number), fps, width, height,
-                       over_budget=self._over_budget)
+                       over_budget=self._over_budget, on_done=self._on_done)
         with self._lock:
             self._owners[rec.path.name] = secret
             self._recorders[rec.path.name] = rec

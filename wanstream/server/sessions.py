@@ -377,6 +377,7 @@ class Session:
             self.closed = True
             self.close_reason = reason
             stream, self.stream = self.stream, None
+            self._encoded = None                    # the prompt embedding (MiBs): freed now, not by a GC pass
         self.buffer.clear()
         if stream is not None:
             self.manager.release(stream)
@@ -428,7 +429,7 @@ class SessionManager:
         self._free_memory = free_memory or self._cuda_free_memory
         self.recordings = RecordingStore(settings.record_dir, settings.max_recordings_per_session,
                                          settings.max_recording_files, settings.max_recording_bytes,
-                                         on_event=self.totals.add)
+                                         on_event=self.totals.add, on_done=self.worker.memory_released)
 
     # ------------------------------------------------------------------ admission
     def _cuda_free_memory(self) -> int | None:

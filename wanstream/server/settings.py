@@ -55,6 +55,7 @@ class ServerSettings:
     max_recording_bytes: int = 2 * 2**30    # all recordings in record_dir together (new ones refused, running
     #                                         ones finished when reached)
     prompt_cache_bytes: int = 64 * 2**20    # text encoder prompt cache (embeddings kept to their true length)
+    heap_trim_s: float = 10.0               # while streams run, freed host heap goes back to the OS this often
     stuck_after_s: float = 30.0             # /api/health says "stuck" when one model tick runs longer than this
 
     def __post_init__(self) -> None:

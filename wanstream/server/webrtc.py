@@ -252,6 +252,7 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
             with contextlib.suppress(Exception):
                 await pc.close()
             peers.discard(pc)
+            session.manager.worker.memory_released()     # the peer's codecs and buffers are free now
 
         closing: list[asyncio.Task] = []
         session.on_close(lambda reason: closing.append(asyncio.ensure_future(cleanup())))

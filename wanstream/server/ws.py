@@ -137,6 +137,7 @@ def ws_router(manager: SessionManager, executor: Executor) -> APIRouter:
                 with contextlib.suppress(Exception):
                     code = {"disconnected": 1000, "idle": 1000, "server shutdown": 1001}.get(reason, 1011)
                     await ws.close(code, reason[:100])
+            session.manager.worker.memory_released()     # the connection's buffers are free now
 
     return router
 
