@@ -74,6 +74,25 @@ class RunnerStream:
         return eps * inp.s + inp.z * (1 - inp.s)
 
 
+def gather_rows(rows: Sequence[Row], streams: dict, wait_latent: Callable[[], None] | None = None
+                ) -> tuple[list[torch.Tensor], dict]:
+    """The inputs of a call's rows: a chunk entering (noised; its own first timestep, if any, in ``own_t0``) or a
+    chunk's latent from its previous call (``wait_latent`` is called until it is there, where it arrives later)."""
+    xs, own_t0 = [], {}
+    for r in rows:
+        st = streams[r.stream]
+        if r.enters:
+            inp = st.inputs.pop(r.chunk)
+            xs.append(st.noised(inp))
+            if inp.t0 is not None:
+                own_t0[(r.stream, r.chunk)] = inp.t0
+        else:
+            while wait_latent is not None and r.chunk not in st.latents:
+                wait_latent()
+            xs.append(st.latents.pop(r.chunk))
+    return xs, own_t0
+
+
 def row_timesteps(rows: Sequence[Row], own_t0: dict, device) -> torch.Tensor:
     """Per-row int64 timesteps ``[B]``: each row's level timestep, or the chunk's own timestep where it has one
     (``own_t0[(stream, chunk)]``, level-0 rows)."""
@@ -248,16 +267,7 @@ class Runner:
 
     def _dit_call(self, call: Call) -> list[Done]:
         rows = call.rows
-        xs, own_t0 = [], {}
-        for r in rows:
-            st = self.streams[r.stream]
-            if r.enters:
-                inp = st.inputs.pop(r.chunk)
-                xs.append(st.noised(inp))
-                if inp.t0 is not None:
-                    own_t0[(r.stream, r.chunk)] = inp.t0
-            else:
-                xs.append(st.latents.pop(r.chunk))
+        xs, own_t0 = gather_rows(rows, self.streams)
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         leases = self.pool.leases
         lay = self._layout(call.frames, tuple(leases[r.stream].row + r.cache_row for r in rows),

@@ -10,6 +10,21 @@ from collections import deque
 import torch
 
 
+def recorded_seconds(items, cuda: bool) -> float | None:
+    """Total seconds of recorded sections: host durations, or (CUDA) event pairs — ``None`` while one has not
+    completed yet (never waits)."""
+    total = 0.0
+    for it in items:
+        if cuda:
+            s, e = it
+            if not e.query():
+                return None
+            total += s.elapsed_time(e) / 1e3
+        else:
+            total += it
+    return total
+
+
 class PhaseTimer:
     """Records named sections per tick; :meth:`ticks` returns the completed ticks' seconds per phase."""
 
@@ -53,16 +68,7 @@ class PhaseTimer:
                 rec.append(time.perf_counter() - t)
 
     def _seconds(self, items) -> float | None:
-        total = 0.0
-        for it in items:
-            if self.cuda:
-                s, e = it
-                if not e.query():
-                    return None
-                total += s.elapsed_time(e) / 1e3
-            else:
-                total += it
-        return total
+        return recorded_seconds(items, self.cuda)
 
     def ticks(self, wait: bool = False) -> list[tuple[dict, dict[str, float]]]:
         """Completed ticks as ``(info, {phase: seconds})``, oldest first, and forgets them. Ticks whose device

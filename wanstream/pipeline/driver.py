@@ -29,7 +29,7 @@ from ..block_scheduler import (BlockScheduler, Move, SchedulerConfig, StageCost,
                                even_split, format_split)
 from ..config import CacheConfig
 from ..noise import NoiseSource
-from ..runner import ChunkInput, RunnerStream, row_timesteps
+from ..runner import ChunkInput, RunnerStream, gather_rows, row_timesteps
 from ..scheduler import Call, Row, StreamSchedule, compose
 from .launch import LaunchSpec, connect, host_store, make_transport, setup_rank, spawn_workers, torchrun_env
 from .protocol import Kind, Message, ProtocolError
@@ -360,18 +360,7 @@ class PipelineDriver:
             self.stage.reconfigure_rows(sid, rows)
         if not call.rows:
             return
-        xs, own_t0 = [], {}
-        for r in call.rows:
-            st = self.streams[r.stream]
-            if r.enters:
-                inp = st.inputs.pop(r.chunk)
-                xs.append(st.noised(inp))
-                if inp.t0 is not None:
-                    own_t0[(r.stream, r.chunk)] = inp.t0
-            else:
-                while r.chunk not in st.latents:
-                    self._collect_one()
-                xs.append(st.latents.pop(r.chunk))
+        xs, own_t0 = gather_rows(call.rows, self.streams, self._collect_one)
         x = torch.cat(xs)
         ts = row_timesteps(call.rows, own_t0, self.device)
         m = StepMeta(self.epoch, list(call.rows), self.stage.grid_of(x), copy_row0=bool(call.copy_row0))

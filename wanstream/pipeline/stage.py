@@ -25,6 +25,7 @@ import torch
 
 from ..block_scheduler import Move, apply_move, format_split
 from ..config import CacheConfig
+from ..timing import recorded_seconds
 from ..kv_cache import CachePolicy, CacheStep, KVPool
 from ..models.dit import CausalWanDiT, PromptKV
 from ..noise import SeededNoise
@@ -214,16 +215,7 @@ class StageTimer:
             rec[name].append(time.perf_counter() - t)
 
     def _sum(self, items) -> float | None:
-        total = 0.0
-        for it in items:
-            if self.cuda:
-                s, e = it
-                if not e.query():
-                    return None
-                total += s.elapsed_time(e) / 1e3
-            else:
-                total += it
-        return total
+        return recorded_seconds(items, self.cuda)
 
     def latest(self) -> tuple[int, int]:
         """(DiT us, busy us) of the newest completed call; (0, 0) before the first."""
