@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from fractions import Fraction
 
@@ -50,6 +51,7 @@ try:
 except ImportError:  # pragma: no cover - aiortc is a dependency, but the WebSocket path works without it
     AVAILABLE = False
     MediaStreamTrack = object
+    MediaStreamError = RuntimeError
 
 VIDEO_CLOCK = 90000
 MAX_SDP_CHARS = 64 * 1024
@@ -131,19 +133,20 @@ def keep_loopback_candidates(sdp: str) -> str:
     return "\r\n".join(kept) + "\r\n"
 
 
-class SessionTrack(MediaStreamTrack):
-    """The session's paced output as a video track, with a 90 kHz presentation clock."""
+class OutputTrack(MediaStreamTrack):
+    """Output frames as a video track with a 90 kHz presentation clock; ``next_frame()`` gives the next
+    ``OutputFrame`` (awaited) or None at the end (a session's paced output, or a WHEP viewer's feed)."""
 
     kind = "video"
 
-    def __init__(self, session: Session):
+    def __init__(self, next_frame):
         super().__init__()
-        self.session = session
+        self.next_frame = next_frame
         self._t0: float | None = None
         self._last_pts = -1
 
     async def recv(self):
-        out = await self.session.next_output()
+        out = await self.next_frame()
         if out is None:
             self.stop()
             raise MediaStreamError
@@ -155,6 +158,65 @@ class SessionTrack(MediaStreamTrack):
         self._last_pts = pts
         frame.pts, frame.time_base = pts, Fraction(1, VIDEO_CLOCK)
         return frame
+
+
+def new_peer(settings, peers: set):
+    """A peer connection with the configured ICE servers only (none by default: no STUN), tracked in ``peers``
+    (closed at shutdown). Configures aiortc on first use."""
+    configure_aiortc(settings.webrtc_bitrate_kbps, settings.loopback_only)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in settings.ice_servers]))
+    peers.add(pc)
+    return pc
+
+
+async def answer_offer(pc, sdp: str, settings, prepare: Callable[[], None] | None = None) -> str:
+    """Apply a (structure-checked) SDP offer and return the answer (with the bitrate hints). ``prepare()`` runs
+    between the two (tracks are known then: add output tracks, refuse what does not fit by raising
+    HTTPException). A malformed or unanswerable offer raises HTTPException(400) naming the problem; the caller
+    frees what it allocated."""
+    if settings.webrtc_loopback_candidates:
+        sdp = keep_loopback_candidates(sdp)
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+    except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on a malformed offer
+        raise HTTPException(400, f"malformed SDP offer: {type(exc).__name__}: {str(exc)[:300]}") from None
+    if prepare is not None:
+        prepare()
+    try:
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as exc:  # noqa: BLE001
+        raise HTTPException(400, f"cannot answer this offer: {type(exc).__name__}: {str(exc)[:300]}") from None
+    return add_bitrate_hints(pc.localDescription.sdp, settings.webrtc_bitrate_kbps)
+
+
+def watch_peer(pc, settings, totals, end: Callable[[str], None], what: str) -> asyncio.Task:
+    """Call ``end(reason)`` when the peer's connection fails or closes, or when it has not connected within
+    ``offer_timeout_s`` (counted in ``webrtc_offers_expired``). Returns the expiry task (cancel it at the end)."""
+    connected = []
+
+    @pc.on("connectionstatechange")
+    async def on_state():
+        if pc.connectionState == "connected":
+            connected.append(True)
+        if pc.connectionState in ("failed", "closed"):
+            end("disconnected" if pc.connectionState == "closed" else "connection failed")
+
+    async def expire():
+        await asyncio.sleep(settings.offer_timeout_s)
+        if not connected:
+            totals.add("webrtc_offers_expired")
+            log.info("%s: the peer did not connect within %g s", what, settings.offer_timeout_s)
+            end("offer expired")
+    return asyncio.ensure_future(expire())
+
+
+async def close_peer(pc, peers: set, tasks: list[asyncio.Task]) -> None:
+    """Cancel a peer's tasks, close it, forget it."""
+    for t in list(tasks):
+        t.cancel()
+    with contextlib.suppress(Exception):
+        await pc.close()
+    peers.discard(pc)
 
 
 def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> APIRouter:
@@ -169,21 +231,17 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
             check_offer_sdp(body.sdp)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        configure_aiortc(settings.webrtc_bitrate_kbps, settings.loopback_only)
         loop = asyncio.get_running_loop()
         try:
             session = manager.open("webrtc", loop)
         except ServerFull as exc:
             return JSONResponse(error("server_full", str(exc)), status_code=503)
-        config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in settings.ice_servers])
-        pc = RTCPeerConnection(config)
-        peers.add(pc)
+        pc = new_peer(settings, peers)
         tasks: list[asyncio.Task] = []
         channels: list = []
         w, h = session.width, session.height
         uplink = Uplink(session, executor, lambda f: (video_frame_to_rgb(f, w, h), None))
         got_video = []
-        connected = []
 
         def send(msg: dict) -> None:
             for ch in channels:
@@ -208,7 +266,7 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
         def on_track(track):
             if track.kind == "video" and not got_video:
                 got_video.append(track)
-                pc.addTrack(SessionTrack(session))
+                pc.addTrack(OutputTrack(session.next_output))
                 tasks.append(asyncio.ensure_future(pump(track)))
 
         @pc.on("datachannel")
@@ -231,48 +289,24 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
 
             send(ready_message(session))
 
-        @pc.on("connectionstatechange")
-        async def on_state():
-            if pc.connectionState == "connected":
-                connected.append(True)
-            if pc.connectionState in ("failed", "closed"):
-                session.close("disconnected" if pc.connectionState == "closed" else "connection failed")
-
-        async def expire():
-            await asyncio.sleep(settings.offer_timeout_s)
-            if not connected and not session.closed:
-                manager.totals.add("webrtc_offers_expired")
-                log.info("session %s: the peer did not connect within %g s", session.id[:8], settings.offer_timeout_s)
-                session.close("offer expired")
-
         async def cleanup():
-            for t in list(tasks):
-                t.cancel()
             uplink.cancel()
-            with contextlib.suppress(Exception):
-                await pc.close()
-            peers.discard(pc)
+            await close_peer(pc, peers, tasks)
 
         closing: list[asyncio.Task] = []
         session.on_close(lambda reason: closing.append(asyncio.ensure_future(cleanup())))
-        sdp = keep_loopback_candidates(body.sdp) if settings.webrtc_loopback_candidates else body.sdp
+
+        def require_video() -> None:
+            if not got_video:
+                raise HTTPException(400, "the offer's video section carries no track from the client (it must "
+                                         "send its camera: direction sendrecv or sendonly)")
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on a malformed offer
+            answer = await answer_offer(pc, body.sdp, settings, require_video)
+        except HTTPException:
             session.close("bad offer")
-            raise HTTPException(400, f"malformed SDP offer: {type(exc).__name__}: {str(exc)[:300]}") from None
-        if not got_video:
-            session.close("bad offer")
-            raise HTTPException(400, "the offer's video section carries no track from the client (it must send "
-                                     "its camera: direction sendrecv or sendonly)")
-        try:
-            await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as exc:  # noqa: BLE001
-            session.close("bad offer")
-            raise HTTPException(400, f"cannot answer this offer: {type(exc).__name__}: {str(exc)[:300]}") from None
+            raise
         tasks.append(asyncio.ensure_future(push_stats()))
-        tasks.append(asyncio.ensure_future(expire()))
-        answer = add_bitrate_hints(pc.localDescription.sdp, settings.webrtc_bitrate_kbps)
+        tasks.append(watch_peer(pc, settings, manager.totals, session.close, f"session {session.id[:8]}"))
         return {**ready_message(session), "sdp": answer, "type": "answer"}
 
     return router
