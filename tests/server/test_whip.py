@@ -306,3 +306,78 @@ def test_ice_servers_are_announced_only_when_configured(tiny_model, tmp_path):
         assert status == 204
         assert headers["Link"] == '<stun:stun.invalid:3478>; rel="ice-server", <turn:turn.invalid:3478>; ' \
                                   'rel="ice-server"'
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+class BackgroundPublisher:
+    """The aiortc WHIP publisher on its own event loop thread (so a synchronous browser driver can run here)."""
+
+    def __init__(self, srv, clip, name: str):
+        import threading
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.pc, self.headers = asyncio.run_coroutine_threadsafe(publisher(srv, clip, name), self.loop).result(60)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.pc.close(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_whep_player_page_in_headless_chromium(srv, clip, tmp_path):
+    """The WHEP player page (/static/whep.html, what an OBS browser source loads) in Debian's Chromium plays the
+    restyled output of a WHIP stream; closing the page ends that viewer (its DELETE), not the stream."""
+    import os
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("Debian chromium is not installed (run scripts/install_browser.sh as root)")
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("the playwright python package is not installed (run scripts/install_browser.sh)")
+    from browser_driver import chromium_args, write_y4m
+    from playwright.sync_api import sync_playwright
+
+    pub = BackgroundPublisher(srv, clip, "show")
+    try:
+        # mDNS host candidates off: the server uses only the 127.0.0.1 candidates of an offer
+        args = chromium_args(write_y4m(tmp_path / "unused.y4m", seconds=0.2)) + \
+            ["--disable-features=WebRtcHideLocalIpsWithMdns"]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(f"{srv.base}/static/whep.html?stream=show&token={TOKEN}")
+                try:
+                    page.wait_for_function("window.whep && (whep.error !== null || "
+                                           "document.getElementById('video').getVideoPlaybackQuality()"
+                                           ".totalVideoFrames >= 5)", timeout=180_000)
+                except Exception as exc:
+                    raise AssertionError(f"no frames in the player: {page.evaluate('JSON.stringify(window.whep)')}") \
+                        from exc
+                state = page.evaluate("""() => {
+                    const v = document.getElementById('video');
+                    const c = document.createElement('canvas');
+                    c.width = v.videoWidth; c.height = v.videoHeight;
+                    const g = c.getContext('2d'); g.drawImage(v, 0, 0);
+                    const px = g.getImageData(0, 0, c.width, c.height).data;
+                    let sum = 0, sq = 0, n = 0;
+                    for (let i = 0; i < px.length; i += 4) { sum += px[i + 1]; sq += px[i + 1] ** 2; n++; }
+                    const mean = sum / n;
+                    return {error: whep.error, status: whep.status, resource: whep.resource,
+                            width: v.videoWidth, height: v.videoHeight, std: Math.sqrt(sq / n - mean * mean)};
+                }""")
+                assert state["error"] is None, state
+                assert (state["width"], state["height"]) == (W, H), state
+                assert state["std"] > 1.0, state                       # a picture, not a blank frame
+                assert state["resource"].startswith("/whep/show/")
+                assert metric(srv, "wanstream_server_whep_viewers") == 1
+                page.close(run_before_unload=True)                      # pagehide: the player DELETEs its resource
+                wait_until(lambda: metric(srv, "wanstream_server_whep_viewers") == 0, 30, "the viewer ended")
+                assert srv.manager.count == 1                           # the stream goes on
+            finally:
+                browser.close()
+        status, _, _ = request(srv, "DELETE", pub.headers["Location"], None, AUTH)
+        assert status == 200 and srv.manager.count == 0
+    finally:
+        pub.close()
