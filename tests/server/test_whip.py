@@ -381,3 +381,23 @@ def test_whep_player_page_in_headless_chromium(srv, clip, tmp_path):
         assert status == 200 and srv.manager.count == 0
     finally:
         pub.close()
+
+
+def test_a_slow_viewer_keeps_only_the_newest_frames():
+    """A viewer that falls behind gets the newest ``VIEWER_QUEUE`` frames, never a backlog; None once ended."""
+    from wanstream.server.whip import VIEWER_QUEUE, Feed
+
+    async def run():
+        feed = Feed()
+        for i in range(5):
+            feed.push(i)
+        got = [await feed.next() for _ in range(VIEWER_QUEUE)]
+        assert got == list(range(5 - VIEWER_QUEUE, 5))
+        waiter = asyncio.ensure_future(feed.next())
+        await asyncio.sleep(0)
+        feed.push(9)
+        assert await asyncio.wait_for(waiter, 5) == 9
+        feed.push(10)
+        feed.end()
+        assert await feed.next() is None
+    asyncio.run(run())

@@ -219,6 +219,52 @@ async def close_peer(pc, peers: set, tasks: list[asyncio.Task]) -> None:
     peers.discard(pc)
 
 
+class VideoIngest:
+    """A peer's first video track feeds ``session`` (through an :class:`Uplink`: the newest frames decoded off the
+    loop); any other track (a publisher's audio) is drained unread, as aiortc's receive queues are unbounded.
+    ``on_video(track)`` runs when the video track appears; the session closes when that track ends."""
+
+    def __init__(self, pc, session: Session, executor: Executor, tasks: list[asyncio.Task],
+                 on_video: Callable[[object], None] | None = None):
+        w, h = session.width, session.height
+        self.session = session
+        self.uplink = Uplink(session, executor, lambda f: (video_frame_to_rgb(f, w, h), None))
+        self.tasks = tasks
+        self.on_video = on_video
+        self.got_video = False
+        pc.on("track", self._on_track)
+
+    def _on_track(self, track) -> None:
+        if track.kind == "video" and not self.got_video:
+            self.got_video = True
+            if self.on_video is not None:
+                self.on_video(track)
+            self.tasks.append(asyncio.ensure_future(self._pump(track)))
+        else:
+            self.tasks.append(asyncio.ensure_future(self._drain(track)))
+
+    async def _pump(self, track) -> None:
+        with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
+            while True:
+                self.uplink.offer(await track.recv())
+        self.session.close("disconnected")
+
+    @staticmethod
+    async def _drain(track) -> None:
+        with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
+            while True:
+                await track.recv()
+
+    def require_video(self) -> None:
+        """For :func:`answer_offer`: 400 unless the offer sends a video track."""
+        if not self.got_video:
+            raise HTTPException(400, "the offer's video section carries no track from the client (it must send "
+                                     "video: direction sendrecv or sendonly)")
+
+    def cancel(self) -> None:
+        self.uplink.cancel()
+
+
 def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> APIRouter:
     router = APIRouter()
     settings = manager.settings
@@ -239,9 +285,8 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
         pc = new_peer(settings, peers)
         tasks: list[asyncio.Task] = []
         channels: list = []
-        w, h = session.width, session.height
-        uplink = Uplink(session, executor, lambda f: (video_frame_to_rgb(f, w, h), None))
-        got_video = []
+        ingest = VideoIngest(pc, session, executor, tasks,
+                             on_video=lambda track: pc.addTrack(OutputTrack(session.next_output)))
 
         def send(msg: dict) -> None:
             for ch in channels:
@@ -251,23 +296,10 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
 
         session.add_listener(send)
 
-        async def pump(track):
-            with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
-                while True:
-                    uplink.offer(await track.recv())
-            session.close("disconnected")
-
         async def push_stats():
             while True:
                 await asyncio.sleep(settings.stats_interval_s)
                 send(session.stats_message())
-
-        @pc.on("track")
-        def on_track(track):
-            if track.kind == "video" and not got_video:
-                got_video.append(track)
-                pc.addTrack(OutputTrack(session.next_output))
-                tasks.append(asyncio.ensure_future(pump(track)))
 
         @pc.on("datachannel")
         def on_datachannel(channel):
@@ -290,18 +322,13 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
             send(ready_message(session))
 
         async def cleanup():
-            uplink.cancel()
+            ingest.cancel()
             await close_peer(pc, peers, tasks)
 
         closing: list[asyncio.Task] = []
         session.on_close(lambda reason: closing.append(asyncio.ensure_future(cleanup())))
-
-        def require_video() -> None:
-            if not got_video:
-                raise HTTPException(400, "the offer's video section carries no track from the client (it must "
-                                         "send its camera: direction sendrecv or sendonly)")
         try:
-            answer = await answer_offer(pc, body.sdp, settings, require_video)
+            answer = await answer_offer(pc, body.sdp, settings, ingest.require_video)
         except HTTPException:
             session.close("bad offer")
             raise

@@ -35,7 +35,6 @@ is freed; the publisher's audio is drained unread (aiortc's receive queues are u
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import secrets
@@ -46,10 +45,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 
 from .auth import Caller, caller_of, same_secret
-from .frames import video_frame_to_rgb
 from .sessions import ServerFull, Session, SessionManager
-from .uplink import Uplink
-from .webrtc import (AVAILABLE, MAX_SDP_CHARS, MediaStreamError, OutputTrack, answer_offer, check_offer_sdp,
+from .webrtc import (AVAILABLE, MAX_SDP_CHARS, OutputTrack, VideoIngest, answer_offer, check_offer_sdp,
                      close_peer, new_peer, watch_peer)
 
 log = logging.getLogger("wanstream.server")
@@ -198,46 +195,20 @@ def whip_router(manager: SessionManager, executor: Executor, peers: set) -> APIR
         pc = new_peer(settings, peers)
         stream = WhipStream(name, session, pc)
         streams[name] = stream
-        w, h = session.width, session.height
-        uplink = Uplink(session, executor, lambda f: (video_frame_to_rgb(f, w, h), None))
-        got_video = []
-
-        async def pump(track):
-            with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
-                while True:
-                    uplink.offer(await track.recv())
-            session.close("disconnected")
-
-        async def drain(track):                 # audio (OBS sends it): read and dropped, never queued
-            with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
-                while True:
-                    await track.recv()
-
-        @pc.on("track")
-        def on_track(track):
-            if track.kind == "video" and not got_video:
-                got_video.append(track)
-                stream.tasks.append(asyncio.ensure_future(pump(track)))
-            else:
-                stream.tasks.append(asyncio.ensure_future(drain(track)))
+        ingest = VideoIngest(pc, session, executor, stream.tasks)   # OBS's audio is drained unread
 
         async def cleanup():
             if streams.get(name) is stream:
                 del streams[name]
-            uplink.cancel()
+            ingest.cancel()
             for viewer in list(stream.viewers.values()):
                 await end_viewer(stream, viewer)
             await close_peer(pc, peers, stream.tasks)
 
         closing: list[asyncio.Task] = []
         session.on_close(lambda reason: closing.append(asyncio.ensure_future(cleanup())))
-
-        def require_video() -> None:
-            if not got_video:
-                raise HTTPException(400, "the offer sends no video track (a WHIP offer sends its video: "
-                                         "direction sendonly or sendrecv)")
         try:
-            answer = await answer_offer(pc, sdp, settings, require_video)
+            answer = await answer_offer(pc, sdp, settings, ingest.require_video)
         except HTTPException:
             session.close("bad offer")
             raise
