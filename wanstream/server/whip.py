@@ -183,7 +183,8 @@ def whip_router(manager: SessionManager, executor: Executor, peers: set) -> APIR
         sdp = _sdp_body(request, await request.body())
         if c.secret is not None and not CHOSEN_SECRET.match(c.secret):
             raise HTTPException(400, "a chosen stream secret (?secret=) is 16-128 characters of A-Za-z0-9_-")
-        if name in streams:
+        held = streams.get(name)
+        if held is not None and not held.session.closed:    # (a closed one is being cleaned up: the name is free)
             raise HTTPException(409, f"the stream {name!r} is being published already (DELETE its resource "
                                      f"first, or choose another name)")
         try:
