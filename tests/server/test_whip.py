@@ -87,10 +87,14 @@ def clip_track(clip: np.ndarray, fps: float = 15.0):
     return ClipTrack()
 
 
-async def publisher(srv, clip, name: str, headers: dict | None = None, path: str | None = None):
-    """(peer, 201 headers) of an aiortc WHIP publisher sending ``clip`` (send-only, as OBS)."""
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+async def publisher(srv, clip, name: str, headers: dict | None = None, path: str | None = None,
+                    audio: bool = False):
+    """(peer, 201 headers) of an aiortc WHIP publisher sending ``clip`` (send-only, as OBS; with ``audio`` also
+    an audio track of silence, as OBS sends one)."""
+    from aiortc import AudioStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    if audio:
+        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
     pc.addTransceiver(clip_track(clip), direction="sendonly")
     status, rh, body = await asyncio.to_thread(sdp_post, srv, path or f"/whip/{name}", await offer_of(pc), headers)
     assert status == 201, (status, body[:300])
@@ -216,12 +220,12 @@ def test_whip_publish_whep_watch_delete(srv, clip):
 
 
 def test_publisher_may_choose_its_secret_and_leaving_frees_the_stream(srv, clip):
-    """OBS cannot read reply headers: ``?secret=`` on the WHIP URL sets the stream's secret; a publisher that goes
-    away (peer closed) frees the session and the name."""
+    """OBS cannot read reply headers: ``?secret=`` on the WHIP URL sets the stream's secret; audio + video as OBS
+    sends them (the audio drained); a publisher that goes away (peer closed) frees the session and the name."""
     chosen = "obs-chosen-secret-0123"
 
     async def run():
-        pub, rh = await publisher(srv, clip, "obs", path=f"/whip/obs?secret={chosen}")
+        pub, rh = await publisher(srv, clip, "obs", path=f"/whip/obs?secret={chosen}", audio=True)
         try:
             assert rh["X-Stream-Secret"] == chosen
             sid = rh["X-Stream-Id"]

@@ -13,6 +13,10 @@ loop; output frames carry pts / time_base (without them Chrome shows a fraction 
 asks Chrome for a bitrate floor and aiortc's encoder defaults are raised to the same floor (Chrome otherwise
 stays near 300 kbit/s, which is poor input for a diffusion model).
 
+The peer plumbing is shared with WHIP / WHEP (:mod:`.whip`): ``new_peer`` (ICE servers only when configured),
+``answer_offer`` (offer → answer, 400 naming the problem), ``watch_peer`` (connection state, offer expiry),
+``VideoIngest`` (a peer's video into a session), ``OutputTrack`` (frames out with a 90 kHz clock), ``close_peer``.
+
 Bounds: an offer is checked (SDP structure, a video section) before it takes a session slot, with a 400 naming
 the problem; a session whose peer does not connect within ``offer_timeout_s`` is freed (counted in
 ``wanstream_server_webrtc_offers_expired_total``), so unfinished offers cannot hold the slots.
