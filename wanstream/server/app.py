@@ -1,7 +1,7 @@
 """The live server: a FastAPI app over one shared model (``wanstream serve``).
 
 Routes: ``/`` the page (static files, no build step), ``/api/ws`` WebSocket stream, ``/api/webrtc/offer``
-WebRTC, ``/api/health``, ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``), ``/api/recordings`` (+ ``/{file}``),
+WebRTC, ``/whip/{stream}`` and ``/whep/{stream}`` (WHIP ingest / WHEP egress, :mod:`.whip`), ``/api/health``, ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``), ``/api/recordings`` (+ ``/{file}``),
 ``/metrics`` (Prometheus). Who may call what is decided in :mod:`.auth` before any route runs (Host / Origin,
 the access token, bounded bodies); a stream's details, parameters and recordings over HTTP need its secret or
 the admin token.
@@ -32,6 +32,7 @@ from .sessions import SessionManager
 from .settings import ServerSettings
 from .webrtc import AVAILABLE as WEBRTC_AVAILABLE
 from .webrtc import webrtc_router
+from .whip import whip_router
 from .ws import ws_router
 
 log = logging.getLogger("wanstream.server")
@@ -155,6 +156,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
 
     app.include_router(ws_router(manager, executor))
     app.include_router(webrtc_router(manager, executor, peers))
+    app.include_router(whip_router(manager, executor, peers))
 
     @app.exception_handler(StarletteHTTPException)      # FastAPI's own, and Starlette's (404 route, 400 body)
     async def http_error(request: Request, exc: StarletteHTTPException):

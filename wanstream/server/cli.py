@@ -53,6 +53,8 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="bytes the prompt embedding cache may hold, MiB (default 64)")
     p.add_argument("--max-connections", type=int_in(1, None, "max connections"), default=256,
                    help="open HTTP / WebSocket connections; more are closed at once (default 256)")
+    p.add_argument("--whep-max-viewers", type=int_in(1, None, "WHEP viewers"), default=4,
+                   help="WHEP viewers one WHIP stream may have at once (default 4)")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for WebRTC (repeatable; none by default)")
     p.add_argument("--webrtc-loopback-candidates", action="store_true",
@@ -107,7 +109,8 @@ def settings_from_args(args) -> ServerSettings:
                           max_recording_bytes=int(args.max_recording_gb * 2**30),
                           prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), max_connections=args.max_connections,
                           ice_servers=list(args.ice_server), webrtc_loopback_candidates=args.webrtc_loopback_candidates,
-                          decoder="taehv" if args.taehv else "vae")
+                          decoder="taehv" if args.taehv else "vae",
+                          whep_max_viewers=args.whep_max_viewers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ class ServerSettings:
     keep_alive_timeout_s: int = 5           # an idle keep-alive connection is closed after this long
     max_connections: int = 256              # open TCP connections (HTTP and WebSocket); more are closed at once
     offer_timeout_s: float = 15.0           # a WebRTC session whose peer does not connect within this is freed
+    whep_max_viewers: int = 4               # WHEP viewers of one WHIP stream (more get 503)
     max_recordings_per_session: int = 16    # recordings one stream may start
     max_recording_files: int = 1000         # mp4 files in record_dir (new recordings refused beyond)
     max_recording_bytes: int = 2 * 2**30    # all recordings in record_dir together (new ones refused, running
@@ -74,7 +75,7 @@ class ServerSettings:
         if self.admin_token is not None and self.admin_token == self.token:
             raise ValueError("admin_token must differ from token (every user of the page holds the token)")
         for name in ("max_body_bytes", "max_connections", "max_recording_files", "max_recording_bytes",
-                     "prompt_cache_bytes"):
+                     "prompt_cache_bytes", "whep_max_viewers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_recordings_per_session < 0:

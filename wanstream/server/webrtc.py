@@ -13,6 +13,10 @@ loop; output frames carry pts / time_base (without them Chrome shows a fraction 
 asks Chrome for a bitrate floor and aiortc's encoder defaults are raised to the same floor (Chrome otherwise
 stays near 300 kbit/s, which is poor input for a diffusion model).
 
+The peer plumbing is shared with WHIP / WHEP (:mod:`.whip`): ``new_peer`` (ICE servers only when configured),
+``answer_offer`` (offer → answer, 400 naming the problem), ``watch_peer`` (connection state, offer expiry),
+``VideoIngest`` (a peer's video into a session), ``OutputTrack`` (frames out with a 90 kHz clock), ``close_peer``.
+
 Bounds: an offer is checked (SDP structure, a video section) before it takes a session slot, with a 400 naming
 the problem; a session whose peer does not connect within ``offer_timeout_s`` is freed (counted in
 ``wanstream_server_webrtc_offers_expired_total``), so unfinished offers cannot hold the slots.
@@ -26,6 +30,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from fractions import Fraction
 
@@ -50,6 +55,7 @@ try:
 except ImportError:  # pragma: no cover - aiortc is a dependency, but the WebSocket path works without it
     AVAILABLE = False
     MediaStreamTrack = object
+    MediaStreamError = RuntimeError
 
 VIDEO_CLOCK = 90000
 MAX_SDP_CHARS = 64 * 1024
@@ -131,19 +137,20 @@ def keep_loopback_candidates(sdp: str) -> str:
     return "\r\n".join(kept) + "\r\n"
 
 
-class SessionTrack(MediaStreamTrack):
-    """The session's paced output as a video track, with a 90 kHz presentation clock."""
+class OutputTrack(MediaStreamTrack):
+    """Output frames as a video track with a 90 kHz presentation clock; ``next_frame()`` gives the next
+    ``OutputFrame`` (awaited) or None at the end (a session's paced output, or a WHEP viewer's feed)."""
 
     kind = "video"
 
-    def __init__(self, session: Session):
+    def __init__(self, next_frame):
         super().__init__()
-        self.session = session
+        self.next_frame = next_frame
         self._t0: float | None = None
         self._last_pts = -1
 
     async def recv(self):
-        out = await self.session.next_output()
+        out = await self.next_frame()
         if out is None:
             self.stop()
             raise MediaStreamError
@@ -155,6 +162,111 @@ class SessionTrack(MediaStreamTrack):
         self._last_pts = pts
         frame.pts, frame.time_base = pts, Fraction(1, VIDEO_CLOCK)
         return frame
+
+
+def new_peer(settings, peers: set):
+    """A peer connection with the configured ICE servers only (none by default: no STUN), tracked in ``peers``
+    (closed at shutdown). Configures aiortc on first use."""
+    configure_aiortc(settings.webrtc_bitrate_kbps, settings.loopback_only)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in settings.ice_servers]))
+    peers.add(pc)
+    return pc
+
+
+async def answer_offer(pc, sdp: str, settings, prepare: Callable[[], None] | None = None) -> str:
+    """Apply a (structure-checked) SDP offer and return the answer (with the bitrate hints). ``prepare()`` runs
+    between the two (tracks are known then: add output tracks, refuse what does not fit by raising
+    HTTPException). A malformed or unanswerable offer raises HTTPException(400) naming the problem; the caller
+    frees what it allocated."""
+    if settings.webrtc_loopback_candidates:
+        sdp = keep_loopback_candidates(sdp)
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+    except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on a malformed offer
+        raise HTTPException(400, f"malformed SDP offer: {type(exc).__name__}: {str(exc)[:300]}") from None
+    if prepare is not None:
+        prepare()
+    try:
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as exc:  # noqa: BLE001
+        raise HTTPException(400, f"cannot answer this offer: {type(exc).__name__}: {str(exc)[:300]}") from None
+    return add_bitrate_hints(pc.localDescription.sdp, settings.webrtc_bitrate_kbps)
+
+
+def watch_peer(pc, settings, totals, end: Callable[[str], None], what: str) -> asyncio.Task:
+    """Call ``end(reason)`` when the peer's connection fails or closes, or when it has not connected within
+    ``offer_timeout_s`` (counted in ``webrtc_offers_expired``). Returns the expiry task (cancel it at the end)."""
+    connected = []
+
+    @pc.on("connectionstatechange")
+    async def on_state():
+        if pc.connectionState == "connected":
+            connected.append(True)
+        if pc.connectionState in ("failed", "closed"):
+            end("disconnected" if pc.connectionState == "closed" else "connection failed")
+
+    async def expire():
+        await asyncio.sleep(settings.offer_timeout_s)
+        if not connected:
+            totals.add("webrtc_offers_expired")
+            log.info("%s: the peer did not connect within %g s", what, settings.offer_timeout_s)
+            end("offer expired")
+    return asyncio.ensure_future(expire())
+
+
+async def close_peer(pc, peers: set, tasks: list[asyncio.Task]) -> None:
+    """Cancel a peer's tasks, close it, forget it."""
+    for t in list(tasks):
+        t.cancel()
+    with contextlib.suppress(Exception):
+        await pc.close()
+    peers.discard(pc)
+
+
+class VideoIngest:
+    """A peer's first video track feeds ``session`` (through an :class:`Uplink`: the newest frames decoded off the
+    loop); any other track (a publisher's audio) is drained unread, as aiortc's receive queues are unbounded.
+    ``on_video(track)`` runs when the video track appears; the session closes when that track ends."""
+
+    def __init__(self, pc, session: Session, executor: Executor, tasks: list[asyncio.Task],
+                 on_video: Callable[[object], None] | None = None):
+        w, h = session.width, session.height
+        self.session = session
+        self.uplink = Uplink(session, executor, lambda f: (video_frame_to_rgb(f, w, h), None))
+        self.tasks = tasks
+        self.on_video = on_video
+        self.got_video = False
+        pc.on("track", self._on_track)
+
+    def _on_track(self, track) -> None:
+        if track.kind == "video" and not self.got_video:
+            self.got_video = True
+            if self.on_video is not None:
+                self.on_video(track)
+            self.tasks.append(asyncio.ensure_future(self._pump(track)))
+        else:
+            self.tasks.append(asyncio.ensure_future(self._drain(track)))
+
+    async def _pump(self, track) -> None:
+        with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
+            while True:
+                self.uplink.offer(await track.recv())
+        self.session.close("disconnected")
+
+    @staticmethod
+    async def _drain(track) -> None:
+        with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
+            while True:
+                await track.recv()
+
+    def require_video(self) -> None:
+        """For :func:`answer_offer`: 400 unless the offer sends a video track."""
+        if not self.got_video:
+            raise HTTPException(400, "the offer's video section carries no track from the client (it must send "
+                                     "video: direction sendrecv or sendonly)")
+
+    def cancel(self) -> None:
+        self.uplink.cancel()
 
 
 def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> APIRouter:
@@ -169,21 +281,16 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
             check_offer_sdp(body.sdp)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        configure_aiortc(settings.webrtc_bitrate_kbps, settings.loopback_only)
         loop = asyncio.get_running_loop()
         try:
             session = manager.open("webrtc", loop)
         except ServerFull as exc:
             return JSONResponse(error("server_full", str(exc)), status_code=503)
-        config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in settings.ice_servers])
-        pc = RTCPeerConnection(config)
-        peers.add(pc)
+        pc = new_peer(settings, peers)
         tasks: list[asyncio.Task] = []
         channels: list = []
-        w, h = session.width, session.height
-        uplink = Uplink(session, executor, lambda f: (video_frame_to_rgb(f, w, h), None))
-        got_video = []
-        connected = []
+        ingest = VideoIngest(pc, session, executor, tasks,
+                             on_video=lambda track: pc.addTrack(OutputTrack(session.next_output)))
 
         def send(msg: dict) -> None:
             for ch in channels:
@@ -193,23 +300,10 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
 
         session.add_listener(send)
 
-        async def pump(track):
-            with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
-                while True:
-                    uplink.offer(await track.recv())
-            session.close("disconnected")
-
         async def push_stats():
             while True:
                 await asyncio.sleep(settings.stats_interval_s)
                 send(session.stats_message())
-
-        @pc.on("track")
-        def on_track(track):
-            if track.kind == "video" and not got_video:
-                got_video.append(track)
-                pc.addTrack(SessionTrack(session))
-                tasks.append(asyncio.ensure_future(pump(track)))
 
         @pc.on("datachannel")
         def on_datachannel(channel):
@@ -231,49 +325,20 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
 
             send(ready_message(session))
 
-        @pc.on("connectionstatechange")
-        async def on_state():
-            if pc.connectionState == "connected":
-                connected.append(True)
-            if pc.connectionState in ("failed", "closed"):
-                session.close("disconnected" if pc.connectionState == "closed" else "connection failed")
-
-        async def expire():
-            await asyncio.sleep(settings.offer_timeout_s)
-            if not connected and not session.closed:
-                manager.totals.add("webrtc_offers_expired")
-                log.info("session %s: the peer did not connect within %g s", session.id[:8], settings.offer_timeout_s)
-                session.close("offer expired")
-
         async def cleanup():
-            for t in list(tasks):
-                t.cancel()
-            uplink.cancel()
-            with contextlib.suppress(Exception):
-                await pc.close()
-            peers.discard(pc)
+            ingest.cancel()
+            await close_peer(pc, peers, tasks)
             session.manager.worker.memory_released()     # the peer's codecs and buffers are free now
 
         closing: list[asyncio.Task] = []
         session.on_close(lambda reason: closing.append(asyncio.ensure_future(cleanup())))
-        sdp = keep_loopback_candidates(body.sdp) if settings.webrtc_loopback_candidates else body.sdp
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on a malformed offer
+            answer = await answer_offer(pc, body.sdp, settings, ingest.require_video)
+        except HTTPException:
             session.close("bad offer")
-            raise HTTPException(400, f"malformed SDP offer: {type(exc).__name__}: {str(exc)[:300]}") from None
-        if not got_video:
-            session.close("bad offer")
-            raise HTTPException(400, "the offer's video section carries no track from the client (it must send "
-                                     "its camera: direction sendrecv or sendonly)")
-        try:
-            await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as exc:  # noqa: BLE001
-            session.close("bad offer")
-            raise HTTPException(400, f"cannot answer this offer: {type(exc).__name__}: {str(exc)[:300]}") from None
+            raise
         tasks.append(asyncio.ensure_future(push_stats()))
-        tasks.append(asyncio.ensure_future(expire()))
-        answer = add_bitrate_hints(pc.localDescription.sdp, settings.webrtc_bitrate_kbps)
+        tasks.append(watch_peer(pc, settings, manager.totals, session.close, f"session {session.id[:8]}"))
         return {**ready_message(session), "sdp": answer, "type": "answer"}
 
     return router
