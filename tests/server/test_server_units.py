@@ -115,6 +115,24 @@ def test_decode_resizes_and_crops_any_size():
     assert fit_frame(wide, 16, 16)[8, 8, 0] > 200
 
 
+def test_a_session_frames_other_aspects_by_its_fit():
+    """The session's ``fit`` frames uploads like files: crop fills, pad adds black bars, stretch keeps everything."""
+    wide = np.full((16, 32, 3), 255, np.uint8)
+    wide[:, :4] = 0                            # a dark left edge: cut by crop, kept by pad and stretch
+    msg = pack_raw(wide, 7)
+    crop, index = decode_frame(msg, 16, 16, 1 << 20, "crop")
+    pad, _ = decode_frame(msg, 16, 16, 1 << 20, "pad")
+    stretch, _ = decode_frame(msg, 16, 16, 1 << 20, "stretch")
+    assert index == 7 and crop.shape == pad.shape == stretch.shape == (16, 16, 3)
+    assert crop.min() > 200                                       # the edge is cropped away
+    assert pad[0].max() < 30 and pad[-1].max() < 30 and pad[8, 8].min() > 200   # letterbox bars
+    assert stretch[8, 0].max() < 60 and stretch[0, 8].min() > 200                # edge squeezed, no bars
+    p, changed = SessionParams(prompt="x").merged(ParamsUpdate(fit="pad"))
+    assert p.fit == "pad" and changed == {"fit"}
+    with pytest.raises(ValidationError, match="fit"):
+        ParamsUpdate(fit="zoom")
+
+
 @pytest.mark.parametrize("data,code", [
     (b"hello", "not_jpeg"), (b"", "not_jpeg"), (b"\x89PNG\r\n\x1a\n" + b"0" * 50, "not_jpeg"),
     (b"\xff\xd8\xff" + b"\x00" * 64, "bad_jpeg"), (b"WSRF\x01", "bad_raw"),

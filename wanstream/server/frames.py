@@ -1,7 +1,8 @@
 """Frame codecs of the transports: JPEG and a lossless raw-RGB message both ways, video frames from WebRTC.
 
 Every uploaded frame ends up as RGB ``uint8 [H, W, 3]`` at the session resolution: a frame of another aspect
-ratio is centre-cropped to the session's, then resized. Anything that is not a decodable frame raises
+ratio is framed by the session's ``fit`` (centred crop by default, pad or stretch: :func:`~wanstream.io.video.
+fit_frames`, the same rule as files), then resized. Anything that is not a decodable frame raises
 :class:`FrameError` with a short code for the client.
 
 Raw message (little endian): ``b"WSRF"``, uint16 width, uint16 height, uint32 frame index, then
@@ -16,7 +17,7 @@ import struct
 import numpy as np
 from PIL import Image
 
-from ..io.video import resize_frames
+from ..io.video import fit_frames
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 RAW_MAGIC = b"WSRF"
@@ -31,27 +32,19 @@ class FrameError(ValueError):
         self.code = code
 
 
-def fit_frame(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Centre-crop to the aspect ratio ``width:height``, then resize (frames of the right size pass as they are)."""
-    h, w = image.shape[:2]
-    if (h, w) == (height, width):
+def fit_frame(image: np.ndarray, width: int, height: int, fit: str = "crop") -> np.ndarray:
+    """Frame ``image`` to ``width x height`` (``fit``: crop | pad | stretch); frames of that size pass as they are."""
+    if image.shape[:2] == (height, width):
         return image
-    if w * height > h * width:          # too wide
-        cw = max(1, round(h * width / height))
-        x0 = (w - cw) // 2
-        image = image[:, x0:x0 + cw]
-    elif w * height < h * width:        # too tall
-        ch = max(1, round(w * height / width))
-        y0 = (h - ch) // 2
-        image = image[y0:y0 + ch]
-    return resize_frames(np.ascontiguousarray(image), width, height)
+    return fit_frames(np.ascontiguousarray(image), width, height, fit)
 
 
-def decode_frame(data: bytes, width: int, height: int, max_pixels: int) -> tuple[np.ndarray, int | None]:
+def decode_frame(data: bytes, width: int, height: int, max_pixels: int,
+                 fit: str = "crop") -> tuple[np.ndarray, int | None]:
     """A JPEG or raw message → ``(RGB frame at width x height, index or None)``."""
     if data[:4] == RAW_MAGIC:
         image, index = unpack_raw(data, max_pixels)
-        return fit_frame(image, width, height), index
+        return fit_frame(image, width, height, fit), index
     if data[:3] != JPEG_MAGIC:
         raise FrameError("not_jpeg", "binary messages must be JPEG images (or raw WSRF frames)")
     try:
@@ -65,7 +58,7 @@ def decode_frame(data: bytes, width: int, height: int, max_pixels: int) -> tuple
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise FrameError("bad_jpeg", f"cannot decode the JPEG frame ({exc})") from None
-    return fit_frame(rgb, width, height), None
+    return fit_frame(rgb, width, height, fit), None
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
@@ -94,6 +87,6 @@ def unpack_raw(data: bytes, max_pixels: int = 1 << 30) -> tuple[np.ndarray, int]
     return image, index
 
 
-def video_frame_to_rgb(frame, width: int, height: int) -> np.ndarray:
+def video_frame_to_rgb(frame, width: int, height: int, fit: str = "crop") -> np.ndarray:
     """An ``av.VideoFrame`` (WebRTC) → RGB frame at the session size."""
-    return fit_frame(frame.to_ndarray(format="rgb24"), width, height)
+    return fit_frame(frame.to_ndarray(format="rgb24"), width, height, fit)

@@ -7,7 +7,7 @@ are refused, ranges are checked, prompts are at most 2,000 characters.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -53,6 +53,8 @@ class ParamsUpdate(BaseModel):
     lora: dict[str, LoRAStrength] | None = Field(None, max_length=MAX_LORAS,
                                                   description="LoRA strengths by name (0: off); names left out "
                                                               "keep their strength")
+    fit: Literal["crop", "pad", "stretch"] | None = Field(
+        None, description="framing of input frames of another aspect: centred crop, pad (black bars), stretch")
     recording: bool | None = None
     reset: bool | None = Field(None, description="true: drop the caches and re-prepare on the next frames")
 
@@ -76,6 +78,7 @@ class SessionParams(BaseModel):
     noise_controller: bool = True
     seed: int = 0
     lora: dict[str, float] = Field(default_factory=dict)
+    fit: str = "crop"
     recording: bool = False
 
     def merged(self, update: ParamsUpdate) -> tuple[SessionParams, set[str]]:

@@ -232,7 +232,7 @@ class VideoIngest:
                  on_video: Callable[[object], None] | None = None):
         w, h = session.width, session.height
         self.session = session
-        self.uplink = Uplink(session, executor, lambda f: (video_frame_to_rgb(f, w, h), None))
+        self.uplink = Uplink(session, executor, lambda f: (video_frame_to_rgb(f, w, h, session.params.fit), None))
         self.tasks = tasks
         self.on_video = on_video
         self.got_video = False

@@ -61,7 +61,7 @@ def ws_router(manager: SessionManager, executor: Executor) -> APIRouter:
 
         session.add_listener(post)
         w, h = session.width, session.height
-        decode = lambda data: decode_frame(data, w, h, settings.max_frame_pixels)  # noqa: E731
+        decode = lambda data: decode_frame(data, w, h, settings.max_frame_pixels, session.params.fit)  # noqa: E731
         uplink = Uplink(session, executor, decode)
         if format == "raw":
             encode = lambda out: pack_raw(out.image, out.index)  # noqa: E731
