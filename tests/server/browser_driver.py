@@ -108,14 +108,17 @@ def run_transport(browser, base: str, transport: str, server_pid: int, shot: Pat
     page.dispatch_event("#seed", "change")
     page.evaluate("() => { const n = document.getElementById('noise'); n.value = '0.5';"
                   " n.dispatchEvent(new Event('change')); }")
+    page.select_option("#fit", "pad")
     wait_js(page, "wanstream.params && wanstream.params.steps === 3 && wanstream.params.seed === 7 && "
-                  "wanstream.params.noise_scale === 0.5 && wanstream.params.prompt === 'a pencil sketch of a harbour'",
+                  "wanstream.params.noise_scale === 0.5 && wanstream.params.fit === 'pad' && "
+                  "wanstream.params.prompt === 'a pencil sketch of a harbour'",
             30, f"{transport}: parameter acks")
+    r["input_object_fit"] = page.evaluate("getComputedStyle(document.getElementById('input')).objectFit")
     session_id, secret = page.evaluate("[wanstream.session, wanstream.secret]")
     server_view = get_json(f"{base}/api/sessions/{session_id}?secret={secret}")["params"]   # the stream's secret
     r["params_server"] = server_view
     r["params_roundtrip"] = (server_view["steps"] == 3 and server_view["seed"] == 7
-                             and server_view["noise_scale"] == 0.5
+                             and server_view["noise_scale"] == 0.5 and server_view["fit"] == "pad"
                              and server_view["prompt"] == "a pencil sketch of a harbour")
     before = page.evaluate("wanstream.framesOut")
     wait_js(page, f"wanstream.framesOut >= {before + 8}", 60, f"{transport}: frames after the parameter change")

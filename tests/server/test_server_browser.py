@@ -52,6 +52,7 @@ def test_browser_stream_params_and_stats(browser_run, transport):
     r = browser_run[transport]
     assert r["ttff_page_s"] is not None and r["fps_shown"] > 0          # frames come back
     assert r["params_roundtrip"], r["params_server"]                     # UI → server → ack → /api/sessions
+    assert r["input_object_fit"] == "contain"                            # the preview frames as the model does
     assert r["frames_after_params"] >= 8                                 # still streaming after the change
     assert r["stats_ok"], r["stats_line"]                                # the stats line shows live numbers
     assert r["server_stats"]["frames_out"] > 0

@@ -84,6 +84,24 @@
     S.fpsShown = span > 250 ? (shownTimes.length * 1000) / span : null;
   }
 
+  // ------------------------------------------------------------------ framing (the rule of io.video.fit_frames)
+  const OBJECT_FIT = { crop: "cover", pad: "contain", stretch: "fill" };   // the preview shows the model's frame
+
+  function drawFramed(ctx, src, vw, vh, w, h, fit) {
+    if (fit === "stretch") { ctx.drawImage(src, 0, 0, vw, vh, 0, 0, w, h); return; }
+    if (fit === "pad") {
+      const s = Math.min(w / vw, h / vh), dw = Math.round(vw * s), dh = Math.round(vh * s);
+      ctx.fillStyle = "#000";
+      ctx.fillRect(0, 0, w, h);
+      ctx.drawImage(src, 0, 0, vw, vh, (w - dw) / 2, (h - dh) / 2, dw, dh);
+      return;
+    }
+    const s = Math.max(w / vw, h / vh), sw = w / s, sh = h / s;   // crop: the centred region of the aspect
+    ctx.drawImage(src, (vw - sw) / 2, (vh - sh) / 2, sw, sh, 0, 0, w, h);
+  }
+
+  function showFit() { $("input").style.objectFit = OBJECT_FIT[$("fit").value] || "cover"; }
+
   // ------------------------------------------------------------------ parameters
   function uiParams() {
     const p = {
@@ -92,6 +110,7 @@
       noise_controller: $("controller").checked,
       seed: Math.max(0, Math.min(4294967295, Math.floor(Number($("seed").value) || 0))),
       transition_chunks: Number($("transition").value),
+      fit: $("fit").value,
     };
     const prompt = $("prompt").value.trim();
     if (prompt) p.prompt = prompt;
@@ -111,6 +130,7 @@
     $("noise").value = p.noise_scale;
     $("noise-value").textContent = Number(p.noise_scale).toFixed(2);
     $("controller").checked = p.noise_controller;
+    if (p.fit) { $("fit").value = p.fit; showFit(); }
     $("seed").value = p.seed;
     $("transition").value = p.transition_chunks;
     showTransition();
@@ -131,6 +151,9 @@
         S.session = msg.session;
         S.secret = msg.secret || null;
         $("server-info").textContent = `session ${msg.session.slice(0, 8)} · ${msg.width}x${msg.height}`;
+        $("input").style.aspectRatio = `${msg.width} / ${msg.height}`;   // the input as the model frames it
+        $("input").style.height = "auto";
+        showFit();
         if (!$("prompt").value.trim()) { $("prompt").value = msg.params.prompt; countPrompt(); }
         break;
       case "params":
@@ -240,9 +263,7 @@
         if (ws.bufferedAmount > 2 * lastSize + 16384) return;      // the network is behind: skip this frame
         if (input.readyState < 2 || !input.videoWidth) return;
         const vw = input.videoWidth, vh = input.videoHeight;
-        const scale = Math.max(cap.width / vw, cap.height / vh);   // centre crop to the session's aspect ratio
-        const sw = cap.width / scale, sh = cap.height / scale;
-        cctx.drawImage(input, (vw - sw) / 2, (vh - sh) / 2, sw, sh, 0, 0, cap.width, cap.height);
+        drawFramed(cctx, input, vw, vh, cap.width, cap.height, $("fit").value);
         encoding = true;
         lastSend = now;
         cap.toBlob((blob) => {
@@ -436,6 +457,7 @@
   }
   $("noise").oninput = () => { $("noise-value").textContent = Number($("noise").value).toFixed(2); };
   $("noise").onchange = () => sendParams({ noise_scale: Number($("noise").value) });
+  $("fit").onchange = () => { showFit(); sendParams({ fit: $("fit").value }); };
   $("controller").onchange = () => sendParams({ noise_controller: $("controller").checked });
   $("seed").onchange = () => sendParams({ seed: uiParams().seed });
   $("seed-random").onclick = () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); $("seed").onchange(); };
