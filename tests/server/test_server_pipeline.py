@@ -1,0 +1,178 @@
+"""``serve --pipeline 2 --device cpu``: the live server's engine on a pipeline of two CPU ranks.
+
+* Two WebSocket sessions stream at once (their chunks batched by the engine's scheduler, the calls run by the
+  pipeline); each one's raw output frames equal the same input run alone on one device with the pipeline's
+  schedule (``lag`` = 2 batches in flight, the last rank's re-noising source) — up to one level of a pixel, the
+  rounding of batched matmuls (the ≤ 1 level rule of test_server_isolation.py). Shutdown stops the ranks cleanly.
+* A killed rank ends the streams with an error naming it, ``/api/health`` says "degraded", new streams are refused,
+  and no rank process is left behind.
+* What the pipeline does not run (--lora, --taehv) is refused at start-up, before anything loads.
+
+Frames travel losslessly (``format=raw``); the client sends one chunk at a time and waits until the server handed
+it to the model, so the chunk boundaries match the reference run. A generous latency target keeps the deadline
+scheduler from dropping or re-scheduling frames on a slow machine.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
+
+from server_helpers import H, W, LiveServer, WSClient, server_settings, stream_until, wait_until  # noqa: E402
+from wanstream.engine import Engine  # noqa: E402
+from wanstream.kv_cache import CachePolicy, KVPool  # noqa: E402
+from wanstream.noise import SeededNoise  # noqa: E402
+from wanstream.pipeline import PipelineDriver, renoise_seed  # noqa: E402
+from wanstream.runner import Runner  # noqa: E402
+from wanstream.session import StreamSession  # noqa: E402
+
+RANKS = 2
+N_CHUNKS = 6
+FAST = dict(timeout=60.0, dead_after=3.0, threads=1)
+
+
+def launch(model_dir) -> PipelineDriver:
+    return PipelineDriver.launch(model_dir, ["cpu"] * RANKS, decode="vae", vae=True, text_encoder=True, **FAST)
+
+
+def pipeline_settings(tmp_path, **kw):
+    return server_settings(tmp_path, output_queue_frames=64, target_latency_s=600.0, **kw)
+
+
+def chunks_of(clip):
+    bounds = [(0, 5)] + [(5 + 4 * k, 9 + 4 * k) for k in range(N_CHUNKS - 1)]
+    return [(a, clip[a:b]) for a, b in bounds]
+
+
+def lagged_runners(lag: int):
+    """The single-device runner running the pipeline's schedule (``lag`` stream batches in flight)."""
+    def factory(engine, width, height, cache):
+        m, dit = engine.model, engine.model.dit
+        tpf = m.tokens_per_frame(height, width)
+        pool = KVPool(range(dit.num_layers), cache.capacity, tpf, dit.heads, dit.head_dim, dit.dtype, m.device,
+                      text_len=dit.text_len)
+        runner = Runner(dit, m.sampler, pool, CachePolicy(cache), tpf)
+        runner.lag = lag
+        return runner
+    return factory
+
+
+def reference(model, clip, prompt, seed):
+    """One device, alone, the pipeline's schedule and noise sources: outputs (index → image) and which indices are
+    out after each chunk."""
+    s = StreamSession(model, prompt=prompt, width=W, height=H, steps=2, noise_scale=0.8, seed=seed,
+                      engine=Engine(model, runner_factory=lagged_runners(RANKS)))
+    s.stream.group.runner.streams[s.stream.id].renoise_source = SeededNoise(renoise_seed(seed), model.device)
+    images, after = {}, []
+    for start, frames in chunks_of(clip):
+        for o in s.push(frames, timestamps=[float(start + i) for i in range(len(frames))]):
+            images[o.index] = o.image
+        after.append(set(images))
+    return images, after
+
+
+def stream_chunks(url, clip, prompt, seed, expect, result):
+    """Send the clip chunk by chunk (each handed to the model before the next), then wait for the outputs the
+    reference had two chunks before the end (the pipeline's last calls are still in flight)."""
+    try:
+        c = WSClient(url, "raw")
+        c.ready()
+        c.params(prompt=prompt, seed=seed)
+        sent = 0
+        for k, (start, frames) in enumerate(chunks_of(clip)):
+            for i, f in enumerate(frames):
+                c.send_frame(f, start + i)
+            sent += len(frames)
+            wait_until(lambda: c.stats()["frames_to_model"] == sent, 120, f"chunk {k} handed to the model")
+        wait_until(lambda: expect <= {i for i, _ in c.frames}, 120, "the outputs of the first chunks")
+        result["frames"] = list(c.frames)
+        result["errors"] = c.errors()
+        c.close()
+    except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+        result["exc"] = exc
+
+
+def test_pipeline_server_streams_equal_single_device_and_stops_its_ranks(tiny_model_dir, tiny_model, tmp_path,
+                                                                        clip, clip_b):
+    cases = {"a": (clip, "a watercolor painting", 3), "b": (clip_b, "a pencil sketch", 4)}
+    refs = {k: reference(tiny_model, *c) for k, c in cases.items()}
+    assert not np.array_equal(refs["a"][0][0], refs["b"][0][0])
+    drv = launch(tiny_model_dir)
+    results = {k: {} for k in cases}
+    with LiveServer(drv.model, pipeline_settings(tmp_path), pipeline=drv) as srv:
+        status, health = srv.http("GET", "/api/health")
+        assert status == 200 and health["status"] == "ok", health
+        assert health["pipeline"]["ranks"] == RANKS
+        threads = [threading.Thread(target=stream_chunks,
+                                    args=(srv.ws_url, *c, refs[k][1][N_CHUNKS - 3], results[k]))
+                   for k, c in cases.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        wait_until(lambda: srv.manager.count == 0, 30, "sessions closed")
+        batched = srv.manager.engine.rows_run / max(1, srv.manager.engine.dit_calls)
+    assert drv.closed and drv.error is None
+    assert [p.exitcode for p in drv.processes] == [0] * (RANKS - 1), "the ranks did not stop cleanly"
+    for key in cases:
+        assert "exc" not in results[key], results[key].get("exc")
+        images, _ = refs[key]
+        got = dict(results[key]["frames"])
+        assert got and set(got) <= set(images), f"session {key}: unexpected output indices"
+        for index, image in got.items():
+            diff = np.abs(image.astype(int) - images[index].astype(int)).max()
+            assert diff <= 1, f"session {key}: frame {index} differs from the single-device run by {diff} levels"
+        assert results[key]["errors"] == []
+    assert batched > 2, f"the sessions' rows were not batched into shared calls ({batched:.2f} rows per call)"
+
+
+def test_killed_rank_ends_the_streams_and_health_says_degraded(tiny_model_dir, tmp_path, clip):
+    drv = launch(tiny_model_dir)
+    try:
+        with LiveServer(drv.model, pipeline_settings(tmp_path), pipeline=drv) as srv:
+            c = WSClient(srv.ws_url, "raw", keep_frames=False)
+            c.ready()
+            stream_until(c, clip, 3)
+            drv.processes[0].kill()                      # rank 1
+            stop = threading.Event()
+
+            def keep_sending():
+                for i in range(2000):
+                    if stop.is_set() or c.closed:
+                        return
+                    try:
+                        c.send_frame(clip[i % len(clip)], 1000 + i)
+                    except Exception:  # noqa: BLE001 - the server closed the stream
+                        return
+                    stop.wait(1 / 15)
+            sender = threading.Thread(target=keep_sending, daemon=True)
+            sender.start()
+            err = c.wait_error("model_error", 60)
+            stop.set()
+            sender.join(10)
+            assert "rank 1" in err["message"], err
+            status, health = srv.http("GET", "/api/health")
+            assert status == 200 and health["status"] == "degraded" and "rank 1" in health["error"], health
+            late = WSClient(srv.ws_url, "raw")
+            refused = late.wait_error("server_full", 30)
+            assert "pipeline failed" in refused["message"], refused
+            late.close()
+            c.close()
+    finally:
+        if not drv.closed:
+            drv._abort(RuntimeError("test cleanup"))
+    assert drv.closed
+    assert all(not p.is_alive() for p in drv.processes), "a rank process was left behind"
+
+
+@pytest.mark.parametrize("flag", [["--lora", "style.safetensors"], ["--taehv"]])
+def test_serve_refuses_what_the_pipeline_does_not_run(tmp_path, capsys, flag):
+    from wanstream.server.cli import main
+    code = main(["--model", str(tmp_path / "missing"), "--pipeline", "2", "--device", "cpu", *flag])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{flag[0]} cannot be combined with --pipeline / --gpus" in err, err
