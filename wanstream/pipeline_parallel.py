@@ -131,13 +131,12 @@ def _cpu_threads(devices: list[str]) -> int | None:
 
 
 def launch_pipeline(args, decoder: str = "vae") -> PipelineDriver:
-    """Spawn the ranks of ``--pipeline`` / ``--gpus`` for a command whose process is rank 0 (``serve``): rank 0
-    loads the VAE (encode) and the text encoder, the last rank ``decoder`` (vae | taehv)."""
+    """Spawn the ranks of ``--pipeline`` / ``--gpus`` for a command whose process is rank 0 (``serve``, which
+    logs itself): rank 0 loads the VAE (encode) and the text encoder, the last rank ``decoder`` (vae | taehv)."""
     if torchrun_env() is not None:
         raise ValueError("serve starts its pipeline ranks itself: run it without torchrun (use --gpus or "
                          "--pipeline N)")
     devices = pipeline_devices(args)
-    _log_to_stderr()
     return PipelineDriver.launch(args.model, devices, split=_split(args, args.model, len(devices)), decode=decoder,
                                  vae=True, text_encoder=True,
                                  schedule=None if args.no_rebalance else SchedulerConfig(),

@@ -15,7 +15,14 @@ scheduler from dropping or re-scheduling frames on a slow machine.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
@@ -206,3 +213,61 @@ def test_serve_refuses_what_the_pipeline_does_not_run(tmp_path, capsys, flag):
     assert code == 2
     err = capsys.readouterr().err
     assert f"{flag[0]} cannot be combined with --pipeline / --gpus" in err, err
+
+
+def _rank_processes(pid: int) -> set[int]:
+    """The spawned rank processes among ``pid``'s children (not multiprocessing's resource tracker)."""
+    out = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in map(int, f.read().split()):
+                with open(f"/proc/{child}/cmdline", "rb") as c:
+                    if b"spawn_main" in c.read() and _running(child):
+                        out.add(child)
+    return out
+
+
+def _running(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads child processes from /proc (Linux)")
+def test_cli_serve_pipeline_starts_reports_and_stops_its_ranks_on_sigterm(tiny_model_dir, tmp_path):
+    """``python -m wanstream.server --pipeline 2 --device cpu``: health names the ranks; SIGTERM ends the server
+    and its rank process (no process left behind)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "wanstream.server", "--model", str(tiny_model_dir), "--port",
+                             str(port), "--resolution", f"{W}x{H}", "--pipeline", "2", "--device", "cpu",
+                             "--no-rebalance", "--record-dir", str(tmp_path / "rec")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def health():
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}: {open(log.name).read()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5) as r:
+                    return json.loads(r.read())
+            except OSError:
+                return None
+        got = wait_until(health, 180, "the server's health", interval=0.3)
+        assert got["status"] == "ok" and got["pipeline"]["ranks"] == 2, got
+        ranks = _rank_processes(proc.pid)
+        assert len(ranks) == 1, f"expected one rank process, found {ranks}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) in (0, -signal.SIGTERM), open(log.name).read()   # (uvicorn re-raises the signal)
+        assert "Application shutdown complete" in open(log.name).read()
+        assert not any(map(_running, ranks)), "a rank process was left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
