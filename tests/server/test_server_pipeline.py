@@ -4,7 +4,7 @@
   pipeline); each one's raw output frames equal the same input run alone on one device with the pipeline's
   schedule (``lag`` = 2 batches in flight, the last rank's re-noising source) — up to one level of a pixel, the
   rounding of batched matmuls (the ≤ 1 level rule of test_server_isolation.py). Shutdown stops the ranks cleanly.
-* A killed rank ends the streams with an error naming it, ``/api/health`` says "degraded", new streams are refused,
+* A killed rank ends the streams (also one waiting for input) with an error naming it, ``/api/health`` says "degraded", new streams are refused,
   and no rank process is left behind.
 * What the pipeline does not run (--lora, --taehv) is refused at start-up, before anything loads.
 
@@ -171,6 +171,8 @@ def test_killed_rank_ends_the_streams_and_health_says_degraded(tiny_model_dir, t
     drv = launch(tiny_model_dir)
     try:
         with LiveServer(drv.model, pipeline_settings(tmp_path), pipeline=drv) as srv:
+            idle = WSClient(srv.ws_url, "raw")              # connected, sends nothing
+            idle.ready()
             c = WSClient(srv.ws_url, "raw", keep_frames=False)
             c.ready()
             stream_until(c, clip, 3)
@@ -192,12 +194,14 @@ def test_killed_rank_ends_the_streams_and_health_says_degraded(tiny_model_dir, t
             stop.set()
             sender.join(10)
             assert "rank 1" in err["message"], err
+            assert "rank 1" in idle.wait_error("model_error", 30)["message"]
             status, health = srv.http("GET", "/api/health")
             assert status == 200 and health["status"] == "degraded" and "rank 1" in health["error"], health
             late = WSClient(srv.ws_url, "raw")
             refused = late.wait_error("server_full", 30)
             assert "pipeline failed" in refused["message"], refused
             late.close()
+            idle.close()
             c.close()
     finally:
         if not drv.closed:

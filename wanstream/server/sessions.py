@@ -514,7 +514,12 @@ class SessionManager:
         return self.pipeline.failure() if self.pipeline is not None else None
 
     def reap_idle(self) -> list[Session]:
-        """Close the sessions without input for ``idle_timeout_s``."""
+        """Close the sessions without input for ``idle_timeout_s`` (and every session once the model pipeline
+        failed: a session waiting for input would otherwise learn it only with its next chunk)."""
+        failure = self.failure()
+        if failure is not None:
+            for s in self.list():
+                s.fail("model_error", f"the model pipeline failed: {failure}")
         now = self.clock()
         idle = [s for s in self.list() if now - s.last_input > self.settings.idle_timeout_s]
         for s in idle:
