@@ -1,7 +1,7 @@
 """``serve --pipeline 2 --device cpu``: the live server's engine on a pipeline of two CPU ranks.
 
 * Two WebSocket sessions stream at once (their chunks batched by the engine's scheduler, the calls run by the
-  pipeline); each one's raw output frames equal the same input run alone on one device with the pipeline's
+  pipeline), one changes its prompt, the other its steps mid-stream; each one's raw output frames equal the same input run alone on one device with the pipeline's
   schedule (``lag`` = 2 batches in flight, the last rank's re-noising source) — up to one level of a pixel, the
   rounding of batched matmuls (the ≤ 1 level rule of test_server_isolation.py). Shutdown stops the ranks cleanly.
 * A killed rank ends the streams (also one waiting for input) with an error naming it, ``/api/health`` says "degraded", new streams are refused,
@@ -69,21 +69,23 @@ def lagged_runners(lag: int):
     return factory
 
 
-def reference(model, clip, prompt, seed):
-    """One device, alone, the pipeline's schedule and noise sources: outputs (index → image) and which indices are
-    out after each chunk."""
+def reference(model, clip, prompt, seed, change_at, change):
+    """One device, alone, the pipeline's schedule and noise sources, the live change before chunk ``change_at``:
+    outputs (index → image) and which indices are out after each chunk."""
     s = StreamSession(model, prompt=prompt, width=W, height=H, steps=2, noise_scale=0.8, seed=seed,
                       engine=Engine(model, runner_factory=lagged_runners(RANKS)))
     s.stream.group.runner.streams[s.stream.id].renoise_source = SeededNoise(renoise_seed(seed), model.device)
     images, after = {}, []
-    for start, frames in chunks_of(clip):
-        for o in s.push(frames, timestamps=[float(start + i) for i in range(len(frames))]):
+    for k, (start, frames) in enumerate(chunks_of(clip)):
+        out = s.update(**change) if k == change_at else []
+        out += s.push(frames, timestamps=[float(start + i) for i in range(len(frames))])
+        for o in out:
             images[o.index] = o.image
         after.append(set(images))
     return images, after
 
 
-def stream_chunks(url, clip, prompt, seed, expect, result):
+def stream_chunks(url, clip, prompt, seed, change_at, wire_change, expect, result):
     """Send the clip chunk by chunk (each handed to the model before the next), then wait for the outputs the
     reference had two chunks before the end (the pipeline's last calls are still in flight)."""
     try:
@@ -92,6 +94,9 @@ def stream_chunks(url, clip, prompt, seed, expect, result):
         c.params(prompt=prompt, seed=seed)
         sent = 0
         for k, (start, frames) in enumerate(chunks_of(clip)):
+            if k == change_at:
+                reply = c.params(**wire_change)
+                assert reply["type"] == "params", reply
             for i, f in enumerate(frames):
                 c.send_frame(f, start + i)
             sent += len(frames)
@@ -116,8 +121,10 @@ def calls_by_streams(drv: PipelineDriver) -> list[set]:
 
 
 def check_engine_batches_streams_on_the_pipeline(drv: PipelineDriver, clip, clip_b) -> None:
-    """Two engine streams with a chunk each: their rows share the pipeline's calls; closing them frees the ranks'
-    rows (the next stream starts a fresh state)."""
+    """Two engine streams with a chunk each: their rows share the pipeline's calls. Then stream a takes b's seed and
+    both are reset: from there both are fresh streams of the same seed and prompt, so their frames agree (RESET
+    clears each stream's rows, re-noise source and decoder on every rank). Closing them frees the ranks' rows (the
+    next stream starts a fresh state)."""
     engine = Engine(drv.model, runner_factory=runner_factory(drv))
     emb = drv.model.prompt_embedding("a watercolor painting")
     a, b = (engine.open(prompt_embeds=emb, width=W, height=H, seed=s) for s in (3, 4))
@@ -128,6 +135,16 @@ def check_engine_batches_streams_on_the_pipeline(drv: PipelineDriver, clip, clip
         engine.step()
     assert {a.id, b.id} in seen, seen
     assert a.take_outputs() and b.take_outputs()
+    engine.update(a, seed=4)
+    engine.reset(a)
+    engine.reset(b)
+    engine.feed(a, clip[10:15])
+    engine.feed(b, clip[10:15])
+    engine.step()
+    out_a, out_b = a.take_outputs(), b.take_outputs()
+    assert len(out_a) == len(out_b) == 5 and a.error is None and b.error is None
+    for x, y in zip(out_a, out_b):
+        assert np.abs(x.image.astype(int) - y.image.astype(int)).max() <= 1
     engine.close(a)
     engine.close(b)
     engine.release_closed()
@@ -136,8 +153,11 @@ def check_engine_batches_streams_on_the_pipeline(drv: PipelineDriver, clip, clip
 
 def test_pipeline_server_streams_equal_single_device_and_stops_its_ranks(tiny_model_dir, tiny_model, tmp_path,
                                                                         clip, clip_b):
-    cases = {"a": (clip, "a watercolor painting", 3), "b": (clip_b, "a pencil sketch", 4)}
-    refs = {k: reference(tiny_model, *c) for k, c in cases.items()}
+    emb = tiny_model.prompt_embedding("a neon city at night")
+    cases = {"a": (clip, "a watercolor painting", 3, 2), "b": (clip_b, "a pencil sketch", 4, 3)}
+    changes = {"a": (dict(prompt_embeds=emb), dict(prompt="a neon city at night")),   # PROMPT of one stream
+               "b": (dict(steps=3), dict(steps=3))}                                  # drain + RECONFIG
+    refs = {k: reference(tiny_model, *c, changes[k][0]) for k, c in cases.items()}
     assert not np.array_equal(refs["a"][0][0], refs["b"][0][0])
     drv = launch(tiny_model_dir)
     check_engine_batches_streams_on_the_pipeline(drv, clip, clip_b)
@@ -147,7 +167,7 @@ def test_pipeline_server_streams_equal_single_device_and_stops_its_ranks(tiny_mo
         assert status == 200 and health["status"] == "ok", health
         assert health["pipeline"]["ranks"] == RANKS
         threads = [threading.Thread(target=stream_chunks,
-                                    args=(srv.ws_url, *c, refs[k][1][N_CHUNKS - 3], results[k]))
+                                    args=(srv.ws_url, *c, changes[k][1], refs[k][1][N_CHUNKS - 3], results[k]))
                    for k, c in cases.items()]
         for t in threads:
             t.start()
