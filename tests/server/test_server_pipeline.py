@@ -223,6 +223,8 @@ def test_killed_rank_ends_the_streams_and_health_says_degraded(tiny_model_dir, t
             late.close()
             idle.close()
             c.close()
+            wait_until(lambda: srv.manager.count == 0, 30, "sessions closed")
+            assert srv.manager.worker.alive, "the model worker died with the pipeline"
     finally:
         if not drv.closed:
             drv._abort(RuntimeError("test cleanup"))

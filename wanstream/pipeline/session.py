@@ -18,6 +18,7 @@ Randomness: the mixing noise comes from ``SeededNoise(seed)`` on rank 0, the re-
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +30,8 @@ from ..engine import Engine
 from ..runner import Done, RunnerStream
 from ..session import StreamSession
 from .driver import PipelineDriver
+
+log = logging.getLogger("wanstream.pipeline")
 
 RENOISE_SEED_OFFSET = 1_000_003
 
@@ -98,7 +101,10 @@ class PipelineRunner:
     def remove(self, stream_id) -> None:
         self.streams.pop(stream_id, None)
         if self._waiting.pop(stream_id, None) is None and not self.driver.closed:
-            self.driver.close_stream(stream_id)
+            try:
+                self.driver.close_stream(stream_id)
+            except Exception:  # noqa: BLE001 - the pipeline failed meanwhile: it stopped, its error is recorded
+                log.warning("closing stream %s: the pipeline failed: %s", stream_id, self.driver.error)
 
     def set_prompt(self, stream_id, embedding: torch.Tensor) -> None:
         if stream_id in self._waiting:
@@ -132,7 +138,15 @@ class PipelineRunner:
     def pending(self) -> list[Done]:
         if not self.driver.started:
             return []
-        return [Done(f.row, f.latent, f.frames) for f in self.driver.collect()]
+        try:
+            finished = self.driver.collect()
+        except Exception as exc:  # noqa: BLE001 - the pipeline failed: every stream on it ends with the reason
+            for sid in list(self.streams):
+                stream = self.engine.streams.get(sid)
+                if stream is not None:
+                    self.engine.fail(stream, f"the model failed on this stream (model): {type(exc).__name__}: {exc}")
+            return []
+        return [Done(f.row, f.latent, f.frames) for f in finished]
 
 
 def runner_factory(driver: PipelineDriver, decoder: str = "vae"):
