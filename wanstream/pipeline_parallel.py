@@ -46,7 +46,7 @@ from .pipeline import (Finished, PipelineDriver, PipelineError, PipelineSession,
 from .pipeline.launch import LaunchSpec
 
 __all__ = ["Finished", "PipelineDriver", "PipelineError", "PipelineSession", "add_pipeline_args",
-           "pipeline_requested", "pipeline_devices", "renoise_seed", "run_v2v_pipeline"]
+           "launch_pipeline", "pipeline_requested", "pipeline_devices", "renoise_seed", "run_v2v_pipeline"]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -120,6 +120,29 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _cpu_threads(devices: list[str]) -> int | None:
+    """CPU ranks share the cores: torch threads per rank (set here for rank 0); None on GPUs."""
+    if devices[0] != "cpu":
+        return None
+    import torch
+    threads = max(1, (os.cpu_count() or len(devices)) // len(devices))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def launch_pipeline(args, decoder: str = "vae") -> PipelineDriver:
+    """Spawn the ranks of ``--pipeline`` / ``--gpus`` for a command whose process is rank 0 (``serve``, which
+    logs itself): rank 0 loads the VAE (encode) and the text encoder, the last rank ``decoder`` (vae | taehv)."""
+    if torchrun_env() is not None:
+        raise ValueError("serve starts its pipeline ranks itself: run it without torchrun (use --gpus or "
+                         "--pipeline N)")
+    devices = pipeline_devices(args)
+    return PipelineDriver.launch(args.model, devices, split=_split(args, args.model, len(devices)), decode=decoder,
+                                 vae=True, text_encoder=True,
+                                 schedule=None if args.no_rebalance else SchedulerConfig(),
+                                 timeout=args.pipeline_timeout, threads=_cpu_threads(devices))
+
+
 def run_v2v_pipeline(args) -> int:
     """``wanstream v2v`` on a pipeline: same flags as single-device plus the pipeline options."""
     from .block_scheduler import even_split
@@ -132,12 +155,7 @@ def run_v2v_pipeline(args) -> int:
     decoder = "taehv" if args.taehv else "vae"
     schedule = None if args.no_rebalance else SchedulerConfig()
     split = _split(args, args.model, world)
-    if devices[0] == "cpu":
-        import torch
-        threads = max(1, (os.cpu_count() or world) // world)
-        torch.set_num_threads(threads)
-    else:
-        threads = None
+    threads = _cpu_threads(devices)
     driver = None
     if env is not None:
         spec = LaunchSpec(str(args.model), devices, split or even_split(num_layers_of(args.model), world),

@@ -44,9 +44,9 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition", interv
 class LiveServer:
     """``create_app`` served by uvicorn on a thread of this process (127.0.0.1, port picked by the OS)."""
 
-    def __init__(self, model, settings, clock=time.perf_counter):
+    def __init__(self, model, settings, clock=time.perf_counter, **app_options):
         self.settings = settings
-        self.app = create_app(model, settings, clock=clock)
+        self.app = create_app(model, settings, clock=clock, **app_options)
         self.manager = self.app.state.manager
         config = uvicorn_config(self.app, settings, log_level="warning", port=0)   # the settings of `serve`
         self.server = uvicorn.Server(config)

@@ -145,8 +145,10 @@ class PipelineDriver:
         self.calls = 0
         self.chunks = 0
         self.closed = False
+        self.error: str | None = None        # why the pipeline stopped (set when it was aborted)
         self.started = False
         self.streams: dict = {}
+        self._opened: set = set()            # streams of open_stream (the engine's) now on the ranks
         _LIVE.add(self)
         log.info("pipeline of %d ranks, split %s", self.world, format_split(stage.ranges))
 
@@ -251,14 +253,13 @@ class PipelineDriver:
         if decode not in DECODERS:
             raise ValueError(f"decode must be one of {sorted(DECODERS)}, got {decode!r}")
         cfg = PipeConfig(steps, batch, mode, tokens_per_frame, cache, DECODERS[decode], int(renoise_seed))
-        context = context.to(self.device, self.model.dtype)
-        if context.ndim == 2:
-            context = context[None]
+        context = self._context(context)
         self.transport.send(1, Message(Kind.START, meta=cfg.to_meta(), payloads=[context]))
         self.stage.start(cfg, context)
         self.cfg = cfg
         self.schedule = StreamSchedule(STREAM, steps, mode=mode, batch=batch, cache=cache, lag=self.lag)
         self.streams = {STREAM: RunnerStream(STREAM, noise)}
+        self._opened = set()
         self.chunks = 0
         self.started = True
 
@@ -317,20 +318,84 @@ class PipelineDriver:
         return self._take_finished()
 
     @_guard
-    def set_prompt(self, context: torch.Tensor) -> None:
-        """New prompt embedding; every stage recomputes its blocks' K/V before the next call."""
+    def set_prompt(self, context: torch.Tensor, stream: int = STREAM) -> None:
+        """New prompt embedding of a stream; every stage recomputes its blocks' K/V before the next call."""
         self._need_start()
-        context = context.to(self.device, self.model.dtype)
-        if context.ndim == 2:
-            context = context[None]
-        self.transport.send(1, Message(Kind.PROMPT, payloads=[context]))
-        self.stage.set_prompt(context)
+        context = self._context(context)
+        self.transport.send(1, Message(Kind.PROMPT, meta=[int(stream)], payloads=[context]))
+        self.stage.set_prompt(context, stream)
 
     @_guard
-    def reseed(self, noise: NoiseSource, renoise_seed: int) -> None:
+    def reseed(self, noise: NoiseSource, renoise_seed: int, stream: int = STREAM) -> None:
         self._need_start()
-        self.streams[STREAM].noise = noise
-        self.transport.send(1, Message(Kind.SEED, meta=[int(renoise_seed)]))
+        self.streams[stream].noise = noise
+        self.transport.send(1, Message(Kind.SEED, meta=[int(renoise_seed), int(stream)]))
+
+    # ====================================================================== many streams (the engine's runner)
+    @_guard
+    def open_stream(self, stream: RunnerStream, rows: int, context: torch.Tensor, *, renoise_seed: int,
+                    tokens_per_frame: int, cache: CacheConfig = CacheConfig(), decode: str = "none") -> None:
+        """One more stream (id ``stream.id``, an int) on every rank, batched with the others in the calls of
+        :meth:`execute`. The first one (none open) starts a fresh stream state on every rank — what a
+        :meth:`start` left is dropped — and fixes the settings all share (size, cache, decoder)."""
+        if decode not in DECODERS:
+            raise ValueError(f"decode must be one of {sorted(DECODERS)}, got {decode!r}")
+        cfg = PipeConfig(tokens_per_frame=tokens_per_frame, cache=cache, decode=DECODERS[decode],
+                         renoise_seed=int(renoise_seed))
+        fresh = not self._opened
+        if not fresh:
+            old = self.cfg
+            if (old.tokens_per_frame, old.cache, old.decode, old.mode) != (cfg.tokens_per_frame, cache, cfg.decode,
+                                                                           cfg.mode):
+                raise ValueError("every stream of a pipeline shares its size, cache settings and decoder")
+        context = self._context(context)
+        if fresh:
+            self._finish_in_flight()
+            self.finished.clear()
+        self.transport.send(1, Message(Kind.OPEN, meta=cfg.to_meta() + [int(stream.id), int(rows), int(fresh)],
+                                       payloads=[context]))
+        if fresh:
+            self.stage.configure(cfg)
+            self.cfg, self.started, self.streams = cfg, True, {}
+        self.stage.open_stream(stream.id, rows, cfg.renoise_seed, context)
+        self.streams[stream.id] = stream
+        self._opened.add(stream.id)
+
+    @_guard
+    def close_stream(self, stream: int) -> None:
+        """A stream leaves; its calls in flight still finish on every rank (their chunks are dropped here)."""
+        self._opened.discard(stream)
+        if self.streams.pop(stream, None) is None:
+            return
+        self.transport.send(1, Message(Kind.CLOSE, meta=[int(stream)]))
+        self.stage.close_stream(stream)
+
+    @_guard
+    def reset_stream(self, stream: int, rows: int, renoise_seed: int) -> None:
+        """A stream starts over: the calls in flight finish first (the other streams' chunks are kept for the
+        next :meth:`execute` / :meth:`collect`), its own chunks in flight are dropped."""
+        self._finish_in_flight()
+        self.finished = [f for f in self.finished if f.row.stream != stream]
+        st = self.streams[stream]
+        st.inputs.clear()
+        st.latents.clear()
+        self.transport.send(1, Message(Kind.RESET, meta=[int(stream), int(rows), int(renoise_seed)]))
+        self.stage.reset_stream(stream, rows, renoise_seed)
+
+    def failure(self) -> str | None:
+        """Why this pipeline cannot serve (a rank failed or exited, or it was stopped); None while it can."""
+        if self.error is not None:
+            return self.error
+        if self.closed:
+            return "the pipeline was stopped"
+        for rank, p in enumerate(self.processes, start=1):
+            if p.exitcode is not None:
+                return f"rank {rank} exited (exit code {p.exitcode})"
+        return None
+
+    def _context(self, context: torch.Tensor) -> torch.Tensor:
+        context = context.to(self.device, self.model.dtype)
+        return context[None] if context.ndim == 2 else context
 
     @_guard
     def execute(self, call: Call) -> list[Finished]:
@@ -441,6 +506,7 @@ class PipelineDriver:
             msg, culprit = "rank 0 was interrupted (Ctrl-C)", 0
         else:
             msg, culprit = f"rank 0 failed: {type(exc).__name__}: {exc}", 0
+        self.error = msg
         self.health.report(msg, culprit)
         self.health.exited("error")
         if culprit is not None and 1 <= culprit <= len(self.processes):
@@ -505,12 +571,14 @@ class PipelineDriver:
         if stay:
             renoised = payloads.pop(0)
             for i, r in enumerate(stay):
-                self.streams[r.stream].latents[r.chunk] = renoised[i: i + 1]
+                if r.stream in self.streams:            # (a stream closed meanwhile: dropped)
+                    self.streams[r.stream].latents[r.chunk] = renoised[i: i + 1]
         if done:
             x0 = payloads.pop(0)
             for i, r in enumerate(done):
                 frames = payloads.pop(0) if m.decoded else None
-                self.finished.append(Finished(r.chunk, x0[i: i + 1], frames, r))
+                if r.stream in self.streams:
+                    self.finished.append(Finished(r.chunk, x0[i: i + 1], frames, r))
         self._observe(m)
 
     def _observe(self, m: StepMeta) -> None:

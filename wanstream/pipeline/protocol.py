@@ -38,15 +38,18 @@ class ProtocolError(RuntimeError):
 
 
 class Kind(IntEnum):
-    START = 1      # new stream on every stage: settings (meta) + prompt embedding (payload 0)
-    PROMPT = 2     # new prompt embedding (payload 0); applies from the next call on
+    START = 1      # new pipeline stream state with one stream: settings (meta) + prompt embedding (payload 0)
+    PROMPT = 2     # new prompt embedding (payload 0) of a stream (meta: [stream], default the START stream)
     STEP = 3       # one DiT call travelling forward: hidden / latents, slot latents, timesteps
     RETURN = 4     # last stage → stage 0: re-noised slot latents, the finished chunk (latent, pixels)
     RECONFIG = 5   # a stream's cache rows change (a step change, after its drain): stream, rows
-    SEED = 6       # re-seed the last stage's re-noise source
+    SEED = 6       # re-seed the last stage's re-noise source (meta: [seed, stream])
     MOVE = 7       # move one block between neighbouring stages
     BLOCK = 8      # the moved block: weights, KV cache rows, prompt K/V (old owner → new owner)
     STOP = 9       # end of the pipeline: forwarded around the ring, then every rank exits
+    OPEN = 10      # one more stream (the engine's streams): settings + [stream, rows], prompt embedding
+    CLOSE = 11     # a stream leaves: its cache rows and prompt slot go back to the pool (meta: [stream])
+    RESET = 12     # a stream starts over: zeroed rows, fresh re-noise source and decoder ([stream, rows, seed])
 
 
 @dataclass

@@ -18,18 +18,20 @@ Randomness: the mixing noise comes from ``SeededNoise(seed)`` on rank 0, the re-
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..block_scheduler import SchedulerConfig
-from ..config import CacheConfig, StreamSettings
+from ..config import CacheConfig
 from ..engine import Engine
 from ..runner import Done, RunnerStream
 from ..session import StreamSession
 from .driver import PipelineDriver
-from .stage import STREAM
+
+log = logging.getLogger("wanstream.pipeline")
 
 RENOISE_SEED_OFFSET = 1_000_003
 
@@ -53,21 +55,20 @@ def default_devices(world: int, device: str | None = None) -> list[str]:
 class PipelineRunner:
     """The engine's runner over a launched pipeline (the interface of :class:`~wanstream.runner.Runner`): rank 0
     (this process) executes each call's first block range and sends it around the ring; the last rank settles the
-    rows and decodes; the RETURN brings re-noised rows and finished frames back. The pipeline serves one stream.
+    rows and decodes; the RETURN brings re-noised rows and finished frames back. Every stream of the engine's
+    group runs on the pipeline, batched in the engine's calls; a stream is opened on the ranks before its first
+    call (its seed is the engine stream's then).
     """
 
-    def __init__(self, driver: PipelineDriver, settings: StreamSettings, decoder: str, tokens_per_frame: int):
+    def __init__(self, driver: PipelineDriver, engine: Engine, decoder: str, tokens_per_frame: int,
+                 cache: CacheConfig):
         self.driver = driver
-        self.settings = settings
+        self.engine = engine
         self.decoder = decoder
         self.tokens_per_frame = tokens_per_frame
-        self._stream: RunnerStream | None = None
-        self._embedding: torch.Tensor | None = None
-        self._started = False
-
-    @property
-    def streams(self) -> dict:
-        return self.driver.streams
+        self.cache = cache
+        self.streams: dict = {}                       # every stream of the group (rank 0 holds the opened ones)
+        self._waiting: dict = {}                      # stream id → [rows, prompt]: not opened on the ranks yet
 
     @property
     def calls(self) -> int:
@@ -81,43 +82,82 @@ class PipelineRunner:
         """Encode time counts in rank 0's stage time (the block scheduler balances it)."""
         return self.driver.stage.timer.section("busy")
 
+    def _seed(self, stream_id) -> int:
+        return renoise_seed(self.engine.streams[stream_id].settings.seed)
+
     def add(self, stream: RunnerStream, rows: int) -> None:
-        if self._stream is not None:
-            raise ValueError("a pipeline serves one stream")
-        self._stream = stream            # the stream starts on every rank with its first prompt
+        if stream.id in self.streams:
+            raise ValueError(f"stream {stream.id!r} is already in this runner")
+        if stream.lora is not None:
+            raise ValueError("the pipeline does not run LoRAs")
+        self.streams[stream.id] = stream
+        self._waiting[stream.id] = [rows, None]
+
+    def _open(self, stream_id) -> None:
+        rows, prompt = self._waiting.pop(stream_id)
+        self.driver.open_stream(self.streams[stream_id], rows, prompt, renoise_seed=self._seed(stream_id),
+                                tokens_per_frame=self.tokens_per_frame, cache=self.cache, decode=self.decoder)
 
     def remove(self, stream_id) -> None:
-        self._stream = None
-        self._started = False
+        self.streams.pop(stream_id, None)
+        if self._waiting.pop(stream_id, None) is None and not self.driver.closed:
+            try:
+                self.driver.close_stream(stream_id)
+            except Exception:  # noqa: BLE001 - the pipeline failed meanwhile: it stopped, its error is recorded
+                log.warning("closing stream %s: the pipeline failed: %s", stream_id, self.driver.error)
 
     def set_prompt(self, stream_id, embedding: torch.Tensor) -> None:
-        self._embedding = embedding
-        if self._started:
-            self.driver.set_prompt(embedding)
+        if stream_id in self._waiting:
+            self._waiting[stream_id][1] = embedding
         else:
-            self._start()
+            self.driver.set_prompt(embedding, stream_id)
 
-    def _start(self) -> None:
-        st = self.settings
-        self.driver.start(self._embedding, tokens_per_frame=self.tokens_per_frame, noise=self._stream.noise,
-                          renoise_seed=renoise_seed(st.seed), steps=st.steps, batch=st.batch, cache=st.cache,
-                          decode=self.decoder)
-        self.driver.streams[STREAM] = self._stream
-        self._started = True
+    def set_lora(self, stream_id, strengths) -> None:
+        if strengths is not None:
+            raise ValueError("the pipeline does not run LoRAs")
 
     def reset(self, stream_id, rows: int) -> None:
-        self._stream.inputs.clear()
-        self._stream.latents.clear()
-        self._start()
+        st = self.streams[stream_id]
+        if stream_id in self._waiting:
+            st.inputs.clear()
+            st.latents.clear()
+            self._waiting[stream_id][0] = rows
+        else:
+            self.driver.reset_stream(stream_id, rows, self._seed(stream_id))
 
     def reseed(self, stream_id, seed: int) -> None:
-        self.driver.reseed(self._stream.noise, renoise_seed(seed))
+        if stream_id not in self._waiting:          # (a waiting stream opens with the engine stream's seed)
+            self.driver.reseed(self.streams[stream_id].noise, renoise_seed(seed), stream_id)
 
     def run(self, call) -> list[Done]:
+        for sid in [r.stream for r in call.rows] + [sid for sid, _ in call.resize]:
+            if sid in self._waiting:
+                self._open(sid)
         return [Done(f.row, f.latent, f.frames) for f in self.driver.execute(call)]
 
     def pending(self) -> list[Done]:
-        return [Done(f.row, f.latent, f.frames) for f in self.driver.collect()]
+        if not self.driver.started:
+            return []
+        try:
+            finished = self.driver.collect()
+        except Exception as exc:  # noqa: BLE001 - the pipeline failed: every stream on it ends with the reason
+            for sid in list(self.streams):
+                stream = self.engine.streams.get(sid)
+                if stream is not None:
+                    self.engine.fail(stream, f"the model failed on this stream (model): {type(exc).__name__}: {exc}")
+            return []
+        return [Done(f.row, f.latent, f.frames) for f in finished]
+
+
+def runner_factory(driver: PipelineDriver, decoder: str = "vae"):
+    """``Engine(model, runner_factory=...)`` over a launched pipeline: the engine's streams run on its ranks (one
+    size and cache setting: a second group is refused)."""
+    def factory(engine: Engine, width: int, height: int, cache: CacheConfig) -> PipelineRunner:
+        if engine.groups:
+            raise ValueError(f"the pipeline serves one size and cache setting; {width}x{height} with {cache} "
+                             f"would need a second one")
+        return PipelineRunner(driver, engine, decoder, driver.model.tokens_per_frame(height, width), cache)
+    return factory
 
 
 class PipelineSession(StreamSession):
@@ -147,17 +187,12 @@ class PipelineSession(StreamSession):
         self.driver = driver
         if driver.model.vae is None:
             raise ValueError("rank 0 needs the VAE to encode frames (launch with vae=True)")
-        settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
-                                  batch=batch, seed=seed, cache=cache or CacheConfig())
         model = driver.model
-
-        def runner(engine, w, h, cache_config):
-            return PipelineRunner(driver, settings, decoder, model.tokens_per_frame(h, w))
         try:
             super().__init__(model, prompt=prompt, prompt_embeds=prompt_embeds, width=width, height=height,
                              steps=steps, noise_scale=noise_scale, noise_controller=noise_controller, batch=batch,
-                             seed=seed, cache=cache, decoder=decoder, engine=Engine(model, runner_factory=runner))
-            self.stream.settings = settings             # the runner reads the stream's live settings
+                             seed=seed, cache=cache, decoder=decoder,
+                             engine=Engine(model, runner_factory=runner_factory(driver, decoder)))
         except BaseException:
             if not driver.closed:
                 driver.close()

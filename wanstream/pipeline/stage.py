@@ -38,7 +38,7 @@ from .transport import Health, Transport
 log = logging.getLogger("wanstream.pipeline")
 
 DECODE_NONE, DECODE_VAE, DECODE_TAEHV = 0, 1, 2
-STREAM = 0                      # the pipeline serves one stream (its id in every stage's cache pool)
+STREAM = 0                      # the stream of a START (the single-stream API); OPEN adds streams by id
 
 
 # ============================================================================================ loading
@@ -243,8 +243,8 @@ class Stage:
         self.timer = StageTimer(self.device)
         self.cfg: PipeConfig | None = None
         self.pool: KVPool | None = None
-        self.renoise = None
-        self.decoder = None
+        self.renoise: dict = {}         # last stage: each stream's re-noising source ...
+        self.decoders: dict = {}        # ... and its streaming decoder state
         self.epoch = 0
         self.calls = 0
         self.fault: str | None = None
@@ -272,42 +272,67 @@ class Stage:
 
     # -------------------------------------------------------------- stream state
     def start(self, cfg: PipeConfig, context: torch.Tensor) -> None:
-        """A new stream: fresh cache rows and prompt K/V for this stage's blocks, fresh re-noise source / decoder."""
+        """A new pipeline state with one stream (``STREAM``): fresh cache pool, its rows and prompt K/V for this
+        stage's blocks, its re-noise source / decoder."""
+        self.configure(cfg)
+        self.open_stream(STREAM, self.rows_for(cfg.steps), cfg.renoise_seed, context)
+
+    def configure(self, cfg: PipeConfig) -> None:
+        """Settings shared by every stream (resolution, cache, decoder) and an empty cache pool."""
         self.cfg = cfg
         self.policy = CachePolicy(cfg.cache)
         dit = self.dit
         self.pool = KVPool(self.layers, cfg.cache.capacity, cfg.tokens_per_frame, dit.heads, dit.head_dim,
                            self.model.dtype, self.device, text_len=dit.text_len)
-        self.pool.acquire(STREAM, self.rows_for(cfg.steps))
-        self.set_prompt(context)
-        if self.is_last:
-            self.renoise = SeededNoise(cfg.renoise_seed, self.device)
-            self.decoder = None
-            if cfg.decode == DECODE_VAE:
-                if self.model.vae is None:
-                    raise RuntimeError(f"rank {self.rank} decodes but was loaded without the VAE")
-                self.decoder = self.model.vae.new_state()
-            elif cfg.decode == DECODE_TAEHV:
-                if self.model.taehv is None:
-                    raise RuntimeError(f"rank {self.rank} decodes with TAEHV but was loaded without it")
-                from ..models.taehv import TAEHVStreamDecoder
-                self.decoder = TAEHVStreamDecoder(self.model.taehv)
+        self.renoise, self.decoders = {}, {}
+
+    def open_stream(self, stream: int, rows: int, renoise_seed: int, context: torch.Tensor) -> None:
+        """One more stream: its cache rows, prompt K/V, and (last stage) re-noise source and decoder."""
+        self.pool.acquire(stream, rows)
+        self.set_prompt(context, stream)
+        self._fresh_stream(stream, renoise_seed)
+
+    def close_stream(self, stream: int) -> None:
+        self.pool.release(stream)
+        self.renoise.pop(stream, None)
+        self.decoders.pop(stream, None)
+
+    def reset_stream(self, stream: int, rows: int, renoise_seed: int) -> None:
+        """A stream starts over (as the runner's reset): zeroed rows, fresh re-noise source and decoder."""
+        self.pool.resize(stream, rows)
+        lease = self.pool.leases[stream]
+        self.pool.zero_rows(slice(lease.row, lease.row + lease.rows))
+        self._fresh_stream(stream, renoise_seed)
+
+    def _fresh_stream(self, stream: int, renoise_seed: int) -> None:
+        if not self.is_last:
+            return
+        self.renoise[stream] = SeededNoise(renoise_seed, self.device)
+        self.decoders[stream] = None
+        if self.cfg.decode == DECODE_VAE:
+            if self.model.vae is None:
+                raise RuntimeError(f"rank {self.rank} decodes but was loaded without the VAE")
+            self.decoders[stream] = self.model.vae.new_state()
+        elif self.cfg.decode == DECODE_TAEHV:
+            if self.model.taehv is None:
+                raise RuntimeError(f"rank {self.rank} decodes with TAEHV but was loaded without it")
+            from ..models.taehv import TAEHVStreamDecoder
+            self.decoders[stream] = TAEHVStreamDecoder(self.model.taehv)
 
     def rows_for(self, steps: int) -> int:
         return len(step_list(steps, self.cfg.mode)) if self.cfg.batch else 1
 
-    def set_prompt(self, context: torch.Tensor) -> None:
+    def set_prompt(self, context: torch.Tensor, stream: int = STREAM) -> None:
         kv = self.dit.embed_prompt(context.to(self.device), layers=self.layers)
-        self.pool.set_prompt(STREAM, kv.k, kv.v)
+        self.pool.set_prompt(stream, kv.k, kv.v)
 
     def reconfigure_rows(self, stream: int, rows: int) -> None:
         """A stream's rows change (a step change, after its drain): re-laid as the runner does."""
         self.pool.resize(stream, rows)
 
-    def reseed(self, seed: int) -> None:
+    def reseed(self, seed: int, stream: int = STREAM) -> None:
         if self.is_last and self.cfg is not None:
-            self.cfg.renoise_seed = seed
-            self.renoise = SeededNoise(seed, self.device)
+            self.renoise[stream] = SeededNoise(seed, self.device)
 
     # -------------------------------------------------------------- compute
     def run(self, x: torch.Tensor, ts: torch.Tensor, m: StepMeta) -> torch.Tensor:
@@ -336,24 +361,24 @@ class Stage:
     def finish(self, x_lat: torch.Tensor, flow: torch.Tensor, ts: torch.Tensor, m: StepMeta) -> Message:
         """Last stage: the call's outcome (``runner.settle``: x0, re-noise, clean rows) and the decode of the
         clean rows → the RETURN message for stage 0 (re-noised rows, then clean rows, then their frames)."""
-        kept, finished = settle(self.sampler, x_lat, flow, ts, m.rows, lambda sid: self.renoise)
+        kept, finished = settle(self.sampler, x_lat, flow, ts, m.rows, self.renoise.__getitem__)
         out = StepMeta(m.epoch, [], m.grid, keep=len(kept), finished=len(finished))
         payloads = []
         if kept:
             payloads.append(torch.cat([x for _, x in kept]))
         if finished:
             payloads.append(torch.cat([x for _, x in finished]))
-            if self.decoder is not None:
-                payloads += [self._decode(x) for _, x in finished]
+            if self.cfg.decode != DECODE_NONE:
+                payloads += [self._decode(x, self.decoders[r.stream]) for r, x in finished]
                 out.decoded = True
         return Message(Kind.RETURN, meta=out.to_meta(), payloads=payloads)
 
-    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Clean latents → uint8 frames ``[T', H, W, 3]`` on this device."""
+    def _decode(self, latent: torch.Tensor, state) -> torch.Tensor:
+        """Clean latents → uint8 frames ``[T', H, W, 3]`` on this device (``state``: the stream's decoder)."""
         if self.cfg.decode == DECODE_VAE:
-            pixels = self.model.vae.decode(self.decoder, latent)
+            pixels = self.model.vae.decode(state, latent)
         else:
-            pixels = self.decoder.decode(latent)
+            pixels = state.decode(latent)
         frames = ((pixels[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
         return frames.permute(0, 2, 3, 1).contiguous()
 
@@ -419,15 +444,28 @@ class Stage:
                 tr.consume(msg)
                 self.start(PipeConfig.from_meta(msg.meta), msg.payloads[0])
                 self._forward(msg)
+            elif kind == Kind.OPEN:
+                tr.consume(msg)
+                cfg, (stream, rows, fresh) = PipeConfig.from_meta(msg.meta), msg.meta[-3:]
+                if fresh:
+                    self.configure(cfg)
+                self.open_stream(stream, rows, cfg.renoise_seed, msg.payloads[0])
+                self._forward(msg)
+            elif kind == Kind.CLOSE:
+                self.close_stream(msg.meta[0])
+                self._forward(msg)
+            elif kind == Kind.RESET:
+                self.reset_stream(*msg.meta[:3])
+                self._forward(msg)
             elif kind == Kind.PROMPT:
                 tr.consume(msg)
-                self.set_prompt(msg.payloads[0])
+                self.set_prompt(msg.payloads[0], *msg.meta[:1])
                 self._forward(msg)
             elif kind == Kind.RECONFIG:
                 self.reconfigure_rows(*msg.meta[:2])
                 self._forward(msg)
             elif kind == Kind.SEED:
-                self.reseed(msg.meta[0])
+                self.reseed(*msg.meta[:2])
                 self._forward(msg)
             elif kind == Kind.MOVE:
                 self._on_move(msg)

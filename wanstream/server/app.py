@@ -41,9 +41,10 @@ SECRET_HELP = "send the stream's secret (X-Stream-Secret header or ?secret=, giv
               "or the admin token"
 
 
-def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> FastAPI:
-    """The app; the model worker starts with the app (lifespan) and stops with it (recordings finished)."""
-    manager = SessionManager(model, settings, clock=clock)
+def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipeline=None) -> FastAPI:
+    """The app; the model worker starts with the app (lifespan) and stops with it (recordings finished).
+    ``pipeline``: a launched multi-rank pipeline whose rank 0 stage is ``model`` (stopped with the app)."""
+    manager = SessionManager(model, settings, clock=clock, pipeline=pipeline)
     executor = ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="wanstream-codec")
     loop_threads = min(32, (os.cpu_count() or 1) + 4)          # asyncio's default size
     default_executor = ThreadPoolExecutor(loop_threads, thread_name_prefix="wanstream-loop")
@@ -101,12 +102,17 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
 
     @app.get("/api/health")
     async def health():
-        """Liveness: "ok"; "degraded" when the model worker is gone; "stuck" when one model tick has run longer
-        than ``stuck_after_s`` (a hung kernel or call)."""
+        """Liveness: "ok"; "degraded" when the model worker is gone or a pipeline rank failed ("error" says
+        why); "stuck" when one model tick has run longer than ``stuck_after_s`` (a hung kernel or call)."""
         stuck = manager.worker.stuck_for()
-        status = ("degraded" if not manager.worker.alive else
+        failure = manager.failure()
+        status = ("degraded" if not manager.worker.alive or failure else
                   "stuck" if stuck > settings.stuck_after_s else "ok")
-        return {"status": status, "sessions": manager.count,
+        extra = {"error": failure} if failure else {}
+        if manager.pipeline is not None:
+            extra["pipeline"] = {"ranks": manager.pipeline.world, "devices": list(manager.pipeline.spec.devices),
+                                 "split": [list(r) for r in manager.pipeline.split]}
+        return {"status": status, **extra, "sessions": manager.count,
                 "capacity": settings.max_sessions, "device": str(getattr(model, "device", "cpu")),
                 "width": settings.width, "height": settings.height, "steps": settings.steps,
                 "transports": ["websocket"] + (["webrtc"] if WEBRTC_AVAILABLE else []),

@@ -59,7 +59,41 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="STUN/TURN server for WebRTC (repeatable; none by default)")
     p.add_argument("--webrtc-loopback-candidates", action="store_true",
                    help="use only the 127.0.0.1 ICE candidates of WebRTC offers (hermetic tests)")
+    from ..pipeline_parallel import add_pipeline_args
+    add_pipeline_args(p)       # --gpus 0,1,2,3 / --pipeline N: the server's engine runs on a pipeline of ranks
     return p
+
+
+PIPELINE_UNSUPPORTED = {"lora": "--lora", "taehv": "--taehv", "quantize": "--quantize", "compile": "--compile"}
+
+
+def check_pipeline_args(args) -> None:
+    """Refuse, before anything loads, what the pipeline does not run (its stages load no LoRA, no quantised or
+    compiled DiT, and rank 0 has no TAEHV for the engine's streams)."""
+    asked = [flag for name, flag in PIPELINE_UNSUPPORTED.items() if getattr(args, name, None)]
+    if asked:
+        raise ValueError(f"{', '.join(asked)} cannot be combined with --pipeline / --gpus (the pipeline does not "
+                         f"run {'them' if len(asked) > 1 else 'it'}); drop {'them' if len(asked) > 1 else 'it'} or "
+                         f"serve on one device")
+
+
+def load_serving_model(args, settings: ServerSettings):
+    """``(model, pipeline)``: the model on one device (pipeline None), or a launched pipeline and its rank 0
+    stage when ``--pipeline`` / ``--gpus`` asks for one."""
+    from ..models.loader import load_model
+    from ..pipeline_parallel import launch_pipeline, pipeline_requested
+    from ..presets import lora_specs
+    t0 = time.perf_counter()
+    if pipeline_requested(args):
+        check_pipeline_args(args)
+        driver = launch_pipeline(args, settings.decoder)
+        print(f"wanstream serve: model {args.model} on a pipeline of {driver.world} ranks "
+              f"({', '.join(driver.spec.devices)}) started in {time.perf_counter() - t0:.1f} s", flush=True)
+        return driver.model, driver
+    model = load_model(args.model, device=args.device, taehv=settings.decoder == "taehv", lora=lora_specs(args))
+    print(f"wanstream serve: model {args.model} on {model.device} loaded in {time.perf_counter() - t0:.1f} s"
+          + (f", LoRAs {', '.join(model.dit.lora.names)}" if model.dit.lora is not None else ""), flush=True)
+    return model, None
 
 
 def run_serve(args) -> int:
@@ -67,25 +101,24 @@ def run_serve(args) -> int:
     now)."""
     import uvicorn
 
-    from ..models.loader import load_model
-    from ..presets import lora_specs
     from .app import create_app, uvicorn_config
     settings = settings_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines%s", settings.host,
                     "" if settings.token else " WITHOUT a token (consider --token)")
-    t0 = time.perf_counter()
-    model = load_model(args.model, device=args.device, taehv=settings.decoder == "taehv", lora=lora_specs(args))
-    print(f"wanstream serve: model {args.model} on {model.device} loaded in {time.perf_counter() - t0:.1f} s"
-          + (f", LoRAs {', '.join(model.dit.lora.names)}" if model.dit.lora is not None else ""), flush=True)
-    app = create_app(model, settings)
-    config = uvicorn_config(app, settings)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    query = f"?token={settings.token}" if settings.token else ""
-    print(f"wanstream serve: open http://{host}:{settings.port}/{query}  "
-          f"({settings.width}x{settings.height}, up to {settings.max_sessions} sessions)", flush=True)
-    uvicorn.Server(config).run()
+    model, pipeline = load_serving_model(args, settings)
+    try:
+        app = create_app(model, settings, pipeline=pipeline)
+        config = uvicorn_config(app, settings)
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        query = f"?token={settings.token}" if settings.token else ""
+        print(f"wanstream serve: open http://{host}:{settings.port}/{query}  "
+              f"({settings.width}x{settings.height}, up to {settings.max_sessions} sessions)", flush=True)
+        uvicorn.Server(config).run()
+    finally:
+        if pipeline is not None and not pipeline.closed:   # the app never started (or its shutdown failed)
+            pipeline._abort(RuntimeError("the server stopped"))
     return 0
 
 

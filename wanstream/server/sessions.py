@@ -409,10 +409,14 @@ def estimate_session_bytes(model, width: int, height: int, steps: int = 4, cache
 
 
 class SessionManager:
-    """All sessions of the server, admission control and the model worker."""
+    """All sessions of the server, admission control and the model worker.
+
+    ``pipeline``: a launched :class:`~wanstream.pipeline.PipelineDriver` (``model`` is then its rank 0 stage):
+    the engine's calls, all streams batched, run on its ranks; a failed rank ends the streams (model errors),
+    :meth:`failure` says why, and :meth:`shutdown` stops the ranks."""
 
     def __init__(self, model, settings: ServerSettings, clock: Callable[[], float] = time.perf_counter,
-                 free_memory: Callable[[], int | None] | None = None):
+                 free_memory: Callable[[], int | None] | None = None, pipeline=None):
         from .worker import ModelWorker
         self.model = model
         self.settings = settings
@@ -422,7 +426,13 @@ class SessionManager:
         self.metrics = MetricsRegistry()
         self.totals = ServerTotals(capacity=lambda: settings.max_sessions,
                                    active=lambda: [s.stats for s in self.list()])
-        self.engine = Engine(model, slo=SLOConfig(target_latency_s=settings.target_latency_s), clock=clock)
+        self.pipeline = pipeline
+        runners = None
+        if pipeline is not None:
+            from ..pipeline.session import runner_factory
+            runners = runner_factory(pipeline, settings.decoder)
+        self.engine = Engine(model, slo=SLOConfig(target_latency_s=settings.target_latency_s), clock=clock,
+                             runner_factory=runners)
         self.engine.on_fault = self._on_fault
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanstream-prompts")
         self.worker = ModelWorker(self)
@@ -443,6 +453,10 @@ class SessionManager:
     def open(self, transport: str, loop: asyncio.AbstractEventLoop | None = None) -> Session:
         """A new session, or :class:`ServerFull` (existing sessions are not touched)."""
         s = self.settings
+        failure = self.failure()
+        if failure is not None:
+            self.totals.add("sessions_rejected")
+            raise ServerFull(f"The server cannot take streams: its model pipeline failed ({failure}).")
         with self._lock:
             if len(self._sessions) >= s.max_sessions:
                 self.totals.add("sessions_rejected")
@@ -496,8 +510,17 @@ class SessionManager:
             return len(self._sessions)
 
     # ------------------------------------------------------------------ lifecycle
+    def failure(self) -> str | None:
+        """Why the model cannot serve any more (a pipeline rank failed); None while it can."""
+        return self.pipeline.failure() if self.pipeline is not None else None
+
     def reap_idle(self) -> list[Session]:
-        """Close the sessions without input for ``idle_timeout_s``."""
+        """Close the sessions without input for ``idle_timeout_s`` (and every session once the model pipeline
+        failed: a session waiting for input would otherwise learn it only with its next chunk)."""
+        failure = self.failure()
+        if failure is not None:
+            for s in self.list():
+                s.fail("model_error", f"the model pipeline failed: {failure}")
         now = self.clock()
         idle = [s for s in self.list() if now - s.last_input > self.settings.idle_timeout_s]
         for s in idle:
@@ -521,5 +544,19 @@ class SessionManager:
         for s in self.list():
             s.close("server shutdown")
         self.worker.stop()
+        self._stop_pipeline()
         self._prompts.shutdown(wait=False, cancel_futures=True)
         self.recordings.stop_all(wait=True)
+
+    def _stop_pipeline(self) -> None:
+        """Stop every rank: cleanly once the worker is gone, at once if a model tick is still stuck in it."""
+        drv = self.pipeline
+        if drv is None or drv.closed:
+            return
+        if self.worker.alive:
+            drv._abort(RuntimeError("server shutdown while a model tick was still running"))
+            return
+        try:
+            drv.close()
+        except Exception:  # noqa: BLE001 - close() stopped the ranks the hard way; shutdown goes on
+            log.exception("stopping the pipeline")
