@@ -36,7 +36,7 @@ from .chunking import ChunkBuffer, ChunkInfo
 from .config import CacheConfig, StreamSettings
 from .io.video import FIT_MODES, fit_frames
 from .kv_cache import CachePolicy, KVPool
-from .noise import NoiseSource, SeededNoise
+from .noise import NoiseSource, SeededNoise, renoise_seed
 from .noise_controller import NoiseController
 from .runner import ChunkInput, Done, Runner, RunnerStream
 from .scheduler import (Decision, LatencyModel, Scheduler, SLOConfig, Stage, StreamSchedule, StreamView,
@@ -107,12 +107,20 @@ class EngineStream:
         self._fresh()
 
     # ------------------------------------------------------------------------------------------ state
+    def hand_noise(self) -> None:
+        """The runner's copy of this stream's noise sources (after a reset or a new seed)."""
+        rs = self.group.runner.streams[self.id]
+        rs.noise, rs.renoise_source = self.noise, self.renoise
+
     def _fresh(self) -> None:
         """A new stream (also a reset): schedule, noise, controller, VAE caches, chunk bookkeeping."""
         m = self.engine.model
         st = self.settings
         self.schedule = StreamSchedule(self.id, st.steps, batch=st.batch, cache=st.cache, lag=self.group.runner.lag)
         self.noise = self._injected_noise or SeededNoise(st.seed, m.device)
+        # re-noising between steps draws from its own source (as on a pipeline's last rank); injected noise
+        # (a replayed reference run) serves both
+        self.renoise = None if self._injected_noise is not None else SeededNoise(renoise_seed(st.seed), m.device)
         self.controller = NoiseController(st.noise_scale, enabled=st.noise_controller)
         self.prev_frame: torch.Tensor | None = None
         self.enc_state = m.vae.new_state()
@@ -236,7 +244,8 @@ class Engine:
             s = EngineStream(self, sid, group, settings=settings, width=width, height=height, decoder=decoder,
                              embedding=embedding, noise=noise, max_queue_chunks=max_queue_chunks,
                              target_latency_s=target_latency_s, buffer=buffer, fit=fit)
-            group.runner.add(RunnerStream(sid, s.noise, lora=settings.lora), s.schedule.rows)
+            group.runner.add(RunnerStream(sid, s.noise, lora=settings.lora, renoise_source=s.renoise),
+                             s.schedule.rows)
             group.runner.set_prompt(sid, embedding)
             group.streams.append(s)
             self.streams[sid] = s
@@ -505,7 +514,7 @@ class Engine:
                     s._transition = None
                     s.group.runner.set_prompt(s.id, s._embedding)
                 s._fresh()
-                s.group.runner.streams[s.id].noise = s.noise
+                s.hand_noise()
                 stages = []
             elif kind == "prompt":
                 embedding, k = value
@@ -525,7 +534,8 @@ class Engine:
                 s.settings.seed = value
                 if s._injected_noise is None:
                     s.noise = SeededNoise(value, m.device)
-                    s.group.runner.streams[s.id].noise = s.noise
+                    s.renoise = SeededNoise(renoise_seed(value), m.device)
+                    s.hand_noise()
                     s.group.runner.reseed(s.id, value)
             elif kind == "steps":
                 s.settings.steps = value

@@ -13,6 +13,15 @@ import torch
 
 NoiseSource = Callable[[Sequence[int]], torch.Tensor]
 
+RENOISE_SEED_OFFSET = 1_000_003
+
+
+def renoise_seed(seed: int) -> int:
+    """Seed of a stream's re-noising source (the noise a latent gets between its denoising steps) for a stream
+    seeded with ``seed``. Its own source, apart from the mixing noise, so that a stream gives the same frames on
+    one device and on a pipeline of ranks (where re-noising happens on the last rank)."""
+    return int(seed) + RENOISE_SEED_OFFSET
+
 
 class SeededNoise:
     def __init__(self, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

@@ -32,8 +32,7 @@ pytest.importorskip("websockets", reason="the WebSocket transport needs the webs
 from server_helpers import H, W, LiveServer, WSClient, server_settings, stream_until, wait_until  # noqa: E402
 from wanstream.engine import Engine  # noqa: E402
 from wanstream.kv_cache import CachePolicy, KVPool  # noqa: E402
-from wanstream.noise import SeededNoise  # noqa: E402
-from wanstream.pipeline import PipelineDriver, renoise_seed  # noqa: E402
+from wanstream.pipeline import PipelineDriver  # noqa: E402
 from wanstream.pipeline.session import runner_factory  # noqa: E402
 from wanstream.runner import Runner  # noqa: E402
 from wanstream.session import StreamSession  # noqa: E402
@@ -70,11 +69,11 @@ def lagged_runners(lag: int):
 
 
 def reference(model, clip, prompt, seed, change_at, change):
-    """One device, alone, the pipeline's schedule and noise sources, the live change before chunk ``change_at``:
+    """One device, alone, with the pipeline's schedule (its own noise sources are the pipeline's), the live change
+    before chunk ``change_at``:
     outputs (index → image) and which indices are out after each chunk."""
     s = StreamSession(model, prompt=prompt, width=W, height=H, steps=2, noise_scale=0.8, seed=seed,
                       engine=Engine(model, runner_factory=lagged_runners(RANKS)))
-    s.stream.group.runner.streams[s.stream.id].renoise_source = SeededNoise(renoise_seed(seed), model.device)
     images, after = {}, []
     for k, (start, frames) in enumerate(chunks_of(clip)):
         out = s.update(**change) if k == change_at else []

@@ -27,18 +27,13 @@ import torch
 from ..block_scheduler import SchedulerConfig
 from ..config import CacheConfig
 from ..engine import Engine
+from ..noise import renoise_seed
 from ..runner import Done, RunnerStream
 from ..session import StreamSession
 from .driver import PipelineDriver
 
 log = logging.getLogger("wanstream.pipeline")
 
-RENOISE_SEED_OFFSET = 1_000_003
-
-
-def renoise_seed(seed: int) -> int:
-    """Seed of the last rank's re-noising source for a stream seeded with ``seed``."""
-    return int(seed) + RENOISE_SEED_OFFSET
 
 
 def default_devices(world: int, device: str | None = None) -> list[str]:
