@@ -26,7 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import Caller, Guard, caller_of
 from .connections import guarded_http_protocol, redact_uvicorn_logs
+from .osc import OSCControl
 from .params import ParamsUpdate
+from .preset_routes import preset_router
 from .protocol import describe_errors
 from .sessions import SessionManager
 from .settings import ServerSettings
@@ -50,6 +52,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
     totals = manager.totals
     store = manager.recordings
     _export_bounds(model, settings, manager)
+    osc = OSCControl(manager) if settings.osc_port is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,11 +63,15 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
         _start_threads(executor, settings.codec_threads)
         _start_threads(default_executor, loop_threads)
         manager.start()
+        if osc is not None:
+            osc.start()
         reaper = asyncio.ensure_future(_reap(manager))
         try:
             yield
         finally:
             reaper.cancel()
+            if osc is not None:
+                osc.stop()
             for pc in list(peers):
                 with contextlib.suppress(Exception):
                     await pc.close()
@@ -78,6 +85,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
     app.add_middleware(Guard, settings=settings, totals=totals)
     app.state.manager = manager
     app.state.settings = settings
+    app.state.osc = osc
 
     async def caller(request: Request) -> Caller:       # async: a sync dependency would cost a worker thread
         return caller_of(request.scope)
@@ -154,6 +162,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.include_router(ws_router(manager, executor))
+    app.include_router(preset_router(manager, controlled, caller))
     app.include_router(webrtc_router(manager, executor, peers))
 
     @app.exception_handler(StarletteHTTPException)      # FastAPI's own, and Starlette's (404 route, 400 body)
