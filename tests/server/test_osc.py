@@ -27,8 +27,10 @@ from wanstream.server.stats import ServerTotals  # noqa: E402
 def srv(tiny_model, tmp_path_factory):
     with LiveServer(tiny_model, server_settings(tmp_path_factory.mktemp("osc"), osc_port=0)) as s:
         s.osc = SimpleUDPClient("127.0.0.1", s.app.state.osc.port)
+        thread = s.app.state.osc._thread
+        assert thread.is_alive()
         yield s
-    assert s.app.state.osc.port is None                 # stopped with the app
+    assert s.app.state.osc.port is None and not thread.is_alive()      # stopped with the app
 
 
 def osc_counts(srv) -> dict[str, float]:
@@ -147,3 +149,54 @@ def test_to_update_maps_addresses_to_the_live_schema():
     assert to_update(["reset"], [], current).reset is True
     assert not to_update(["reset"], [0], current).model_fields_set                # a button's release
     assert to_update(["prompts"], ["a", 1, "b", 2.0], current).prompts[1].weight == 2.0
+
+
+@pytest.fixture(scope="module")
+def lora_srv(tiny_model, tiny_model_dir, tmp_path_factory):
+    """A server whose model has a LoRA named ``ink`` (default strength 0.25), with OSC."""
+    from lora_files import random_lora, write_lora
+
+    from wanstream.models.loader import load_model
+    lora = random_lora(tiny_model.dit, ["blocks.0.attn1.to_q", "blocks.0.attn2.to_k"], seed=5, alpha=8.0, std=0.3)
+    path = write_lora(lora, "kohya", tmp_path_factory.mktemp("lora"), "ink")
+    model = load_model(tiny_model_dir, device="cpu", lora=[f"{path}:0.25"])
+    with LiveServer(model, server_settings(tmp_path_factory.mktemp("osc_lora"), osc_port=0)) as s:
+        s.osc = SimpleUDPClient("127.0.0.1", s.app.state.osc.port)
+        yield s
+
+
+def test_lora_strength_over_osc_and_in_the_saved_preset(lora_srv, clip):
+    srv = lora_srv
+    c = WSClient(srv.ws_url)
+    sid, secret = c.ready()["session"], c.ready()["secret"]
+    session = srv.manager.get(sid)
+    own = {"X-Stream-Secret": secret}
+    status, saved = srv.http("GET", f"/api/sessions/{sid}/preset", headers=own)
+    assert status == 200 and saved["loras"] == [{"path": "ink.safetensors", "strength": 0.25}]   # load-time default
+    stream_until(c, clip, 4)
+    before = osc_counts(srv)
+    srv.osc.send_message(f"/wanstream/{sid}/{secret}/lora/ink", 0.5)
+    srv.osc.send_message(f"/wanstream/{sid}/{secret}/lora/oil", 0.5)              # not loaded: dropped
+    wait_until(lambda: session.params.lora == {"ink": 0.5}, 30, "OSC LoRA strength")
+    wait_counts(srv, before, applied=1, invalid=1)
+    start = c.frame_count
+    stream_until(c, clip, start + 4)
+    assert session.stream.settings.lora == (0.5,)                                 # the stream runs at 0.5
+    status, saved = srv.http("GET", f"/api/sessions/{sid}/preset", headers=own)
+    assert saved["loras"] == [{"path": "ink.safetensors", "strength": 0.5}]
+    saved["loras"][0] = {"path": "styles/ink.safetensors", "strength": 0.0}        # matched by name, not path
+    status, body = srv.http("POST", f"/api/sessions/{sid}/preset", saved, headers=own)
+    assert status == 200 and body["params"]["lora"] == {"ink": 0.0}
+    c.close()
+    wait_until(lambda: srv.manager.count == 0, 30, "session freed")
+
+
+def test_serve_flag():
+    import argparse
+
+    from wanstream.server.cli import configure_serve_parser, settings_from_args
+    parser = configure_serve_parser(argparse.ArgumentParser())
+    assert settings_from_args(parser.parse_args(["--model", "m"])).osc_port is None          # off by default
+    assert settings_from_args(parser.parse_args(["--model", "m", "--osc-port", "9000"])).osc_port == 9000
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--osc-port", "70000"])
