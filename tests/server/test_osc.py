@@ -200,3 +200,14 @@ def test_serve_flag():
     assert settings_from_args(parser.parse_args(["--model", "m", "--osc-port", "9000"])).osc_port == 9000
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--osc-port", "70000"])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # uvicorn's sys.exit(3)
+def test_an_osc_port_in_use_fails_the_start(tiny_model, tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        server = LiveServer(tiny_model, server_settings(tmp_path, osc_port=busy.getsockname()[1]))
+        with pytest.raises(AssertionError, match="failed to start"):
+            server.__enter__()
+        server.thread.join(30)
+        assert not server.thread.is_alive()

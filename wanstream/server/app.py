@@ -56,6 +56,8 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if osc is not None:
+            osc.start()                 # first: a port in use fails the start-up before anything else runs
         # aiortc encodes / decodes on the loop's default executor. Both pools start all their threads now, so
         # the server's thread count is flat in use and any growth is a leak (see scripts/soak.py).
         loop = asyncio.get_running_loop()
@@ -63,8 +65,6 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
         _start_threads(executor, settings.codec_threads)
         _start_threads(default_executor, loop_threads)
         manager.start()
-        if osc is not None:
-            osc.start()
         reaper = asyncio.ensure_future(_reap(manager))
         try:
             yield

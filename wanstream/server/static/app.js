@@ -380,7 +380,7 @@
       $("start").disabled = false;
       return;
     }
-    sendParams(uiParams());
+    sendParams(startParams());
     setStatus(`live · ${transport === "webrtc" ? "WebRTC" : "WebSocket"}`, "live");
     $("stop").disabled = false;
   }
@@ -525,11 +525,19 @@
       showPreset(reply.params);
       clearBanner();
       S.loadedPreset = reply.params;
+      if (!S.session) S.pendingPreset = reply.params;
     } catch (err) {
       banner(err.message);
     }
   }
   S.loadPreset = loadPreset;
+  function startParams() {
+    // the controls, and a preset loaded before Start (its blend and LoRA strengths are not on the controls)
+    const p = { ...uiParams(), ...(S.pendingPreset || {}) };
+    if (S.pendingPreset && S.pendingPreset.prompts) delete p.prompt;
+    S.pendingPreset = null;
+    return p;
+  }
   $("preset-file").onchange = async () => {
     const file = $("preset-file").files[0];
     $("preset-file").value = "";
