@@ -474,6 +474,8 @@
     return body;
   }
 
+  const liveSession = () => (conn && S.session ? S.session : null);   // S.session stays set after Stop
+
   function uiPreset() {
     const p = uiParams();
     const blend = S.params && S.params.prompts;
@@ -494,8 +496,9 @@
   $("preset-save").onclick = async () => {
     try {
       // a stream's own state (with its LoRA strengths) when one runs; else the page's controls, normalised
-      const preset = S.session
-        ? await presetCall(ownApi(`/api/sessions/${encodeURIComponent(S.session)}/preset`))
+      const sid = liveSession();
+      const preset = sid
+        ? await presetCall(ownApi(`/api/sessions/${encodeURIComponent(sid)}/preset`))
         : (await presetCall(api("/api/presets/validate"), { method: "POST", body: JSON.stringify(uiPreset()) })).preset;
       const a = document.createElement("a");
       a.href = URL.createObjectURL(new Blob([JSON.stringify(preset, null, 2) + "\n"], { type: "application/json" }));
@@ -519,13 +522,14 @@
     try {
       const body = JSON.stringify(preset);
       // on a stream: validated and applied in one call; else validated, and shown on the controls
-      const reply = S.session
-        ? await presetCall(ownApi(`/api/sessions/${encodeURIComponent(S.session)}/preset`), { method: "POST", body })
+      const sid = liveSession();
+      const reply = sid
+        ? await presetCall(ownApi(`/api/sessions/${encodeURIComponent(sid)}/preset`), { method: "POST", body })
         : await presetCall(api("/api/presets/validate"), { method: "POST", body });
       showPreset(reply.params);
       clearBanner();
       S.loadedPreset = reply.params;
-      if (!S.session) S.pendingPreset = reply.params;
+      if (!sid) S.pendingPreset = reply.params;
     } catch (err) {
       banner(err.message);
     }
