@@ -56,6 +56,7 @@ def test_prompt_and_steps_over_osc_reach_the_stream(srv, clip):
     ready = c.ready()
     sid, secret = ready["session"], ready["secret"]
     session = srv.manager.get(sid)
+    assert srv.http("GET", "/api/health")[1]["osc_port"] == srv.app.state.osc.port   # what the page shows
     stream_until(c, clip, 4)                            # the stream exists and runs
     before = osc_counts(srv)
     srv.osc.send_message(f"/wanstream/{sid}/prompt", [secret, "an ink wash painting"])   # secret as argument

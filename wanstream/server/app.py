@@ -118,6 +118,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
                 "width": settings.width, "height": settings.height, "steps": settings.steps,
                 "transports": ["websocket"] + (["webrtc"] if WEBRTC_AVAILABLE else []),
                 "limits": {"max_frame_bytes": settings.max_frame_bytes, "prompt_chars": 2000},
+                "osc_port": osc.port if osc is not None else None,
                 "worker": {"chunks": manager.worker.chunks, "busy_s": round(manager.worker.busy_s, 3),
                            "running_for_s": round(stuck, 3)}}
 

@@ -132,6 +132,7 @@
         S.secret = msg.secret || null;
         $("server-info").textContent = `session ${msg.session.slice(0, 8)} · ${msg.width}x${msg.height}`;
         if (!$("prompt").value.trim()) { $("prompt").value = msg.params.prompt; countPrompt(); }
+        showOsc();
         break;
       case "params":
         S.paramAcks += 1;
@@ -465,6 +466,16 @@
   };
   addBlendRow("", 0.5);
   addBlendRow("", 0.5);
+
+  // ------------------------------------------------------------------ OSC (when the server has --osc-port)
+  function showOsc() {
+    const port = S.health && S.health.osc_port;
+    $("osc").classList.toggle("hidden", !port || !S.secret);
+    if (!port || !S.secret) return;
+    $("osc-target").textContent = `udp ${location.hostname}:${port}`;
+    S.oscAddress = `/wanstream/${S.session}/${S.secret}/`;
+    $("osc-address").textContent = `${S.oscAddress}<param>`;
+  }
 
   // ------------------------------------------------------------------ presets (format and checks: the server's)
   async function presetCall(path, init = {}) {
