@@ -2,9 +2,10 @@
 
 Routes: ``/`` the page (static files, no build step), ``/api/ws`` WebSocket stream, ``/api/webrtc/offer``
 WebRTC, ``/api/health``, ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``), ``/api/recordings`` (+ ``/{file}``),
-``/metrics`` (Prometheus). Who may call what is decided in :mod:`.auth` before any route runs (Host / Origin,
-the access token, bounded bodies); a stream's details, parameters and recordings over HTTP need its secret or
-the admin token.
+``/metrics`` (Prometheus), presets (``/api/presets/validate``, ``/api/sessions/{id}/preset``: :mod:`.preset_routes`);
+OSC control over UDP with ``osc_port`` (:mod:`.osc`, started and stopped with the app). Who may call what is
+decided in :mod:`.auth` before any route runs (Host / Origin, the access token, bounded bodies); a stream's
+details, parameters and recordings over HTTP need its secret or the admin token.
 """
 
 from __future__ import annotations
