@@ -92,7 +92,7 @@ class Preset(ParamsUpdate):
         """Write the preset; LoRA paths are rewritten relative to the new file's folder (same files)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.model_dump(mode="json", exclude_none=True, exclude=set(_NOT_IN_PRESET))
+        data = self.to_dict()
         folder = path.resolve().parent
         for entry, spec in zip(data["loras"], self.lora_specs()):
             entry["path"] = os.path.relpath(spec.path.resolve(), folder)
@@ -100,6 +100,10 @@ class Preset(ParamsUpdate):
         return path
 
     # ------------------------------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict:
+        """The preset as a file holds it (JSON types; the live-only fields left out)."""
+        return self.model_dump(mode="json", exclude_none=True, exclude=set(_NOT_IN_PRESET))
+
     def lora_specs(self) -> list[LoRASpec]:
         """The LoRAs to load (relative paths resolved against the preset file's folder)."""
         base = self._folder or Path.cwd()

@@ -120,6 +120,8 @@ def run_transport(browser, base: str, transport: str, server_pid: int, shot: Pat
     r["params_roundtrip"] = (server_view["steps"] == 3 and server_view["seed"] == 7
                              and server_view["noise_scale"] == 0.5 and server_view["fit"] == "pad"
                              and server_view["prompt"] == "a pencil sketch of a harbour")
+    r["presets"] = check_presets(page, base, transport, session_id, secret)
+    r["osc"] = check_osc(page, transport)
     before = page.evaluate("wanstream.framesOut")
     wait_js(page, f"wanstream.framesOut >= {before + 8}", 60, f"{transport}: frames after the parameter change")
     r["frames_after_params"] = page.evaluate("wanstream.framesOut") - before
@@ -156,6 +158,35 @@ def run_transport(browser, base: str, transport: str, server_pid: int, shot: Pat
     r["freed_after_stop"] = get_json(f"{base}/api/sessions")["count"] == 0
     page.close()
     return r
+
+
+def check_osc(page, transport: str) -> dict:
+    """The page shows its OSC address (``serve --osc-port``); a message sent there reaches the page's controls."""
+    from pythonosc.udp_client import SimpleUDPClient
+    target = page.text_content("#osc-target")               # "udp HOST:PORT" (in the closed <details>)
+    host, port = target.split()[1].rsplit(":", 1)
+    SimpleUDPClient(host, int(port)).send_message(page.evaluate("wanstream.oscAddress") + "seed", 4242)
+    wait_js(page, "wanstream.params && wanstream.params.seed === 4242", 30, f"{transport}: OSC change on the page")
+    return {"target": target, "shown": page.is_visible("#osc"), "seed_on_page": page.input_value("#seed")}
+
+
+def check_presets(page, base: str, transport: str, session_id: str, secret: str) -> dict:
+    """Save preset downloads the stream's state; Load preset shows a refused file's field and applies a good one."""
+    with page.expect_download(timeout=30_000) as download:
+        page.click("#preset-save")
+    saved = json.loads(Path(download.value.path()).read_text())
+
+    def load(name: str, preset: dict) -> None:
+        page.set_input_files("#preset-file", files=[{"name": name, "mimeType": "application/json",
+                                                     "buffer": json.dumps(preset).encode()}])
+    load("bad.json", {**saved, "steps": 9})
+    wait_js(page, "wanstream.messages.some(m => m.text.includes('steps:'))", 30, f"{transport}: preset error shown")
+    banner = page.inner_text("#banner-text")
+    load("good.json", {**saved, "steps": 1, "seed": 11})
+    wait_js(page, "wanstream.loadedPreset && wanstream.loadedPreset.seed === 11", 30, f"{transport}: preset loaded")
+    server_view = get_json(f"{base}/api/sessions/{session_id}?secret={secret}")["params"]
+    return {"saved": saved, "error_banner": banner, "applied": server_view["steps"] == 1 and server_view["seed"] == 11,
+            "page_steps": page.evaluate("wanstream.params.steps")}
 
 
 def run_server_full(browser, base: str, record_dir: Path) -> dict:
@@ -226,7 +257,8 @@ def main() -> int:
     log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "wanstream.server", "--model", args.model, "--port", str(port),
                                "--resolution", args.resolution, "--max-sessions", "1", "--record-dir",
-                               str(work / "recordings"), "--webrtc-loopback-candidates", "--idle-timeout", "30"],
+                               str(work / "recordings"), "--webrtc-loopback-candidates", "--idle-timeout", "30",
+                               "--osc-port", "0"],
                               stdout=log, stderr=subprocess.STDOUT)
     report: dict = {"port": port, "netns_interfaces": sorted(name for _, name in socket.if_nameindex())}
     try:

@@ -57,6 +57,11 @@ def test_browser_stream_params_and_stats(browser_run, transport):
     assert r["stats_ok"], r["stats_line"]                                # the stats line shows live numbers
     assert r["server_stats"]["frames_out"] > 0
     assert r["freed_after_stop"]                                         # Stop frees the session
+    o = r["osc"]                                                         # OSC address shown, message applied
+    assert o["target"].startswith("udp 127.0.0.1:") and o["shown"] and o["seed_on_page"] == "4242", o
+    p = r["presets"]                                                     # Save / Load preset
+    assert p["saved"]["format"] == "wanstream-preset" and p["saved"]["steps"] == 3 and p["saved"]["seed"] == 7, p
+    assert "steps:" in p["error_banner"] and p["applied"] and p["page_steps"] == 1, p
     d = r["download"]                                                    # the page's link carries the secret
     assert d["status"] == 200 and d["ftyp"] == "ftyp" and d["bytes"] > 0 and d["has_secret"], d
     assert r["page_errors"] == []

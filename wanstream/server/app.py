@@ -1,10 +1,12 @@
 """The live server: a FastAPI app over one shared model (``wanstream serve``).
 
 Routes: ``/`` the page (static files, no build step), ``/api/ws`` WebSocket stream, ``/api/webrtc/offer``
-WebRTC, ``/whip/{stream}`` and ``/whep/{stream}`` (WHIP ingest / WHEP egress, :mod:`.whip`), ``/api/health``, ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``), ``/api/recordings`` (+ ``/{file}``),
-``/metrics`` (Prometheus). Who may call what is decided in :mod:`.auth` before any route runs (Host / Origin,
-the access token, bounded bodies); a stream's details, parameters and recordings over HTTP need its secret or
-the admin token.
+WebRTC, ``/whip/{stream}`` and ``/whep/{stream}`` (WHIP ingest / WHEP egress, :mod:`.whip`), ``/api/health``,
+``/api/sessions`` (+ ``/{id}``, ``/{id}/params``), ``/api/recordings`` (+ ``/{file}``), ``/metrics``
+(Prometheus), presets (``/api/presets/validate``, ``/api/sessions/{id}/preset``: :mod:`.preset_routes`); OSC
+control over UDP with ``osc_port`` (:mod:`.osc`, started and stopped with the app). Who may call what is decided
+in :mod:`.auth` before any route runs (Host / Origin, the access token, bounded bodies); a stream's details,
+parameters and recordings over HTTP need its secret or the admin token.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import Caller, Guard, caller_of
 from .connections import guarded_http_protocol, redact_uvicorn_logs
+from .osc import OSCControl
 from .params import ParamsUpdate
+from .preset_routes import preset_router
 from .protocol import describe_errors
 from .sessions import SessionManager
 from .settings import ServerSettings
@@ -52,9 +56,12 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     totals = manager.totals
     store = manager.recordings
     _export_bounds(model, settings, manager)
+    osc = OSCControl(manager) if settings.osc_port is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if osc is not None:
+            osc.start()                 # first: a port in use fails the start-up before anything else runs
         # aiortc encodes / decodes on the loop's default executor. Both pools start all their threads now, so
         # the server's thread count is flat in use and any growth is a leak (see scripts/soak.py).
         loop = asyncio.get_running_loop()
@@ -67,6 +74,8 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
             yield
         finally:
             reaper.cancel()
+            if osc is not None:
+                osc.stop()
             for pc in list(peers):
                 with contextlib.suppress(Exception):
                     await pc.close()
@@ -80,6 +89,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     app.add_middleware(Guard, settings=settings, totals=totals)
     app.state.manager = manager
     app.state.settings = settings
+    app.state.osc = osc
 
     async def caller(request: Request) -> Caller:       # async: a sync dependency would cost a worker thread
         return caller_of(request.scope)
@@ -117,6 +127,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
                 "width": settings.width, "height": settings.height, "steps": settings.steps,
                 "transports": ["websocket"] + (["webrtc"] if WEBRTC_AVAILABLE else []),
                 "limits": {"max_frame_bytes": settings.max_frame_bytes, "prompt_chars": 2000},
+                "osc_port": osc.port if osc is not None else None,
                 "worker": {"chunks": manager.worker.chunks, "busy_s": round(manager.worker.busy_s, 3),
                            "running_for_s": round(stuck, 3)}}
 
@@ -161,6 +172,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.include_router(ws_router(manager, executor))
+    app.include_router(preset_router(manager, controlled, caller))
     app.include_router(webrtc_router(manager, executor, peers))
     app.include_router(whip_router(manager, executor, peers))
 

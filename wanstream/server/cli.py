@@ -36,6 +36,9 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH]",
                    help="load a Wan LoRA (repeatable); each session sets its strengths by name (params.lora), "
                         "default STRENGTH (1)")
+    p.add_argument("--osc-port", type=int_in(0, 65535, "OSC port"), default=None, metavar="PORT",
+                   help="accept OSC control (UDP) on this port of --host: /wanstream/<session>/<param> with the "
+                        "stream's secret (see docs/integrations.md); off by default")
     p.add_argument("--resolution", type=resolution, default=(512, 512), help="WxH, multiples of 16")
     p.add_argument("--steps", type=int_in(1, 4, "steps"), default=2, help="default denoising steps (1-4)")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder (needs taew2_1.pth)")
@@ -115,6 +118,9 @@ def run_serve(args) -> int:
         query = f"?token={settings.token}" if settings.token else ""
         print(f"wanstream serve: open http://{host}:{settings.port}/{query}  "
               f"({settings.width}x{settings.height}, up to {settings.max_sessions} sessions)", flush=True)
+        if settings.osc_port is not None:
+            print(f"wanstream serve: OSC control on udp {host}:{settings.osc_port} (see docs/integrations.md)",
+                  flush=True)
         uvicorn.Server(config).run()
     finally:
         if pipeline is not None and not pipeline.closed:   # the app never started (or its shutdown failed)
@@ -143,7 +149,7 @@ def settings_from_args(args) -> ServerSettings:
                           prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), max_connections=args.max_connections,
                           ice_servers=list(args.ice_server), webrtc_loopback_candidates=args.webrtc_loopback_candidates,
                           decoder="taehv" if args.taehv else "vae",
-                          whep_max_viewers=args.whep_max_viewers)
+                          whep_max_viewers=args.whep_max_viewers, osc_port=args.osc_port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,11 @@ class ServerSettings:
     prompt_cache_bytes: int = 64 * 2**20    # text encoder prompt cache (embeddings kept to their true length)
     heap_trim_s: float = 10.0               # while streams run, freed host heap goes back to the OS this often
     stuck_after_s: float = 30.0             # /api/health says "stuck" when one model tick runs longer than this
+    # --- OSC control (see osc.py): off unless a port is given (0: any free port); UDP on `host`
+    osc_port: int | None = None
+    osc_rate: float = 200.0                 # OSC messages per second per source address (token bucket) ...
+    osc_burst: int = 400                    # ... and its burst
+    osc_max_sources: int = 1024             # source addresses with a bucket (the least recent is forgotten)
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -80,6 +85,10 @@ class ServerSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_recordings_per_session < 0:
             raise ValueError(f"max_recordings_per_session must be >= 0, got {self.max_recordings_per_session}")
+        if self.osc_port is not None and not 0 <= self.osc_port <= 65535:
+            raise ValueError(f"osc_port must be in 0..65535, got {self.osc_port}")
+        if not self.osc_rate > 0 or self.osc_burst < 1 or self.osc_max_sources < 1:
+            raise ValueError("osc_rate must be > 0, osc_burst and osc_max_sources >= 1")
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "offer_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

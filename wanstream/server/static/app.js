@@ -155,6 +155,7 @@
         $("input").style.height = "auto";
         showFit();
         if (!$("prompt").value.trim()) { $("prompt").value = msg.params.prompt; countPrompt(); }
+        showOsc();
         break;
       case "params":
         S.paramAcks += 1;
@@ -401,7 +402,7 @@
       $("start").disabled = false;
       return;
     }
-    sendParams(uiParams());
+    sendParams(startParams());
     setStatus(`live · ${transport === "webrtc" ? "WebRTC" : "WebSocket"}`, "live");
     $("stop").disabled = false;
   }
@@ -487,6 +488,98 @@
   };
   addBlendRow("", 0.5);
   addBlendRow("", 0.5);
+
+  // ------------------------------------------------------------------ OSC (when the server has --osc-port)
+  function showOsc() {
+    const port = S.health && S.health.osc_port;
+    $("osc").classList.toggle("hidden", !port || !S.secret);
+    if (!port || !S.secret) return;
+    $("osc-target").textContent = `udp ${location.hostname}:${port}`;
+    S.oscAddress = `/wanstream/${S.session}/${S.secret}/`;
+    $("osc-address").textContent = `${S.oscAddress}<param>`;
+  }
+
+  // ------------------------------------------------------------------ presets (format and checks: the server's)
+  async function presetCall(path, init = {}) {
+    const resp = await fetch(path, { ...init, headers: { ...authHeaders, "Content-Type": "application/json", ...(init.headers || {}) } });
+    const body = await resp.json().catch(() => ({}));
+    if (!resp.ok) throw new UserError(`Preset refused: ${body.message || resp.status}`, body.error || "bad_preset");
+    return body;
+  }
+
+  const liveSession = () => (conn && S.session ? S.session : null);   // S.session stays set after Stop
+
+  function uiPreset() {
+    const p = uiParams();
+    const blend = S.params && S.params.prompts;
+    if (blend && blend.length) { delete p.prompt; p.prompts = blend; }
+    return p;
+  }
+
+  function showPreset(params) {
+    if (params.prompt !== undefined) { $("prompt").value = params.prompt; countPrompt(); }
+    if (params.prompts) {
+      $("blend-rows").textContent = "";
+      for (const q of params.prompts) addBlendRow(q.text, q.weight);
+      $("blend").open = true;
+    }
+    showParams({ recording: false, prompt: "", ...uiParams(), ...(S.params || {}), ...params });
+  }
+
+  $("preset-save").onclick = async () => {
+    try {
+      // a stream's own state (with its LoRA strengths) when one runs; else the page's controls, normalised
+      const sid = liveSession();
+      const preset = sid
+        ? await presetCall(ownApi(`/api/sessions/${encodeURIComponent(sid)}/preset`))
+        : (await presetCall(api("/api/presets/validate"), { method: "POST", body: JSON.stringify(uiPreset()) })).preset;
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(new Blob([JSON.stringify(preset, null, 2) + "\n"], { type: "application/json" }));
+      a.download = "wanstream-preset.json";
+      a.click();
+      setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+      S.savedPreset = preset;
+    } catch (err) {
+      banner(err.message);
+    }
+  };
+  $("preset-load").onclick = () => $("preset-file").click();
+  async function loadPreset(text) {
+    let preset;
+    try {
+      preset = JSON.parse(text);
+    } catch (err) {
+      banner(`This preset is not JSON: ${err.message}`);
+      return;
+    }
+    try {
+      const body = JSON.stringify(preset);
+      // on a stream: validated and applied in one call; else validated, and shown on the controls
+      const sid = liveSession();
+      const reply = sid
+        ? await presetCall(ownApi(`/api/sessions/${encodeURIComponent(sid)}/preset`), { method: "POST", body })
+        : await presetCall(api("/api/presets/validate"), { method: "POST", body });
+      showPreset(reply.params);
+      clearBanner();
+      S.loadedPreset = reply.params;
+      if (!sid) S.pendingPreset = reply.params;
+    } catch (err) {
+      banner(err.message);
+    }
+  }
+  S.loadPreset = loadPreset;
+  function startParams() {
+    // the controls, and a preset loaded before Start (its blend and LoRA strengths are not on the controls)
+    const p = { ...uiParams(), ...(S.pendingPreset || {}) };
+    if (S.pendingPreset && S.pendingPreset.prompts) delete p.prompt;
+    S.pendingPreset = null;
+    return p;
+  }
+  $("preset-file").onchange = async () => {
+    const file = $("preset-file").files[0];
+    $("preset-file").value = "";
+    if (file) await loadPreset(await file.text());
+  };
 
   // ------------------------------------------------------------------ boot
   async function boot() {
