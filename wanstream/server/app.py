@@ -1,7 +1,7 @@
 """The live server: a FastAPI app over one shared model (``wanstream serve``).
 
 Routes: ``/`` the page (static files, no build step), ``/api/ws`` WebSocket stream, ``/api/webrtc/offer``
-WebRTC, ``/api/health``, ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``), ``/api/recordings`` (+ ``/{file}``),
+WebRTC, ``/api/health`` (liveness), ``/api/ready`` (readiness, see :mod:`.lifecycle`), ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``), ``/api/recordings`` (+ ``/{file}``),
 ``/metrics`` (Prometheus). Who may call what is decided in :mod:`.auth` before any route runs (Host / Origin,
 the access token, bounded bodies); a stream's details, parameters and recordings over HTTP need its secret or
 the admin token.
@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import Caller, Guard, caller_of
 from .connections import guarded_http_protocol, redact_uvicorn_logs
+from .lifecycle import export_capacity
 from .params import ParamsUpdate
 from .protocol import describe_errors
 from .sessions import SessionManager
@@ -50,6 +51,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
     totals = manager.totals
     store = manager.recordings
     _export_bounds(model, settings, manager)
+    export_capacity(manager)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -103,9 +105,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
         """Liveness: "ok"; "degraded" when the model worker is gone; "stuck" when one model tick has run longer
         than ``stuck_after_s`` (a hung kernel or call)."""
         stuck = manager.worker.stuck_for()
-        status = ("degraded" if not manager.worker.alive else
-                  "stuck" if stuck > settings.stuck_after_s else "ok")
-        return {"status": status, "sessions": manager.count,
+        return {"status": manager.worker_state(), "sessions": manager.count,
                 "capacity": settings.max_sessions, "device": str(getattr(model, "device", "cpu")),
                 "width": settings.width, "height": settings.height, "steps": settings.steps,
                 "transports": ["websocket"] + (["webrtc"] if WEBRTC_AVAILABLE else []),
@@ -113,10 +113,18 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
                 "worker": {"chunks": manager.worker.chunks, "busy_s": round(manager.worker.busy_s, 3),
                            "running_for_s": round(stuck, 3)}}
 
+    @app.get("/api/ready")
+    async def ready():
+        """Readiness for a load balancer: 200 while one more stream would be admitted, else 503 with the reason
+        (full / draining / worker_unhealthy / worker_stuck)."""
+        cap = manager.capacity()
+        return JSONResponse(cap, status_code=200 if cap["ready"] else 503)
+
     @app.get("/api/sessions")
     async def sessions(c: Caller = Depends(caller)):
         """Every stream for the admin; otherwise only the streams whose secret the caller sent."""
-        return {"count": manager.count, "capacity": settings.max_sessions, "admin": c.admin,
+        return {"count": manager.count, "capacity": settings.max_sessions, "load": manager.capacity(),
+                "admin": c.admin,
                 "sessions": [s.info() for s in manager.list() if c.controls(s)]}
 
     @app.get("/api/sessions/{session_id}")

@@ -55,6 +55,9 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="open HTTP / WebSocket connections; more are closed at once (default 256)")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for WebRTC (repeatable; none by default)")
+    p.add_argument("--drain-grace", type=float_in(0.0, None, "drain grace"), default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, refuse new streams and let running ones go on this long, then exit 0 "
+                        "(default 30; match Kubernetes' terminationGracePeriodSeconds, see docs/deploy.md)")
     p.add_argument("--webrtc-loopback-candidates", action="store_true",
                    help="use only the 127.0.0.1 ICE candidates of WebRTC offers (hermetic tests)")
     return p
@@ -63,11 +66,10 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
 def run_serve(args) -> int:
     """``wanstream serve``: load the model once, print the URL, serve until interrupted (imports the server only
     now)."""
-    import uvicorn
-
     from ..models.loader import load_model
     from ..presets import lora_specs
     from .app import create_app, uvicorn_config
+    from .lifecycle import DrainingServer
     settings = settings_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
@@ -83,7 +85,7 @@ def run_serve(args) -> int:
     query = f"?token={settings.token}" if settings.token else ""
     print(f"wanstream serve: open http://{host}:{settings.port}/{query}  "
           f"({settings.width}x{settings.height}, up to {settings.max_sessions} sessions)", flush=True)
-    uvicorn.Server(config).run()
+    DrainingServer(config, app.state.manager, settings.drain_grace_s).run()
     return 0
 
 
@@ -107,7 +109,7 @@ def settings_from_args(args) -> ServerSettings:
                           max_recording_bytes=int(args.max_recording_gb * 2**30),
                           prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), max_connections=args.max_connections,
                           ice_servers=list(args.ice_server), webrtc_loopback_candidates=args.webrtc_loopback_candidates,
-                          decoder="taehv" if args.taehv else "vae")
+                          decoder="taehv" if args.taehv else "vae", drain_grace_s=args.drain_grace)
 
 
 def main(argv: list[str] | None = None) -> int:

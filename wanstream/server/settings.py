@@ -56,6 +56,7 @@ class ServerSettings:
     #                                         ones finished when reached)
     prompt_cache_bytes: int = 64 * 2**20    # text encoder prompt cache (embeddings kept to their true length)
     stuck_after_s: float = 30.0             # /api/health says "stuck" when one model tick runs longer than this
+    drain_grace_s: float = 30.0             # SIGTERM: running streams may go on this long (see lifecycle.py)
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -78,6 +79,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_recordings_per_session < 0:
             raise ValueError(f"max_recordings_per_session must be >= 0, got {self.max_recordings_per_session}")
+        if not self.drain_grace_s >= 0:
+            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "offer_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

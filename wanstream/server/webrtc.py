@@ -174,7 +174,7 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
         try:
             session = manager.open("webrtc", loop)
         except ServerFull as exc:
-            return JSONResponse(error("server_full", str(exc)), status_code=503)
+            return JSONResponse(error(exc.code, str(exc)), status_code=503)
         config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in settings.ice_servers])
         pc = RTCPeerConnection(config)
         peers.add(pc)
