@@ -43,6 +43,7 @@ class IdStreamer:
         headers = self.client.ws.response.headers
         self.server = headers.get("X-Wanstream-Server")
         self.cookie = headers.get("Set-Cookie", "").split(";")[0]
+        self.headers = dict(headers)
         self.ready = self.client.ready()
         self.clip, self.fps, self.max_s = clip, fps, max_s
         self._stop = threading.Event()
@@ -115,14 +116,14 @@ def run_cluster(model_dir: Path, tmp_path: Path, clip) -> None:
             for s in streams:
                 status, info = http_json(lb.base + f"/api/sessions/{s.ready['session']}",
                                          {"X-Stream-Secret": s.ready["secret"], "Cookie": s.cookie})
-                assert status == 200 and info["id"] == s.ready["session"], (s.server, status, info)
+                assert status == 200 and info["id"] == s.ready["session"], (s.server, s.headers, status, info)
             status, _ = http_json(lb.base + f"/api/sessions/{streams[0].ready['session']}",
                                   {"X-Stream-Secret": streams[0].ready["secret"]})
             assert status == 503                     # without the cookie: a new request, and no server is ready
             # ---- per-server metrics through haproxy
             for name in servers:
                 status, text = http_json(lb.base + f"/servers/{name}/metrics")
-                assert status == 200 and "wanstream_server_streams_active 2.0" in text, (name, text[:300])
+                assert status == 200 and "wanstream_server_streams_active 2.0" in text, (name, status, str(text)[:300])
             for s in streams:
                 s.assert_progress()
             # ---- SIGTERM drains s1; a freed slot on s2 takes the next stream
