@@ -102,16 +102,18 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter) -> F
 
     @app.get("/api/health")
     async def health():
-        """Liveness: "ok"; "degraded" when the model worker is gone; "stuck" when one model tick has run longer
-        than ``stuck_after_s`` (a hung kernel or call)."""
+        """Liveness: "ok" (200); "degraded" when the model worker is gone, "stuck" when one model tick has run
+        longer than ``stuck_after_s`` (a hung kernel or call): 503, so a liveness probe restarts the server."""
         stuck = manager.worker.stuck_for()
-        return {"status": manager.worker_state(), "sessions": manager.count,
-                "capacity": settings.max_sessions, "device": str(getattr(model, "device", "cpu")),
+        state = manager.worker_state()
+        body = {"status": state, "sessions": manager.count, "capacity": settings.max_sessions,
+                "device": str(getattr(model, "device", "cpu")),
                 "width": settings.width, "height": settings.height, "steps": settings.steps,
                 "transports": ["websocket"] + (["webrtc"] if WEBRTC_AVAILABLE else []),
                 "limits": {"max_frame_bytes": settings.max_frame_bytes, "prompt_chars": 2000},
                 "worker": {"chunks": manager.worker.chunks, "busy_s": round(manager.worker.busy_s, 3),
                            "running_for_s": round(stuck, 3)}}
+        return JSONResponse(body, status_code=200 if state == "ok" else 503)
 
     @app.get("/api/ready")
     async def ready():
