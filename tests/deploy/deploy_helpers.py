@@ -42,10 +42,16 @@ class ServerProcess:
             "--drain-grace", str(drain_grace), "--record-dir", str(workdir / "recordings")]
         self.popen: subprocess.Popen | None = None
 
+    def start(self) -> ServerProcess:
+        """Start the process (``__enter__`` then waits until it listens; start several first to overlap)."""
+        if self.popen is None:
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            self._log = open(self.log_path, "wb")
+            self.popen = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        return self
+
     def __enter__(self) -> ServerProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        self._log = open(self.log_path, "wb")
-        self.popen = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.start()
         found = wait_until(lambda: self.popen.poll() is not None or
                            re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", self.log()), 120,
                            "the server to listen")
@@ -58,10 +64,13 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def __exit__(self, *exc) -> None:
-        if self.popen.poll() is None:
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
             self.popen.kill()
-        self.popen.wait(30)
+            self.popen.wait(30)
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
         self._log.close()
 
 

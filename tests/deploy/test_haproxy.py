@@ -12,6 +12,7 @@ from its own range and the raw downlink carries them back). Skips with the reaso
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -78,7 +79,7 @@ class IdStreamer:
         self.client.close()
 
 
-def test_two_servers_behind_haproxy(tiny_model_dir, tmp_path, clip):
+def test_two_servers_behind_haproxy(request, tmp_path):
     prefix = netns_prefix()
     if prefix and os.environ.get(INSIDE) != "1":        # run this very test again inside its own netns
         cmd = prefix + [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
@@ -88,13 +89,21 @@ def test_two_servers_behind_haproxy(tiny_model_dir, tmp_path, clip):
         assert proc.returncode == 0, f"in the network namespace:\n{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}"
         assert " passed" in proc.stdout, proc.stdout[-3000:]
         return
-    run_cluster(tiny_model_dir, tmp_path, clip)
+    run_cluster(request.getfixturevalue("tiny_model_dir"), tmp_path, request.getfixturevalue("clip"))
 
 
 def run_cluster(model_dir: Path, tmp_path: Path, clip) -> None:
+    procs = [ServerProcess(model_dir, tmp_path / name, max_sessions=2, drain_grace=240) for name in ("s1", "s2")]
+    with contextlib.ExitStack() as stack:
+        for proc in procs:                  # both start now (they load the model side by side)
+            stack.callback(proc.kill)
+            proc.start()
+        run_scenario(procs, tmp_path, clip)
+
+
+def run_scenario(procs: list[ServerProcess], tmp_path: Path, clip) -> None:
     streams: list[IdStreamer] = []
-    with ServerProcess(model_dir, tmp_path / "s1", max_sessions=2, drain_grace=240) as s1, \
-            ServerProcess(model_dir, tmp_path / "s2", max_sessions=2, drain_grace=240) as s2, \
+    with procs[0] as s1, procs[1] as s2, \
             HAProxy(tmp_path, free_port(), {"s1": s1.port, "s2": s2.port}) as lb:
         servers = {"s1": s1, "s2": s2}
         try:
