@@ -1,10 +1,10 @@
 """The live server: a FastAPI app over one shared model (``wanstream serve``).
 
 Routes: ``/`` the page (static files, no build step), ``/api/ws`` WebSocket stream, ``/api/webrtc/offer``
-WebRTC, ``/api/health`` (liveness), ``/api/ready`` (readiness, see :mod:`.lifecycle`), ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``), ``/api/recordings`` (+ ``/{file}``),
-``/metrics`` (Prometheus). Who may call what is decided in :mod:`.auth` before any route runs (Host / Origin,
-the access token, bounded bodies); a stream's details, parameters and recordings over HTTP need its secret or
-the admin token.
+WebRTC, ``/api/health`` (liveness), ``/api/ready`` (readiness, see :mod:`.lifecycle`), ``/api/sessions``
+(+ ``/{id}``, ``/{id}/params``), ``/api/recordings`` (+ ``/{file}``), ``/metrics`` (Prometheus). Who may call
+what is decided in :mod:`.auth` before any route runs (Host / Origin, the access token, bounded bodies); a
+stream's details, parameters and recordings over HTTP need its secret or the admin token.
 """
 
 from __future__ import annotations

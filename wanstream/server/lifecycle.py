@@ -44,6 +44,8 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's server; SIGTERM drains (see the module docstring). ``begin_drain()`` does the same without a
     signal (tests, or a server that does not run on the main thread)."""
 
+    CLOSE_WAIT_S = 3.0          # after the grace: for the closed streams' WebSockets to send the notice and close
+
     def __init__(self, config: uvicorn.Config, manager: SessionManager, grace_s: float,
                  clock=time.monotonic):
         super().__init__(config)
@@ -54,7 +56,6 @@ class DrainingServer(uvicorn.Server):
         self.drain_deadline: float | None = None
         self.ended_at: float | None = None          # when the grace ended the remaining streams
 
-    CLOSE_WAIT_S = 3.0                              # for their WebSockets to send the notice and close
     def handle_exit(self, sig: int, frame) -> None:
         # a signal handler: set a flag only (the next tick, within 0.1 s, starts the drain). Not recorded as a
         # captured signal, so uvicorn does not re-raise it after the shutdown and the process exits 0.
