@@ -18,14 +18,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from deploy_helpers import ROOT, HAProxy, ServerProcess, free_port, http_json
-from server_helpers import WSClient, netns_prefix, wait_until
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from server_helpers import Streamer, netns_prefix, wait_until
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
@@ -35,48 +33,21 @@ INSIDE = "WANSTREAM_TEST_IN_NETNS"
 ID_RANGE = 1_000_000        # stream k sends frame ids k * ID_RANGE + i
 
 
-class IdStreamer:
+class IdStreamer(Streamer):
     """A WebSocket stream through HAProxy sending raw frames with ids from its own range, on a thread."""
 
-    def __init__(self, url: str, clip, k: int, fps: float = 10.0, max_s: float = 240.0):
+    def __init__(self, url: str, clip, k: int):
+        super().__init__(url, clip, fps=10.0, id_base=k * ID_RANGE, keep_frames=True)
         self.k = k
-        self.client = WSClient(url, "raw", keep_frames=True)
         headers = self.client.ws.response.headers
         self.server = headers.get("X-Wanstream-Server")
         self.cookie = headers.get("Set-Cookie", "").split(";")[0]
-        self.headers = dict(headers)
-        self.ready = self.client.ready()
-        self.clip, self.fps, self.max_s = clip, fps, max_s
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        end = time.monotonic() + self.max_s
-        i = 0
-        while not self._stop.is_set() and time.monotonic() < end and not self.client.closed:
-            try:
-                self.client.send_frame(self.clip[i % len(self.clip)], self.k * ID_RANGE + i)
-            except (ConnectionClosed, OSError):
-                return
-            i += 1
-            self._stop.wait(1 / self.fps)
-
-    def assert_progress(self, n: int = 3, timeout: float = 90) -> None:
-        start = self.client.frame_count
-        wait_until(lambda: self.client.frame_count >= start + n, timeout,
-                   f"{n} more frames on stream {self.k} (closed={self.client.closed})")
 
     def crossed(self) -> list[int]:
         """Output frame ids that are not from this stream's range."""
         with self.client._lock:
             ids = [index for index, _ in self.client.frames]
         return [i for i in ids if i // ID_RANGE != self.k]
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(10)
-        self.client.close()
 
 
 def test_two_servers_behind_haproxy(request, tmp_path):
@@ -134,7 +105,7 @@ def run_scenario(procs: list[ServerProcess], tmp_path: Path, clip) -> None:
                 status, text = http_json(lb.base + f"/servers/{name}/metrics")
                 assert status == 200 and "wanstream_server_streams_active 2.0" in text, (name, status, str(text)[:300])
             for s in streams:
-                s.assert_progress()
+                s.assert_progress(3)
             # ---- SIGTERM drains s1; a freed slot on s2 takes the next stream
             on = {name: [s for s in streams if s.server == name] for name in servers}
             s1.popen.send_signal(signal.SIGTERM)
@@ -145,7 +116,7 @@ def run_scenario(procs: list[ServerProcess], tmp_path: Path, clip) -> None:
             streams.append(late)
             assert late.server == "s2"
             for s in on["s1"] + [late]:
-                s.assert_progress()
+                s.assert_progress(3)
             assert s1.popen.poll() is None           # still draining: its streams run
             # ---- SIGKILL s2: its streams end with an error, the draining s1's streams keep streaming
             s2.popen.kill()
@@ -153,7 +124,7 @@ def run_scenario(procs: list[ServerProcess], tmp_path: Path, clip) -> None:
                 wait_until(lambda s=s: s.client.closed, 60, f"stream {s.k} on the killed server to end")
                 assert s.client.close_code != 1000, s.client.close_code
             for s in on["s1"]:
-                s.assert_progress()
+                s.assert_progress(3)
                 assert not s.client.closed
             # ---- no frame crossed streams
             for s in streams:
