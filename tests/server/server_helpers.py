@@ -192,9 +192,11 @@ def stream_until(client: WSClient, clip: np.ndarray, n: int, timeout: float = 12
 class Streamer:
     """A healthy session streaming raw frames at ``fps`` on a thread (stops at ``close`` or after ``max_s``)."""
 
-    def __init__(self, url: str, clip: np.ndarray, fps: float = 15.0, max_s: float = 240.0):
-        self.client = WSClient(url, "raw", keep_frames=False)
-        self.client.ready()
+    def __init__(self, url: str, clip: np.ndarray, fps: float = 15.0, max_s: float = 240.0, id_base: int = 0,
+                 keep_frames: bool = False):
+        self.client = WSClient(url, "raw", keep_frames=keep_frames)
+        self.ready = self.client.ready()
+        self.id_base = id_base                  # frame ids sent: id_base, id_base + 1, ...
         self.clip = clip
         self.fps = fps
         self.max_s = max_s
@@ -207,8 +209,8 @@ class Streamer:
         i = 0
         while not self._stop.is_set() and time.monotonic() < end and not self.client.closed:
             try:
-                self.client.send_frame(self.clip[i % len(self.clip)], i)
-            except ConnectionClosed:
+                self.client.send_frame(self.clip[i % len(self.clip)], self.id_base + i)
+            except (ConnectionClosed, OSError):
                 return
             i += 1
             self._stop.wait(1 / self.fps)

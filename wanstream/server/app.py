@@ -1,12 +1,13 @@
 """The live server: a FastAPI app over one shared model (``wanstream serve``).
 
 Routes: ``/`` the page (static files, no build step), ``/api/ws`` WebSocket stream, ``/api/webrtc/offer``
-WebRTC, ``/whip/{stream}`` and ``/whep/{stream}`` (WHIP ingest / WHEP egress, :mod:`.whip`), ``/api/health``,
-``/api/sessions`` (+ ``/{id}``, ``/{id}/params``), ``/api/recordings`` (+ ``/{file}``), ``/metrics``
-(Prometheus), presets (``/api/presets/validate``, ``/api/sessions/{id}/preset``: :mod:`.preset_routes`); OSC
-control over UDP with ``osc_port`` (:mod:`.osc`, started and stopped with the app). Who may call what is decided
-in :mod:`.auth` before any route runs (Host / Origin, the access token, bounded bodies); a stream's details,
-parameters and recordings over HTTP need its secret or the admin token.
+WebRTC, ``/whip/{stream}`` and ``/whep/{stream}`` (WHIP ingest / WHEP egress, :mod:`.whip`), ``/api/health``
+(liveness), ``/api/ready`` (readiness, see :mod:`.lifecycle`), ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``),
+``/api/recordings`` (+ ``/{file}``), ``/metrics`` (Prometheus), presets (``/api/presets/validate``,
+``/api/sessions/{id}/preset``: :mod:`.preset_routes`); OSC control over UDP with ``osc_port`` (:mod:`.osc`,
+started and stopped with the app). Who may call what is decided in :mod:`.auth` before any route runs (Host /
+Origin, the access token, bounded bodies); a stream's details, parameters and recordings over HTTP need its
+secret or the admin token.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import Caller, Guard, caller_of
 from .connections import guarded_http_protocol, redact_uvicorn_logs
+from .lifecycle import export_capacity
 from .osc import OSCControl
 from .params import ParamsUpdate
 from .preset_routes import preset_router
@@ -57,6 +59,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     store = manager.recordings
     _export_bounds(model, settings, manager)
     osc = OSCControl(manager) if settings.osc_port is not None else None
+    export_capacity(manager)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -112,29 +115,38 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
 
     @app.get("/api/health")
     async def health():
-        """Liveness: "ok"; "degraded" when the model worker is gone or a pipeline rank failed ("error" says
-        why); "stuck" when one model tick has run longer than ``stuck_after_s`` (a hung kernel or call)."""
+        """Liveness: "ok" (200); "degraded" when the model worker is gone or a pipeline rank failed ("error" says
+        why), "stuck" when one model tick has run longer than ``stuck_after_s`` (a hung kernel or call): 503, so a
+        liveness probe restarts the server."""
         stuck = manager.worker.stuck_for()
+        state = manager.worker_state()
         failure = manager.failure()
-        status = ("degraded" if not manager.worker.alive or failure else
-                  "stuck" if stuck > settings.stuck_after_s else "ok")
         extra = {"error": failure} if failure else {}
         if manager.pipeline is not None:
             extra["pipeline"] = {"ranks": manager.pipeline.world, "devices": list(manager.pipeline.spec.devices),
                                  "split": [list(r) for r in manager.pipeline.split]}
-        return {"status": status, **extra, "sessions": manager.count,
-                "capacity": settings.max_sessions, "device": str(getattr(model, "device", "cpu")),
+        body = {"status": state, **extra, "sessions": manager.count, "capacity": settings.max_sessions,
+                "device": str(getattr(model, "device", "cpu")),
                 "width": settings.width, "height": settings.height, "steps": settings.steps,
                 "transports": ["websocket"] + (["webrtc"] if WEBRTC_AVAILABLE else []),
                 "limits": {"max_frame_bytes": settings.max_frame_bytes, "prompt_chars": 2000},
                 "osc_port": osc.port if osc is not None else None,
                 "worker": {"chunks": manager.worker.chunks, "busy_s": round(manager.worker.busy_s, 3),
                            "running_for_s": round(stuck, 3)}}
+        return JSONResponse(body, status_code=200 if state == "ok" else 503)
+
+    @app.get("/api/ready")
+    async def ready():
+        """Readiness for a load balancer: 200 while one more stream would be admitted, else 503 with the reason
+        (full / draining / worker_unhealthy / worker_stuck)."""
+        cap = manager.capacity()
+        return JSONResponse(cap, status_code=200 if cap["ready"] else 503)
 
     @app.get("/api/sessions")
     async def sessions(c: Caller = Depends(caller)):
         """Every stream for the admin; otherwise only the streams whose secret the caller sent."""
-        return {"count": manager.count, "capacity": settings.max_sessions, "admin": c.admin,
+        return {"count": manager.count, "capacity": settings.max_sessions, "load": manager.capacity(),
+                "admin": c.admin,
                 "sessions": [s.info() for s in manager.list() if c.controls(s)]}
 
     @app.get("/api/sessions/{session_id}")

@@ -60,6 +60,9 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="WHEP viewers one WHIP stream may have at once (default 4)")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for WebRTC (repeatable; none by default)")
+    p.add_argument("--drain-grace", type=float_in(0.0, None, "drain grace"), default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, refuse new streams and let running ones go on this long, then exit 0 "
+                        "(default 30; match Kubernetes' terminationGracePeriodSeconds, see docs/deploy.md)")
     p.add_argument("--webrtc-loopback-candidates", action="store_true",
                    help="use only the 127.0.0.1 ICE candidates of WebRTC offers (hermetic tests)")
     from ..pipeline_parallel import add_pipeline_args
@@ -102,9 +105,8 @@ def load_serving_model(args, settings: ServerSettings):
 def run_serve(args) -> int:
     """``wanstream serve``: load the model once, print the URL, serve until interrupted (imports the server only
     now)."""
-    import uvicorn
-
     from .app import create_app, uvicorn_config
+    from .lifecycle import DrainingServer
     settings = settings_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
@@ -121,7 +123,7 @@ def run_serve(args) -> int:
         if settings.osc_port is not None:
             print(f"wanstream serve: OSC control on udp {host}:{settings.osc_port} (see docs/integrations.md)",
                   flush=True)
-        uvicorn.Server(config).run()
+        DrainingServer(config, app.state.manager, settings.drain_grace_s).run()
     finally:
         if pipeline is not None and not pipeline.closed:   # the app never started (or its shutdown failed)
             pipeline._abort(RuntimeError("the server stopped"))
@@ -148,8 +150,8 @@ def settings_from_args(args) -> ServerSettings:
                           max_recording_bytes=int(args.max_recording_gb * 2**30),
                           prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), max_connections=args.max_connections,
                           ice_servers=list(args.ice_server), webrtc_loopback_candidates=args.webrtc_loopback_candidates,
-                          decoder="taehv" if args.taehv else "vae",
-                          whep_max_viewers=args.whep_max_viewers, osc_port=args.osc_port)
+                          decoder="taehv" if args.taehv else "vae", whep_max_viewers=args.whep_max_viewers,
+                          osc_port=args.osc_port, drain_grace_s=args.drain_grace)
 
 
 def main(argv: list[str] | None = None) -> int:

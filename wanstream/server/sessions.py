@@ -47,7 +47,12 @@ KNOBS = ("steps", "noise_scale", "noise_controller", "seed", "lora")
 
 
 class ServerFull(Exception):
-    """No room for another session; the message says why (for the client)."""
+    """No room for another session; the message says why (for the client), ``code`` is ``server_full`` or
+    ``draining`` (the server is shutting down: connect again to reach another server)."""
+
+    def __init__(self, message: str, code: str = "server_full"):
+        super().__init__(message)
+        self.code = code
 
 
 class TokenBucket:
@@ -423,6 +428,7 @@ class SessionManager:
         self.clock = clock
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self.draining = False               # SIGTERM: no new sessions (see lifecycle.py)
         self.metrics = MetricsRegistry()
         self.totals = ServerTotals(capacity=lambda: settings.max_sessions,
                                    active=lambda: [s.stats for s in self.list()])
@@ -450,6 +456,24 @@ class SessionManager:
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + cached)
 
+    def _no_room(self) -> ServerFull | None:
+        """(Under the lock.) Why another session cannot be admitted now, or None: the one admission rule of
+        ``open`` and of the readiness a load balancer reads (``readiness``)."""
+        s = self.settings
+        if self.draining:
+            return ServerFull("Server is draining (shutting down): it takes no new streams. Connect again to be "
+                              "served by another server.", code="draining")
+        if len(self._sessions) >= s.max_sessions:
+            return ServerFull(f"Server is full: all {s.max_sessions} session slots are in use. Try again later.")
+        free = self._free_memory()
+        if free is not None:
+            need = estimate_session_bytes(self.model, s.width, s.height) + s.vram_reserve_bytes
+            if free < need:
+                return ServerFull(f"Server is full: not enough GPU memory for another stream "
+                                  f"({free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed). "
+                                  f"Try again later.")
+        return None
+
     def open(self, transport: str, loop: asyncio.AbstractEventLoop | None = None) -> Session:
         """A new session, or :class:`ServerFull` (existing sessions are not touched)."""
         s = self.settings
@@ -458,18 +482,10 @@ class SessionManager:
             self.totals.add("sessions_rejected")
             raise ServerFull(f"The server cannot take streams: its model pipeline failed ({failure}).")
         with self._lock:
-            if len(self._sessions) >= s.max_sessions:
+            refusal = self._no_room()
+            if refusal is not None:
                 self.totals.add("sessions_rejected")
-                raise ServerFull(f"Server is full: all {s.max_sessions} session slots are in use. "
-                                 f"Try again later.")
-            free = self._free_memory()
-            if free is not None:
-                need = estimate_session_bytes(self.model, s.width, s.height) + s.vram_reserve_bytes
-                if free < need:
-                    self.totals.add("sessions_rejected")
-                    raise ServerFull(f"Server is full: not enough GPU memory for another stream "
-                                     f"({free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed). "
-                                     f"Try again later.")
+                raise refusal
             session = Session(self, transport, loop)
             self._sessions[session.id] = session
         self.metrics.add(session.id, session.stats)
@@ -508,6 +524,62 @@ class SessionManager:
     def count(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+    # ------------------------------------------------------------------ readiness, capacity, drain
+    def worker_state(self) -> str:
+        """"ok"; "degraded" when the model worker is gone or the model pipeline failed (:meth:`failure`); "stuck"
+        when one model tick has run longer than ``stuck_after_s`` (a hung kernel or call)."""
+        if not self.worker.alive or self.failure() is not None:
+            return "degraded"
+        return "stuck" if self.worker.stuck_for() > self.settings.stuck_after_s else "ok"
+
+    def readiness(self) -> tuple[str | None, str]:
+        """``(None, "ready")`` while one more stream would be admitted, else ``(reason, message)`` with reason
+        ``draining`` / ``worker_unhealthy`` / ``worker_stuck`` / ``full``."""
+        worker = self.worker_state()
+        if worker != "ok" and not self.draining:
+            reason = "worker_unhealthy" if worker == "degraded" else "worker_stuck"
+            return reason, (f"the model worker is {worker}" + (
+                f": one model tick has run {self.worker.stuck_for():.0f} s" if worker == "stuck" else ""))
+        with self._lock:
+            refusal = self._no_room()
+        if refusal is None:
+            return None, "ready"
+        return ("draining" if refusal.code == "draining" else "full"), str(refusal)
+
+    def predicted_stream_fps(self) -> float | None:
+        """Frames per second each stream would get with one more stream at the default steps, from the engine's
+        measured tick latency (the scheduler's latency model); None before any tick at this resolution."""
+        from ..chunking import CHUNK_FRAMES
+        from ..config import CacheConfig
+        group = self.engine.groups.get((self.settings.width, self.settings.height, CacheConfig()))
+        if group is None:
+            return None
+        rows = sum(st.schedule.rows for st in list(group.streams) if not st.closed)
+        tick = group.scheduler.latency.predict(rows + self.settings.steps)
+        return CHUNK_FRAMES / tick if tick else None
+
+    def capacity(self) -> dict:
+        """Load and capacity for autoscalers and load balancers (``/api/sessions``, ``/api/ready``)."""
+        reason, message = self.readiness()
+        active = self.count
+        fps = self.predicted_stream_fps()
+        return {"active": active, "max": self.settings.max_sessions,
+                "free": 0 if self.draining else max(0, self.settings.max_sessions - active),
+                "ready": reason is None, "reason": reason, "message": message, "draining": self.draining,
+                "predicted_fps_per_stream_next": None if fps is None else round(fps, 2)}
+
+    def start_drain(self) -> None:
+        """Refuse new sessions from now on (``ServerFull`` with code ``draining``); running ones go on."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining: new streams are refused, %d running", self.count)
+
+    def end_all(self, reason: str, message: str) -> None:
+        """Close every session, telling each client why (the end of a drain)."""
+        for s in self.list():
+            s.notify({"type": "closed", "reason": reason, "message": message})
+            s.close("server shutdown")
 
     # ------------------------------------------------------------------ lifecycle
     def failure(self) -> str | None:

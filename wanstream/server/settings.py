@@ -63,6 +63,7 @@ class ServerSettings:
     osc_rate: float = 200.0                 # OSC messages per second per source address (token bucket) ...
     osc_burst: int = 400                    # ... and its burst
     osc_max_sources: int = 1024             # source addresses with a bucket (the least recent is forgotten)
+    drain_grace_s: float = 30.0             # SIGTERM: running streams may go on this long (see lifecycle.py)
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -89,6 +90,8 @@ class ServerSettings:
             raise ValueError(f"osc_port must be in 0..65535, got {self.osc_port}")
         if not self.osc_rate > 0 or self.osc_burst < 1 or self.osc_max_sources < 1:
             raise ValueError("osc_rate must be > 0, osc_burst and osc_max_sources >= 1")
+        if not self.drain_grace_s >= 0:
+            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "offer_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

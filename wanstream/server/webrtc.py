@@ -285,7 +285,7 @@ def webrtc_router(manager: SessionManager, executor: Executor, peers: set) -> AP
         try:
             session = manager.open("webrtc", loop)
         except ServerFull as exc:
-            return JSONResponse(error("server_full", str(exc)), status_code=503)
+            return JSONResponse(error(exc.code, str(exc)), status_code=503)
         pc = new_peer(settings, peers)
         tasks: list[asyncio.Task] = []
         channels: list = []

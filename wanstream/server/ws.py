@@ -4,7 +4,7 @@
 Binary messages are frames: JPEG (or raw RGB, see :mod:`.frames`) up, JPEG (or raw with ``format=raw``) down.
 Text messages are the JSON control protocol of :mod:`.protocol`; the server also pushes ``stats`` every
 ``stats_interval_s``. The first server message is ``ready`` (session id, its secret, resolution, parameters)
-or an ``error`` with code ``server_full`` / ``unauthorized`` / ``bad_format`` followed by the close.
+or an ``error`` with code ``server_full`` / ``draining`` / ``unauthorized`` / ``bad_format`` followed by the close.
 One task receives, one sends (frames and JSON, never two sends at once); when either ends, the session ends.
 """
 
@@ -51,7 +51,7 @@ def ws_router(manager: SessionManager, executor: Executor) -> APIRouter:
         try:
             session = manager.open("websocket", loop)
         except ServerFull as exc:
-            await _refuse(ws, error("server_full", str(exc)), CLOSE_TRY_AGAIN_LATER)
+            await _refuse(ws, error(exc.code, str(exc)), CLOSE_TRY_AGAIN_LATER)
             return
         outbox: asyncio.Queue = asyncio.Queue(maxsize=64)
 
