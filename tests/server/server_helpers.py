@@ -263,3 +263,40 @@ def netns_prefix() -> list[str]:
     if probe.returncode != 0:
         return []
     return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
+
+
+def clip_chunks(clip, n_chunks: int) -> list:
+    """``(start, frames)`` of a clip's first ``n_chunks`` chunks (5 frames, then 4 each)."""
+    bounds = [(0, 5)] + [(5 + 4 * k, 9 + 4 * k) for k in range(n_chunks - 1)]
+    return [(a, clip[a:b]) for a, b in bounds]
+
+
+def stream_in_lockstep(url, chunks, prompt, seed, change_at, wire_change, result, expect_after=None,
+                       expect_end=None) -> None:
+    """A raw-frame WebSocket client sends ``chunks`` one at a time, each handed to the model before the next (so
+    no frame is dropped and the chunk boundaries match a reference run), with the live change ``wire_change``
+    before chunk ``change_at``; waits for ``expect_after[k]`` (output indices) after chunk k and for
+    ``expect_end`` at the end. Fills ``result`` (frames, errors, or exc: meant to run in a thread)."""
+    try:
+        c = WSClient(url, "raw")
+        c.ready()
+        c.params(prompt=prompt, seed=seed)
+        sent = 0
+        for k, (start, frames) in enumerate(chunks):
+            if k == change_at:
+                reply = c.params(**wire_change)
+                assert reply["type"] == "params", reply
+            for i, f in enumerate(frames):
+                c.send_frame(f, start + i)
+            sent += len(frames)
+            wait_until(lambda: c.stats()["frames_to_model"] == sent, 120, f"chunk {k} handed to the model")
+            if expect_after is not None:
+                want = expect_after[k]
+                wait_until(lambda: want <= {i for i, _ in c.frames}, 120, f"outputs after chunk {k}")
+        if expect_end is not None:
+            wait_until(lambda: expect_end <= {i for i, _ in c.frames}, 120, "the outputs of the last chunks")
+        result["frames"] = list(c.frames)
+        result["errors"] = c.errors()
+        c.close()
+    except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+        result["exc"] = exc

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
 
-from server_helpers import H, W, LiveServer, WSClient, server_settings, wait_until  # noqa: E402
+from server_helpers import H, W, LiveServer, clip_chunks, server_settings, stream_in_lockstep, wait_until  # noqa: E402
 from wanstream.server.params import blend_embeddings  # noqa: E402
 from wanstream.session import StreamSession  # noqa: E402
 
@@ -24,8 +24,7 @@ N_CHUNKS = 10
 
 
 def chunks_of(clip):
-    bounds = [(0, 5)] + [(5 + 4 * k, 9 + 4 * k) for k in range(N_CHUNKS - 1)]
-    return [(a, clip[a:b]) for a, b in bounds]
+    return clip_chunks(clip, N_CHUNKS)
 
 
 def reference(model, clip, prompt, seed, change_at, change):
@@ -41,29 +40,6 @@ def reference(model, clip, prompt, seed, change_at, change):
             images[o.index] = o.image
         after.append(set(images))
     return images, after
-
-
-def stream_through_server(url, clip, prompt, seed, change_at, wire_change, expected_after, result):
-    try:
-        c = WSClient(url, "raw")
-        c.ready()
-        c.params(prompt=prompt, seed=seed)
-        sent = 0
-        for k, (start, frames) in enumerate(chunks_of(clip)):
-            if k == change_at:
-                reply = c.params(**wire_change)
-                assert reply["type"] == "params", reply
-            for i, f in enumerate(frames):
-                c.send_frame(f, start + i)
-            sent += len(frames)
-            wait_until(lambda: c.stats()["frames_to_model"] == sent, 120, f"chunk {k} handed to the model")
-            want = expected_after[k]
-            wait_until(lambda: want <= {i for i, _ in c.frames}, 120, f"outputs after chunk {k}")
-        result["frames"] = list(c.frames)
-        result["errors"] = c.errors()
-        c.close()
-    except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-        result["exc"] = exc
 
 
 def test_two_sessions_are_isolated_and_match_the_session_api(tiny_model, tmp_path, clip, clip_b):
@@ -82,9 +58,9 @@ def test_two_sessions_are_isolated_and_match_the_session_api(tiny_model, tmp_pat
     assert not np.array_equal(refs["a"][0][0], refs["b"][0][0])
     results = {k: {} for k in cases}
     with LiveServer(tiny_model, server_settings(tmp_path, output_queue_frames=64)) as srv:
-        threads = [threading.Thread(target=stream_through_server,
-                                    args=(srv.ws_url, c["clip"], c["prompt"], c["seed"], c["change_at"], c["wire"],
-                                          refs[k][1], results[k]))
+        threads = [threading.Thread(target=stream_in_lockstep,
+                                    args=(srv.ws_url, chunks_of(c["clip"]), c["prompt"], c["seed"], c["change_at"],
+                                          c["wire"], results[k]), kwargs={"expect_after": refs[k][1]})
                    for k, c in cases.items()]
         for t in threads:
             t.start()

@@ -29,7 +29,8 @@ import pytest
 
 pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
 
-from server_helpers import H, W, LiveServer, WSClient, server_settings, stream_until, wait_until  # noqa: E402
+from server_helpers import (H, W, LiveServer, WSClient, clip_chunks, server_settings, stream_in_lockstep,  # noqa: E402
+                            stream_until, wait_until)
 from wanstream.engine import Engine  # noqa: E402
 from wanstream.kv_cache import CachePolicy, KVPool  # noqa: E402
 from wanstream.pipeline import PipelineDriver  # noqa: E402
@@ -51,8 +52,7 @@ def pipeline_settings(tmp_path, **kw):
 
 
 def chunks_of(clip):
-    bounds = [(0, 5)] + [(5 + 4 * k, 9 + 4 * k) for k in range(N_CHUNKS - 1)]
-    return [(a, clip[a:b]) for a, b in bounds]
+    return clip_chunks(clip, N_CHUNKS)
 
 
 def lagged_runners(lag: int):
@@ -82,30 +82,6 @@ def reference(model, clip, prompt, seed, change_at, change):
             images[o.index] = o.image
         after.append(set(images))
     return images, after
-
-
-def stream_chunks(url, clip, prompt, seed, change_at, wire_change, expect, result):
-    """Send the clip chunk by chunk (each handed to the model before the next), then wait for the outputs the
-    reference had two chunks before the end (the pipeline's last calls are still in flight)."""
-    try:
-        c = WSClient(url, "raw")
-        c.ready()
-        c.params(prompt=prompt, seed=seed)
-        sent = 0
-        for k, (start, frames) in enumerate(chunks_of(clip)):
-            if k == change_at:
-                reply = c.params(**wire_change)
-                assert reply["type"] == "params", reply
-            for i, f in enumerate(frames):
-                c.send_frame(f, start + i)
-            sent += len(frames)
-            wait_until(lambda: c.stats()["frames_to_model"] == sent, 120, f"chunk {k} handed to the model")
-        wait_until(lambda: expect <= {i for i, _ in c.frames}, 120, "the outputs of the first chunks")
-        result["frames"] = list(c.frames)
-        result["errors"] = c.errors()
-        c.close()
-    except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-        result["exc"] = exc
 
 
 def calls_by_streams(drv: PipelineDriver) -> list[set]:
@@ -165,8 +141,10 @@ def test_pipeline_server_streams_equal_single_device_and_stops_its_ranks(tiny_mo
         status, health = srv.http("GET", "/api/health")
         assert status == 200 and health["status"] == "ok", health
         assert health["pipeline"]["ranks"] == RANKS
-        threads = [threading.Thread(target=stream_chunks,
-                                    args=(srv.ws_url, *c, changes[k][1], refs[k][1][N_CHUNKS - 3], results[k]))
+        # the outputs the reference had two chunks before the end (the pipeline's last calls are still in flight)
+        threads = [threading.Thread(target=stream_in_lockstep,
+                                    args=(srv.ws_url, chunks_of(c[0]), *c[1:], changes[k][1], results[k]),
+                                    kwargs={"expect_end": refs[k][1][N_CHUNKS - 3]})
                    for k, c in cases.items()]
         for t in threads:
             t.start()
@@ -215,7 +193,8 @@ def test_killed_rank_ends_the_streams_and_health_says_degraded(tiny_model_dir, t
             assert "rank 1" in err["message"], err
             assert "rank 1" in idle.wait_error("model_error", 30)["message"]
             status, health = srv.http("GET", "/api/health")
-            assert status == 200 and health["status"] == "degraded" and "rank 1" in health["error"], health
+            # liveness fails (503): a probe restarts the server; the body says why
+            assert status == 503 and health["status"] == "degraded" and "rank 1" in health["error"], health
             late = WSClient(srv.ws_url, "raw")
             refused = late.wait_error("server_full", 30)
             assert "pipeline failed" in refused["message"], refused
