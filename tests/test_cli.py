@@ -119,3 +119,14 @@ def test_serve_loads_its_loras_before_serving(tiny_model_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "wanstream.server", "--model", str(tiny_model_dir), "--device", "cpu",
                            "--lora", f"{missing}:0.5", "--port", "0"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and f"LoRA file not found: {missing}" in proc.stderr
+
+
+@pytest.mark.parametrize("flags,named", [(["--taehv"], "--taehv"), (["--quantize", "int8"], "--quantize"),
+                                         (["--lora", "style.safetensors"], "--lora")])
+def test_v2v_refuses_what_the_pipeline_does_not_run(tiny_model_dir, clip_path, tmp_path, capsys, flags, named):
+    """The same rule as serve: refused before anything loads or a rank starts, naming the flag."""
+    code = main(["v2v", str(clip_path), "-o", str(tmp_path / "o.mp4"), "--model", str(tiny_model_dir), "--prompt",
+                 "ink", "--pipeline", "2", "--device", "cpu", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{named} cannot be combined with --pipeline / --gpus" in err, err
+    assert not (tmp_path / "o.mp4").exists()

@@ -111,11 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_v2v(args) -> int:
-    from .pipeline_parallel import pipeline_requested, run_v2v_pipeline
+    from .pipeline_parallel import check_pipeline_args, pipeline_requested, run_v2v_pipeline
     if pipeline_requested(args):
-        for flag, given in (("--quantize", args.quantize), ("--lora", lora_specs(args))):
-            if given:
-                raise ValueError(f"{flag} is not supported with the multi-GPU pipeline yet")
+        check_pipeline_args(args)
         if args.prompt is None:
             raise ValueError("the multi-GPU pipeline needs --prompt (or a preset with one prompt, not a blend)")
         if len(args.input) > 1:

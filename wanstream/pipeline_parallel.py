@@ -46,7 +46,7 @@ from .pipeline import (Finished, PipelineDriver, PipelineError, PipelineSession,
 from .pipeline.launch import LaunchSpec
 
 __all__ = ["Finished", "PipelineDriver", "PipelineError", "PipelineSession", "add_pipeline_args",
-           "launch_pipeline", "pipeline_requested", "pipeline_devices", "renoise_seed", "run_v2v_pipeline"]
+           "check_pipeline_args", "launch_pipeline", "pipeline_requested", "pipeline_devices", "renoise_seed", "run_v2v_pipeline"]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -73,6 +73,21 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
                    help="keep the initial split (no dynamic block scheduler)")
     g.add_argument("--pipeline-timeout", type=float, default=120.0, metavar="S",
                    help="seconds without progress before a stuck rank stops the pipeline (default 120)")
+
+
+PIPELINE_UNSUPPORTED = {"lora": "--lora", "taehv": "--taehv", "quantize": "--quantize", "compile": "--compile"}
+
+
+def check_pipeline_args(args) -> None:
+    """Refuse, before anything loads, what the pipeline does not run (its stages load no LoRA, no quantised or
+    compiled DiT, and rank 0 has no TAEHV for the engine's streams): ``v2v`` and ``serve`` alike."""
+    from .presets import lora_specs
+    asked = [flag for name, flag in PIPELINE_UNSUPPORTED.items()
+             if (lora_specs(args) if name == "lora" else getattr(args, name, None))]
+    if asked:
+        raise ValueError(f"{', '.join(asked)} cannot be combined with --pipeline / --gpus (the pipeline does not "
+                         f"run {'them' if len(asked) > 1 else 'it'}); drop {'them' if len(asked) > 1 else 'it'} or "
+                         f"run on one device")
 
 
 def pipeline_requested(args) -> bool:

@@ -70,24 +70,11 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     return p
 
 
-PIPELINE_UNSUPPORTED = {"lora": "--lora", "taehv": "--taehv", "quantize": "--quantize", "compile": "--compile"}
-
-
-def check_pipeline_args(args) -> None:
-    """Refuse, before anything loads, what the pipeline does not run (its stages load no LoRA, no quantised or
-    compiled DiT, and rank 0 has no TAEHV for the engine's streams)."""
-    asked = [flag for name, flag in PIPELINE_UNSUPPORTED.items() if getattr(args, name, None)]
-    if asked:
-        raise ValueError(f"{', '.join(asked)} cannot be combined with --pipeline / --gpus (the pipeline does not "
-                         f"run {'them' if len(asked) > 1 else 'it'}); drop {'them' if len(asked) > 1 else 'it'} or "
-                         f"serve on one device")
-
-
 def load_serving_model(args, settings: ServerSettings):
     """``(model, pipeline)``: the model on one device (pipeline None), or a launched pipeline and its rank 0
     stage when ``--pipeline`` / ``--gpus`` asks for one."""
     from ..models.loader import load_model
-    from ..pipeline_parallel import launch_pipeline, pipeline_requested
+    from ..pipeline_parallel import check_pipeline_args, launch_pipeline, pipeline_requested
     from ..presets import lora_specs
     t0 = time.perf_counter()
     if pipeline_requested(args):
