@@ -375,7 +375,7 @@ class Scheduler:
         for s in ready:
             self._drop_late(s, now, d)
             self._mode_switch(s, now, d)
-        rows = {s.id: self._rows_after_switch(s, d) for s in ready}
+        rows = {s.id: self._after_switch(s, d)[0] for s in ready}
         total = running_rows + sum(rows.values())
         tick = self.latency.predict(total)
         d.predicted_tick_s = tick
@@ -438,19 +438,14 @@ class Scheduler:
             d.batch.append(s.id)
             d.note(s.id, "stream batch again")
 
-    def _rows_after_switch(self, s: StreamView, d: Decision) -> int:
+    def _after_switch(self, s: StreamView, d: Decision) -> tuple[int, int]:
+        """A stream's rows per call and calls until its next output, after this tick's mode switches: sequential
+        is one row and one call, the stream batch one row per level and as many calls."""
         if s.id in d.sequential:
-            return 1
+            return 1, 1
         if s.id in d.batch:
-            return s.levels
-        return s.rows
-
-    def _calls(self, s: StreamView, d: Decision) -> int:
-        if s.id in d.sequential:
-            return 1
-        if s.id in d.batch:
-            return s.levels
-        return s.calls_to_output
+            return s.levels, s.levels
+        return s.rows, s.calls_to_output
 
     def _smaller_batch(self, ready: list[StreamView], rows: dict, running_rows: int, now: float,
                        d: Decision) -> list[StreamView]:
@@ -458,7 +453,7 @@ class Scheduler:
         back ``max_defer`` ticks in a row, and only when it keeps its own deadline."""
         def predicted(s: StreamView, tick: float, extra_wait: float = 0.0) -> float:
             wait = now - s.arrivals[d.drop.get(s.id, 0)] + extra_wait
-            return wait + self._calls(s, d) * tick
+            return wait + self._after_switch(s, d)[1] * tick
 
         total = running_rows + sum(rows.values())
         tick = self.latency.predict(total)

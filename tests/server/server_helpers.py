@@ -300,3 +300,11 @@ def stream_in_lockstep(url, chunks, prompt, seed, change_at, wire_change, result
         c.close()
     except BaseException as exc:  # noqa: BLE001 - reported by the test thread
         result["exc"] = exc
+
+
+def run_threads(threads, timeout: float = 600.0) -> None:
+    """Start the client threads together and wait for each (bounded)."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)

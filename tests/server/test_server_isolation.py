@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
 
-from server_helpers import H, W, LiveServer, clip_chunks, server_settings, stream_in_lockstep, wait_until  # noqa: E402
+from server_helpers import (H, W, LiveServer, clip_chunks, run_threads, server_settings,  # noqa: E402
+                            stream_in_lockstep, wait_until)
 from wanstream.server.params import blend_embeddings  # noqa: E402
 from wanstream.session import StreamSession  # noqa: E402
 
@@ -62,10 +63,7 @@ def test_two_sessions_are_isolated_and_match_the_session_api(tiny_model, tmp_pat
                                     args=(srv.ws_url, chunks_of(c["clip"]), c["prompt"], c["seed"], c["change_at"],
                                           c["wire"], results[k]), kwargs={"expect_after": refs[k][1]})
                    for k, c in cases.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(600)
+        run_threads(threads)
         wait_until(lambda: srv.manager.count == 0, 30, "sessions closed")
     for key in cases:
         assert "exc" not in results[key], results[key].get("exc")

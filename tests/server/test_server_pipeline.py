@@ -30,7 +30,7 @@ import pytest
 pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
 
 from server_helpers import (H, W, LiveServer, WSClient, clip_chunks, server_settings, stream_in_lockstep,  # noqa: E402
-                            stream_until, wait_until)
+                            run_threads, stream_until, wait_until)
 from wanstream.engine import Engine  # noqa: E402
 from wanstream.kv_cache import CachePolicy, KVPool  # noqa: E402
 from wanstream.pipeline import PipelineDriver  # noqa: E402
@@ -146,10 +146,7 @@ def test_pipeline_server_streams_equal_single_device_and_stops_its_ranks(tiny_mo
                                     args=(srv.ws_url, chunks_of(c[0]), *c[1:], changes[k][1], results[k]),
                                     kwargs={"expect_end": refs[k][1][N_CHUNKS - 3]})
                    for k, c in cases.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(600)
+        run_threads(threads)
         wait_until(lambda: srv.manager.count == 0, 30, "sessions closed")
     assert drv.closed and drv.error is None
     assert [p.exitcode for p in drv.processes] == [0] * (RANKS - 1), "the ranks did not stop cleanly"
