@@ -27,14 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from kit import kit_dir, load_kit, stream_batch_golden_errors  # noqa: E402
 
-from wanstream.config import CacheConfig  # noqa: E402
-from wanstream.models.checkpoints import (build_transformer, build_vae, causal_state_dict,  # noqa: E402
-                                          diffusers_dit_config, read_torch_file)
+from wanstream.core.config import CacheConfig  # noqa: E402
+from wanstream.engine.latent_stream import LatentStream  # noqa: E402
+from wanstream.engine.noise_controller import NoiseController  # noqa: E402
+from wanstream.models.checkpoints import (  # noqa: E402
+    build_transformer,
+    build_vae,
+    causal_state_dict,
+    diffusers_dit_config,
+    read_torch_file,
+)
 from wanstream.models.dit import CausalWanDiT  # noqa: E402
+from wanstream.models.sampling import FlowMatchSampler  # noqa: E402
 from wanstream.models.vae import StreamingVAE  # noqa: E402
-from wanstream.noise_controller import NoiseController  # noqa: E402
-from wanstream.sampling import FlowMatchSampler  # noqa: E402
-from wanstream.stream_batch import LatentStream  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

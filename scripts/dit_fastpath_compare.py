@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from kit import kit_dir, load_kit, reference_refresh_sinks  # noqa: E402
 
-from wanstream.argtypes import resolution  # noqa: E402
-from wanstream.config import CacheConfig  # noqa: E402
-from wanstream.kv_cache import CachePolicy, CacheStep, KVCache  # noqa: E402
+from wanstream.cli.argtypes import resolution  # noqa: E402
+from wanstream.core.config import CacheConfig  # noqa: E402
 from wanstream.models.attention import frame_means, refresh_sinks  # noqa: E402
+from wanstream.models.kv_cache import CachePolicy, CacheStep, KVCache  # noqa: E402
 
 
 def summary(ref_s: list[float], new_s: list[float]) -> dict:
@@ -67,11 +67,11 @@ def timed(fn) -> float:
 
 # ------------------------------------------------------------------------------------------------ runner
 def compare_runner(rounds: int) -> dict:
+    from wanstream.engine.latent_stream import LatentStream
+    from wanstream.engine.noise import SeededNoise
     from wanstream.models.checkpoints import build_transformer, causal_state_dict, diffusers_dit_config
     from wanstream.models.dit import CausalWanDiT
-    from wanstream.noise import SeededNoise
-    from wanstream.sampling import FlowMatchSampler
-    from wanstream.stream_batch import LatentStream
+    from wanstream.models.sampling import FlowMatchSampler
     cfg = json.loads((kit_dir() / "tiny_config.json").read_text())["dit"]
     path = kit_dir() / "model.pt"
     dit = CausalWanDiT(build_transformer(diffusers_dit_config(cfg), causal_state_dict(path), str(path)))
@@ -100,7 +100,8 @@ def compare_runner(rounds: int) -> dict:
 # ------------------------------------------------------------------------------------------------ engine
 def compare_engine(rounds: int, width: int, height: int) -> dict:
     import tempfile
-    from wanstream.engine import Engine
+
+    from wanstream.engine.loop import Engine
     from wanstream.io.video import make_motion_clip
     from wanstream.models.loader import load_model
     from wanstream.models.random_init import init_random

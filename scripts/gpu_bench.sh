@@ -39,7 +39,7 @@ log() { printf '[gpu_bench] %s\n' "$*" >&2; }
 # shellcheck source=scripts/gpu_env.sh
 source "$REPO/scripts/gpu_env.sh"
 
-ws() { "$PY" -m wanstream.bench "$@"; }        # == `wanstream bench ...`
+ws() { "$PY" -m wanstream.cli bench "$@"; }        # == `wanstream bench ...`
 
 # -------------------------------------------------------------------------------------------------- 2. model
 ensure_model "$PRESET" "$MODEL"

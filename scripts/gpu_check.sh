@@ -7,7 +7,7 @@
 #    stream, noise controller) on the GPU in float32 (bound 1e-4, TF32 off) and bfloat16 (sanity bound), via
 #    scripts/conformance_check.py;
 # 2. a random-weight 1.3B model in the released layout (`init-random --preset 1.3b --small-text-encoder`);
-# 3. benchmark rows (`python -m wanstream.bench` == `wanstream bench`, bf16), at each resolution of RES:
+# 3. benchmark rows (`python -m wanstream.cli bench` == `wanstream bench`, bf16), at each resolution of RES:
 #      eager     steps 1..4 x {stream batch, no-batch}, Wan VAE                     (--sweep)
 #      compiled  steps COMPILED_STEPS, compiled + CUDA graphs, Wan VAE              (--compile)
 #      fp8       2 steps, fp8 weights, eager and compiled (first resolution only)   (--quantize fp8 [--compile])
@@ -75,9 +75,9 @@ if [ "$DRY_RUN" = 1 ]; then
 else
     # shellcheck source=scripts/gpu_env.sh
     source "$REPO/scripts/gpu_env.sh"
-    BENCH_HELP=$("$PY" -m wanstream.bench --help 2>/dev/null || true)
+    BENCH_HELP=$("$PY" -m wanstream.cli bench --help 2>/dev/null || true)
 fi
-ws() { "$PY" -m wanstream.bench "$@"; }        # == `wanstream bench ...`
+ws() { "$PY" -m wanstream.cli bench "$@"; }        # == `wanstream bench ...`
 
 # has_flag FLAG RUN: whether bench has FLAG; if not, RUN is listed as skipped
 has_flag() {

@@ -24,9 +24,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from wanstream.config import CacheConfig
-from wanstream.kv_cache import CachePolicy, CacheStep
+from wanstream.core.config import CacheConfig
 from wanstream.models.dit import CausalWanDiT
+from wanstream.models.kv_cache import CachePolicy, CacheStep
 from wanstream.models.lora import LoRASet
 
 WAN_LAYERS = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from wanstream.argtypes import resolution
-from wanstream.config import CacheConfig
-from wanstream.kv_cache import CachePolicy, CacheStep
+from wanstream.cli.argtypes import resolution
+from wanstream.core.config import CacheConfig
+from wanstream.models.kv_cache import CachePolicy, CacheStep
 from wanstream.models.loader import load_model
 from wanstream.models.quantize import QUANTIZE_MODES, flow_relative_error, quantize_dit
 

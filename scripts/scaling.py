@@ -6,7 +6,7 @@ Model (one chunk = 1 latent frame = 4 video frames; stream batch of n = steps ro
 * per-block DiT time ``c(n) = dit_ms[n] / L`` (a whole-DiT call at batch n, measured on one device);
 * stage times: rank 0 ``encode + c(n)·n_0``, middle ranks ``c(n)·n_i``, last ``decode + c(n)·n_last``; one device:
   ``encode + decode + dit_ms[n]``; with W ranks the block counts are the block scheduler's plan
-  (:func:`~wanstream.block_scheduler.plan_split`) or the even split;
+  (:func:`~wanstream.core.block_scheduler.plan_split`) or the even split;
 * each hop carries the activations ``n × tokens × dim`` plus the slot latents (bf16): ``bytes / bandwidth +
   latency`` per hop; with asynchronous sends a stage costs ``max(compute, comm)``, without ``compute + comm``;
 * throughput ``= 4 frames / max_i stage_i`` (one chunk leaves per micro-step once the ring is full);
@@ -34,8 +34,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from wanstream.block_scheduler import even_split, plan_split
-from wanstream.chunking import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
+from wanstream.core.block_scheduler import even_split, plan_split
+from wanstream.core.chunking import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
 
 TEXT_LEN = 512
 VAE_PARAMS = 126_900_000           # Wan 2.1 VAE
@@ -242,10 +242,10 @@ def measure_profile(model_dir: str | Path, device: str = "cuda", width: int = 51
     stream batch), VAE encode of 4 frames, VAE decode of one latent."""
     import torch
 
-    from wanstream.config import CacheConfig
+    from wanstream.core.config import CacheConfig
+    from wanstream.engine.latent_stream import LatentStream
+    from wanstream.engine.noise import SeededNoise
     from wanstream.models.loader import load_model
-    from wanstream.noise import SeededNoise
-    from wanstream.stream_batch import LatentStream
 
     bundle = load_model(model_dir, device=device, text_encoder=False)
     dev = bundle.device
@@ -396,7 +396,7 @@ def measure_pipeline(model_dir: str | Path, devices: list[str], steps: int, widt
     import numpy as np
     import torch
 
-    from wanstream.pipeline import PipelineSession
+    from wanstream.api.pipeline_session import PipelineSession
     gen = np.random.default_rng(seed)
     clip = gen.integers(0, 256, size=(frames, height, width, 3), dtype=np.uint8)
     embeds = torch.zeros(1, 16, prompt_dim)

@@ -30,8 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scaling import (Link, Profile, markdown, measure_pipeline, measure_profile,  # noqa: E402
-                     measured_markdown, paper_profiles)
+from scaling import Link, Profile, markdown, measure_pipeline, measure_profile, measured_markdown, paper_profiles  # noqa: E402
 
 
 def _resolution(text: str) -> tuple[int, int]:

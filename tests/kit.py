@@ -25,7 +25,7 @@ def stream_batch_golden_errors(make_stream, device="cpu", dtype=torch.float32) -
     latents, s, t and the recorded noise go in. ``make_stream(noise)`` builds the ``LatentStream`` (2 steps, sink
     refresh off) with the given noise source. Returns the largest abs difference per compared quantity (prepare x0,
     slot-0 latent, finished latent, block-0 K / V cache); structural mismatches (RoPE, chunk ids, noise count) raise."""
-    from wanstream.noise import ReplayNoise
+    from wanstream.engine.noise import ReplayNoise
     c = load_kit("c_dit_stream_n2_sinkoff.pt")
     noise = ReplayNoise([e["value"].to(device) for e in c["noise_log"]])
     ls = make_stream(noise)

@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from wanstream import bench, roofline
+from wanstream.bench import harness as bench
+from wanstream.bench import roofline
+from wanstream.cli import bench as bench_cli
 from wanstream.models.vae import StreamingVAE
 
 REQUIRED = ["ttff_s", "fps_e2e", "fps_denoise", "latency_ms", "jitter_ms", "deadline_miss_rate", "stage_ms",
@@ -22,7 +24,7 @@ REQUIRED = ["ttff_s", "fps_e2e", "fps_denoise", "latency_ms", "jitter_ms", "dead
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="wanstream")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench.add_bench_parser(sub)
+    bench_cli.add_bench_parser(sub)
     return parser.parse_args(["bench", *argv])
 
 
@@ -54,7 +56,7 @@ def test_bench_cli_single_run(tiny_model_dir, tmp_path, capsys):
     args = _parse(["--model", str(tiny_model_dir), "--device", "cpu", "--resolution", "32x32", "--steps", "2",
                    "--frames", "21", "--warmup", "2", "--prime-chunks", "1", "--target-latency", "1.0",
                    "--json", str(out), "--markdown", str(md), "--quiet"])
-    assert bench.run_bench(args) == 0
+    assert bench_cli.run_bench(args) == 0
     row = json.loads(out.read_text())
     _check_row(row, 2, "stream_batch")
     assert row["resolution"] == "32x32" and row["warmup_chunks"] == 2 and row["input_fps"] == "max"
@@ -91,7 +93,7 @@ def test_bench_sweep_eight_rows(tiny_model_dir, tmp_path):
     args = _parse(["--model", str(tiny_model_dir), "--device", "cpu", "--resolution", "32x32", "--sweep",
                    "--frames", "21", "--warmup", "1", "--prime-chunks", "0", "--no-peak", "--json", str(out),
                    "--quiet"])
-    assert bench.run_bench(args) == 0
+    assert bench_cli.run_bench(args) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert len(rows) == 8
@@ -109,7 +111,7 @@ def test_bench_sessions_share_dit_calls_and_compare_with_round_robin(tiny_model_
     args = _parse(["--model", str(tiny_model_dir), "--device", "cpu", "--resolution", "32x32", "--steps", "2",
                    "--frames", "21", "--warmup", "2", "--prime-chunks", "1", "--sessions", "3",
                    "--compare-round-robin", "--no-peak", "--json", str(out), "--quiet"])
-    assert bench.run_bench(args) == 0
+    assert bench_cli.run_bench(args) == 0
     row = json.loads(out.read_text())
     rr = row["round_robin"]
     assert row["sessions"] == rr["sessions"] == 3 and rr["policy"] == "round_robin"
@@ -139,7 +141,7 @@ def test_bench_compare_eager_alternates_the_reference_path(tiny_model_dir, tmp_p
     args = _parse(["--model", str(tiny_model_dir), "--device", "cpu", "--resolution", "32x32", "--steps", "2",
                    "--frames", "13", "--warmup", "1", "--prime-chunks", "1", "--compare-eager", "--no-peak",
                    "--json", str(out), "--quiet"])
-    assert bench.run_bench(args) == 0
+    assert bench_cli.run_bench(args) == 0
     row = json.loads(out.read_text())
     assert any(used) and not all(used)               # both paths ran (CPU: one stream's encode is vae.encode)
     v = row["vs_eager"]
@@ -212,9 +214,9 @@ def test_dit_flops_match_torch_flop_counter(tiny_model):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from wanstream.kv_cache import CacheStep
-    from wanstream.noise import SeededNoise
-    from wanstream.stream_batch import LatentStream
+    from wanstream.engine.latent_stream import LatentStream
+    from wanstream.engine.noise import SeededNoise
+    from wanstream.models.kv_cache import CacheStep
     model = tiny_model
     dit = model.dit
     tpf = model.tokens_per_frame(64, 64)

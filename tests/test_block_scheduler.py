@@ -8,9 +8,21 @@ import random
 
 import pytest
 
-from wanstream.block_scheduler import (BlockScheduler, Move, SchedulerConfig, StageCost, apply_move,
-                                       boundary_move, check_split, counts_from_ranges, even_split, parse_split,
-                                       plan_split, ranges_from_counts, stage_times)
+from wanstream.core.block_scheduler import (
+    BlockScheduler,
+    Move,
+    SchedulerConfig,
+    StageCost,
+    apply_move,
+    boundary_move,
+    check_split,
+    counts_from_ranges,
+    even_split,
+    parse_split,
+    plan_split,
+    ranges_from_counts,
+    stage_times,
+)
 
 
 def test_even_split_matches_the_release():

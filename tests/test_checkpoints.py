@@ -7,13 +7,21 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
-
 from kit import kit_dir
-from wanstream.config import DIT_COMMON, DIT_PRESETS
-from wanstream.errors import CheckpointError
-from wanstream.models.checkpoints import (build_transformer, build_vae, causal_state_dict, diffusers_dit_config,
-                                          read_dit_safetensors, read_torch_file, save_dit_safetensors,
-                                          vae_state_dict_original, wan_dit_shapes)
+
+from wanstream.core.config import DIT_COMMON, DIT_PRESETS
+from wanstream.core.errors import CheckpointError
+from wanstream.models.checkpoints import (
+    build_transformer,
+    build_vae,
+    causal_state_dict,
+    diffusers_dit_config,
+    read_dit_safetensors,
+    read_torch_file,
+    save_dit_safetensors,
+    vae_state_dict_original,
+    wan_dit_shapes,
+)
 from wanstream.models.random_init import random_dit_weights
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from wanstream.cli import main
+from wanstream.cli.main import main
 from wanstream.io.video import probe_video, read_video
 
 
@@ -109,7 +109,7 @@ def test_v2v_several_files_batched_equal_separate_runs(tiny_model_dir, tmp_path)
         diff = np.abs(got.astype(int) - ref.astype(int))
         assert diff.max() <= 2 and diff.mean() < 0.01, (clip.name, diff.mean(), diff.max())
     with pytest.raises(ValueError, match="must be a folder"):
-        from wanstream.restyle import output_paths
+        from wanstream.api.restyle import output_paths
         output_paths(clips, tmp_path / "x.mp4")
 
 

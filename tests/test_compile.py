@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from wanstream.config import CacheConfig
-from wanstream.kv_cache import CachePolicy, CacheStep
-from wanstream.noise_controller import NoiseController
-from wanstream.sampling import FlowMatchSampler
+from wanstream.core.config import CacheConfig
+from wanstream.engine.noise_controller import NoiseController
+from wanstream.models.kv_cache import CachePolicy, CacheStep
+from wanstream.models.sampling import FlowMatchSampler
 
 
 def test_dit_forward_has_no_graph_breaks(kit_dit, kit_context):

@@ -7,13 +7,13 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
 from kit import load_kit
-from wanstream.config import CacheConfig
-from wanstream.kv_cache import CachePolicy, CacheStep
+
+from wanstream.core.config import CacheConfig
 from wanstream.models.dit import CausalWanDiT
+from wanstream.models.kv_cache import CachePolicy, CacheStep
 from wanstream.models.rope import RopeTables, apply_rope, axis_dims
-from wanstream.sampling import FlowMatchSampler
+from wanstream.models.sampling import FlowMatchSampler
 
 TOL = 1e-4
 F_TOK = 15  # conformance: 48x80 pixels → 3x5 tokens

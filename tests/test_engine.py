@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from wanstream.engine import Engine
+from wanstream.engine.loop import Engine
 from wanstream.io.video import make_motion_clip
-from wanstream.kv_cache import KVPool, prompt_groups, runs
+from wanstream.models.kv_cache import KVPool, prompt_groups, runs
 
 W, H = 80, 48
 LATENT_TOL = 1e-5

@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
-
 from eval_browser import available, inspect_report
 from eval_kit import write_random_clip, write_random_raft
-from wanstream.cli import main
+
+from wanstream.cli.main import main
 
 FRAMES = 17
 PROMPT, PROMPT2, SWITCH = "a watercolor painting of a city street", "a pencil sketch", 9

@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from eval_kit import write_random_clip, write_random_raft
-from wanstream.errors import CheckpointError
+
+from wanstream.core.errors import CheckpointError
 from wanstream.eval.clip import load_clip
-from wanstream.eval.metrics import (Segment, consecutive_consistency, drift_curve, drift_summary, segments,
-                                    slope_per_100, text_image_scores)
+from wanstream.eval.metrics import (
+    Segment,
+    consecutive_consistency,
+    drift_curve,
+    drift_summary,
+    segments,
+    slope_per_100,
+    text_image_scores,
+)
 from wanstream.eval.models import MissingModelError, find_clip, find_raft
 
 
@@ -169,13 +176,12 @@ def test_metric_code_does_not_import_the_streaming_engine():
     """Everything but the sweep scores files alone: no session, stream batch, DiT, VAE or loader imported."""
     import subprocess
     import sys
-    code = ("import sys; import wanstream.eval.cli, wanstream.eval.evaluate, wanstream.eval.report; "
+    code = ("import sys; import wanstream.cli.eval, wanstream.eval.evaluate, wanstream.eval.report; "
             "print(sorted(m for m in sys.modules if m.startswith('wanstream')))")
     mods = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = eval(mods)
-    engine = [m for m in loaded if m.startswith(("wanstream.session", "wanstream.stream_batch", "wanstream.models",
-                                                 "wanstream.kv_cache", "wanstream.noise", "wanstream.pipeline",
-                                                 "wanstream.server", "wanstream.eval.sweep"))]
+    engine = [m for m in loaded if m.startswith(("wanstream.api", "wanstream.engine", "wanstream.models",
+                                                 "wanstream.pipeline", "wanstream.server", "wanstream.eval.sweep"))]
     assert engine == [], engine
     assert "wanstream.eval.flow" in loaded and "wanstream.io.video" in loaded
 

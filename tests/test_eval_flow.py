@@ -5,11 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from eval_kit import write_random_raft
-from wanstream.errors import CheckpointError
-from wanstream.eval.flow import (Motion, input_motion, inside, load_raft, occlusion_mask, valid_mask, warp,
-                                 warp_error, warp_errors)
+
+from wanstream.core.errors import CheckpointError
+from wanstream.eval.flow import (
+    Motion,
+    input_motion,
+    inside,
+    load_raft,
+    occlusion_mask,
+    valid_mask,
+    warp,
+    warp_error,
+    warp_errors,
+)
 
 
 def texture(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:

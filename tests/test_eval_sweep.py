@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from eval_kit import write_random_clip, write_random_raft
-from wanstream.cli import main
+
+from wanstream.cli.main import main
 from wanstream.eval.sweep import load_config, render_table, slug
 
 FRAMES = 13

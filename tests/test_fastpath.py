@@ -10,20 +10,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from kit import reference_refresh_sinks, stream_batch_golden_errors
-from wanstream.config import CacheConfig
+
+from wanstream.core.config import CacheConfig
+from wanstream.core.schedule import StreamSchedule, compose
+from wanstream.engine.latent_stream import LatentStream
+from wanstream.engine.noise import SeededNoise
+from wanstream.engine.runner import ChunkInput, Runner, RunnerStream
+from wanstream.engine.transfer import download_frames, start_download, upload_frames
 from wanstream.io.video import frames_to_tensor, tensor_to_frames
-from wanstream.kv_cache import CachePolicy, CacheStep, KVPool, StepBuffers
-from wanstream.models import attention, attention_backends, dit as dit_module
+from wanstream.models import attention, attention_backends
+from wanstream.models import dit as dit_module
 from wanstream.models.attention import _heads, frame_means, self_attention
+from wanstream.models.kv_cache import CachePolicy, CacheStep, KVPool, StepBuffers
 from wanstream.models.rope import RopeTables, apply_rope
-from wanstream.noise import SeededNoise
-from wanstream.runner import ChunkInput, Runner, RunnerStream
-from wanstream.sampling import FlowMatchSampler
-from wanstream.scheduler import StreamSchedule, compose
-from wanstream.stream_batch import LatentStream
-from wanstream.transfer import download_frames, start_download, upload_frames
+from wanstream.models.sampling import FlowMatchSampler
 
 TOL = 1e-4
 F_TOK = 15
@@ -373,6 +374,7 @@ def test_cuda_graph_replays_match_eager(kit_dit, kit_context):
 def test_steady_attention_uses_flash_or_cudnn(kit_dit, kit_context):
     """In the steady state (no mask) SDPA runs on the flash / cuDNN kernels: with only those allowed, the call works."""
     import copy
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
     previous = attention_backends.attention_backend()
     attention_backends.set_attention_backend("sdpa")

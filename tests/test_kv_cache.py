@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from wanstream.config import CacheConfig
-from wanstream.kv_cache import CachePolicy, CacheStep, KVCache
+from wanstream.core.config import CacheConfig
 from wanstream.models.attention import frame_means, refresh_sinks
+from wanstream.models.kv_cache import CachePolicy, CacheStep, KVCache
 
 
 def test_write_order_sinks_fixed_ring_cycles():

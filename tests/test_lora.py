@@ -9,11 +9,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from lora_files import LAYOUTS, merged, random_lora, write_lora
-from wanstream.config import CacheConfig
-from wanstream.kv_cache import CachePolicy, CacheStep
+
+from wanstream.core.config import CacheConfig
 from wanstream.models.dit import PromptKV
+from wanstream.models.kv_cache import CachePolicy, CacheStep
 from wanstream.models.lora import LoRAError, LoRASet, LoRASpec, read_lora
 
 F_TOK = 15                      # 48x80 pixels → 3x5 tokens per latent frame
@@ -222,7 +222,7 @@ def lora_model(tiny_model, tiny_model_dir, tmp_path_factory):
 
 
 def _session(model, engine=None, **kw):
-    from wanstream.session import StreamSession
+    from wanstream.api.session import StreamSession
     g = torch.Generator().manual_seed(0)
     return StreamSession(model, prompt_embeds=torch.randn(1, 8, 4096, generator=g) * 0.1, width=64, height=64,
                          steps=2, seed=1, engine=engine, **kw)
@@ -251,7 +251,7 @@ def recording(lora_set):
 
 
 def test_streams_with_different_strengths_share_calls_and_match_alone(lora_model):
-    from wanstream.engine import Engine
+    from wanstream.engine.loop import Engine
     frames = _frames(13)
 
     def run(strengths):
@@ -309,7 +309,7 @@ def test_live_strength_change_applies_from_the_next_chunk(lora_model):
 
 
 def test_engine_refuses_loras_it_does_not_have(lora_model, tiny_model):
-    from wanstream.engine import Engine
+    from wanstream.engine.loop import Engine
     with pytest.raises(ValueError, match="unknown LoRA 'oil'"):
         _session(lora_model, lora={"oil": 1.0})
     with pytest.raises(ValueError, match="no LoRA is loaded"):
@@ -321,7 +321,7 @@ def test_engine_refuses_loras_it_does_not_have(lora_model, tiny_model):
 
 
 def test_t2v_with_a_lora_at_zero_is_the_base_file(tiny_model, tiny_model_dir, tmp_path):
-    from wanstream.cli import main
+    from wanstream.cli.main import main
     path = write_lora(random_lora(tiny_model.dit, ALL_BLOCKS[:4], seed=6, std=0.3), "kohya", tmp_path, "ink")
     common = ["t2v", "--prompt", "a fox", "--frames", "5", "--model", str(tiny_model_dir), "--resolution", "64x48",
               "--steps", "1", "--device", "cpu"]

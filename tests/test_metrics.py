@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from wanstream.metrics import MetricsRegistry, StreamMetrics
+from wanstream.engine.metrics import MetricsRegistry, StreamMetrics
 
 
 class FakeClock:

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from wanstream.block_scheduler import BlockScheduler, SchedulerConfig
-from wanstream.config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VAE_PRESETS, WAN_FOLDER, CacheConfig
-from wanstream.noise import SeededNoise
-from wanstream.pipeline import PipelineDriver, PipelineError, PipelineSession, load_stage_model, renoise_seed
-from wanstream.pipeline.protocol import (Kind, Message, ProtocolError, encode, f2i, i2f, parse_header,
-                                         parse_table)
-from wanstream.sampling import FlowMatchSampler
-from wanstream.stream_batch import LatentStream
+from wanstream.api.pipeline_session import PipelineSession
+from wanstream.core.block_scheduler import BlockScheduler, SchedulerConfig
+from wanstream.core.config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VAE_PRESETS, WAN_FOLDER, CacheConfig
+from wanstream.engine.latent_stream import LatentStream
+from wanstream.engine.noise import SeededNoise
+from wanstream.models.sampling import FlowMatchSampler
+from wanstream.pipeline import PipelineDriver, PipelineError, load_stage_model, renoise_seed
+from wanstream.pipeline.protocol import Kind, Message, ProtocolError, encode, f2i, i2f, parse_header, parse_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))     # the scaling model (offline tool)
 
@@ -268,8 +268,8 @@ def test_continuous_scheduler_on_measured_times_keeps_output(pipe3, bundle6):
 
 # ------------------------------------------------------------------------------------------ pixels
 def _reference_pixels(bundle, frames: np.ndarray, ctx, lag: int, steps: int, seed: int) -> np.ndarray:
+    from wanstream.engine.noise_controller import NoiseController
     from wanstream.io.video import frames_to_tensor, tensor_to_frames
-    from wanstream.noise_controller import NoiseController
     enc, dec = bundle.vae.new_state(), bundle.vae.new_state()
     ls = LatentStream(bundle.dit, FlowMatchSampler(), bundle.dit.embed_prompt(ctx), SeededNoise(seed),
                       tokens_per_frame=TOK, steps=steps, cache=CacheConfig(), lag=lag,
@@ -358,7 +358,7 @@ def test_hung_rank_is_named_after_the_timeout(model4):
 CTRL_C_SCRIPT = """
 import sys, torch
 from wanstream.pipeline import PipelineDriver
-from wanstream.noise import SeededNoise
+from wanstream.engine.noise import SeededNoise
 if __name__ == "__main__":
     torch.set_num_threads(1)
     drv = PipelineDriver.launch(sys.argv[1], ["cpu"] * 3, timeout=20.0, dead_after=3.0, threads=1)
@@ -419,8 +419,8 @@ def test_cli_v2v_pipeline_two_cpu_ranks(model4, tmp_path, monkeypatch, capsys):
     (The text encoder is replaced by a fixed embedding: the test model has no T5 weights.)"""
     import argparse
 
+    from wanstream.cli.pipeline import add_pipeline_args, pipeline_requested, run_v2v_pipeline
     from wanstream.io.video import probe_video, write_motion_clip
-    from wanstream.pipeline_parallel import add_pipeline_args, pipeline_requested, run_v2v_pipeline
     fake = types.ModuleType("wanstream.models.text_encoder")
 
     class _Encoder:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from lora_files import random_lora, write_lora
-from wanstream.cli import build_parser, main
-from wanstream.presets import Preset, PresetError, apply_preset, lora_specs
-from wanstream.server.params import ParamsUpdate, SessionParams, WeightedPrompt
+
+from wanstream.api.params import ParamsUpdate, SessionParams, WeightedPrompt
+from wanstream.api.presets import Preset, PresetError
+from wanstream.cli.main import build_parser, main
+from wanstream.cli.presets import apply_preset, lora_specs
 
 FULL = {"format": "wanstream-preset", "version": 1,
         "prompts": [{"text": "ink wash painting", "weight": 2.0}, {"text": "neon city", "weight": 1.0}],
@@ -95,7 +96,7 @@ def test_preset_values_are_defaults_and_flags_win(tmp_path):
     assert [(s.path.name, s.strength) for s in lora_specs(args)] == [("x.safetensors", 0.3)]   # ... --lora too
     bench = apply_preset(build_parser(), ["bench", "--model", "m", "--preset", str(path)], "bench", path)
     assert bench.steps == 3 and bench.seed == 7 and len(lora_specs(bench)) == 2
-    from wanstream.bench import spec_from_args
+    from wanstream.cli.bench import spec_from_args
     assert spec_from_args(bench).lora == lora_specs(bench)
 
 

@@ -8,16 +8,23 @@ import sys
 
 import pytest
 import torch
+from kit import kit_dir, load_kit
 from torch import nn
 
-from kit import kit_dir, load_kit
-from wanstream.config import CacheConfig
-from wanstream.kv_cache import CachePolicy, CacheStep
+from wanstream.core.config import CacheConfig
 from wanstream.io.video import read_video
 from wanstream.models.checkpoints import build_transformer, causal_state_dict, diffusers_dit_config
 from wanstream.models.dit import CausalWanDiT
-from wanstream.models.quantize import (DEFAULT_EXCLUDE, QuantizationError, check_quantize, flow_relative_error,
-                                       fp8_unsupported_reason, quantizable_linears, quantize_dit)
+from wanstream.models.kv_cache import CachePolicy, CacheStep
+from wanstream.models.quantize import (
+    DEFAULT_EXCLUDE,
+    QuantizationError,
+    check_quantize,
+    flow_relative_error,
+    fp8_unsupported_reason,
+    quantizable_linears,
+    quantize_dit,
+)
 
 
 def _kit_transformer():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kit import load_kit
-from wanstream.noise_controller import NoiseController, motion_level, timestep_for
-from wanstream.sampling import FlowMatchSampler
-from wanstream.scheduler import step_list
+
+from wanstream.core.schedule import step_list
+from wanstream.engine.noise_controller import NoiseController, motion_level, timestep_for
+from wanstream.models.sampling import FlowMatchSampler
 
 
 def test_conformance_scheduler_exact():

@@ -8,10 +8,10 @@ from collections import deque
 
 import pytest
 
-from wanstream.chunking import ChunkBuffer
-from wanstream.config import CacheConfig
-from wanstream.scheduler import (LatencyModel, Scheduler, SLOConfig, Stage, StreamSchedule, StreamView, compose,
-                                 step_list)
+from wanstream.core.chunking import ChunkBuffer
+from wanstream.core.config import CacheConfig
+from wanstream.core.schedule import Stage, StreamSchedule, compose, step_list
+from wanstream.core.scheduler import LatencyModel, Scheduler, SLOConfig, StreamView
 
 
 # ============================================================================================ one stream
@@ -83,7 +83,7 @@ def test_t2v_step_list_has_a_clean_level():
 
 # ============================================================================================ composition
 def _stage(stream, n, frames=1, final_at=None):
-    from wanstream.scheduler import Row
+    from wanstream.core.schedule import Row
     return Stage(stream, [Row(stream, 0, i, i, 0, 0, i == final_at, i == 0) for i in range(n)], frames)
 
 

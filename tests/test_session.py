@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from wanstream.api.session import StreamSession
+from wanstream.api.t2v import latent_frames_for, text_to_video
 from wanstream.io.video import make_motion_clip
-from wanstream.session import StreamSession
-from wanstream.t2v import latent_frames_for, text_to_video
 
 W, H = 80, 48
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kit import stream_batch_golden_errors
-from wanstream.config import CacheConfig
-from wanstream.noise import SeededNoise
-from wanstream.sampling import FlowMatchSampler
-from wanstream.stream_batch import LatentStream
+
+from wanstream.core.config import CacheConfig
+from wanstream.engine.latent_stream import LatentStream
+from wanstream.engine.noise import SeededNoise
+from wanstream.models.sampling import FlowMatchSampler
 
 TOL = 1e-4
 SINK_OFF = CacheConfig(sink_threshold=-1)

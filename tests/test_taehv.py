@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wanstream.errors import CheckpointError
+from wanstream.core.errors import CheckpointError
 from wanstream.models.taehv import TAEHV, TAEHVStreamDecoder, load_taehv, write_random_taehv
 
 N_TENSORS = 128

@@ -10,11 +10,19 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from wanstream.errors import CheckpointError
-from wanstream.models.text_encoder import (T5_PRESETS, TextEncoder, build_umt5_encoder, clean_prompt,
-                                           convert_wan_t5_to_transformers, load_text_encoder,
-                                           umt5_config, umt5_config_from_state_dict,
-                                           wan_t5_shapes, write_random_text_encoder)
+from wanstream.core.errors import CheckpointError
+from wanstream.models.text_encoder import (
+    T5_PRESETS,
+    TextEncoder,
+    build_umt5_encoder,
+    clean_prompt,
+    convert_wan_t5_to_transformers,
+    load_text_encoder,
+    umt5_config,
+    umt5_config_from_state_dict,
+    wan_t5_shapes,
+    write_random_text_encoder,
+)
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER = Path("google") / "umt5-xxl"

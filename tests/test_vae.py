@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kit import kit_dir, load_kit
-from wanstream.config import LATENT_MEAN, LATENT_STD
+
+from wanstream.core.config import LATENT_MEAN, LATENT_STD
 from wanstream.models.checkpoints import build_vae, read_torch_file
 from wanstream.models.vae import StreamingVAE
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kit import kit_dir
 from test_vae import test_conformance_stream_encode_decode as _run_conformance  # one conformance check
+
+from wanstream.bench.vae_compare import compare_vae_paths
 from wanstream.models.checkpoints import build_vae, read_torch_file
 from wanstream.models.vae import StreamingVAE
-from wanstream.models.vae_compare import compare_vae_paths
 
 EQ = 1e-5        # same math, different kernels / batch
 

@@ -9,9 +9,22 @@ import pytest
 import torch
 
 from wanstream.io import video
-from wanstream.io.video import (VideoError, VideoInfo, VideoWriter, fit_frames, fit_resolution, frames_to_tensor,
-                                iter_frames, make_motion_clip, parse_resolution, probe_video, read_video,
-                                resize_frames, tensor_to_frames, write_motion_clip)
+from wanstream.io.video import (
+    VideoError,
+    VideoInfo,
+    VideoWriter,
+    fit_frames,
+    fit_resolution,
+    frames_to_tensor,
+    iter_frames,
+    make_motion_clip,
+    parse_resolution,
+    probe_video,
+    read_video,
+    resize_frames,
+    tensor_to_frames,
+    write_motion_clip,
+)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +255,7 @@ def test_same_frames_give_the_same_file_bytes(tmp_path):
 
 @pytest.mark.parametrize("fit", ["crop", "pad", "stretch"])
 def test_streams_frame_their_input_by_their_fit(tiny_model, fit):
-    from wanstream.session import StreamSession
+    from wanstream.api.session import StreamSession
     clip = make_motion_clip(5, 80, 48, seed=3)
     session = StreamSession(tiny_model, prompt_embeds=torch.zeros(1, 4, 4096), width=48, height=48, fit=fit)
     try:
@@ -254,6 +267,6 @@ def test_streams_frame_their_input_by_their_fit(tiny_model, fit):
 
 
 def test_unknown_fit_is_refused(tiny_model):
-    from wanstream.session import StreamSession
+    from wanstream.api.session import StreamSession
     with pytest.raises(ValueError, match="fit must be one of crop, pad, stretch, got 'zoom'"):
         StreamSession(tiny_model, prompt_embeds=torch.zeros(1, 4, 4096), width=48, height=48, fit="zoom")

@@ -8,8 +8,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 
-from server_helpers import H, W  # noqa: E402
 import pytest  # noqa: E402
+from server_helpers import H, W  # noqa: E402
 
 
 @pytest.fixture(scope="session")

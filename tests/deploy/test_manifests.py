@@ -25,7 +25,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 k8s = pytest.importorskip("kubernetes.client", reason="pip install -e '.[test]' (the pinned kubernetes client)")
 
-from wanstream.server.cli import configure_serve_parser, settings_from_args  # noqa: E402
+from wanstream.cli.serve import configure_serve_parser, settings_from_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

@@ -24,10 +24,10 @@ def rss_mib() -> float:
 
 
 def main() -> int:
+    from wanstream.api.params import SessionParams, conditioning
+    from wanstream.api.session import StreamSession
     from wanstream.models.loader import load_model
-    from wanstream.server.params import SessionParams, conditioning
     from wanstream.server.settings import ServerSettings
-    from wanstream.session import StreamSession
 
     torch.set_num_threads(2)
     model_dir, n = sys.argv[1], int(sys.argv[2])

@@ -17,8 +17,8 @@ from pythonosc.osc_message_builder import OscMessageBuilder  # noqa: E402
 from pythonosc.udp_client import SimpleUDPClient  # noqa: E402
 from server_helpers import LiveServer, WSClient, server_settings, stream_until, wait_until  # noqa: E402
 
+from wanstream.api.params import SessionParams  # noqa: E402
 from wanstream.server.osc import DROP_REASONS, OSCControl, to_update  # noqa: E402
-from wanstream.server.params import SessionParams  # noqa: E402
 from wanstream.server.settings import ServerSettings  # noqa: E402
 from wanstream.server.stats import ServerTotals  # noqa: E402
 
@@ -195,7 +195,7 @@ def test_lora_strength_over_osc_and_in_the_saved_preset(lora_srv, clip):
 def test_serve_flag():
     import argparse
 
-    from wanstream.server.cli import configure_serve_parser, settings_from_args
+    from wanstream.cli.serve import configure_serve_parser, settings_from_args
     parser = configure_serve_parser(argparse.ArgumentParser())
     assert settings_from_args(parser.parse_args(["--model", "m"])).osc_port is None          # off by default
     assert settings_from_args(parser.parse_args(["--model", "m", "--osc-port", "9000"])).osc_port == 9000

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gc
-import time
 import importlib.util
+import time
 import weakref
 
 import av
@@ -12,8 +12,7 @@ import pytest
 
 pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
 
-from server_helpers import (H, W, LiveServer, Streamer, WSClient, make_offer, server_settings,  # noqa: E402
-                            stream_until, wait_until)
+from server_helpers import H, LiveServer, Streamer, W, WSClient, make_offer, server_settings, stream_until, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from PIL import Image
 
 pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
 
-from server_helpers import H, W, LiveServer, Streamer, WSClient, server_settings, wait_until  # noqa: E402
+from server_helpers import H, LiveServer, Streamer, W, WSClient, server_settings, wait_until  # noqa: E402
+
 from wanstream.server.frames import encode_jpeg, pack_raw  # noqa: E402
 
 MAX_FRAME_BYTES = 64 * 1024

@@ -25,11 +25,9 @@ import pytest
 
 pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
 
+from server_helpers import LiveServer, WSClient, make_offer, server_settings, stream_until, wait_until  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
-
-from server_helpers import (LiveServer, WSClient, make_offer, server_settings, stream_until,  # noqa: E402
-                            wait_until)
 
 HERE = Path(__file__).parent
 ADMIN = "the-admin-token"
@@ -454,7 +452,7 @@ def test_every_bound_is_a_metric(srv):
 def test_bounds_and_authority_from_the_command_line():
     import argparse
 
-    from wanstream.server.cli import add_serve_parser, settings_from_args
+    from wanstream.cli.serve import add_serve_parser, settings_from_args
     from wanstream.server.settings import ServerSettings
     parser = argparse.ArgumentParser(prog="wanstream")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))

@@ -16,10 +16,10 @@ import pytest
 
 pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
 
-from server_helpers import (H, W, LiveServer, clip_chunks, run_threads, server_settings,  # noqa: E402
-                            stream_in_lockstep, wait_until)
-from wanstream.server.params import blend_embeddings  # noqa: E402
-from wanstream.session import StreamSession  # noqa: E402
+from server_helpers import H, LiveServer, W, clip_chunks, run_threads, server_settings, stream_in_lockstep, wait_until  # noqa: E402
+
+from wanstream.api.params import blend_embeddings  # noqa: E402
+from wanstream.api.session import StreamSession  # noqa: E402
 
 N_CHUNKS = 10
 

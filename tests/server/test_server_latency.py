@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 import pytest
-
 from server_helpers import server_settings, wait_until
-from wanstream.chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
+
+from wanstream.core.chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
 from wanstream.server.sessions import SessionManager
 
 SIM_S = float(os.environ.get("WANSTREAM_LATENCY_SIM_S", "60"))

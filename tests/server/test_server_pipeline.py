@@ -29,14 +29,25 @@ import pytest
 
 pytest.importorskip("websockets", reason="the WebSocket transport needs the websockets package")
 
-from server_helpers import (H, W, LiveServer, WSClient, clip_chunks, server_settings, stream_in_lockstep,  # noqa: E402
-                            run_threads, stream_until, wait_until)
-from wanstream.engine import Engine  # noqa: E402
-from wanstream.kv_cache import CachePolicy, KVPool  # noqa: E402
+from server_helpers import (  # noqa: E402
+    H,
+    LiveServer,
+    W,
+    WSClient,
+    clip_chunks,
+    run_threads,
+    server_settings,
+    stream_in_lockstep,
+    stream_until,
+    wait_until,
+)
+
+from wanstream.api.session import StreamSession  # noqa: E402
+from wanstream.engine.loop import Engine  # noqa: E402
+from wanstream.engine.runner import Runner  # noqa: E402
+from wanstream.models.kv_cache import CachePolicy, KVPool  # noqa: E402
 from wanstream.pipeline import PipelineDriver  # noqa: E402
-from wanstream.pipeline.session import runner_factory  # noqa: E402
-from wanstream.runner import Runner  # noqa: E402
-from wanstream.session import StreamSession  # noqa: E402
+from wanstream.pipeline.runner import runner_factory  # noqa: E402
 
 RANKS = 2
 N_CHUNKS = 6
@@ -209,7 +220,7 @@ def test_killed_rank_ends_the_streams_and_health_says_degraded(tiny_model_dir, t
 
 @pytest.mark.parametrize("flag", [["--lora", "style.safetensors"], ["--taehv"]])
 def test_serve_refuses_what_the_pipeline_does_not_run(tmp_path, capsys, flag):
-    from wanstream.server.cli import main
+    from wanstream.cli.serve import main
     code = main(["--model", str(tmp_path / "missing"), "--pipeline", "2", "--device", "cpu", *flag])
     assert code == 2
     err = capsys.readouterr().err

@@ -1,5 +1,5 @@
 """Presets over HTTP (the page's Save / Load preset): validated with the preset schema, applied to a stream, a
-stream's state saved in the file format of wanstream.presets; bad presets get a 4xx naming the field."""
+stream's state saved in the file format of wanstream.api.presets; bad presets get a 4xx naming the field."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ pytest.importorskip("websockets", reason="the WebSocket transport needs the webs
 
 from server_helpers import LiveServer, WSClient, server_settings, wait_until  # noqa: E402
 
-from wanstream.presets import Preset  # noqa: E402
+from wanstream.api.presets import Preset
 from wanstream.server.app import STATIC as STATIC_DIR  # noqa: E402
 
 

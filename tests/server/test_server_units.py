@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 from pydantic import ValidationError
-
 from server_helpers import H, W, server_settings, wait_until
+
+from wanstream.api.params import ParamsUpdate, SessionParams, blend_embeddings
 from wanstream.server.frames import FrameError, decode_frame, encode_jpeg, fit_frame, pack_raw, unpack_raw
 from wanstream.server.pacing import Pacer
-from wanstream.server.params import ParamsUpdate, SessionParams, blend_embeddings
 from wanstream.server.sessions import ServerFull, SessionManager
 
 
@@ -273,7 +273,7 @@ def test_closing_a_session_releases_its_stream(tiny_model, tmp_path, clip):
 def test_serve_command_line():
     import argparse
 
-    from wanstream.server.cli import add_serve_parser, run_serve, settings_from_args
+    from wanstream.cli.serve import add_serve_parser, run_serve, settings_from_args
     parser = argparse.ArgumentParser(prog="wanstream")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", "--model", "m"])

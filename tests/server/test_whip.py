@@ -16,7 +16,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from server_helpers import H, W, LiveServer, server_settings, wait_until
+from server_helpers import H, LiveServer, W, server_settings, wait_until
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("aiortc") is None, reason="WHIP / WHEP need aiortc")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
-from .flow import channels_first
+from wanstream.core.errors import CheckpointError
+from wanstream.eval.flow import channels_first
 
 
 class ClipEmbedder:

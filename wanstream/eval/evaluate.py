@@ -15,11 +15,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..io.video import probe_video, read_video, resize_frames
-from .clip import ClipEmbedder
-from .flow import FlowModel, Motion, input_motion, warp_errors
-from .metrics import (DEFINITIONS, DRIFT_REF_FRAMES, SCHEMA, Segment, consecutive_consistency, drift_curve,
-                      drift_summary, json_floats, nanmean, segments, text_image_scores)
+from wanstream.eval.clip import ClipEmbedder
+from wanstream.eval.flow import FlowModel, Motion, input_motion, warp_errors
+from wanstream.eval.metrics import (
+    DEFINITIONS,
+    DRIFT_REF_FRAMES,
+    SCHEMA,
+    Segment,
+    consecutive_consistency,
+    drift_curve,
+    drift_summary,
+    json_floats,
+    nanmean,
+    segments,
+    text_image_scores,
+)
+from wanstream.io.video import probe_video, read_video, resize_frames
 
 
 def align(inputs: np.ndarray, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -147,9 +158,9 @@ def load_scorers(models_dir: Path, clip_path: Path | None = None, raft_path: Pat
                  device: str | None = None, clip_batch: int = 32, flow_updates: int = 12
                  ) -> tuple[ClipEmbedder, FlowModel]:
     """Find (offline) and load CLIP and RAFT on ``device`` (default: cuda when available)."""
-    from .clip import load_clip
-    from .flow import load_raft
-    from .models import find_clip, find_raft
+    from wanstream.eval.clip import load_clip
+    from wanstream.eval.flow import load_raft
+    from wanstream.eval.models import find_clip, find_raft
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     clip_dir, clip_id = find_clip(clip_path, models_dir)
     raft_file, raft_id = find_raft(raft_path, models_dir)

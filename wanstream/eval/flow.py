@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError
-from .models import raft_arch_of, raft_weights
+from wanstream.core.errors import CheckpointError
+from wanstream.eval.models import raft_arch_of, raft_weights
 
 ALPHA = 0.01
 BETA = 0.5

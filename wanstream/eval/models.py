@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..errors import CheckpointError
+from wanstream.core.errors import CheckpointError
 
 CLIP_HUB_ID = "openai/clip-vit-base-patch32"
 CLIP_DIR = "clip-vit-base-patch32"

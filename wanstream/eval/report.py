@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import DEFINITIONS
+from wanstream.eval.metrics import DEFINITIONS
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
 

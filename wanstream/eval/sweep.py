@@ -2,8 +2,8 @@
 write a table laid out like the paper's Table 1, with each setting's FPS beside its quality.
 
 The only module of ``wanstream.eval`` that touches the engine, and only through the public API
-(:func:`~wanstream.models.loader.load_model`, :class:`~wanstream.session.StreamSession`,
-:class:`~wanstream.config.CacheConfig`). The config (TOML or JSON; relative paths are relative to it)::
+(:func:`~wanstream.models.loader.load_model`, :class:`~wanstream.api.session.StreamSession`,
+:class:`~wanstream.core.config.CacheConfig`). The config (TOML or JSON; relative paths are relative to it)::
 
     model = "models"                 # a model folder (load_model)
     device = "cuda"                  # optional; default cuda when available
@@ -44,13 +44,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import CacheConfig
-from ..errors import CheckpointError
-from ..io.video import VideoWriter, fit_resolution, parse_resolution, probe_video, read_video, resize_frames
-from .evaluate import score
-from .flow import input_motion
-from .metrics import nanmean
-from .report import render_html, render_sweep_html
+from wanstream.core.config import CacheConfig
+from wanstream.core.errors import CheckpointError
+from wanstream.eval.evaluate import score
+from wanstream.eval.flow import input_motion
+from wanstream.eval.metrics import nanmean
+from wanstream.eval.report import render_html, render_sweep_html
+from wanstream.io.video import VideoWriter, fit_resolution, parse_resolution, probe_video, read_video, resize_frames
 
 TOP_KEYS = {"model", "device", "resolution", "seed", "prime_frames", "defaults", "clips", "settings"}
 CLIP_KEYS = {"path", "name", "prompt", "prompts", "max_frames"}
@@ -227,8 +227,8 @@ class _Models:
 
     def get(self, setting: Setting):
         """``(model, None)`` or ``(None, the reason the setting cannot run)``."""
-        from ..models.loader import default_device, load_model
-        from ..models.quantize import QuantizationError, check_quantize
+        from wanstream.models.loader import default_device, load_model
+        from wanstream.models.quantize import QuantizationError, check_quantize
         kwargs = {}
         if setting.quantize is not None:
             try:
@@ -253,7 +253,7 @@ class _Models:
 
 
 def _session(model, setting: Setting, prompt: str, width: int, height: int, seed: int):
-    from ..session import StreamSession
+    from wanstream.api.session import StreamSession
     return StreamSession(model, prompt=prompt, width=width, height=height, steps=setting.steps,
                          noise_scale=setting.noise_scale, noise_controller=setting.noise_controller,
                          batch=setting.batch, seed=seed, cache=setting.cache_config(), decoder=setting.decoder)
@@ -286,7 +286,7 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, clip_scorer, flow_model, *, flow_
               drift_ref: int = 5, strip: int = 8, log=print) -> dict:
     """Run every clip under every setting, score the outputs, write videos, per-clip reports, ``sweep.json``,
     ``table.md`` and ``sweep.html`` into ``out_dir``; returns the sweep result."""
-    from ..bench import device_info, git_commit
+    from wanstream.bench.harness import device_info, git_commit
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = _Models(cfg, log)

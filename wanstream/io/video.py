@@ -7,7 +7,6 @@ Frames are RGB ``uint8`` arrays, ``[H, W, 3]`` for one frame and ``[T, H, W, 3]`
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -17,6 +16,8 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from wanstream.core.geometry import FIT_MODES, check_fit, fit_resolution, parse_resolution  # noqa: F401
 
 PathLike = str | os.PathLike
 
@@ -138,7 +139,6 @@ def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     return out if arr.ndim == 4 else out[0]
 
 
-FIT_MODES = ("crop", "pad", "stretch")
 
 
 def fit_frames(frames: np.ndarray, width: int, height: int, mode: str = "crop") -> np.ndarray:
@@ -151,8 +151,7 @@ def fit_frames(frames: np.ndarray, width: int, height: int, mode: str = "crop") 
 
     Frames already at the target size are returned as they are; resizing is :func:`resize_frames`.
     """
-    if mode not in FIT_MODES:
-        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {mode!r}")
+    check_fit(mode)
     arr = _frames_array(frames)
     if width < 1 or height < 1:
         raise ValueError(f"frame target must be positive, got {width}x{height}")
@@ -172,26 +171,6 @@ def fit_frames(frames: np.ndarray, width: int, height: int, mode: str = "crop") 
     x0, y0 = (width - sw) // 2, (height - sh) // 2
     out[..., y0: y0 + sh, x0: x0 + sw, :] = resize_frames(arr, sw, sh)
     return out
-
-
-def fit_resolution(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
-    """Round a size down to multiples of ``multiple`` (at least one multiple each way)."""
-    if width < 1 or height < 1 or multiple < 1:
-        raise ValueError(f"size and multiple must be positive, got {width}x{height} and multiple {multiple}")
-    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
-
-
-_RESOLUTION = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
-
-
-def parse_resolution(text: str, multiple: int = 16) -> tuple[int, int]:
-    """``"512x512"`` -> ``(512, 512)``; both sides positive multiples of ``multiple``, else ValueError."""
-    match = _RESOLUTION.fullmatch(text)
-    if match:
-        width, height = int(match[1]), int(match[2])
-        if width > 0 and height > 0 and width % multiple == 0 and height % multiple == 0:
-            return width, height
-    raise ValueError(f"bad resolution {text!r}: expected WxH with positive multiples of {multiple}, e.g. 512x512")
 
 
 def frames_to_tensor(frames: np.ndarray, device: torch.device | str | None = None,

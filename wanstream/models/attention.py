@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kv_cache import CacheStep
-from .attention_backends import attend
-from .rope import apply_rope
+from wanstream.models.attention_backends import attend
+from wanstream.models.kv_cache import CacheStep
+from wanstream.models.rope import apply_rope
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

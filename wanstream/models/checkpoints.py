@@ -22,12 +22,11 @@ from typing import Iterable
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
-from diffusers.loaders.single_file_utils import (convert_wan_transformer_to_diffusers,
-                                                 convert_wan_vae_to_diffusers)
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers, convert_wan_vae_to_diffusers
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from wanstream.core.errors import CheckpointError
 
 CAUSAL_KEYS = ("generator", "generator_ema", "state_dict")
 SAFETENSORS = "diffusion_pytorch_model.safetensors"

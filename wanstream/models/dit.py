@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kv_cache import CacheStep, KVCache
-from .attention import cross_attention, prompt_kv, self_attention
-from .rope import RopeTables
+from wanstream.models.attention import cross_attention, prompt_kv, self_attention
+from wanstream.models.kv_cache import CacheStep, KVCache
+from wanstream.models.rope import RopeTables
 
 
 @dataclass

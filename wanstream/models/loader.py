@@ -17,15 +17,26 @@ from typing import Sequence
 
 import torch
 
-from ..errors import CheckpointError
-from ..sampling import FlowMatchSampler
-from .checkpoints import (T5_FILE, TAEHV_FILE, TOKENIZER_DIR, VAE_FILE, build_transformer, build_vae,
-                          causal_state_dict, diffusers_dit_config, in_blocks, read_dit_safetensors, read_torch_file,
-                          read_wan_config)
-from .dit import CausalWanDiT
-from .lora import LoRAError, LoRASet, LoRASpec
-from .quantize import check_quantize, quantize_dit
-from .vae import StreamingVAE
+from wanstream.core.errors import CheckpointError
+from wanstream.models.checkpoints import (
+    T5_FILE,
+    TAEHV_FILE,
+    TOKENIZER_DIR,
+    VAE_FILE,
+    build_transformer,
+    build_vae,
+    causal_state_dict,
+    diffusers_dit_config,
+    in_blocks,
+    read_dit_safetensors,
+    read_torch_file,
+    read_wan_config,
+)
+from wanstream.models.dit import CausalWanDiT
+from wanstream.models.lora import LoRAError, LoRASet, LoRASpec
+from wanstream.models.quantize import check_quantize, quantize_dit
+from wanstream.models.sampling import FlowMatchSampler
+from wanstream.models.vae import StreamingVAE
 
 
 @dataclass
@@ -127,7 +138,7 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
     if taehv:
         if paths.taehv is None:
             raise CheckpointError(f"{paths.root}: --taehv needs ckpts/{TAEHV_FILE}")
-        from .taehv import load_taehv
+        from wanstream.models.taehv import load_taehv
         tae = load_taehv(paths.taehv, device=device, dtype=dtype)
     dit = CausalWanDiT(transformer)
     if quantize is not None:
@@ -157,7 +168,7 @@ def load_vae(paths: ModelPaths, device: torch.device, dtype: torch.dtype):
 
 def load_text_encoder_of(paths: ModelPaths, device: torch.device, dtype: torch.dtype):
     """The UMT5 text encoder of a released-layout model."""
-    from .text_encoder import load_text_encoder
+    from wanstream.models.text_encoder import load_text_encoder
     if paths.diffusers:
         raise CheckpointError(f"{paths.root}: text encoders of diffusers-layout repos are not supported yet; "
                               f"load with text_encoder=False and pass prompt embeddings")

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
+from wanstream.core.errors import CheckpointError
 
 MAX_STRENGTH = 4.0                  # |strength| of one LoRA (typical use: 0 .. 1.5)
 FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")   # inside a LoRA folder

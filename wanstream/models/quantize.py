@@ -19,7 +19,8 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-QUANTIZE_MODES = ("int8", "fp8")
+from wanstream.core.config import QUANTIZE_MODES
+
 DEFAULT_EXCLUDE = ("condition_embedder.*", "patch_embedding*", "proj_out", "*norm*")
 FP8_MIN_CAPABILITY = (8, 9)
 

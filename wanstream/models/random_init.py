@@ -14,9 +14,16 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 
-from ..config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VAE_PRESETS, WAN_FOLDER
-from .checkpoints import diffusers_dit_config, save_dit_safetensors, vae_state_dict_original, wan_dit_shapes
-from .checkpoints import T5_FILE, TAEHV_FILE, VAE_FILE
+from wanstream.core.config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VAE_PRESETS, WAN_FOLDER
+from wanstream.models.checkpoints import (
+    T5_FILE,
+    TAEHV_FILE,
+    VAE_FILE,
+    diffusers_dit_config,
+    save_dit_safetensors,
+    vae_state_dict_original,
+    wan_dit_shapes,
+)
 
 SHARD_BYTES = 5 * 1024 ** 3
 
@@ -64,9 +71,9 @@ def init_random(root: str | Path, preset: str = "tiny", seed: int = 0, full_text
     torch.save({k: v.to(dtype) for k, v in vae_state_dict_original(vae).items()}, wan / VAE_FILE)
     full = preset != "tiny" if full_text_encoder is None else full_text_encoder
     log(f"[init-random] text encoder ({'umt5-xxl' if full else 'tiny'}) → {wan / T5_FILE}")
-    from .text_encoder import write_random_text_encoder
+    from wanstream.models.text_encoder import write_random_text_encoder
     write_random_text_encoder(wan, "umt5-xxl" if full else "tiny", seed=seed + 2)
-    from .taehv import write_random_taehv
+    from wanstream.models.taehv import write_random_taehv
     write_random_taehv(root / "ckpts" / TAEHV_FILE, seed=seed + 3)
     log(f"[init-random] done: {root}")
     return root

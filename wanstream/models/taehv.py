@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
+from wanstream.core.errors import CheckpointError
 
 DECODER_WIDTHS = (256, 128, 64, 64)
 

@@ -28,8 +28,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from ..errors import CheckpointError
-from .checkpoints import T5_FILE, TOKENIZER_DIR, check_keys, read_torch_file
+from wanstream.core.errors import CheckpointError
+from wanstream.models.checkpoints import T5_FILE, TOKENIZER_DIR, check_keys, read_torch_file
 
 TEXT_LEN = 512
 DEFAULT_CACHE_BYTES = 64 * 2**20   # prompt cache bound (a full 512-token fp32 prompt is 8 MiB)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import LATENT_MEAN, LATENT_STD
-from .vae_fast import FastWanVAE
+from wanstream.core.config import LATENT_MEAN, LATENT_STD
+from wanstream.models.vae_fast import FastWanVAE
 
 
 class _Rows:

@@ -1,4 +1,4 @@
-"""Rank 0 of the pipeline: the latent-level driver (same interface as :class:`~wanstream.stream_batch.LatentStream`).
+"""Rank 0 of the pipeline: the latent-level driver (same interface as :class:`~wanstream.engine.latent_stream.LatentStream`).
 
 Schedule (``lag`` = W by default): W stream batches circulate; a call takes the batch that left ``lag`` calls
 ago (waiting for its RETURN from the last stage if it is still in flight), shifts it, inserts the new chunk at
@@ -25,16 +25,41 @@ from typing import Hashable
 
 import torch
 
-from ..block_scheduler import (BlockScheduler, Move, SchedulerConfig, StageCost, boundary_move, check_split,
-                               even_split, format_split)
-from ..config import CacheConfig
-from ..noise import NoiseSource
-from ..runner import ChunkInput, RunnerStream, gather_rows, row_timesteps
-from ..scheduler import Call, Row, StreamSchedule, compose
-from .launch import LaunchSpec, connect, host_store, make_transport, setup_rank, spawn_workers, torchrun_env
-from .protocol import Kind, Message, ProtocolError
-from .stage import DECODE_NONE, DECODE_TAEHV, DECODE_VAE, STREAM, PipeConfig, Stage, StepMeta, load_stage_model
-from .transport import PipelineError
+from wanstream.core.block_scheduler import (
+    BlockScheduler,
+    Move,
+    SchedulerConfig,
+    StageCost,
+    boundary_move,
+    check_split,
+    even_split,
+    format_split,
+)
+from wanstream.core.config import CacheConfig
+from wanstream.core.schedule import Call, Row, StreamSchedule, compose
+from wanstream.engine.noise import NoiseSource
+from wanstream.engine.runner import ChunkInput, RunnerStream, gather_rows, row_timesteps
+from wanstream.pipeline.launch import (
+    LaunchSpec,
+    connect,
+    host_store,
+    make_transport,
+    setup_rank,
+    spawn_workers,
+    torchrun_env,
+)
+from wanstream.pipeline.protocol import Kind, Message, ProtocolError
+from wanstream.pipeline.stage import (
+    DECODE_NONE,
+    DECODE_TAEHV,
+    DECODE_VAE,
+    STREAM,
+    PipeConfig,
+    Stage,
+    StepMeta,
+    load_stage_model,
+)
+from wanstream.pipeline.transport import PipelineError
 
 log = logging.getLogger("wanstream.pipeline")
 
@@ -78,8 +103,8 @@ class MoveRecord:
 
 
 def num_layers_of(model_dir: str | Path) -> int:
-    from ..models.checkpoints import read_wan_config
-    from ..models.loader import ModelPaths
+    from wanstream.models.checkpoints import read_wan_config
+    from wanstream.models.loader import ModelPaths
     paths = ModelPaths.discover(model_dir)
     if paths.diffusers:
         import json

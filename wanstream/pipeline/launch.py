@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .transport import Health, PipelineError, Transport
+from wanstream.pipeline.transport import Health, PipelineError, Transport
 
 log = logging.getLogger("wanstream.pipeline")
 
@@ -126,7 +126,7 @@ def worker_main(rank: int, host: str, port: int, spec: LaunchSpec, master: bool 
 
 
 def run_worker(rank: int, host: str, port: int, spec: LaunchSpec, master: bool = False) -> int:
-    from .stage import Stage, load_stage_model
+    from wanstream.pipeline.stage import Stage, load_stage_model
     logging.basicConfig(level=spec.log_level, format=f"[rank {rank}] %(message)s")
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0 / torchrun decide; SIGTERM ends us

@@ -8,7 +8,7 @@ read from the checkpoint selectively (``mmap`` for ``model.pt``, per-tensor for 
 materialises blocks it does not run.
 
 Worker ranks run :meth:`Stage.serve`; stage 0 is driven by :class:`~.driver.PipelineDriver`. Each STEP is
-computed exactly as the single-process :class:`~wanstream.stream_batch.LatentStream` computes that call, just
+computed exactly as the single-process :class:`~wanstream.engine.latent_stream.LatentStream` computes that call, just
 cut at the block boundaries, so the pipeline's output equals ``LatentStream(lag=W)`` to fp32 rounding.
 """
 
@@ -23,17 +23,17 @@ from pathlib import Path
 
 import torch
 
-from ..block_scheduler import Move, apply_move, format_split
-from ..config import CacheConfig
-from ..timing import recorded_seconds
-from ..kv_cache import CachePolicy, CacheStep, KVPool
-from ..models.dit import CausalWanDiT, PromptKV
-from ..noise import SeededNoise
-from ..runner import settle
-from ..sampling import FlowMatchSampler
-from ..scheduler import Row, step_list
-from .protocol import Kind, Message, ProtocolError, f2i, i2f
-from .transport import Health, Transport
+from wanstream.core.block_scheduler import Move, apply_move, format_split
+from wanstream.core.config import CacheConfig
+from wanstream.core.schedule import Row, step_list
+from wanstream.engine.noise import SeededNoise
+from wanstream.engine.runner import settle
+from wanstream.engine.timing import recorded_seconds
+from wanstream.models.dit import CausalWanDiT, PromptKV
+from wanstream.models.kv_cache import CachePolicy, CacheStep, KVPool
+from wanstream.models.sampling import FlowMatchSampler
+from wanstream.pipeline.protocol import Kind, Message, ProtocolError, f2i, i2f
+from wanstream.pipeline.transport import Health, Transport
 
 log = logging.getLogger("wanstream.pipeline")
 
@@ -76,9 +76,9 @@ def load_stage_model(root: str | Path, device: str | torch.device, dtype: torch.
 
     Missing, unexpected or mis-shaped tensors among the ones this stage needs raise ``CheckpointError``.
     """
-    from ..errors import CheckpointError
-    from ..models.loader import ModelPaths, default_dtype, load_dit, load_text_encoder_of, load_vae
-    from ..models.vae import StreamingVAE
+    from wanstream.core.errors import CheckpointError
+    from wanstream.models.loader import ModelPaths, default_dtype, load_dit, load_text_encoder_of, load_vae
+    from wanstream.models.vae import StreamingVAE
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     paths = ModelPaths.discover(root)
@@ -94,14 +94,14 @@ def load_stage_model(root: str | Path, device: str | torch.device, dtype: torch.
     if taehv:
         if paths.taehv is None:
             raise CheckpointError(f"{paths.root}: --taehv needs ckpts/taew2_1.pth")
-        from ..models.taehv import load_taehv
+        from wanstream.models.taehv import load_taehv
         model.taehv = load_taehv(paths.taehv, device=device, dtype=dtype)
     return model
 
 
 def _load_stage_diffusers(paths, device, dtype, blocks: range, vae: bool) -> StageModel:
     """diffusers-layout repos: loaded whole on the CPU, then blocks outside the range are dropped."""
-    from ..models.loader import load_model
+    from wanstream.models.loader import load_model
     bundle = load_model(paths.root, device="cpu", dtype=dtype, text_encoder=False)
     dit = bundle.dit
     for i in range(dit.num_layers):
@@ -111,7 +111,7 @@ def _load_stage_diffusers(paths, device, dtype, blocks: range, vae: bool) -> Sta
     model = StageModel(dit, bundle.sampler, device, dtype, source=str(paths.root))
     if vae:
         bundle.vae.vae.to(device)
-        from ..models.vae import StreamingVAE
+        from wanstream.models.vae import StreamingVAE
         model.vae = StreamingVAE(bundle.vae.vae)
     return model
 
@@ -316,7 +316,7 @@ class Stage:
         elif self.cfg.decode == DECODE_TAEHV:
             if self.model.taehv is None:
                 raise RuntimeError(f"rank {self.rank} decodes with TAEHV but was loaded without it")
-            from ..models.taehv import TAEHVStreamDecoder
+            from wanstream.models.taehv import TAEHVStreamDecoder
             self.decoders[stream] = TAEHVStreamDecoder(self.model.taehv)
 
     def rows_for(self, steps: int) -> int:

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .protocol import HEADER_INTS, Kind, Message, ProtocolError, encode, parse_header, parse_table
+from wanstream.pipeline.protocol import HEADER_INTS, Kind, Message, ProtocolError, encode, parse_header, parse_table
 
 log = logging.getLogger("wanstream.pipeline")
 

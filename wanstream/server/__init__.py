@@ -8,9 +8,9 @@ __all__ = ["create_app", "serve", "ServerSettings"]
 
 def __getattr__(name):
     if name in ("create_app", "serve"):
-        from . import app
+        from wanstream.server import app
         return getattr(app, name)
     if name == "ServerSettings":
-        from .settings import ServerSettings
+        from wanstream.server.settings import ServerSettings
         return ServerSettings
     raise AttributeError(name)

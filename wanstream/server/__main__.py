@@ -1,7 +1,8 @@
-"""``python -m wanstream.server --model DIR ...`` (same options as ``wanstream serve``)."""
+"""``python -m wanstream.server --model DIR ...`` is ``wanstream serve --model DIR ...`` (an entry point, not a
+module anything imports)."""
 
 import sys
 
-from .cli import main
+from wanstream.cli.main import main
 
-sys.exit(main())
+sys.exit(main(["serve", *sys.argv[1:]]))

@@ -27,19 +27,19 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .auth import Caller, Guard, caller_of
-from .connections import guarded_http_protocol, redact_uvicorn_logs
-from .lifecycle import export_capacity
-from .osc import OSCControl
-from .params import ParamsUpdate
-from .preset_routes import preset_router
-from .protocol import describe_errors
-from .sessions import SessionManager
-from .settings import ServerSettings
-from .webrtc import AVAILABLE as WEBRTC_AVAILABLE
-from .webrtc import webrtc_router
-from .whip import whip_router
-from .ws import ws_router
+from wanstream.api.params import ParamsUpdate
+from wanstream.server.auth import Caller, Guard, caller_of
+from wanstream.server.connections import guarded_http_protocol, redact_uvicorn_logs
+from wanstream.server.lifecycle import export_capacity
+from wanstream.server.osc import OSCControl
+from wanstream.server.preset_routes import preset_router
+from wanstream.server.protocol import describe_errors
+from wanstream.server.sessions import SessionManager
+from wanstream.server.settings import ServerSettings
+from wanstream.server.webrtc import AVAILABLE as WEBRTC_AVAILABLE
+from wanstream.server.webrtc import webrtc_router
+from wanstream.server.whip import whip_router
+from wanstream.server.ws import ws_router
 
 log = logging.getLogger("wanstream.server")
 STATIC = Path(__file__).parent / "static"

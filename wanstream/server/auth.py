@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers, QueryParams
 from starlette.responses import JSONResponse
 
-from .settings import ServerSettings
-from .stats import ServerTotals
+from wanstream.server.settings import ServerSettings
+from wanstream.server.stats import ServerTotals
 
 SCOPE_KEY = "wanstream.caller"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

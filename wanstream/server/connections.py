@@ -14,8 +14,8 @@ import re
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .settings import ServerSettings
-from .stats import ServerTotals
+from wanstream.server.settings import ServerSettings
+from wanstream.server.stats import ServerTotals
 
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|secret)=)[^&\s\"']*")
 

@@ -17,7 +17,7 @@ import struct
 import numpy as np
 from PIL import Image
 
-from ..io.video import fit_frames
+from wanstream.io.video import fit_frames
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 RAW_MAGIC = b"WSRF"

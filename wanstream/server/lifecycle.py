@@ -19,7 +19,7 @@ import time
 
 import uvicorn
 
-from .sessions import SessionManager
+from wanstream.server.sessions import SessionManager
 
 log = logging.getLogger("wanstream.server")
 

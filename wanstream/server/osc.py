@@ -35,10 +35,10 @@ from pydantic import ValidationError
 from pythonosc import osc_packet
 from pythonosc.osc_server import BlockingOSCUDPServer
 
-from .auth import Caller, same_secret
-from .params import ParamsUpdate
-from .protocol import describe_errors
-from .sessions import SessionManager, TokenBucket
+from wanstream.api.params import ParamsUpdate
+from wanstream.server.auth import Caller, same_secret
+from wanstream.server.protocol import describe_errors
+from wanstream.server.sessions import SessionManager, TokenBucket
 
 log = logging.getLogger("wanstream.server.osc")
 

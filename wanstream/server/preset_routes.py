@@ -1,4 +1,4 @@
-"""Presets over HTTP (the page's "Save preset" / "Load preset"), in the file format of :mod:`wanstream.presets`.
+"""Presets over HTTP (the page's "Save preset" / "Load preset"), in the file format of :mod:`wanstream.api.presets`.
 
 ``POST /api/presets/validate`` checks a preset (the schema of the live params, plus: its LoRAs must be loaded on
 this server, matched by name) and answers the normalised preset and the live update it stands for;
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException
 
-from ..presets import Preset
-from .auth import Caller
-from .sessions import SessionManager
+from wanstream.api.presets import Preset
+from wanstream.server.auth import Caller
+from wanstream.server.sessions import SessionManager
 
 
 def preset_router(manager: SessionManager, controlled, caller) -> APIRouter:

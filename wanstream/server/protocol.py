@@ -13,8 +13,8 @@ import json
 
 from pydantic import ValidationError
 
-from .params import ParamsUpdate
-from .sessions import Session
+from wanstream.api.params import ParamsUpdate
+from wanstream.server.sessions import Session
 
 
 def error(code: str, message: str, request_id=None) -> dict:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.video import VideoWriter
-from .auth import same_secret
+from wanstream.io.video import VideoWriter
+from wanstream.server.auth import same_secret
 
 _STOP = object()
 RECORDING_NAME = re.compile(r"^[\w.-]+\.mp4$")

@@ -1,7 +1,7 @@
 """Sessions and admission: one :class:`Session` per connection, owned by one :class:`SessionManager`.
 
-A session owns everything of its stream: its input queue (a :class:`~wanstream.chunking.ChunkBuffer`), its
-parameters, its :class:`~wanstream.engine.EngineStream` (cache rows, prompt K/V, noise, controller, VAE caches;
+A session owns everything of its stream: its input queue (a :class:`~wanstream.core.chunking.ChunkBuffer`), its
+parameters, its :class:`~wanstream.engine.loop.EngineStream` (cache rows, prompt K/V, noise, controller, VAE caches;
 created and changed only on the model worker thread, which runs the engine), its paced output queue, its
 statistics and its recordings. The streams of all sessions share the engine's DiT calls, never their state, so no
 frame of one session can reach another.
@@ -31,15 +31,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..chunking import ChunkBuffer
-from ..engine import Engine, EngineStream
-from ..metrics import MetricsRegistry
-from ..scheduler import SLOConfig
-from .pacing import Pacer, Released
-from .params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams, conditioning
-from .recording import Recorder, RecordingStore
-from .settings import ServerSettings
-from .stats import ServerTotals, SessionStats
+from wanstream.api.params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams, conditioning
+from wanstream.core.chunking import ChunkBuffer
+from wanstream.core.scheduler import SLOConfig
+from wanstream.engine.loop import Engine, EngineStream
+from wanstream.engine.metrics import MetricsRegistry
+from wanstream.server.pacing import Pacer, Released
+from wanstream.server.recording import Recorder, RecordingStore
+from wanstream.server.settings import ServerSettings
+from wanstream.server.stats import ServerTotals, SessionStats
 
 log = logging.getLogger("wanstream.server")
 
@@ -422,7 +422,7 @@ class SessionManager:
 
     def __init__(self, model, settings: ServerSettings, clock: Callable[[], float] = time.perf_counter,
                  free_memory: Callable[[], int | None] | None = None, pipeline=None):
-        from .worker import ModelWorker
+        from wanstream.server.worker import ModelWorker
         self.model = model
         self.settings = settings
         self.clock = clock
@@ -435,7 +435,7 @@ class SessionManager:
         self.pipeline = pipeline
         runners = None
         if pipeline is not None:
-            from ..pipeline.session import runner_factory
+            from wanstream.pipeline.runner import runner_factory
             runners = runner_factory(pipeline, settings.decoder)
         self.engine = Engine(model, slo=SLOConfig(target_latency_s=settings.target_latency_s), clock=clock,
                              runner_factory=runners)
@@ -550,8 +550,8 @@ class SessionManager:
     def predicted_stream_fps(self) -> float | None:
         """Frames per second each stream would get with one more stream at the default steps, from the engine's
         measured tick latency (the scheduler's latency model); None before any tick at this resolution."""
-        from ..chunking import CHUNK_FRAMES
-        from ..config import CacheConfig
+        from wanstream.core.chunking import CHUNK_FRAMES
+        from wanstream.core.config import CacheConfig
         group = self.engine.groups.get((self.settings.width, self.settings.height, CacheConfig()))
         if group is None:
             return None

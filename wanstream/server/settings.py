@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wanstream.core.geometry import check_resolution
+
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -68,8 +70,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
-        if self.width % 16 or self.height % 16 or self.width <= 0 or self.height <= 0:
-            raise ValueError(f"resolution must be positive multiples of 16, got {self.width}x{self.height}")
+        check_resolution(self.width, self.height)
         if not 1 <= self.steps <= 4:
             raise ValueError(f"steps must be in 1..4, got {self.steps}")
         if self.decoder not in ("vae", "taehv"):

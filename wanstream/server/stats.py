@@ -1,10 +1,10 @@
 """Statistics of a session and of the whole server.
 
 A session's frames go through two stages: the input queue (where frames may be dropped before the model sees
-them) and the model + output path, measured by :class:`wanstream.metrics.StreamMetrics` (latency = time an
+them) and the model + output path, measured by :class:`wanstream.engine.metrics.StreamMetrics` (latency = time an
 output frame is released to the client minus the arrival time of the input frame it restyles, matched first
 in, first out). :class:`SessionStats` joins both into one ``summary()`` with the keys of ``StreamMetrics`` (so a
-:class:`~wanstream.metrics.MetricsRegistry` exports it), where ``frames_in``/``fps_in`` count every frame that
+:class:`~wanstream.engine.metrics.MetricsRegistry` exports it), where ``frames_in``/``fps_in`` count every frame that
 arrived and ``frames_dropped`` every frame dropped at any stage. :class:`ServerTotals` exports server-wide
 counters next to the per-session series.
 """
@@ -19,7 +19,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..metrics import StreamMetrics
+from wanstream.engine.metrics import StreamMetrics
 
 
 class RateCounter:

@@ -13,9 +13,9 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from .frames import FrameError
-from ..chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
-from .sessions import Session
+from wanstream.core.chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
+from wanstream.server.frames import FrameError
+from wanstream.server.sessions import Session
 
 
 class Uplink:

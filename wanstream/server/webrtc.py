@@ -38,17 +38,16 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .frames import video_frame_to_rgb
-from .protocol import error, handle_control, ready_message
-from .sessions import ServerFull, Session, SessionManager
-from .uplink import Uplink
+from wanstream.server.frames import video_frame_to_rgb
+from wanstream.server.protocol import error, handle_control, ready_message
+from wanstream.server.sessions import ServerFull, Session, SessionManager
+from wanstream.server.uplink import Uplink
 
 log = logging.getLogger("wanstream.server")
 
 try:
     import aioice.ice
-    from aiortc import (MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection,
-                        RTCSessionDescription)
+    from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError
     from av import VideoFrame
     AVAILABLE = True

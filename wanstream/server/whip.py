@@ -44,10 +44,19 @@ from concurrent.futures import Executor
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 
-from .auth import Caller, caller_of, same_secret
-from .sessions import ServerFull, Session, SessionManager
-from .webrtc import (AVAILABLE, MAX_SDP_CHARS, OutputTrack, VideoIngest, answer_offer, check_offer_sdp,
-                     close_peer, new_peer, watch_peer)
+from wanstream.server.auth import Caller, caller_of, same_secret
+from wanstream.server.sessions import ServerFull, Session, SessionManager
+from wanstream.server.webrtc import (
+    AVAILABLE,
+    MAX_SDP_CHARS,
+    OutputTrack,
+    VideoIngest,
+    answer_offer,
+    check_offer_sdp,
+    close_peer,
+    new_peer,
+    watch_peer,
+)
 
 log = logging.getLogger("wanstream.server")
 

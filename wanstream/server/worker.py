@@ -2,7 +2,7 @@
 
 Each turn: every session hands its pending changes to its engine stream (creating the stream once its first
 prompt is encoded), one engine tick runs — the chunks of all sessions that have one ready go through ONE DiT call
-(see ``wanstream/engine.py``) — and each session receives its new output frames. Sessions feed frames from the
+(see ``wanstream/engine/loop.py``) — and each session receives its new output frames. Sessions feed frames from the
 transports' threads; the worker sleeps until a session has a chunk ready or a change pending. A failure in one
 stream's work ends that session with an error (the engine's fault callback); the worker and the others go on.
 ``stuck_for`` tells ``/api/health`` when a model tick has been running for too long.
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ..models.text_encoder import return_freed_heap
+from wanstream.models.text_encoder import return_freed_heap
 
 log = logging.getLogger("wanstream.server")
 

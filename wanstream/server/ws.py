@@ -19,11 +19,11 @@ from concurrent.futures import Executor
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from .auth import caller_of
-from .frames import decode_frame, encode_jpeg, pack_raw
-from .protocol import error, handle_control, ready_message
-from .sessions import ServerFull, SessionManager
-from .uplink import Uplink
+from wanstream.server.auth import caller_of
+from wanstream.server.frames import decode_frame, encode_jpeg, pack_raw
+from wanstream.server.protocol import error, handle_control, ready_message
+from wanstream.server.sessions import ServerFull, SessionManager
+from wanstream.server.uplink import Uplink
 
 log = logging.getLogger("wanstream.server")
 

@@ -17,20 +17,18 @@ live update with :meth:`Preset.to_params` and a session's state into a preset wi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from .models.lora import MAX_STRENGTH, LoRASpec, lora_name
-from .server.params import MAX_LORAS, ParamsUpdate, SessionParams, conditioning
+from wanstream.api.params import MAX_LORAS, ParamsUpdate, SessionParams
+from wanstream.models.lora import MAX_STRENGTH, LoRASpec, lora_name
 
 FORMAT = "wanstream-preset"
 VERSION = 1
-PRESET_COMMANDS = ("v2v", "t2v", "bench")
 _NOT_IN_PRESET = ("recording", "reset", "lora")          # live-only fields (a preset names LoRAs by path)
 _KNOBS = ("prompt", "prompts", "transition_chunks", "steps", "noise_scale", "noise_controller", "seed")
 
@@ -128,49 +126,3 @@ class Preset(ParamsUpdate):
             values.pop("prompt")
         loras = [PresetLoRA(path=str(lora_paths[n]), strength=s) for n, s in params.lora.items()]
         return cls(**values, loras=loras)
-
-
-# ============================================================================================ command line
-def add_preset_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", dest="preset_file", type=Path, default=None, metavar="FILE",
-                   help="a preset JSON (prompts, knobs, LoRAs); flags given here override its values")
-
-
-def cli_defaults(preset: Preset) -> dict:
-    """The command-line defaults a preset stands for (``argparse`` dests)."""
-    out: dict = {"preset": preset, "preset_loras": preset.lora_specs()}
-    if preset.prompts:
-        out["prompt"], out["prompts"] = None, preset.prompts        # an explicit --prompt still wins
-    elif preset.prompt is not None:
-        out["prompt"] = preset.prompt
-    for key in ("steps", "seed", "noise_scale"):
-        if getattr(preset, key) is not None:
-            out[key] = getattr(preset, key)
-    if preset.noise_controller is not None:
-        out["no_noise_controller"] = not preset.noise_controller
-    return out
-
-
-def apply_preset(parser: argparse.ArgumentParser, argv: Sequence[str] | None, command: str,
-                 path: Path) -> argparse.Namespace:
-    """Parse ``argv`` again with the preset as the defaults of ``command`` (so explicit flags win)."""
-    preset = Preset.load(path)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    sub.set_defaults(**cli_defaults(preset))
-    return parser.parse_args(argv)
-
-
-def lora_specs(args: argparse.Namespace) -> list[LoRASpec]:
-    """``--lora`` flags (they replace a preset's LoRAs), else the preset's LoRAs."""
-    if getattr(args, "lora", None):
-        return [LoRASpec.parse(s) for s in args.lora]
-    return list(getattr(args, "preset_loras", None) or [])
-
-
-def prompt_embedding(model, args: argparse.Namespace):
-    """The prompt embedding ``--prompt`` or else the preset's prompt blend asks for."""
-    prompt = getattr(args, "prompt", None)
-    prompts = None if prompt is not None else getattr(args, "prompts", None)
-    if prompt is None and not prompts:
-        raise ValueError("give --prompt (or a --preset with a prompt)")
-    return conditioning(model, argparse.Namespace(prompt=prompt, prompts=prompts))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import CAUSAL_FOLDER, HUB_CAUSAL, HUB_WAN, WAN_FOLDER
+from wanstream.core.config import CAUSAL_FOLDER, HUB_CAUSAL, HUB_WAN, WAN_FOLDER
 
 WAN_FILES = ["config.json", "diffusion_pytorch_model*", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
              "google/umt5-xxl/*"]
@@ -14,7 +14,7 @@ def download(name: str, root: Path) -> Path:
     """``name`` is ``sdv2-1.3b``, ``sdv2-14b`` or an evaluation model (``clip``, ``raft``: into ``root/eval/``).
     Raises RuntimeError with a clear message when offline."""
     if name in ("clip", "raft"):
-        from ..eval.models import download_eval_model
+        from wanstream.eval.models import download_eval_model
         return download_eval_model(name, root)
     preset = {"sdv2-1.3b": "1.3b", "sdv2-14b": "14b"}[name]
     from huggingface_hub import hf_hub_download, snapshot_download

@@ -1,52 +1,17 @@
-"""Multi-GPU pipeline orchestration: DiT block ranges in a ring over ``torch.distributed``, Stream Batch across
-stages, asynchronous point-to-point messages, a continuous block scheduler — and the CLI hooks.
-
-Layout (W ranks, one device each; code in :mod:`wanstream.pipeline`):
-
-* rank 0: frames in, VAE encode, motion-aware noise controller, noise mixing, blocks ``[0, b0)`` (patch embedding
-  included); it is also the process that calls the API (:class:`~wanstream.pipeline.PipelineSession` has the
-  :class:`~wanstream.session.StreamSession` interface);
-* middle ranks: their block ranges;
-* last rank: its blocks, the head, x0, re-noising (its own seeded noise source), VAE / TAEHV decode; it sends the
-  re-noised slots and the decoded frames back to rank 0 (the ring).
-
-W stream batches circulate at once (``LatentStream(lag=W)`` is the single-process reference of the same
-schedule, and the pipeline reproduces its latents to fp32 rounding). Every rank holds only its blocks' weights, KV
-caches and prompt K/V (+ the small shared embedders and head). Messages are typed (header, int table, payloads;
-:mod:`wanstream.pipeline.protocol`); prompt changes, step changes, resets, re-seeding, block moves and shutdown
-travel in the same ordered streams. Sends and receives run in per-link threads (CUDA: side streams with events).
-The block scheduler (:mod:`wanstream.block_scheduler`) moves one boundary block at a time, point to point, when the
-slowest stage exceeds the mean. A rank that dies, hangs or raises makes every other rank stop with an error that
-names it.
-
-CLI (the lead wires these into ``wanstream/cli.py``)::
-
-    p = sub.add_parser("v2v", ...)        # existing
-    add_pipeline_args(p)                  # --pipeline N, --gpus 0,1,2,3, --split, --no-rebalance, --pipeline-timeout
-
-    def cmd_v2v(args):
-        if pipeline_requested(args):
-            return run_v2v_pipeline(args)
-        ...                               # single-device path unchanged
-
-Launch: ``wanstream v2v in.mp4 -o out.mp4 --model M --prompt P --gpus 0,1,2,3`` (spawns ranks 1..3 itself on a
-free loopback port), ``--pipeline 2 --device cpu`` (2 gloo ranks on the CPU), or
-``torchrun --nproc-per-node 4 -m wanstream.cli v2v ... --pipeline 4`` (every rank runs the same command).
-"""
+"""The multi-GPU pipeline on the command line: ``--pipeline N`` / ``--gpus 0,1,2,3`` / ``--split`` /
+``--no-rebalance`` / ``--pipeline-timeout`` for ``v2v`` and ``serve``, the one rule of what a pipeline refuses, and
+the launch (see :mod:`wanstream.pipeline` for the ring itself). Parsing imports no torch; running does."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from .argtypes import int_in
-from .block_scheduler import SchedulerConfig, format_split, parse_split
-from .pipeline import (Finished, PipelineDriver, PipelineError, PipelineSession, default_devices,  # noqa: F401
-                       num_layers_of, renoise_seed, run_worker, torchrun_env)
-from .pipeline.launch import LaunchSpec
+from wanstream.cli.argtypes import int_in
+from wanstream.core.block_scheduler import SchedulerConfig, format_split, parse_split
 
-__all__ = ["Finished", "PipelineDriver", "PipelineError", "PipelineSession", "add_pipeline_args",
-           "check_pipeline_args", "launch_pipeline", "pipeline_requested", "pipeline_devices", "renoise_seed", "run_v2v_pipeline"]
+__all__ = ["add_pipeline_args", "check_pipeline_args", "launch_pipeline", "pipeline_requested", "pipeline_devices",
+           "run_v2v_pipeline"]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -81,7 +46,7 @@ PIPELINE_UNSUPPORTED = {"lora": "--lora", "taehv": "--taehv", "quantize": "--qua
 def check_pipeline_args(args) -> None:
     """Refuse, before anything loads, what the pipeline does not run (its stages load no LoRA, no quantised or
     compiled DiT, and rank 0 has no TAEHV for the engine's streams): ``v2v`` and ``serve`` alike."""
-    from .presets import lora_specs
+    from wanstream.cli.presets import lora_specs
     asked = [flag for name, flag in PIPELINE_UNSUPPORTED.items()
              if (lora_specs(args) if name == "lora" else getattr(args, name, None))]
     if asked:
@@ -92,11 +57,13 @@ def check_pipeline_args(args) -> None:
 
 def pipeline_requested(args) -> bool:
     """True for --gpus / --pipeline N, and under torchrun with 2 or more ranks."""
+    from wanstream.pipeline.launch import torchrun_env
     return bool(getattr(args, "gpus", None) or getattr(args, "pipeline", None) or torchrun_env() is not None)
 
 
 def pipeline_devices(args, env: dict | None = None) -> list[str]:
     """One device per rank from --gpus / --pipeline / --device (or the torchrun world)."""
+    from wanstream.pipeline.runner import default_devices
     if env is not None:
         world = env["world"]
         if args.gpus and len(args.gpus) != world:
@@ -118,6 +85,7 @@ def pipeline_devices(args, env: dict | None = None) -> list[str]:
 def _split(args, model, world: int):
     if not args.split:
         return None
+    from wanstream.pipeline.driver import num_layers_of
     split = parse_split(args.split, num_layers_of(model))
     if len(split) != world:
         raise ValueError(f"--split gives {len(split)} ranks, the pipeline has {world}")
@@ -145,9 +113,12 @@ def _cpu_threads(devices: list[str]) -> int | None:
     return threads
 
 
-def launch_pipeline(args, decoder: str = "vae") -> PipelineDriver:
+def launch_pipeline(args, decoder: str = "vae"):
     """Spawn the ranks of ``--pipeline`` / ``--gpus`` for a command whose process is rank 0 (``serve``, which
-    logs itself): rank 0 loads the VAE (encode) and the text encoder, the last rank ``decoder`` (vae | taehv)."""
+    logs itself): rank 0 loads the VAE (encode) and the text encoder, the last rank ``decoder`` (vae | taehv).
+    Returns the :class:`~wanstream.pipeline.driver.PipelineDriver`."""
+    from wanstream.pipeline.driver import PipelineDriver
+    from wanstream.pipeline.launch import torchrun_env
     if torchrun_env() is not None:
         raise ValueError("serve starts its pipeline ranks itself: run it without torchrun (use --gpus or "
                          "--pipeline N)")
@@ -160,8 +131,11 @@ def launch_pipeline(args, decoder: str = "vae") -> PipelineDriver:
 
 def run_v2v_pipeline(args) -> int:
     """``wanstream v2v`` on a pipeline: same flags as single-device plus the pipeline options."""
-    from .block_scheduler import even_split
-    from .io.video import fit_resolution, probe_video
+    from wanstream.api.pipeline_session import PipelineSession
+    from wanstream.core.block_scheduler import even_split
+    from wanstream.io.video import fit_resolution, probe_video
+    from wanstream.pipeline.driver import PipelineDriver, num_layers_of
+    from wanstream.pipeline.launch import LaunchSpec, run_worker, torchrun_env
 
     env = torchrun_env()
     devices = pipeline_devices(args, env)
@@ -188,7 +162,7 @@ def run_v2v_pipeline(args) -> int:
                               noise_controller=not args.no_noise_controller, batch=not args.no_batch,
                               seed=args.seed, decoder=decoder, split=split, rebalance=schedule or False,
                               timeout=args.pipeline_timeout, threads=threads, driver=driver)
-    from .restyle import FileJob, report, restyle
+    from wanstream.api.restyle import FileJob, report, restyle
     with session:
         job = FileJob(path, args.output, session.stream, info.fps, info.frames)
         elapsed = restyle(session.engine, [job], desc=f"v2v x{world}")

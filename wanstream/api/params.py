@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-import torch
-
-from ..models.lora import MAX_STRENGTH
+from wanstream.core.config import MAX_SEED
+from wanstream.models.lora import MAX_STRENGTH
 
 MAX_PROMPT_CHARS = 2000
 MAX_BLEND_PROMPTS = 8
 MAX_TRANSITION_CHUNKS = 64
-MAX_SEED = 2**32 - 1
 MAX_LORAS = 16
 
 LoRAStrength = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH)]

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..argtypes import float_in, int_in, resolution
-from .settings import ServerSettings
+from wanstream.cli.argtypes import float_in, int_in, resolution
+from wanstream.server.settings import ServerSettings
 
 log = logging.getLogger("wanstream.server")
 
@@ -21,7 +21,7 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
-    p.add_argument("--port", type=int_in(0, 65535, "port"), default=7860)
+    p.add_argument("--port", type=int_in(0, 65535, "port"), default=7860, help="TCP port (0: any free port)")
     p.add_argument("--max-sessions", type=int_in(1, None, "max sessions"), default=4,
                    help="streams served at once; more get a 'server full' answer (default 4)")
     p.add_argument("--token", default=None, help="require this token on every API and stream call")
@@ -47,7 +47,8 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="close a session after this many seconds without frames (default 60)")
     p.add_argument("--offer-timeout", type=float_in(0.0, None, "offer timeout"), default=15.0,
                    help="free a WebRTC session whose peer has not connected after this many seconds (default 15)")
-    p.add_argument("--max-recordings-per-session", type=int_in(0, None, "recordings per session"), default=16)
+    p.add_argument("--max-recordings-per-session", type=int_in(0, None, "recordings per session"), default=16,
+                   help="recordings one stream may make (default 16)")
     p.add_argument("--max-recording-files", type=int_in(1, None, "recording files"), default=1000,
                    help="mp4 files in --record-dir beyond which new recordings are refused (default 1000)")
     p.add_argument("--max-recording-gb", type=float_in(0.0, None, "recording budget"), default=2.0,
@@ -65,7 +66,7 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "(default 30; match Kubernetes' terminationGracePeriodSeconds, see docs/deploy.md)")
     p.add_argument("--webrtc-loopback-candidates", action="store_true",
                    help="use only the 127.0.0.1 ICE candidates of WebRTC offers (hermetic tests)")
-    from ..pipeline_parallel import add_pipeline_args
+    from wanstream.cli.pipeline import add_pipeline_args
     add_pipeline_args(p)       # --gpus 0,1,2,3 / --pipeline N: the server's engine runs on a pipeline of ranks
     return p
 
@@ -73,9 +74,9 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
 def load_serving_model(args, settings: ServerSettings):
     """``(model, pipeline)``: the model on one device (pipeline None), or a launched pipeline and its rank 0
     stage when ``--pipeline`` / ``--gpus`` asks for one."""
-    from ..models.loader import load_model
-    from ..pipeline_parallel import check_pipeline_args, launch_pipeline, pipeline_requested
-    from ..presets import lora_specs
+    from wanstream.cli.pipeline import check_pipeline_args, launch_pipeline, pipeline_requested
+    from wanstream.cli.presets import lora_specs
+    from wanstream.models.loader import load_model
     t0 = time.perf_counter()
     if pipeline_requested(args):
         check_pipeline_args(args)
@@ -92,8 +93,8 @@ def load_serving_model(args, settings: ServerSettings):
 def run_serve(args) -> int:
     """``wanstream serve``: load the model once, print the URL, serve until interrupted (imports the server only
     now)."""
-    from .app import create_app, uvicorn_config
-    from .lifecycle import DrainingServer
+    from wanstream.server.app import create_app, uvicorn_config
+    from wanstream.server.lifecycle import DrainingServer
     settings = settings_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
@@ -142,7 +143,7 @@ def settings_from_args(args) -> ServerSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import CheckpointError
+    from wanstream.core.errors import CheckpointError
     parser = configure_serve_parser(argparse.ArgumentParser(prog="wanstream serve",
                                                             description="wanstream live server"))
     args = parser.parse_args(argv)

@@ -11,11 +11,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .config import T2V_CACHE
-from .io.video import tensor_to_frames
-from .models.loader import ModelBundle
-from .noise import SeededNoise
-from .stream_batch import LatentStream
+from wanstream.core.config import T2V_CACHE
+from wanstream.core.geometry import check_resolution
+from wanstream.engine.latent_stream import LatentStream
+from wanstream.engine.noise import SeededNoise
+from wanstream.io.video import tensor_to_frames
+from wanstream.models.loader import ModelBundle
 
 FRAMES_PER_BLOCK = 3
 
@@ -31,8 +32,7 @@ def latent_frames_for(num_frames: int) -> int:
 def text_to_video(model: ModelBundle, prompt_embeds: torch.Tensor, num_frames: int, *, width: int = 832,
                   height: int = 480, steps: int = 4, seed: int = 0, batch: bool = True) -> Iterator[np.ndarray]:
     """Yield ``num_frames`` uint8 frames ``[H, W, 3]`` as blocks finish."""
-    if width % 16 or height % 16:
-        raise ValueError(f"resolution must be multiples of 16, got {width}x{height}")
+    check_resolution(width, height)
     noise = SeededNoise(seed, model.device)
     kv = model.dit.embed_prompt(prompt_embeds.to(model.device, model.dtype))
     stream = LatentStream(model.dit, model.sampler, kv, noise, tokens_per_frame=model.tokens_per_frame(height, width),

@@ -5,12 +5,12 @@ Streams join an :class:`Engine` (``open``), are fed frames (``feed``, any thread
 (:meth:`Engine.step`), per resolution group of streams:
 
 1. pending changes of each stream apply (a step change drains the stream's in-flight chunks first);
-2. the :class:`~wanstream.scheduler.Scheduler` decides which streams' next chunk enters now (continuous batching:
+2. the :class:`~wanstream.core.scheduler.Scheduler` decides which streams' next chunk enters now (continuous batching:
    every stream with a whole chunk queued; with a deadline policy it may hold a stream back a tick, switch a stream
    to the sequential mode, or drop frames that would miss their deadline), from each stream's queued frames;
 3. the chunks are VAE-encoded (one call per group of streams whose shapes agree), the motion-aware controller picks
-   each chunk's noise level, and each stream's schedule (``scheduler.StreamSchedule``) turns it into rows;
-4. :func:`~wanstream.scheduler.compose` merges all streams' rows into calls and the runner executes them — in the
+   each chunk's noise level, and each stream's schedule (``core.schedule.StreamSchedule``) turns it into rows;
+4. :func:`~wanstream.core.schedule.compose` merges all streams' rows into calls and the runner executes them — in the
    steady state ONE DiT call whose rows are the stream-batch slots of every stream, over a shared KV-cache pool;
 5. finished chunks are decoded and handed to their streams as :class:`OutputFrame` s.
 
@@ -27,22 +27,23 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .chunking import ChunkBuffer, ChunkInfo
-from .config import CacheConfig, StreamSettings
-from .io.video import FIT_MODES, fit_frames
-from .kv_cache import CachePolicy, KVPool
-from .noise import NoiseSource, SeededNoise, renoise_seed
-from .noise_controller import NoiseController
-from .runner import ChunkInput, Done, Runner, RunnerStream
-from .scheduler import (Decision, LatencyModel, Scheduler, SLOConfig, Stage, StreamSchedule, StreamView,
-                        compose)
-from .timing import PhaseTimer
-from .transfer import download_frames, upload_frames
+from wanstream.core.chunking import ChunkBuffer, ChunkInfo
+from wanstream.core.config import CacheConfig, StreamSettings, check_seed
+from wanstream.core.geometry import check_fit, check_resolution
+from wanstream.core.schedule import Stage, StreamSchedule, compose
+from wanstream.core.scheduler import Decision, LatencyModel, Scheduler, SLOConfig, StreamView
+from wanstream.engine.noise import NoiseSource, SeededNoise, renoise_seed
+from wanstream.engine.noise_controller import NoiseController
+from wanstream.engine.runner import ChunkInput, Done, Runner, RunnerStream
+from wanstream.engine.timing import PhaseTimer
+from wanstream.engine.transfer import download_frames, upload_frames
+from wanstream.io.video import fit_frames
+from wanstream.models.kv_cache import CachePolicy, KVPool
 
 log = logging.getLogger("wanstream.engine")
 
@@ -127,7 +128,7 @@ class EngineStream:
         if self.decoder == "vae":
             self.dec_state = m.vae.new_state()
         else:
-            from .models.taehv import TAEHVStreamDecoder
+            from wanstream.models.taehv import TAEHVStreamDecoder
             self.dec_state = TAEHVStreamDecoder(m.taehv)
         self.chunks: dict[int, ChunkInfo] = {}
         self.next_chunk = 0
@@ -225,14 +226,12 @@ class Engine:
         """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here). ``buffer``: an
         input queue the caller already fills (the server's session), else a new one; ``fit``: how frames of
         another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults)."""
-        if width % 16 or height % 16 or width <= 0 or height <= 0:
-            raise ValueError(f"resolution must be positive multiples of 16, got {width}x{height}")
+        check_resolution(width, height)
         if decoder not in ("vae", "taehv"):
             raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
         if decoder == "taehv" and getattr(self.model, "taehv", None) is None:
             raise ValueError("decoder='taehv' needs a model loaded with taehv=True")
-        if fit not in FIT_MODES:
-            raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+        check_fit(fit)
         settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
                                   batch=batch, seed=seed, cache=cache or CacheConfig(),
                                   lora=self.lora_strengths(lora))
@@ -334,7 +333,7 @@ class Engine:
         if noise_controller is not None:
             stream._queue_update("noise_controller", bool(noise_controller))
         if seed is not None:
-            stream._queue_update("seed", int(seed))
+            stream._queue_update("seed", check_seed(seed))
         if lora is not None:
             stream._queue_update("lora", self.lora_strengths(lora))
 
@@ -718,7 +717,7 @@ class Engine:
         latents = torch.cat([d.latent for _, d in members])
         if members[0][0].decoder == "vae":
             return self.model.vae.decode_many([s.dec_state for s, _ in members], latents)
-        from .models.taehv import TAEHVStreamDecoder
+        from wanstream.models.taehv import TAEHVStreamDecoder
         return TAEHVStreamDecoder.decode_many([s.dec_state for s, _ in members], latents)
 
     def _stream_error(self, s: EngineStream | None, phase: str, exc: BaseException) -> None:

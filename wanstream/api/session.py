@@ -1,7 +1,7 @@
 """One live stream: the public Python API of wanstream.
 
 A :class:`StreamSession` takes frames in any count and returns the restyled frames that became ready. It is a
-thin client of an :class:`~wanstream.engine.Engine`: the engine cuts the frames into chunks (5 frames for the
+thin client of an :class:`~wanstream.engine.loop.Engine`: the engine cuts the frames into chunks (5 frames for the
 first, then 4), encodes each chunk with the streaming VAE, picks its noise level with the motion-aware
 controller, denoises it in the stream batch and decodes finished chunks. Output frames carry the index and
 timestamp of the input frame they restyle; at the end of the input, :meth:`flush` returns the rest, so every
@@ -26,10 +26,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .config import CacheConfig, StreamSettings
-from .engine import Engine, EngineStream, OutputFrame
-from .models.loader import ModelBundle
-from .noise import NoiseSource
+from wanstream.core.config import CacheConfig, StreamSettings
+from wanstream.core.geometry import check_resolution
+from wanstream.engine.loop import Engine, EngineStream, OutputFrame
+from wanstream.engine.noise import NoiseSource
+from wanstream.models.loader import ModelBundle
 
 __all__ = ["OutputFrame", "StreamSession"]
 
@@ -42,8 +43,7 @@ class StreamSession:
                  noise_controller: bool = True, batch: bool = True, seed: int = 0, cache: CacheConfig | None = None,
                  decoder: str = "vae", noise: NoiseSource | None = None, engine: Engine | None = None,
                  fit: str = "crop", lora: Mapping[str, float] | None = None):
-        if width % 16 or height % 16 or width <= 0 or height <= 0:
-            raise ValueError(f"resolution must be positive multiples of 16, got {width}x{height}")
+        check_resolution(width, height)
         if decoder not in ("vae", "taehv"):
             raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
         StreamSettings(steps=steps, noise_scale=noise_scale)          # validates

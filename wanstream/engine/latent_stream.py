@@ -1,4 +1,4 @@
-"""Stream Batch of one stream at the latent level: the schedule (``scheduler.StreamSchedule``) executed by the
+"""Stream Batch of one stream at the latent level: the schedule (``core.schedule.StreamSchedule``) executed by the
 runner (``runner.Runner``) over a private cache pool.
 
 Slot r of the stream batch holds a chunk at denoising level ``step_list[r]``; each slot has its own KV-cache row
@@ -20,13 +20,13 @@ from typing import Hashable
 
 import torch
 
-from .config import CacheConfig
-from .kv_cache import CachePolicy, KVPool
-from .models.dit import CausalWanDiT, PromptKV
-from .noise import NoiseSource
-from .runner import ChunkInput, Runner, RunnerStream
-from .sampling import FlowMatchSampler
-from .scheduler import Stage, StreamSchedule, compose
+from wanstream.core.config import CacheConfig
+from wanstream.core.schedule import Stage, StreamSchedule, compose
+from wanstream.engine.noise import NoiseSource
+from wanstream.engine.runner import ChunkInput, Runner, RunnerStream
+from wanstream.models.dit import CausalWanDiT, PromptKV
+from wanstream.models.kv_cache import CachePolicy, KVPool
+from wanstream.models.sampling import FlowMatchSampler
 
 _PREPARE = "prepare"        # chunk id of the prepare chunk
 

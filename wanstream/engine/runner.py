@@ -1,14 +1,14 @@
 """The runner: executes the scheduler's calls on one device.
 
-For each :class:`~wanstream.scheduler.Call` it gathers the rows' latents (a chunk entering is mixed with its
-stream's noise first), their timesteps, cache rows and prompt slots in the shared :class:`~wanstream.kv_cache.
+For each :class:`~wanstream.core.schedule.Call` it gathers the rows' latents (a chunk entering is mixed with its
+stream's noise first), their timesteps, cache rows and prompt slots in the shared :class:`~wanstream.models.kv_cache.
 KVPool`, runs ONE DiT call, converts every row to x0, re-noises the rows that stay to their next level and
 returns the chunks that left clean. It decides nothing: which rows run, at which level and where they live all
 come from the call. :func:`settle` (x0 + re-noise + finished rows) is shared with the last stage of the multi-GPU
 pipeline, so both apply a call's outcome the same way.
 
 The fast path: every call layout (frames per row, the rows' cache rows and prompt slots) keeps persistent
-:class:`~wanstream.kv_cache.StepBuffers` (cache indices and timesteps uploaded with one copy, no tensor built from
+:class:`~wanstream.models.kv_cache.StepBuffers` (cache indices and timesteps uploaded with one copy, no tensor built from
 host lists per call). With ``compile=True`` a layout's steady-state calls (every row's cache full: no mask, the
 same shapes and structure every call) run ``torch.compile`` d (inductor, static shapes, one compiled function per
 layout so layouts never recompile each other); with ``cuda_graphs`` (default: on with ``compile`` on CUDA) the
@@ -26,12 +26,12 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-from .kv_cache import CachePolicy, CacheStep, KVPool, StepBuffers
-from .models.dit import CausalWanDiT, PromptKV
-from .noise import NoiseSource
-from .sampling import FlowMatchSampler
-from .scheduler import Call, Row
-from .timing import PhaseTimer
+from wanstream.core.schedule import Call, Row
+from wanstream.engine.noise import NoiseSource
+from wanstream.engine.timing import PhaseTimer
+from wanstream.models.dit import CausalWanDiT, PromptKV
+from wanstream.models.kv_cache import CachePolicy, CacheStep, KVPool, StepBuffers
+from wanstream.models.sampling import FlowMatchSampler
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Hashable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .config import CacheConfig
+from wanstream.core.config import CacheConfig
 
 
 class CachePolicy:

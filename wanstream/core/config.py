@@ -6,6 +6,7 @@ are what ``wanstream init-random`` writes and what tests build.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 # Wan 2.1 T2V ``config.json`` fields (the original Wan layout, as in Wan-AI/Wan2.1-T2V-*).
@@ -82,3 +83,25 @@ class StreamSettings:
             raise ValueError(f"steps must be an integer in 1..4, got {self.steps}")
         if not 0.0 < float(self.noise_scale) <= 1.0:
             raise ValueError(f"noise_scale must be in (0, 1], got {self.noise_scale}")
+        self.seed = check_seed(self.seed)
+
+
+MAX_SEED = 2**32 - 1                    # seeds are 0 .. 2**32 - 1 everywhere (CLI, API, server, OSC, presets)
+QUANTIZE_MODES = ("int8", "fp8")      # DiT block linears: int8 weight-only (any device), fp8 (CUDA, CC >= 8.9)
+
+
+
+def check_seed(seed: int) -> int:
+    """A seed in ``0 .. MAX_SEED`` (the one documented range), else a ValueError naming it."""
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+    return value
+
+
+# dtype names a command accepts → the torch dtype attribute (``getattr(torch, name)``), kept torch-free here
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "fp32": "float32", "float32": "float32"}

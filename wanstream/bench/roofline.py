@@ -57,7 +57,7 @@ class DiTDims:
     @classmethod
     def from_preset(cls, name: str) -> DiTDims:
         """From a ``config.DIT_PRESETS`` entry (Wan ``config.json`` naming)."""
-        from .config import DIT_COMMON, DIT_PRESETS
+        from wanstream.core.config import DIT_COMMON, DIT_PRESETS
         cfg = {**DIT_COMMON, **DIT_PRESETS[name]}
         return cls(dim=cfg["dim"], ffn_dim=cfg["ffn_dim"], heads=cfg["num_heads"], layers=cfg["num_layers"],
                    in_channels=cfg["in_dim"], out_channels=cfg["out_dim"], patch=tuple(cfg["patch_size"]),
@@ -190,7 +190,7 @@ def vae_call_costs(vae: nn.Module, height: int, width: int, bytes_per_el: int = 
     ``vae`` is a diffusers ``AutoencoderKLWan`` (or the ``.vae`` of a :class:`StreamingVAE`); the count runs on
     a ``meta`` copy. Minimum bytes: weights + input + output + the causal-conv feature caches read and written.
     """
-    from .models.vae import StreamingVAE
+    from wanstream.models.vae import StreamingVAE
     if not isinstance(vae, nn.Module):      # a StreamingVAE wrapper
         vae = vae.vae
     meta = _meta_vae(vae)

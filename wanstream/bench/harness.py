@@ -1,6 +1,6 @@
 """``wanstream bench``: a live-source benchmark of one or many streams, with definitions behind every figure.
 
-N streams (``--sessions N``, own prompt and seed each) of one :class:`~wanstream.engine.Engine` are fed a
+N streams (``--sessions N``, own prompt and seed each) of one :class:`~wanstream.engine.loop.Engine` are fed a
 synthetic clip with motion one frame at a time, as live sources: frame ``i`` of every stream arrives at
 ``t0 + i / input_fps`` (real time; when the model is slower than the input, frames queue and their wait counts in
 their latency), or, with ``--input-fps max``, the moment the previous tick returned. Every figure is defined in
@@ -27,9 +27,7 @@ their latency), or, with ``--input-fps max``, the moment the previous tick retur
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import resource
@@ -42,11 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import roofline
-from .argtypes import int_in, resolution
-from .chunking import CHUNK_FRAMES as CHUNK
-from .chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
-from .chunking import chunks_in, frames_for
+from wanstream.bench import roofline
+from wanstream.core.chunking import CHUNK_FRAMES as CHUNK
+from wanstream.core.chunking import chunks_in, frames_for
+from wanstream.core.config import DTYPE_NAMES
 
 SCHEMA = "wanstream-bench/2"
 COMPARED = ("sessions", "policy", "fps_aggregate", "fps_per_session_min", "fps_capacity", "fps_denoise",
@@ -185,7 +182,7 @@ class LiveClip:
     """The synthetic motion clip as an endless source: ``frame(i)`` plays it forth and back (no jump cut)."""
 
     def __init__(self, width: int, height: int, length: int, seed: int = 0):
-        from .io.video import make_motion_clip
+        from wanstream.io.video import make_motion_clip
         self.frames = make_motion_clip(max(2, length), width, height, seed=seed)
 
     def frame(self, i: int) -> np.ndarray:
@@ -209,7 +206,7 @@ def _source(clip: "LiveClip", k: int, i: int) -> np.ndarray:
 def _prime(model, cfg: BenchConfig, prompts: list[torch.Tensor], clip: LiveClip, policy: str,
            compile: bool = False) -> float:
     """Throw-away streams as fast as possible: loads kernels, allocator pools, autotuning. Returns seconds."""
-    from .engine import Engine
+    from wanstream.engine.loop import Engine
     chunks = cfg.prime_chunks if cfg.prime_chunks is not None else cfg.steps + 2
     t0 = time.perf_counter()
     if chunks <= 0:
@@ -259,8 +256,8 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
                compile: bool = False) -> dict:
     """Prime, then run the measured live streams (one per prompt); returns one result row (see
     ``docs/benchmarks.md``)."""
-    from .engine import Engine
-    from .metrics import StreamMetrics
+    from wanstream.engine.loop import Engine
+    from wanstream.engine.metrics import StreamMetrics
     cfg.validate()
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     n = len(prompts)
@@ -486,10 +483,6 @@ class BenchRun:
         return [replace(self.base, steps=s, batch=b) for s in (1, 2, 3, 4) for b in (True, False)]
 
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
-
-
 def _warmup_statement(cfg: BenchConfig) -> str:
     prime = cfg.prime_chunks if cfg.prime_chunks is not None else "steps + 2"
     primed = ("model cold (no priming stream)" if cfg.prime_chunks == 0 else
@@ -501,17 +494,17 @@ def _warmup_statement(cfg: BenchConfig) -> str:
 
 def run(spec: BenchRun, log=print) -> dict:
     """Load the model, run every configured row; returns ``{"meta": ..., "rows": [...]}``."""
-    from .models.loader import load_model
-    dtype = _DTYPES[spec.dtype] if spec.dtype else None
+    from wanstream.models.loader import load_model
+    dtype = getattr(torch, DTYPE_NAMES[spec.dtype]) if spec.dtype else None
     t0 = time.perf_counter()
     model = load_model(spec.model_dir, device=spec.device, dtype=dtype, text_encoder=False,
                        taehv=spec.base.decoder == "taehv", lora=spec.lora, quantize=spec.quantize)
     eager_model = None
     if spec.compare_eager:                   # the reference path: diffusers' own VAE modules, nothing compiled
-        from .models.vae import StreamingVAE
+        from wanstream.models.vae import StreamingVAE
         eager_model = replace(model, vae=StreamingVAE(model.vae.vae, fast=False))
     if spec.compile:
-        from .models.vae import StreamingVAE
+        from wanstream.models.vae import StreamingVAE
         model = replace(model, vae=StreamingVAE(model.vae.vae, compile=True))
     load_s = time.perf_counter() - t0
     commit, dirty = git_commit()
@@ -563,286 +556,3 @@ def _loadavg() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):
         return None
-
-
-# --------------------------------------------------------------------------------------------- rendering
-def _f(x, fmt: str = ".2f", scale: float = 1.0) -> str:
-    return "—" if x is None else format(x * scale, fmt)
-
-
-def _mib(x) -> str:
-    return "—" if x is None else f"{x / 2 ** 20:,.0f}"
-
-
-def _row_key(r: dict) -> list[str]:
-    return [r["resolution"], str(r["steps"]), "batch" if r["mode"] == "stream_batch" else "no-batch",
-            str(r["input_fps"])]
-
-
-MAIN_COLUMNS = ["res", "steps", "mode", "input fps", "TTFF s", "FPS e2e", "FPS cap", "FPS DiT", "enc ms",
-                "DiT ms", "dec ms", "host ms", "p50 ms", "p95 ms", "p99 ms", "jitter p99", "miss %", "peak MiB"]
-ROOF_COLUMNS = ["res", "steps", "mode", "input fps", "DiT GFLOP", "DiT MiB", "DiT AI", "DiT TFLOP/s", "DiT % peak",
-                "enc GFLOP", "enc TFLOP/s", "dec GFLOP", "dec TFLOP/s", "VAE % peak"]
-
-
-def main_rows(rows: list[dict]) -> list[list[str]]:
-    out = []
-    for r in rows:
-        st, lat = r["stage_ms"], r["latency_ms"]
-        out.append(_row_key(r) + [
-            _f(r["ttff_s"], ".3f"), _f(r["fps_e2e"]), _f(r["fps_capacity"]), _f(r["fps_denoise"]),
-            _f(st["encode"], ".1f"), _f(st["dit"], ".1f"), _f(st["decode"], ".1f"), _f(st["host"], ".1f"),
-            _f(lat["p50"], ".0f"), _f(lat["p95"], ".0f"), _f(lat["p99"], ".0f"), _f(r["jitter_ms"]["p99"], ".0f"),
-            _f(r["deadline_miss_rate"], ".1f", 100.0), _mib(r["peak_mem_bytes"])])
-    return out
-
-
-SESSION_COLUMNS = ["res", "steps", "sessions", "serving", "FPS all", "FPS/session min", "FPS DiT", "DiT calls",
-                   "rows/call", "DiT call ms", "p99 ms (worst)", "miss %"]
-
-
-def session_rows(rows: list[dict]) -> list[list[str]]:
-    """Multi-stream figures: each row, and its round-robin comparison when measured."""
-    out = []
-    for r in rows:
-        if r.get("sessions", 1) == 1 and "round_robin" not in r:
-            continue
-        for x, label in ((r, "batched"), (r.get("round_robin"), "round robin")):
-            if x is None:
-                continue
-            out.append([r["resolution"], str(r["steps"]), str(x["sessions"]), label, _f(x["fps_aggregate"]),
-                        _f(x["fps_per_session_min"]), _f(x["fps_denoise"]), str(x["dit_calls"]),
-                        _f(x["rows_per_call_mean"], ".1f"), _f(x["dit_call_ms"], ".1f"),
-                        _f(x["latency_ms"]["p99"], ".0f"), _f(x["deadline_miss_rate"], ".1f", 100.0)])
-    return out
-
-
-EAGER_COLUMNS = ["res", "steps", "mode", "chunk ms fast", "chunk ms eager", "chunk fast/eager", "VAE fast/eager",
-                 "DiT ms fast", "DiT ms eager"]
-
-
-def eager_rows(rows: list[dict]) -> list[list[str]]:
-    """``--compare-eager``: the fast path against the eager reference (paired ratios, median of the pairs)."""
-    out = []
-    for r in rows:
-        v = r.get("vs_eager")
-        if not v:
-            continue
-        out.append([r["resolution"], str(r["steps"]), "batch" if r["mode"] == "stream_batch" else "no-batch",
-                    _f(r["stage_ms"]["chunk"], ".1f"), _f(r["eager"]["stage_ms"]["chunk"], ".1f"),
-                    _f(v["chunk_ratio"], ".2f"), _f(v["vae_ratio"], ".2f"), _f(r["stage_ms"]["dit"], ".1f"),
-                    _f(r["eager"]["stage_ms"]["dit"], ".1f")])
-    return out
-
-
-def roofline_rows(rows: list[dict]) -> list[list[str]]:
-    out = []
-    for r in rows:
-        rl = r.get("roofline")
-        if not rl:
-            continue
-        dit, enc, dec = rl["dit"], rl["vae_encode"], rl.get("vae_decode", {})
-        vae_flops = enc["flops_per_call"] + dec.get("flops_per_call", 0)
-        vae_s = (r["stage_ms"]["encode"] + (r["stage_ms"]["decode"] if dec else 0.0)) / 1e3
-        peak = r.get("peak_flops_per_s")
-        vae_frac = vae_flops / vae_s / peak if peak and vae_s > 0 else None
-        out.append(_row_key(r) + [
-            _f(dit["flops_per_call"], ",.1f", 1e-9), _f(dit["bytes_per_call"], ",.1f", 2 ** -20),
-            _f(dit["intensity"], ",.0f"), _f(dit.get("achieved_flops_per_s"), ".3f", 1e-12),
-            _f(dit.get("fraction_of_peak_flops"), ".1f", 100.0),
-            _f(enc["flops_per_call"], ",.1f", 1e-9), _f(enc.get("achieved_flops_per_s"), ".3f", 1e-12),
-            _f(dec.get("flops_per_call"), ",.1f", 1e-9), _f(dec.get("achieved_flops_per_s"), ".3f", 1e-12),
-            _f(vae_frac, ".1f", 100.0)])
-    return out
-
-
-def _header(meta: dict) -> list[str]:
-    title = (f"wanstream bench — {meta['device']} | {meta['dtype']} | torch {meta['torch']} | commit "
-             f"{meta['commit']}{' (dirty)' if meta.get('dirty') else ''} | {meta['date']}")
-    lines = [title, f"warm-up: {meta['warmup']}",
-             f"host load average (1 min): {meta.get('host_load_start')} at start, {meta.get('host_load_end')} at end"]
-    if meta.get("peaks"):
-        p = meta["peaks"]
-        lines.append(f"measured peaks: {p['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s ({p['matmul_dtype']} "
-                     f"{p['matmul_size']}³ matmul), {p['copy_bytes_per_s'] / 1e9:.1f} GB/s (copy, read + write)")
-    return lines
-
-
-def _plain_table(columns: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
-    return ["  ".join(c.rjust(w) for c, w in zip(columns, widths))] + \
-           ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
-
-
-def render_text(result: dict) -> str:
-    """The human tables as plain text."""
-    rows = result["rows"]
-    lines = _header(result["meta"]) + [""] + _plain_table(MAIN_COLUMNS, main_rows(rows))
-    sess = session_rows(rows)
-    if sess:
-        lines += ["", "sessions (all streams of the engine together):"] + _plain_table(SESSION_COLUMNS, sess)
-    eager = eager_rows(rows)
-    if eager:
-        lines += ["", "fast path vs the eager reference (paired, A B B A):"] + _plain_table(EAGER_COLUMNS, eager)
-    roof = roofline_rows(rows)
-    if roof:
-        lines += ["", "roofline (per call, steady state; minimum bytes):"] + _plain_table(ROOF_COLUMNS, roof)
-    return "\n".join(lines)
-
-
-def print_table(result: dict, file=None) -> None:
-    """The human tables: rich when installed, plain text otherwise."""
-    file = file or sys.stdout
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(render_text(result), file=file)
-        return
-    console = Console(file=file, width=200)
-    for line in _header(result["meta"]):
-        console.print(line, highlight=False)
-    for title, columns, rows in (("stream", MAIN_COLUMNS, main_rows(result["rows"])),
-                                 ("sessions (all streams of the engine together)", SESSION_COLUMNS,
-                                  session_rows(result["rows"])),
-                                 ("fast path vs the eager reference (paired, A B B A)", EAGER_COLUMNS,
-                                  eager_rows(result["rows"])),
-                                 ("roofline (per call, steady state; minimum bytes)", ROOF_COLUMNS,
-                                  roofline_rows(result["rows"]))):
-        if not rows:
-            continue
-        table = Table(title=title)
-        for c in columns:
-            table.add_column(c, justify="right")
-        for r in rows:
-            table.add_row(*r)
-        console.print(table)
-
-
-def render_markdown(result: dict) -> str:
-    """Markdown tables of the rows, labelled with device, dtype, torch, commit and date (for docs/benchmarks.md)."""
-    meta = result["meta"]
-    head = (f"**{meta['device']}**, {meta['dtype']}, torch {meta['torch']}, commit `{meta['commit']}`"
-            f"{' (dirty tree)' if meta.get('dirty') else ''}, {meta['date'][:10]}, host load average "
-            f"{meta.get('host_load_start')} → {meta.get('host_load_end')}; {meta['warmup']}.")
-    if meta.get("peaks"):
-        p = meta["peaks"]
-        head += (f" Measured peaks: {p['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s ({p['matmul_dtype']} matmul), "
-                 f"{p['copy_bytes_per_s'] / 1e9:.1f} GB/s copy.")
-    lines = [head, ""]
-    for columns, rows in ((MAIN_COLUMNS, main_rows(result["rows"])), (SESSION_COLUMNS, session_rows(result["rows"])),
-                          (EAGER_COLUMNS, eager_rows(result["rows"])), (ROOF_COLUMNS, roofline_rows(result["rows"]))):
-        if rows:
-            lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-def _input_fps(text: str) -> float | None:
-    if text.lower() == "max":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"input fps must be a positive number or 'max', got {text!r}")
-    return value
-
-
-
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``wanstream bench`` on the CLI's subparsers."""
-    from .models.quantize import QUANTIZE_MODES
-    p = subparsers.add_parser("bench", help="benchmark one live stream: TTFF, FPS, stage times, latency SLO",
-                              description="Feed a synthetic motion clip as a live source through a stream and "
-                                          "report TTFF, FPS, per-stage times, latency percentiles, jitter, "
-                                          "deadline misses, peak memory and roofline figures "
-                                          "(definitions: docs/benchmarks.md).")
-    p.add_argument("--model", required=True, type=Path, help="model folder (see `wanstream init-random`)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                   help="weights/compute dtype (default: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--resolution", type=resolution, default=(512, 512), help="WxH, multiples of 16")
-    p.add_argument("--steps", type=int_in(1, 4), default=2, help="denoising steps 1..4")
-    p.add_argument("--no-batch", action="store_true", help="sequential steps per chunk instead of the stream batch")
-    p.add_argument("--input-fps", type=_input_fps, default=None, metavar="FPS|max",
-                   help="live source rate, e.g. 16 or 30 (real time; slower models queue), or max (default)")
-    p.add_argument("--frames", type=int_in(FIRST_CHUNK), default=245, help="input frames of the stream")
-    p.add_argument("--warmup", type=int_in(1), default=10,
-                   help="chunks at the start of the stream left out of steady-state figures")
-    p.add_argument("--target-latency", type=float, default=1.0, help="deadline for the miss rate, seconds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
-    p.add_argument("--prime-chunks", type=int_in(0), default=None,
-                   help="chunks of the throw-away stream that warms the model before each row (default: steps + 2; "
-                        "0: none, TTFF then includes one-off initialisation)")
-    p.add_argument("--sessions", type=int_in(1, 64, "sessions"), default=1,
-                   help="streams fed together, each with its own prompt and seed, batched into shared DiT calls")
-    p.add_argument("--compare-round-robin", action="store_true",
-                   help="also measure the same streams served one stream per DiT call (reported as round_robin)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the steady-state DiT call (CUDA graphs on a GPU) and the VAE's steady encode/decode")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
-                   help="quantise the DiT's block linears (fp8 needs a GPU with FP8)")
-    p.add_argument("--compare-eager", action="store_true",
-                   help="also run each row on the eager reference path (diffusers VAE modules, nothing compiled), "
-                        "alternated A B B A; reports the paired ratios")
-    p.add_argument("--sweep", action="store_true", help="steps 1..4 x {stream batch, no-batch} in one table")
-    p.add_argument("--no-peak", action="store_true", help="skip measuring the device's matmul / copy peaks")
-    p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
-    p.add_argument("--markdown", type=Path, default=None, help="write the rows as a markdown table here")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH]",
-                   help="run with this LoRA attached (repeatable); measures the adapters' cost")
-    from .presets import add_preset_arg
-    add_preset_arg(p)
-    return p
-
-
-def spec_from_args(args) -> BenchRun:
-    width, height = args.resolution
-    base = BenchConfig(width=width, height=height, steps=args.steps, batch=not args.no_batch,
-                       input_fps=args.input_fps, frames=args.frames, warmup=args.warmup,
-                       target_latency_s=args.target_latency, seed=args.seed,
-                       decoder="taehv" if args.taehv else "vae", prime_chunks=args.prime_chunks,
-                       sessions=args.sessions)
-    base.validate()
-    from .presets import lora_specs
-    return BenchRun(model_dir=args.model, device=args.device, dtype=args.dtype, sweep=args.sweep,
-                    measure_peak=not args.no_peak, base=base, lora=lora_specs(args),
-                    compare_round_robin=args.compare_round_robin, compile=args.compile, quantize=args.quantize,
-                    compare_eager=args.compare_eager)
-
-
-def run_bench(args) -> int:
-    """``wanstream bench``: run, print the table, write JSON / markdown. Returns the exit code."""
-    spec = spec_from_args(args)
-    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
-    result = run(spec, log=log)
-    print_table(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = result if spec.sweep else {**result["rows"][0], "meta": result["meta"]}
-        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(render_markdown(result))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m wanstream.bench ...``) until the CLI registers the subcommand."""
-    parser = argparse.ArgumentParser(prog="wanstream")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_bench_parser(sub)
-    args = parser.parse_args(argv)
-    if args.preset_file is not None:
-        from .presets import apply_preset
-        args = apply_preset(parser, argv, "bench", args.preset_file)
-    return run_bench(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..argtypes import int_in
-from .models import DEFAULT_MODELS
+from wanstream.cli.argtypes import int_in
+from wanstream.eval.models import DEFAULT_MODELS
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,11 +57,11 @@ def _prompts(args) -> list[tuple[int, str]]:
 
 
 def run_eval(args) -> int:
-    from .evaluate import evaluate_files, load_scorers
+    from wanstream.eval.evaluate import evaluate_files, load_scorers
     if args.sweep is not None:
         if args.input or args.output:
             raise ValueError("give either INPUT OUTPUT or --sweep CONFIG, not both")
-        from .sweep import load_config, run_sweep
+        from wanstream.eval.sweep import load_config, run_sweep
         cfg = load_config(args.sweep)                      # checked before any model is loaded
         clip, flow = load_scorers(args.models, args.clip, args.raft, args.device, args.batch_size, args.flow_updates)
         run_sweep(cfg, args.out, clip, flow, flow_batch=args.flow_batch, drift_ref=args.drift_ref, strip=args.strip,
@@ -78,7 +78,7 @@ def run_eval(args) -> int:
     clip, flow = load_scorers(args.models, args.clip, args.raft, args.device, args.batch_size, args.flow_updates)
     result, inputs, outputs = evaluate_files(args.input, args.output, prompts, clip, flow, max_frames=args.max_frames,
                                              drift_ref=args.drift_ref, flow_batch=args.flow_batch)
-    from .report import render_html
+    from wanstream.eval.report import render_html
     json_path = args.json or args.output.with_suffix(".eval.json")
     html_path = args.html or args.output.with_suffix(".eval.html")
     for path in (json_path, html_path):

@@ -1,6 +1,6 @@
 """Restyle video files through an engine: one file, or several files as concurrent streams batched together.
 
-Every file is a stream of one :class:`~wanstream.engine.Engine`; their frames are fed in lockstep (one frame of
+Every file is a stream of one :class:`~wanstream.engine.loop.Engine`; their frames are fed in lockstep (one frame of
 each file at a time), so whenever the streams have a chunk ready together they share one DiT call — the
 throughput mode for batch jobs. Each output keeps its input's frame count and frame rate, and equals the file
 restyled alone (up to float rounding of batched calls).
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import Engine, EngineStream
+from wanstream.engine.loop import Engine, EngineStream
 
 
 @dataclass
@@ -49,7 +49,7 @@ def restyle(engine: Engine, jobs: list[FileJob], desc: str = "v2v") -> float:
 
     from tqdm import tqdm
 
-    from .io.video import VideoWriter, iter_frames
+    from wanstream.io.video import VideoWriter, iter_frames
     t0 = time.perf_counter()
     with ExitStack() as stack:
         writers = []

@@ -1,9 +1,32 @@
-"""argparse value types shared by every command: each rejects a bad value with a message naming the rule."""
+"""argparse value types shared by every command (each rejects a bad value with a message naming the rule), and
+the parser class every command uses (its help shows each option's default)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Callable
+
+from wanstream.core.config import MAX_SEED, check_seed
+from wanstream.core.geometry import parse_resolution
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after an option's help, unless the help already states its default or there is none
+    worth showing (flags, ``None``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with :class:`_Formatter` (defaults in the help)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
 
 def int_in(lo: int, hi: int | None = None, what: str = "value") -> Callable[[str], int]:
@@ -34,9 +57,16 @@ def float_in(lo: float, hi: float | None = None, what: str = "value") -> Callabl
     return parse
 
 
+def seed(text: str) -> int:
+    """A seed in the one documented range, ``0 .. 2**32 - 1``."""
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer in 0..{MAX_SEED}, got {text!r}") from None
+
+
 def resolution(text: str) -> tuple[int, int]:
     """``WxH`` with positive multiples of 16."""
-    from .io.video import parse_resolution
     try:
         return parse_resolution(text)
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""Flow-matching sampler of StreamDiffusionV2: shifted sigma grid, x0 and re-noising (step lists: scheduler.py).
+"""Flow-matching sampler of StreamDiffusionV2: shifted sigma grid, x0 and re-noising (step lists: core/schedule.py).
 
 Grid: ``s_k = linspace(1, 0, 1001)[k]`` (k < 1000, float32), ``sigma_k = shift*s_k / (1 + (shift-1)*s_k)``,
 ``t_k = 1000*sigma_k``. An integer timestep t uses the sigma of the nearest grid timestep; the lookup is a
@@ -8,7 +8,6 @@ precomputed table over t = 0..1000, indexed on the device (no host read).
 from __future__ import annotations
 
 import torch
-
 
 
 class FlowMatchSampler:

@@ -4,20 +4,18 @@
 latent) of both paths over the same weights, alternating which path runs first in each round, and returns
 the paired ratios (fast / eager) of every round. Run it as a script for a one-line report::
 
-    python -m wanstream.models.vae_compare tests/data/conformance/Wan2.1_VAE_tiny.pth --resolution 64x64
+    python -m wanstream.cli.vae_compare tests/data/conformance/Wan2.1_VAE_tiny.pth --resolution 64x64
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
 import torch
 from tqdm import tqdm
 
-from .vae import StreamingVAE
+from wanstream.models.vae import StreamingVAE
 
 
 def _sync(device: torch.device) -> None:
@@ -87,29 +85,3 @@ def compare_vae_paths(vae, height: int, width: int, rounds: int = 20, batch: int
         "ratio_decode": _quantiles(ratio(lambda n: times[n]["decode"])),
         "max_abs_diff": diff,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..argtypes import int_in, resolution
-    from .checkpoints import build_vae, read_torch_file
-    p = argparse.ArgumentParser(prog="python -m wanstream.models.vae_compare", description=__doc__.split("\n")[0])
-    p.add_argument("vae", help="a Wan2.1_VAE.pth-layout file")
-    p.add_argument("--resolution", type=resolution, default=(64, 64), help="WxH")
-    p.add_argument("--rounds", type=int_in(2), default=20)
-    p.add_argument("--batch", type=int_in(1), default=1, help="streams per call")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast steady-state calls")
-    p.add_argument("--threads", type=int_in(1), default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    args = p.parse_args(argv)
-    width, height = args.resolution
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    vae = build_vae(read_torch_file(args.vae), args.vae, args.device, getattr(torch, args.dtype))
-    out = compare_vae_paths(vae, height, width, args.rounds, args.batch, args.compile, progress=True)
-    print(json.dumps(out, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

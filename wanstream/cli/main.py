@@ -1,0 +1,141 @@
+"""``wanstream`` command line: v2v | t2v | init-random | clip | bench | serve | eval | download.
+
+Building the parser imports no torch, diffusers or transformers (``--help`` and argument errors answer at once);
+a command imports what it needs when it runs (:mod:`wanstream.cli.commands` and the modules named in ``COMMANDS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from wanstream.cli.argtypes import Parser, float_in, int_in, resolution, seed
+from wanstream.cli.presets import PRESET_COMMANDS, add_preset_arg
+from wanstream.core.config import QUANTIZE_MODES
+from wanstream.core.geometry import FIT_MODES
+
+_steps = int_in(1, 4, "steps")
+_frames = int_in(1, None, "frames")
+_fps = float_in(0.0, 1000.0, "fps")
+
+# command → (module, function) run with the parsed arguments
+COMMANDS = {"v2v": ("wanstream.cli.commands", "cmd_v2v"), "t2v": ("wanstream.cli.commands", "cmd_t2v"),
+            "init-random": ("wanstream.cli.commands", "cmd_init_random"),
+            "clip": ("wanstream.cli.commands", "cmd_clip"), "download": ("wanstream.cli.commands", "cmd_download"),
+            "bench": ("wanstream.cli.bench", "run_bench"), "serve": ("wanstream.cli.serve", "run_serve"),
+            "eval": ("wanstream.cli.eval", "run_eval")}
+DOWNLOADS = ("sdv2-1.3b", "sdv2-14b", "clip", "raft")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="model folder (see `wanstream init-random`)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
+
+
+def _creator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=None, help="the prompt (required unless a --preset gives one)")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH]",
+                   help="a Wan LoRA (diffusers/PEFT, original-Wan or kohya/musubi keys), strength default 1; "
+                        "repeatable")
+    add_preset_arg(p)
+
+
+def _seed_arg(p: argparse.ArgumentParser, what: str = "the noise") -> None:
+    p.add_argument("--seed", type=seed, default=0, help=f"seed of {what}, 0..2^32-1 (same seed + input → same output)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="wanstream", description="Live video restyling on causal Wan 2.1 DiTs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    p = sub.add_parser("v2v", help="restyle video files (several files run as concurrent, batched streams)",
+                       description="Restyle video files by a text prompt. Several inputs run as concurrent streams "
+                                   "batched into shared DiT calls; each output keeps its input's frames and timing.")
+    p.add_argument("input", type=Path, nargs="+", help="one or more video files")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output file; with several inputs a folder (each result named after its input)")
+    _model_args(p)
+    _creator_args(p)
+    p.add_argument("--fit", choices=FIT_MODES, default="crop",
+                   help="framing when the input's aspect differs from --resolution (centred)")
+    p.add_argument("--steps", type=_steps, default=2, help="denoising steps per chunk, 1-4 (more: closer to the "
+                                                            "prompt, slower)")
+    _seed_arg(p)
+    p.add_argument("--resolution", type=resolution, default=None,
+                   help="WxH, multiples of 16 (default: the input size rounded down to multiples of 16)")
+    p.add_argument("--no-batch", action="store_true", help="run the steps of each chunk sequentially")
+    p.add_argument("--noise-scale", type=float_in(0.0, 1.0, "noise scale"), default=0.8,
+                   help="how much of the input is replaced by noise, (0, 1]: higher follows the prompt more")
+    p.add_argument("--no-noise-controller", action="store_true",
+                   help="keep the noise scale fixed (the motion-aware controller lowers it on fast motion)")
+    p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    p.add_argument("--crf", type=int_in(0, 51, "crf"), default=18,
+                   help="H.264 quality of the output: 0 lossless, 18 visually lossless, 51 worst")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                   help="DiT block linears in int8 (weight-only, any device) or fp8 (CUDA, compute capability >= 8.9)")
+    from wanstream.cli.pipeline import add_pipeline_args
+    add_pipeline_args(p)
+
+    p = sub.add_parser("t2v", help="generate a video from text")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output video file (.mp4)")
+    _model_args(p)
+    _creator_args(p)
+    p.add_argument("--frames", type=_frames, default=81, help="frames to generate")
+    p.add_argument("--steps", type=_steps, default=4, help="denoising steps per block, 1-4")
+    _seed_arg(p)
+    p.add_argument("--resolution", type=resolution, default=(832, 480), help="WxH, multiples of 16")
+    p.add_argument("--fps", type=_fps, default=16.0, help="frame rate of the output file")
+    p.add_argument("--no-batch", action="store_true", help="run the steps of each block sequentially")
+
+    p = sub.add_parser("init-random", help="write a random-weight model in the released layout")
+    p.add_argument("dir", type=Path, help="folder to write (the layout `--model` reads)")
+    p.add_argument("--preset", choices=["tiny", "1.3b", "14b"], default="tiny",
+                   help="model dimensions: tiny (tests, demo) or the released 1.3b / 14b shapes")
+    _seed_arg(p, "the random weights")
+    p.add_argument("--small-text-encoder", action="store_true",
+                   help="write a tiny text encoder even for the 1.3b / 14b presets")
+
+    p = sub.add_parser("clip", help="write a synthetic test clip with motion (demo / benchmark input)")
+    p.add_argument("output", type=Path, help="output video file (.mp4)")
+    p.add_argument("--frames", type=_frames, default=49, help="frames in the clip")
+    p.add_argument("--resolution", type=resolution, default=(512, 512), help="WxH, multiples of 16")
+    p.add_argument("--fps", type=_fps, default=16.0, help="frame rate of the clip")
+    _seed_arg(p, "the clip's pattern")
+
+    from wanstream.cli.bench import add_bench_parser
+    add_bench_parser(sub)
+    from wanstream.cli.serve import add_serve_parser
+    add_serve_parser(sub)
+    from wanstream.cli.eval import add_eval_parser
+    add_eval_parser(sub)
+
+    p = sub.add_parser("download", help="fetch the released weights (needs network access to the hub)")
+    p.add_argument("name", nargs="+", choices=DOWNLOADS,
+                   help="sdv2-1.3b / sdv2-14b: the StreamDiffusionV2 models; clip / raft: the evaluation models "
+                        "(wanstream eval)")
+    p.add_argument("--dir", type=Path, default=Path("models"), help="folder to download into")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from wanstream.core.errors import CheckpointError
+    try:
+        if args.command in PRESET_COMMANDS and args.preset_file is not None:
+            from wanstream.cli.presets import apply_preset
+            args = apply_preset(parser, argv, args.command, args.preset_file)
+        module, name = COMMANDS[args.command]
+        return getattr(importlib.import_module(module), name)(args)
+    except (CheckpointError, ValueError, RuntimeError, OSError) as exc:   # VideoError is a ValueError
+        print(f"wanstream {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wanstream {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
