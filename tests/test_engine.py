@@ -38,14 +38,14 @@ TICKS = 10
 
 def _capture_latents(engine: Engine, sink: dict) -> None:
     """Record every finished chunk's latent per stream (wraps the engine's decode, which receives them)."""
-    original = engine._decode
+    original = engine.codec.decode
 
-    def tap(g, finished, out):
+    def tap(finished):
         for sid, items in finished.items():
-            for d in items:
+            for _, d in items:
                 sink.setdefault(sid, {})[d.row.chunk] = d.latent.clone()
-        return original(g, finished, out)
-    engine._decode = tap
+        return original(finished)
+    engine.codec.decode = tap
 
 
 def _run(model, clips, names, shared: bool):

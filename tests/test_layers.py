@@ -118,7 +118,8 @@ def test_no_argparse_below_the_command_line():
 
 @pytest.mark.parametrize("module", ["wanstream.core.schedule", "wanstream.core.scheduler",
                                     "wanstream.core.chunking", "wanstream.core.block_scheduler",
-                                    "wanstream.core.config", "wanstream.core.geometry"])
+                                    "wanstream.core.config", "wanstream.core.geometry",
+                                    "wanstream.core.plan", "wanstream.core.planner"])
 def test_the_core_loads_no_torch(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -4,12 +4,11 @@ sequential switch) — no timing on the real clock anywhere."""
 
 from __future__ import annotations
 
-from collections import deque
-
 import pytest
 
 from wanstream.core.chunking import ChunkBuffer
-from wanstream.core.config import CacheConfig
+from wanstream.core.config import CacheConfig, StreamSettings
+from wanstream.core.planner import Planner
 from wanstream.core.schedule import Stage, StreamSchedule, compose, step_list
 from wanstream.core.scheduler import LatencyModel, Scheduler, SLOConfig, StreamView
 
@@ -113,28 +112,34 @@ def test_latency_model_measures_and_predicts():
 
 # ============================================================================================ simulation
 class Sim:
-    """N live streams on a simulated clock: frames arrive at their input rate into bounded queues; a tick takes
-    ``cost(rows)`` seconds; a chunk's frames come out when its last call (calls_to_output ticks of its stream
-    after it entered) ends. The policy under test decides every tick."""
+    """N live streams on a simulated clock, planned by the real :class:`Planner`: frames arrive at their input rate
+    into bounded queues, each tick is the planner's plan, which takes ``cost(rows)`` seconds; a chunk's frames come
+    out when the call its row leaves clean from ends. The policy under test decides every tick."""
 
     def __init__(self, fps, steps=2, slo=None, cost=lambda rows: 0.05 + 0.02 * rows, queue_chunks=None,
                  targets=None, latency=None, offsets=None):
         self.n = len(fps)
         self.fps, self.cost = fps, cost
-        self.sched = Scheduler(slo, latency or LatencyModel())
-        self.schedules = [StreamSchedule(k, steps) for k in range(self.n)]
+        self.planner = Planner(Scheduler(slo, latency or LatencyModel()))
         self.buffers = [ChunkBuffer(max_chunks=queue_chunks) for _ in range(self.n)]
-        self.targets = targets or [None] * self.n
+        targets = targets or [None] * self.n
+        self.records = [self.planner.add(k, StreamSettings(steps=steps), self.buffers[k], targets[k])
+                        for k in range(self.n)]
         self.offsets = offsets or [0.0] * self.n
         self.sent = [0] * self.n
         self.now = 0.0
-        self.in_flight = [deque() for _ in range(self.n)]       # (calls left, arrivals of the chunk's frames)
+        self.arrivals = [dict() for _ in range(self.n)]       # chunk id → arrivals of its real frames
         self.latencies = [[] for _ in range(self.n)]
-        self.deferred = [0] * self.n
         self.max_run = [0] * self.n
-        self.waits = [[] for _ in range(self.n)]
-        self.switches = [10 ** 9] * self.n
-        self.decisions = []
+        self.plans = []
+
+    @property
+    def schedules(self):
+        return [rec.schedule for rec in self.records]
+
+    @property
+    def decisions(self):
+        return self.plans
 
     def feed(self):
         for k in range(self.n):
@@ -143,56 +148,24 @@ class Sim:
                 self.buffers[k].push(None, t)
                 self.sent[k] += 1
 
-    def views(self):
-        out = []
-        for k in range(self.n):
-            b, sch = self.buffers[k], self.schedules[k]
-            out.append(StreamView(k, b.arrivals(), b.next_len, sch.rows if sch.prepared and sch.batch else 1,
-                                  sch.calls_to_output if sch.prepared else 1, not sch.batch, sch.prepared,
-                                  self.deferred[k], self.switches[k], self.targets[k], sch.levels))
-        return out
-
     def tick(self):
         self.feed()
-        views = self.views()
-        d = self.sched.plan(views, self.now)
-        self.decisions.append(d)
-        rows = 0
-        for k in range(self.n):
-            self.switches[k] += 1
-            if d.drop.get(k):
-                self.buffers[k].drop_oldest(d.drop[k])
-            if k in d.sequential or k in d.batch:
-                self.schedules[k].reconfigure(self.schedules[k].steps, batch=k in d.batch)
-                self.switches[k] = 0
-            if k in d.defer:
-                self.deferred[k] += 1
-                self.max_run[k] = max(self.max_run[k], self.deferred[k])
-            if k not in d.join:
-                continue
-            self.deferred[k] = 0
-            frames, info = self.buffers[k].take()
-            self.waits[k].append(self.now - info.oldest_arrival)
-            sch = self.schedules[k]
-            prepared = sch.prepared
-            stages = sch.push(len(self.in_flight[k])) if prepared else sch.prepare(0, 2)
-            rows += sum(len(st.rows) for st in stages)
-            calls = sch.calls_to_output if prepared and sch.batch else 1
-            self.in_flight[k].append([calls, info.arrivals])
-        # every stream with chunks in flight runs this tick (its batch advances); the rest wait
-        for k in range(self.n):
-            if self.in_flight[k] and k not in d.join and self.schedules[k].batch:
-                rows += self.schedules[k].rows
+        plan = self.planner.plan(self.now)
+        self.plans.append(plan)
+        for k, rec in enumerate(self.records):
+            self.max_run[k] = max(self.max_run[k], rec.deferred_run)
+            entry = plan.streams[k].entry
+            if entry is not None:
+                self.arrivals[k][entry.chunk] = entry.info.arrivals[: entry.info.real]
+        rows = plan.rows
         dt = self.cost(rows) if rows else 1e-3
         if rows:
-            self.sched.latency.observe(rows, dt)
+            self.planner.observe(rows, dt)
         self.now += dt
-        for k in range(self.n):
-            for item in self.in_flight[k]:
-                item[0] -= 1
-            while self.in_flight[k] and self.in_flight[k][0][0] <= 0:
-                _, arrivals = self.in_flight[k].popleft()
-                self.latencies[k] += [self.now - a for a in arrivals]
+        for call in plan.calls:
+            for r in call.rows:
+                if r.final:
+                    self.latencies[r.stream] += [self.now - a for a in self.arrivals[r.stream].pop(r.chunk)]
 
     def run(self, seconds, max_ticks=100_000):
         for _ in range(max_ticks):                     # bounded
@@ -209,10 +182,19 @@ class Sim:
         return sum(x > target for x in lat) / len(lat)
 
 
+def joined(plan) -> list:
+    return [sid for sid, sp in plan.streams.items() if sp.entry is not None]
+
+
+def reasons(plans) -> list[str]:
+    return [r for p in plans for sp in p.streams.values() for r in sp.reasons]
+
+
 def test_continuous_batching_puts_every_ready_stream_in_one_call():
     sim = Sim([16.0] * 4, cost=lambda rows: 0.05).run(20)
-    steady = [d for d in sim.decisions[40:] if d.join]
-    assert steady and all(len(d.join) == 4 for d in steady)      # lockstep streams: all in every call
+    ticks = [p for p in sim.plans if joined(p)][1:]                # after the prepare (every level in turn)
+    assert ticks and all(len(joined(p)) == 4 for p in ticks)      # lockstep streams: all in every call ...
+    assert all(len(p.calls) == 1 for p in ticks)                  # ... and ONE DiT call
     assert all(sim.dropped(k) == 0 for k in range(4))
 
 
@@ -237,8 +219,8 @@ def test_double_overload_keeps_latency_bounded_by_dropping_late_frames():
         assert max(steady) < 2 * 2.0                # bounded (the deadline plus at most one chunk of waiting)
         assert sim.dropped(k) > 0.3 * sim.sent[k]   # about half of the frames cannot be served, and are dropped
     assert sim.miss_rate(2.0) < 0.2
-    reasons = [r for d in sim.decisions for rs in d.reasons.values() for r in rs]
-    assert any("dropped" in r for r in reasons)     # the stats say why
+    assert any("dropped" in r for r in reasons(sim.plans))     # the stats say why
+    assert sum(sp.dropped for p in sim.plans for sp in p.streams.values()) == sim.dropped(0) + sim.dropped(1)
 
 
 def test_tight_deadline_stream_gets_a_smaller_batch_and_no_stream_waits_long():
@@ -273,8 +255,7 @@ def test_long_waits_switch_a_stream_to_the_sequential_mode_and_back():
     heavy["on"] = False
     sim.run(30)
     assert sim.schedules[0].batch                       # the backlog cleared: back to the stream batch
-    switches = [r for d in sim.decisions for rs in d.reasons.values() for r in rs if "sequential" in r or
-                "batch again" in r]
+    switches = [r for r in reasons(sim.plans) if "sequential" in r or "batch again" in r]
     assert 2 <= len(switches) <= 4                      # no flapping
 
 

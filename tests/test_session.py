@@ -101,7 +101,7 @@ def test_live_changes_apply_from_the_next_chunk(tiny_model, clip):
     s = StreamSession(tiny_model, prompt="a watercolor painting", width=W, height=H, seed=1)
     out = s.push(clip[:9])
     n_before = len(out)
-    out += s.update(prompt="a neon city at night")
+    s.update(prompt="a neon city at night")
     out += s.push(clip[9:17]) + s.flush()
     assert [o.index for o in out] == list(range(17))
     assert np.array_equal(_images(out[:n_before]), _images(base[:n_before]))
@@ -111,11 +111,11 @@ def test_live_changes_apply_from_the_next_chunk(tiny_model, clip):
 def test_steps_noise_and_transition_changes_keep_every_frame(tiny_model, clip):
     s = StreamSession(tiny_model, prompt="a watercolor painting", width=W, height=H, steps=2)
     out = s.push(clip[:9])
-    out += s.update(steps=4, noise_scale=0.7, noise_controller=False, seed=3)
+    s.update(steps=4, noise_scale=0.7, noise_controller=False, seed=3)   # frames it finishes: next push
     out += s.push(clip[9:17])
     emb = torch.randn(1, 12, 4096)
     s.update(prompt_embeds=emb, transition_chunks=2)
-    out += s.update(steps=1)
+    s.update(steps=1)
     out += s.push(clip[17:30]) + s.flush()
     assert [o.index for o in out] == list(range(30))
 

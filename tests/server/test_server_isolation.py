@@ -35,7 +35,7 @@ def reference(model, clip, prompt, seed, change_at, change):
     for k, (start, frames) in enumerate(chunks_of(clip)):
         out = []
         if k == change_at:
-            out += s.update(**change)
+            s.update(**change)
         out += s.push(frames, timestamps=[float(start + i) for i in range(len(frames))])
         for o in out:
             images[o.index] = o.image

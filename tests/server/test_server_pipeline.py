@@ -87,8 +87,9 @@ def reference(model, clip, prompt, seed, change_at, change):
                       engine=Engine(model, runner_factory=lagged_runners(RANKS)))
     images, after = {}, []
     for k, (start, frames) in enumerate(chunks_of(clip)):
-        out = s.update(**change) if k == change_at else []
-        out += s.push(frames, timestamps=[float(start + i) for i in range(len(frames))])
+        if k == change_at:
+            s.update(**change)
+        out = s.push(frames, timestamps=[float(start + i) for i in range(len(frames))])
         for o in out:
             images[o.index] = o.image
         after.append(set(images))

@@ -5,8 +5,9 @@ thin client of an :class:`~wanstream.engine.loop.Engine`: the engine cuts the fr
 first, then 4), encodes each chunk with the streaming VAE, picks its noise level with the motion-aware
 controller, denoises it in the stream batch and decodes finished chunks. Output frames carry the index and
 timestamp of the input frame they restyle; at the end of the input, :meth:`flush` returns the rest, so every
-input frame gets exactly one output frame. Prompt, steps, noise scale, controller and seed can change live; they
-apply from the next chunk. Each stream owns all of its state (cache rows, VAE caches, controller, noise), so
+input frame gets exactly one output frame. Frames come out of :meth:`push` and :meth:`flush` only: prompt, steps,
+noise scale, controller and seed change live with :meth:`update` (from the next chunk), and frames a change
+finishes (a step change drains the chunks in flight) come out of the next push or flush. Each stream owns all of its state (cache rows, VAE caches, controller, noise), so
 sessions sharing one model — or one engine, whose ticks batch them into shared DiT calls — never share anything
 but the weights.
 
@@ -29,7 +30,6 @@ import torch
 from wanstream.core.config import CacheConfig, StreamSettings
 from wanstream.core.geometry import check_resolution
 from wanstream.engine.loop import Engine, EngineStream, OutputFrame
-from wanstream.engine.noise import NoiseSource
 from wanstream.models.loader import ModelBundle
 
 __all__ = ["OutputFrame", "StreamSession"]
@@ -41,8 +41,8 @@ class StreamSession:
     def __init__(self, model: ModelBundle, *, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
                  width: int = 512, height: int = 512, steps: int = 2, noise_scale: float = 0.8,
                  noise_controller: bool = True, batch: bool = True, seed: int = 0, cache: CacheConfig | None = None,
-                 decoder: str = "vae", noise: NoiseSource | None = None, engine: Engine | None = None,
-                 fit: str = "crop", lora: Mapping[str, float] | None = None):
+                 decoder: str = "vae", engine: Engine | None = None, fit: str = "crop",
+                 lora: Mapping[str, float] | None = None):
         check_resolution(width, height)
         if decoder not in ("vae", "taehv"):
             raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
@@ -55,7 +55,7 @@ class StreamSession:
         self.stream: EngineStream = self.engine.open(
             prompt_embeds=self._resolve_prompt(prompt, prompt_embeds), width=width, height=height, steps=steps,
             noise_scale=noise_scale, noise_controller=noise_controller, batch=batch, seed=seed, cache=cache,
-            decoder=decoder, noise=noise, fit=fit, lora=lora)
+            decoder=decoder, fit=fit, lora=lora)
 
     # ----------------------------------------------------------------- state
     @property
@@ -72,10 +72,11 @@ class StreamSession:
 
     # ----------------------------------------------------------------- lifecycle
     def reset(self) -> None:
-        """Start over on the next frame (fresh caches, re-prepare); queued frames are discarded."""
+        """Start over on the next frame (fresh caches, re-prepare); queued frames and chunks in flight are dropped
+        (their frames never come out)."""
         self._check_open()
         self.engine.reset(self.stream)
-        self._run()
+        self._tick()
 
     def close(self) -> None:
         """Release this stream's caches; the session cannot be used afterwards."""
@@ -124,29 +125,35 @@ class StreamSession:
 
     def _run(self) -> list[OutputFrame]:
         """Ticks of the engine until this stream has nothing left to do now; its new output frames."""
+        self._tick()
+        return self.stream.take_outputs()
+
+    def _tick(self) -> None:
+        """Ticks until this stream has nothing left to do now (a live change applies at once); output frames stay
+        in the stream's outbox for the next :meth:`push` or :meth:`flush`."""
         while self.stream.has_work():
             self.engine.step()
         if self.stream.error:
             self._check_open()
-        return self.stream.take_outputs()
 
     # -------------------------------------------------------------- live changes
     def update(self, *, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
                transition_chunks: int = 0, steps: int | None = None, noise_scale: float | None = None,
                noise_controller: bool | None = None, seed: int | None = None,
-               lora: Mapping[str, float] | None = None) -> list[OutputFrame]:
-        """Change knobs live; they apply from the next chunk. Returns frames finished by a step change."""
+               lora: Mapping[str, float] | None = None) -> None:
+        """Change knobs live; they apply from the next chunk. Frames a change finishes (a step change drains the
+        chunks in flight) come out of the next :meth:`push` or :meth:`flush`, never lost."""
         self._check_open()
         if prompt is not None or prompt_embeds is not None:
-            self.set_prompt_embedding(self._resolve_prompt(prompt, prompt_embeds), transition_chunks, run=False)
+            self.engine.set_prompt_embedding(self.stream, self._resolve_prompt(prompt, prompt_embeds),
+                                             transition_chunks)
         self.engine.update(self.stream, steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
                            seed=seed, lora=lora)
-        return self._run()
+        self._tick()
 
-    def set_prompt_embedding(self, embedding: torch.Tensor, transition_chunks: int = 0, run: bool = True) -> None:
+    def set_prompt_embedding(self, embedding: torch.Tensor, transition_chunks: int = 0) -> None:
         """Swap the cross-attention K/V (no re-prepare); with ``transition_chunks`` = K > 0 the embedding is
         interpolated linearly from the current one over the next K chunks."""
         self._check_open()
         self.engine.set_prompt_embedding(self.stream, embedding, transition_chunks)
-        if run:
-            self.stream.outbox.extend(self._run())
+        self._tick()

@@ -287,11 +287,11 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
             engine.feed(s, _source(clip, k, i), [arrival])
             metrics[k].on_input(timestamp=arrival)
         while any(s.buffer.ready() for s in streams):
-            before = [s.next_chunk for s in streams]
+            before = [s.record.next_chunk for s in streams]
             t0 = time.perf_counter()
             engine.step()
             t1 = time.perf_counter()
-            ticks.append(_Tick(t0, t1, {k: before[k] for k, s in enumerate(streams) if s.next_chunk != before[k]}))
+            ticks.append(_Tick(t0, t1, {k: before[k] for k, s in enumerate(streams) if s.record.next_chunk != before[k]}))
             for k, s in enumerate(streams):
                 out = s.take_outputs()
                 if not out:
@@ -302,7 +302,7 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
                     order_ok &= o.index == next_index[k]
                     next_index[k] += 1
                     samples += o.index >= warm_frames
-            if t_ref is None and all(s.next_chunk >= cfg.warmup for s in streams):
+            if t_ref is None and all(s.record.next_chunk >= cfg.warmup for s in streams):
                 # steady state starts: forget warm-up samples, skip the warm-up frames still in flight
                 t_ref = t1
                 for k, s in enumerate(streams):

@@ -225,3 +225,20 @@ class Scheduler:
             if all(predicted(s, t_small) <= self._target(s) for s in at_risk):
                 return [s for s in ready if s not in held]
         return list(ready)                          # holding back does not save anyone: everyone joins
+
+
+class RoundRobin(Scheduler):
+    """One stream per tick, in turn (the server before the engine batched streams): the baseline that
+    ``bench --compare-round-robin`` measures the continuous batching against. No deadline policy."""
+
+    def __init__(self, latency: LatencyModel | None = None):
+        super().__init__(None, latency)
+        self._next = 0                  # the turn goes to the first ready stream with an id >= this, else wraps
+
+    def plan(self, streams: Sequence[StreamView], now: float, running_rows: int = 0) -> Decision:
+        ready = sorted((s for s in streams if len(s.arrivals) >= s.chunk_len), key=lambda s: s.id)
+        if not ready:
+            return Decision()
+        pick = next((s for s in ready if s.id >= self._next), ready[0])
+        self._next = pick.id + 1
+        return Decision(join=[pick.id], defer=[s.id for s in ready if s is not pick])

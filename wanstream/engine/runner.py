@@ -22,12 +22,12 @@ import contextlib
 import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import Callable, ContextManager, Hashable, Protocol, Sequence
 
 import torch
 
 from wanstream.core.schedule import Call, Row
-from wanstream.engine.noise import NoiseSource
+from wanstream.engine.noise import NoiseSource, SeededNoise, renoise_seed
 from wanstream.engine.timing import PhaseTimer
 from wanstream.models.dit import CausalWanDiT, PromptKV
 from wanstream.models.kv_cache import CachePolicy, CacheStep, KVPool, StepBuffers
@@ -54,7 +54,8 @@ class Done:
 
 @dataclass
 class RunnerStream:
-    """The tensor side of one stream: its noise sources, entering chunks and in-flight latents."""
+    """The tensor side of one stream in a runner: its noise sources (their one holder), entering chunks and
+    in-flight latents."""
 
     id: Hashable
     noise: NoiseSource                       # mixing noise (a chunk entering)
@@ -63,6 +64,21 @@ class RunnerStream:
     latents: dict = field(default_factory=dict)    # chunk → latent at its current level [1, T, C, h, w]
     lora: tuple[float, ...] | None = None          # LoRA strength vector (models/lora.py); None: the defaults
     prompt: object = None                          # the last prompt given (embedding or PromptKV)
+    seed: int | None = None                        # the seed of its sources (None: injected sources)
+
+    @classmethod
+    def seeded(cls, stream: Hashable, seed: int, device, lora: tuple[float, ...] | None = None) -> "RunnerStream":
+        """A stream whose mixing noise is ``SeededNoise(seed)`` and re-noising noise ``SeededNoise(renoise_seed(
+        seed))`` (as on a pipeline's last rank, so a stream gives the same frames on one device and on a ring)."""
+        st = cls(stream, None, lora=lora)
+        st.reseed(seed, device)
+        return st
+
+    def reseed(self, seed: int, device) -> None:
+        """Both sources start over from ``seed`` (a new seed, or a reset of a seeded stream)."""
+        self.noise = SeededNoise(seed, device)
+        self.renoise_source = SeededNoise(renoise_seed(seed), device)
+        self.seed = int(seed)
 
     @property
     def renoise(self) -> NoiseSource:
@@ -143,6 +159,25 @@ def settle(sampler: FlowMatchSampler, x: torch.Tensor, flow: torch.Tensor, ts: t
     return kept, finished
 
 
+class RunnerProtocol(Protocol):
+    """What the engine needs of a runner: :class:`Runner` (one device) and
+    :class:`~wanstream.pipeline.runner.PipelineRunner` (the multi-GPU ring) both provide it."""
+
+    streams: dict[Hashable, RunnerStream]
+    lag: int                  # calls in flight at once: 1 on one device, W on a ring of W ranks
+
+    def add(self, stream: RunnerStream, rows: int) -> None: ...       # lease ``rows`` cache rows and a prompt slot
+    def remove(self, stream_id: Hashable) -> None: ...                # give them back
+    def reset(self, stream_id: Hashable, rows: int) -> None: ...      # fresh rows and noise, nothing in flight
+    def reseed(self, stream_id: Hashable, seed: int) -> None: ...
+    def set_prompt(self, stream_id: Hashable, embedding: torch.Tensor) -> None: ...
+    def set_lora(self, stream_id: Hashable, strengths: tuple[float, ...] | None) -> None: ...
+    def enter(self, stream_id: Hashable, chunk: Hashable, inp: ChunkInput) -> None: ...
+    def run(self, call: Call) -> list[Done]: ...                      # the chunks that came back clean
+    def pending(self) -> list[Done]: ...                              # wait for every call in flight
+    def encoding(self) -> ContextManager: ...                         # around the tick's VAE encode
+
+
 STEADY_AFTER = 2      # a layout's calls run compiled from its 2nd consecutive call without a mask
 GRAPH_WARMUP = 2      # compiled calls of a layout (on a side stream) before its CUDA graph is captured
 MAX_LAYOUTS = 32      # layouts kept (least recently used dropped, with their compiled code and graph)
@@ -208,13 +243,20 @@ class Runner:
         self.pool.release(stream_id)
 
     def reset(self, stream_id: Hashable, rows: int) -> None:
-        """A stream starts over: fresh (zeroed) cache rows, no chunks in flight; its prompt slot is kept."""
+        """A stream starts over: fresh (zeroed) cache rows, no chunks in flight, a seeded stream's noise from its
+        seed again; its prompt slot is kept."""
         st = self.streams[stream_id]
         st.inputs.clear()
         st.latents.clear()
+        if st.seed is not None:
+            st.reseed(st.seed, self.device)
         lease = self.pool.leases[stream_id]
         self.pool.resize(stream_id, rows)
         self.pool.zero_rows(slice(lease.row, lease.row + lease.rows))
+
+    def enter(self, stream_id: Hashable, chunk: Hashable, inp: ChunkInput) -> None:
+        """A chunk about to enter the stream batch (its row in a coming call has ``enters``)."""
+        self.streams[stream_id].inputs[chunk] = inp
 
     def set_prompt(self, stream_id: Hashable, embedding: torch.Tensor | PromptKV) -> None:
         """A stream's prompt: an embedding ``[1, text_len, text_dim]`` (its K/V are computed here, under the
@@ -243,11 +285,15 @@ class Runner:
             self.set_prompt(stream_id, st.prompt)
 
     def reseed(self, stream_id: Hashable, seed: int) -> None:
-        """Re-noising uses the stream's mixing source here, which the engine replaces itself."""
+        """A stream's noise starts over from ``seed`` (from its next draw)."""
+        self.streams[stream_id].reseed(seed, self.device)
 
     def pending(self) -> list[Done]:
         """Chunks finished by calls still in flight (none here: every call completes in :meth:`run`)."""
         return []
+
+    def encoding(self) -> ContextManager:
+        return contextlib.nullcontext()
 
     @property
     def prompts(self) -> PromptKV:

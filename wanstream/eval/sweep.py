@@ -270,7 +270,7 @@ def stream_clip(model, setting: Setting, clip: ClipSpec, frames: np.ndarray, wid
         for i, frame in enumerate(tqdm(frames, desc=f"{setting.name} × {clip.name}", unit="frame", disable=None,
                                        leave=False)):
             if i in changes:
-                outs += session.update(prompt=changes[i], transition_chunks=setting.transition_chunks)
+                session.update(prompt=changes[i], transition_chunks=setting.transition_chunks)
             outs += session.push(frame)
         outs += session.flush()
         if model.device.type == "cuda":

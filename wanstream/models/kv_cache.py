@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from wanstream.core.config import CacheConfig
+from wanstream.core.leases import Lease, LeaseTable, Move
 
 
 class CachePolicy:
@@ -123,25 +124,15 @@ class KVCache:
         self.k[layer], self.v[layer], self.km[layer], self.vm[layer] = k, v, km, vm
 
 
-@dataclass
-class Lease:
-    """The rows and the prompt slot a stream borrows from a :class:`KVPool`."""
-
-    stream: Hashable
-    row: int       # first pool row
-    rows: int      # rows (the stream's stream-batch levels, or 1)
-    slot: int      # prompt K/V slot
-
-
 class KVPool(KVCache):
     """Shared cache storage of one resolution group: self-attention K/V rows and cross-attention (prompt) K/V
     slots, per block, allocated once and lent to streams.
 
-    A stream borrows ``rows`` contiguous rows and one prompt slot; leases are kept packed in the order the streams
-    joined (a stream that leaves is compacted out once, a step change re-lays the stream's rows), so when every
-    stream runs in one call — the steady state — the call's rows and prompt slots are one slice each and
-    attention reads the storage in place. Storage grows when a lease does not fit (at admission, never in the
-    steady state); :meth:`reserve` allocates ahead.
+    A stream borrows ``rows`` contiguous rows and one prompt slot; where leases go is decided by
+    :class:`~wanstream.core.leases.LeaseTable` (packed in join order), and this class copies its tensors as the
+    table's moves say. So when every stream runs in one call — the steady state — the call's rows and prompt slots
+    are one slice each and attention reads the storage in place. Storage grows when a lease does not fit (at
+    admission, never in the steady state); :meth:`reserve` allocates ahead.
     """
 
     def __init__(self, layers: Iterable[int], capacity: int, tokens_per_frame: int, heads: int, head_dim: int,
@@ -153,28 +144,16 @@ class KVPool(KVCache):
         pshape = (rows, text_len, heads, head_dim)
         self.pk = {i: torch.zeros(pshape, dtype=dtype, device=device) for i in self.k}
         self.pv = {i: torch.zeros(pshape, dtype=dtype, device=device) for i in self.k}
-        self.leases: dict[Hashable, Lease] = {}
+        self.leases = LeaseTable()
 
     # ------------------------------------------------------------------------------------------ capacity
     @property
     def used_rows(self) -> int:
-        return sum(lease.rows for lease in self.leases.values())
+        return self.leases.used_rows
 
     @property
     def slots(self) -> int:
         return next(iter(self.pk.values())).shape[0] if self.pk else 0
-
-    def row_bytes(self) -> int:
-        """Bytes of one cache row over every block held here (K/V and their fp32 slot means)."""
-        per_block = self.capacity * self.heads * self.head_dim * (self.tokens_per_frame * self._elem() + 4)
-        return 2 * len(self.k) * per_block
-
-    def slot_bytes(self) -> int:
-        """Bytes of one prompt slot over every block held here."""
-        return 2 * len(self.k) * self.text_len * self.heads * self.head_dim * self._elem()
-
-    def _elem(self) -> int:
-        return torch.finfo(self.dtype).bits // 8
 
     def reserve(self, rows: int, slots: int | None = None) -> None:
         """Grow the storage to at least ``rows`` rows and ``slots`` prompt slots (default: ``rows``)."""
@@ -193,21 +172,14 @@ class KVPool(KVCache):
     # ------------------------------------------------------------------------------------------ leases
     def acquire(self, stream: Hashable, rows: int) -> Lease:
         """Lend ``rows`` rows (zeroed) and a prompt slot to a new stream, after the last lease."""
-        if stream in self.leases:
-            raise ValueError(f"stream {stream!r} already holds cache rows")
-        if rows < 1:
-            raise ValueError(f"a stream needs at least one cache row, got {rows}")
-        row, slot = self.used_rows, len(self.leases)
-        self.reserve(row + rows, slot + 1)
-        lease = Lease(stream, row, rows, slot)
-        self.leases[stream] = lease
-        self.zero_rows(slice(row, row + rows))
+        lease = self.leases.acquire(stream, rows)
+        self.reserve(lease.row + rows, lease.slot + 1)
+        self.zero_rows(slice(lease.row, lease.row + rows))
         return lease
 
     def release(self, stream: Hashable) -> None:
         """Give a stream's rows and slot back; later leases move down so the leases stay packed."""
-        if self.leases.pop(stream, None) is not None:
-            self._repack()
+        self._apply(self.leases.release(stream))
 
     def resize(self, stream: Hashable, rows: int) -> None:
         """A stream's rows become ``rows``; row r starts from its old row ``min(r, old_rows - 1)`` (closest level)."""
@@ -217,8 +189,7 @@ class KVPool(KVCache):
         old = [t[lease.row: lease.row + lease.rows].clone() for t in self.row_tensors()]
         src = [min(r, lease.rows - 1) for r in range(rows)]
         self.reserve(self.used_rows - lease.rows + rows, len(self.leases))
-        lease.rows = rows
-        self._repack()
+        self._apply(self.leases.resize(stream, rows))
         for t, o in zip(self.row_tensors(), old):
             t[lease.row: lease.row + rows] = o[src]
 
@@ -235,23 +206,15 @@ class KVPool(KVCache):
             self.pk[i][slot: slot + 1].copy_(k[i])
             self.pv[i][slot: slot + 1].copy_(v[i])
 
-    def _repack(self) -> None:
-        """Place the leases packed, in lease order. Leases that move down are copied first (ascending), then those
-        that move up (descending), so no lease is overwritten before it moved."""
-        moves, row = [], 0
-        for slot, lease in enumerate(self.leases.values()):
-            moves.append((lease, row, slot))
-            row += lease.rows
-        down = [m for m in moves if m[1] < m[0].row or m[2] < m[0].slot]
-        up = [m for m in moves if m[1] > m[0].row]
-        for lease, row, slot in down + up[::-1]:
-            if row != lease.row:
+    def _apply(self, moves: list[Move]) -> None:
+        """Copy the moved leases' rows and prompt slots (the table ordered the moves so none overwrites another)."""
+        for m in moves:
+            if m.dst_row != m.src_row:
                 for t in self.row_tensors():
-                    t[row: row + lease.rows] = t[lease.row: lease.row + lease.rows].clone()
-            if slot != lease.slot:
+                    t[m.dst_row: m.dst_row + m.rows] = t[m.src_row: m.src_row + m.rows].clone()
+            if m.dst_slot != m.src_slot:
                 for t in (*self.pk.values(), *self.pv.values()):
-                    t[slot] = t[lease.slot].clone()
-            lease.row, lease.slot = row, slot
+                    t[m.dst_slot] = t[m.src_slot].clone()
 
     def pop_layer(self, layer: int) -> tuple[torch.Tensor, ...]:
         """Remove a block's storage (it moves to another pipeline stage): K, V, K means, V means, prompt K, prompt V."""
@@ -265,6 +228,17 @@ class KVPool(KVCache):
 
     def nbytes(self) -> int:
         return super().nbytes() + sum(t.numel() * t.element_size() for t in (*self.pk.values(), *self.pv.values()))
+
+
+def stream_cache_bytes(num_layers: int, rows: int, capacity: int, tokens_per_frame: int, dim: int, text_len: int,
+                       dtype: torch.dtype) -> int:
+    """Device bytes of one stream's share of a pool (the one home of this estimate): ``rows`` cache rows (K and V
+    of ``capacity`` frames of ``tokens_per_frame`` tokens, plus the fp32 slot means) and one prompt slot (K and V
+    of ``text_len`` tokens), every block."""
+    elem = torch.finfo(dtype).bits // 8
+    per_row = 2 * num_layers * capacity * dim * (tokens_per_frame * elem + 4)
+    per_slot = 2 * num_layers * text_len * dim * elem
+    return rows * per_row + per_slot
 
 
 def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from wanstream.core.config import CacheConfig
 from wanstream.engine.loop import Engine
 from wanstream.engine.noise import renoise_seed
-from wanstream.engine.runner import Done, RunnerStream
+from wanstream.engine.runner import ChunkInput, Done, RunnerStream
 from wanstream.pipeline.driver import PipelineDriver
 
 log = logging.getLogger("wanstream.pipeline")
@@ -43,7 +43,7 @@ class PipelineRunner:
     def __init__(self, driver: PipelineDriver, engine: Engine, decoder: str, tokens_per_frame: int,
                  cache: CacheConfig):
         self.driver = driver
-        self.engine = engine
+        self.engine = engine                          # a failed ring ends every stream of this engine
         self.decoder = decoder
         self.tokens_per_frame = tokens_per_frame
         self.cache = cache
@@ -63,13 +63,16 @@ class PipelineRunner:
         return self.driver.stage.timer.section("busy")
 
     def _seed(self, stream_id) -> int:
-        return renoise_seed(self.engine.streams[stream_id].settings.seed)
+        """The re-noising seed of a stream: its source lives on the last rank."""
+        return renoise_seed(self.streams[stream_id].seed)
 
     def add(self, stream: RunnerStream, rows: int) -> None:
         if stream.id in self.streams:
             raise ValueError(f"stream {stream.id!r} is already in this runner")
         if stream.lora is not None:
             raise ValueError("the pipeline does not run LoRAs")
+        if stream.seed is None:
+            raise ValueError("a pipeline stream needs seeded noise (its re-noising runs on the last rank)")
         self.streams[stream.id] = stream
         self._waiting[stream.id] = [rows, None]
 
@@ -98,6 +101,7 @@ class PipelineRunner:
 
     def reset(self, stream_id, rows: int) -> None:
         st = self.streams[stream_id]
+        st.reseed(st.seed, self.driver.device)
         if stream_id in self._waiting:
             st.inputs.clear()
             st.latents.clear()
@@ -106,8 +110,13 @@ class PipelineRunner:
             self.driver.reset_stream(stream_id, rows, self._seed(stream_id))
 
     def reseed(self, stream_id, seed: int) -> None:
-        if stream_id not in self._waiting:          # (a waiting stream opens with the engine stream's seed)
-            self.driver.reseed(self.streams[stream_id].noise, renoise_seed(seed), stream_id)
+        st = self.streams[stream_id]
+        st.reseed(seed, self.driver.device)
+        if stream_id not in self._waiting:          # (a waiting stream opens with its seed then)
+            self.driver.reseed(st.noise, renoise_seed(seed), stream_id)
+
+    def enter(self, stream_id, chunk, inp: ChunkInput) -> None:
+        self.streams[stream_id].inputs[chunk] = inp
 
     def run(self, call) -> list[Done]:
         for sid in [r.stream for r in call.rows] + [sid for sid, _ in call.resize]:

@@ -33,9 +33,11 @@ import torch
 
 from wanstream.api.params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams, conditioning
 from wanstream.core.chunking import ChunkBuffer
+from wanstream.core.config import CacheConfig
 from wanstream.core.scheduler import SLOConfig
 from wanstream.engine.loop import Engine, EngineStream
 from wanstream.engine.metrics import MetricsRegistry
+from wanstream.models.kv_cache import stream_cache_bytes
 from wanstream.server.pacing import Pacer, Released
 from wanstream.server.recording import Recorder, RecordingStore
 from wanstream.server.settings import ServerSettings
@@ -401,13 +403,13 @@ class Session:
         self._on_loop(run_callbacks)
 
 
-def estimate_session_bytes(model, width: int, height: int, steps: int = 4, cache_frames: int = 6) -> int:
-    """A rough upper estimate of one stream's GPU memory: KV caches of every stream-batch row, the hidden
-    states of one call and the streaming VAE feature caches (encoder and decoder)."""
+def estimate_session_bytes(model, width: int, height: int, steps: int = 4, cache: CacheConfig = CacheConfig()) -> int:
+    """A rough upper estimate of one stream's GPU memory: its cache rows and prompt slot (one row per step), the
+    hidden states of one call and the streaming VAE feature caches (encoder and decoder)."""
     elem = torch.finfo(model.dtype).bits // 8
     dit = model.dit
     tokens = model.tokens_per_frame(height, width)
-    kv = 2 * dit.num_layers * steps * cache_frames * tokens * dit.dim * elem
+    kv = stream_cache_bytes(dit.num_layers, steps, cache.capacity, tokens, dit.dim, dit.text_len, model.dtype)
     hidden = 8 * steps * tokens * dit.dim * elem
     vae = 2 * 2 * 96 * height * width * elem * 12
     return int(kv + hidden + vae)
@@ -551,12 +553,11 @@ class SessionManager:
         """Frames per second each stream would get with one more stream at the default steps, from the engine's
         measured tick latency (the scheduler's latency model); None before any tick at this resolution."""
         from wanstream.core.chunking import CHUNK_FRAMES
-        from wanstream.core.config import CacheConfig
         group = self.engine.groups.get((self.settings.width, self.settings.height, CacheConfig()))
         if group is None:
             return None
         rows = sum(st.schedule.rows for st in list(group.streams) if not st.closed)
-        tick = group.scheduler.latency.predict(rows + self.settings.steps)
+        tick = group.planner.latency.predict(rows + self.settings.steps)
         return CHUNK_FRAMES / tick if tick else None
 
     def capacity(self) -> dict:
