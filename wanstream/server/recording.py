@@ -24,7 +24,7 @@ from ..io.video import VideoWriter
 from .auth import same_secret
 
 _STOP = object()
-RECORDING_NAME = re.compile(r"^[\w.-]+\.mp4$")
+RECORDING_NAME = re.compile(r"^[\w-][\w.-]{0,127}\.mp4$")   # our names; never hidden (temporary files are)
 
 
 class RecordingRefused(Exception):
@@ -199,7 +199,10 @@ class RecordingStore:
         if not RECORDING_NAME.match(name):
             return None
         path = self.dir / name
-        return path if path.is_file() else None
+        try:
+            return path if path.is_file() else None
+        except OSError:                            # e.g. a name the file system refuses
+            return None
 
     def listing(self, visible=lambda name: True) -> list[dict]:
         """The mp4 files (at most ``max_files``, newest last) that ``visible(name)`` admits, with the state of
