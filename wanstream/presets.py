@@ -25,28 +25,44 @@ from typing import Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from .models.lora import MAX_STRENGTH, LoRASpec, lora_name
+from .models.lora import MAX_STRENGTH, LoRASpec
 from .server.params import MAX_LORAS, ParamsUpdate, SessionParams, conditioning
 
 FORMAT = "wanstream-preset"
 VERSION = 1
 PRESET_COMMANDS = ("v2v", "t2v", "bench")
 _NOT_IN_PRESET = ("recording", "reset", "lora")          # live-only fields (a preset names LoRAs by path)
-_KNOBS = ("prompt", "prompts", "transition_chunks", "steps", "noise_scale", "noise_controller", "seed")
+_KNOBS = ("prompt", "prompts", "transition_chunks", "steps", "noise_scale", "noise_controller", "seed", "fit")
 
 
 class PresetError(ValueError):
     """A preset file is missing, not JSON, or does not fit the schema (the message names the file and field)."""
 
 
+MAX_LORA_PATH_CHARS = 1024
+LORA_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def lora_name_of(path: str) -> str:
+    """The name a preset's LoRA path stands for, from the text alone (no file is looked at, so a server never
+    tells which of its folders exist): the last path component, without a LoRA file suffix. It is the name
+    :func:`~.models.lora.lora_name` gives the loaded file (a folder keeps its whole name)."""
+    base = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    for suffix in LORA_FILE_SUFFIXES:
+        if base.lower().endswith(suffix) and len(base) > len(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
 class PresetLoRA(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    path: str = Field(min_length=1, description="LoRA file or folder, relative to the preset file's folder")
+    path: str = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS,
+                      description="LoRA file or folder, relative to the preset file's folder")
     strength: float = Field(1.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH)
 
     @property
     def name(self) -> str:
-        return lora_name(self.path)
+        return lora_name_of(self.path)
 
 
 class Preset(ParamsUpdate):
@@ -143,7 +159,7 @@ def cli_defaults(preset: Preset) -> dict:
         out["prompt"], out["prompts"] = None, preset.prompts        # an explicit --prompt still wins
     elif preset.prompt is not None:
         out["prompt"] = preset.prompt
-    for key in ("steps", "seed", "noise_scale"):
+    for key in ("steps", "seed", "noise_scale", "fit"):
         if getattr(preset, key) is not None:
             out[key] = getattr(preset, key)
     if preset.noise_controller is not None:
