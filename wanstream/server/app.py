@@ -136,6 +136,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
         body = {"status": state, **extra, "sessions": manager.count, "capacity": settings.max_sessions,
                 "device": str(getattr(model, "device", "cpu")),
                 "width": settings.width, "height": settings.height, "steps": settings.steps,
+                "defaults": manager.default_params.model_dump(exclude={"recording", "lora"}),
                 "transports": ["websocket"] + (["webrtc"] if WEBRTC_AVAILABLE else []),
                 "limits": {"max_frame_bytes": settings.max_frame_bytes, "prompt_chars": 2000},
                 "osc_port": osc.port if osc is not None else None,
