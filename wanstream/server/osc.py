@@ -262,6 +262,9 @@ class OSCControl:
         except Exception:  # noqa: BLE001 - ParseError, and what python-osc lets through (bad UTF-8, ...)
             self.counters.drop("malformed")
             return
+        if not messages:                        # e.g. a bundle whose elements python-osc skipped as broken
+            self.counters.drop("malformed")
+            return
         for i, msg in enumerate(messages):
             if i and not bucket.take():
                 self.counters.drop("rate_limited", len(messages) - i)
