@@ -5,14 +5,16 @@ same fields, types and ranges) plus its LoRA files::
 
     {"format": "wanstream-preset", "version": 1,
      "prompts": [{"text": "ink wash painting", "weight": 2}, {"text": "neon city", "weight": 1}],
-     "transition_chunks": 4, "steps": 2, "noise_scale": 0.7, "noise_controller": true, "seed": 7,
+     "transition_chunks": 4, "steps": 2, "noise_scale": 0.7, "noise_controller": true, "seed": 7, "fit": "pad",
      "loras": [{"path": "styles/ink.safetensors", "strength": 0.8}]}
 
 Every field is optional. LoRA paths are relative to the preset file's folder (a preset travels with its LoRAs).
 ``--preset FILE`` on ``v2v`` / ``t2v`` / ``bench`` makes the preset the defaults of the command's flags, so flags
 given on the command line win (``--lora`` replaces the preset's LoRA list; ``--prompt`` its prompt or blend);
-``bench`` uses only steps, seed and LoRAs (its prompt is a fixed embedding). The server turns a preset into a
-live update with :meth:`Preset.to_params` and a session's state into a preset with :meth:`Preset.from_params`.
+``bench`` uses only steps, seed and LoRAs (its prompt is a fixed embedding); on ``serve`` it gives the defaults
+of new sessions (``wanstream/server/cli.py``). The server turns a preset into a live update with
+:meth:`Preset.to_params` and a session's state into a preset with :meth:`Preset.from_params`; a preset a client
+sends names its LoRAs by their file names only (:func:`lora_name_of`: no file is looked at).
 """
 
 from __future__ import annotations
