@@ -267,7 +267,8 @@ def http_cases(ctx: dict) -> dict[str, list[tuple[str, bytes, tuple[int, ...]]]]
         "rtpmap garbage": BASE_SDP.replace("a=rtpmap:96 VP8/90000", "a=rtpmap:96"),
         "fmtp of unknown payload": BASE_SDP + "a=fmtp:97 x=1\r\n", "candidate garbage": BASE_SDP + "a=candidate:x\r\n",
         "audio only": BASE_SDP.replace("m=video", "m=audio"), "no v=0": BASE_SDP[5:], "only v=0": "v=0",
-        "not SDP": "hello", "binary-ish": "v=0\r\n\x01\x02\x03", "3000 sections": "v=0\r\n" + "m=video 9 x 96\r\n" * 3000,
+        "not SDP": "hello", "binary-ish": "v=0\r\n\x01\x02\x03",
+        "3000 sections": "v=0\r\n" + "m=video 9 x 96\r\n" * 3000,
         "lone surrogate": BASE_SDP + "a=x:\ud800\r\n",
     }
     c["sdp"] = [(f"offer {name}", request("POST", "/api/webrtc/offer", sdp_offer(sdp), JSON), (400, 413, 422))

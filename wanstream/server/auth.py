@@ -92,7 +92,8 @@ def caller_of(scope) -> Caller:
 # ------------------------------------------------------------------------------------------- Host / Origin
 # RFC 9110 / 3986: uri-host [":" port], where uri-host is "[" IPv6 "]", an IPv4 address or a registered name
 # (browsers send names in ASCII, IDNs punycoded). Anything else is malformed and refused (never an exception).
-_HOST_PORT = re.compile(r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]{2,45})\]|(?P<name>[A-Za-z0-9._~-]{1,253}))(?::(?P<port>[0-9]{0,5}))?$")
+_HOST_PORT = re.compile(r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]{2,45})\]|(?P<name>[A-Za-z0-9._~-]{1,253}))"
+                        r"(?::(?P<port>[0-9]{0,5}))?$")
 _ORIGIN = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]{0,15})://(?P<hostport>[^/?#@\s]{1,300})$")
 
 

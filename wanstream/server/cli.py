@@ -11,6 +11,7 @@ URL of somebody else's server. Tokens come from ``--token`` / ``--admin-token`` 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import socket
@@ -159,22 +160,18 @@ def run_serve(args) -> int:
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (uvicorn listens on it); OSError naming the address and what to do when
-    it is taken or cannot be bound."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise OSError(f"cannot listen on {host}: {exc.strerror}") from None
-    sock = socket.socket(family, kind, proto)
+    """A TCP socket bound to ``host:port`` as uvicorn would bind it (uvicorn listens on it); OSError naming the
+    address and what to do when it is taken or cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(addr)
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        hint = " (another server runs there: stop it or choose another --port)" if exc.errno == 98 else ""
+        hint = " (another server runs there: stop it or choose another --port)" \
+            if exc.errno == errno.EADDRINUSE else ""
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
-    sock.set_inheritable(True)
     return sock
 
 

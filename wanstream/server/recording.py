@@ -238,8 +238,8 @@ class RecordingStore:
     def listing(self, visible=lambda name: True) -> list[dict]:
         """The finished recordings (at most ``max_files``, newest last) that ``visible(name)`` admits, with the
         state of this server's recorders (temporary files of running or cut-short recordings are not listed)."""
-        files = sorted(f for f in self.dir.glob("*.mp4") if RECORDING_NAME.match(f.name)) if self.dir.is_dir() else []
-        files = files[-self.max_files:]
+        found = self.dir.glob("*.mp4") if self.dir.is_dir() else []
+        files = sorted(f for f in found if RECORDING_NAME.match(f.name))[-self.max_files:]
         with self._lock:
             known = dict(self._recorders)
         out = []

@@ -18,7 +18,8 @@ The peer plumbing is shared with WHIP / WHEP (:mod:`.whip`): ``new_peer`` (ICE s
 ``VideoIngest`` (a peer's video into a session), ``OutputTrack`` (frames out with a 90 kHz clock), ``close_peer``.
 
 Bounds: an offer is checked (SDP structure, a video section, ICE credentials, a DTLS fingerprint and role, RTCP
-mux: what aiortc only fails on later) before it takes a session slot, with a 400 naming the problem; a session whose peer does not connect within ``offer_timeout_s`` is freed (counted in
+mux: what aiortc only fails on later) before it takes a session slot, with a 400 naming the problem; a session
+whose peer does not connect within ``offer_timeout_s`` is freed (counted in
 ``wanstream_server_webrtc_offers_expired_total``), so unfinished offers cannot hold the slots.
 """
 
