@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from wanstream.server.frames import pack_raw, unpack_raw  # noqa: E402
 
 ADMIN = "soak-admin-" + os.urandom(8).hex()
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}        # also the token, when the server has one (fuzz.py)
 W = H = 64
 
 
@@ -81,7 +82,7 @@ def thread_names(pid: int) -> dict[str, int]:
 
 
 class Server:
-    def __init__(self, model: Path, workdir: Path, sessions: int, extra: list[str]):
+    def __init__(self, model: Path, workdir: Path, sessions: int, extra: list[str], env: dict | None = None):
         self.port = free_port()
         self.log_path = workdir / "server.log"
         self.record_dir = workdir / "recordings"
@@ -90,7 +91,8 @@ class Server:
                "--resolution", f"{W}x{H}", "--max-sessions", str(sessions), "--record-dir", str(self.record_dir),
                "--webrtc-loopback-candidates", "--admin-token", ADMIN, "--idle-timeout", "30",
                "--offer-timeout", "5", "--device", "cpu", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -98,7 +100,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
             with contextlib.suppress(OSError):
-                if http_call(self.port, "GET", "/api/health")[0] == 200:
+                if http_call(self.port, "GET", "/api/health", headers=ADMIN_AUTH)[0] == 200:
                     return
             if time.monotonic() > deadline:
                 raise RuntimeError("server did not start")
@@ -116,10 +118,10 @@ class Server:
         return proc_sample(self.proc.pid)
 
     def health(self) -> dict:
-        return http_call(self.port, "GET", "/api/health")[1]
+        return http_call(self.port, "GET", "/api/health", headers=ADMIN_AUTH)[1]
 
     def metrics(self) -> dict[str, float]:
-        text = http_call(self.port, "GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})[1]
+        text = http_call(self.port, "GET", "/metrics", headers=ADMIN_AUTH)[1]
         out = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -200,6 +202,15 @@ def malformed_http(port: int, sid: str, secret: str, other_sid: str | None) -> l
         ("cross_site_post", "POST", "/api/webrtc/offer", b'{"sdp": "v=0", "type": "offer"}',
          {"Content-Type": "application/json", "Origin": "http://attacker.example"}, 403),
         ("docs", "GET", "/openapi.json", None, {}, 404),
+        # the classes of issue 19 (scripts/fuzz.py sends every case of each)
+        ("host_bad_ipv6", "GET", "/api/health", None, {"Host": "[::1"}, 403),
+        ("origin_brackets", "GET", "/api/health", None, {"Origin": "http://[zz]"}, 403),
+        ("recording_name_long", "GET", "/api/recordings/" + "a" * 5000 + ".mp4", None, {}, 404),
+        ("preset_lora_path_long", "POST", "/api/presets/validate",
+         json.dumps({"loras": [{"path": "a/" * 3000}]}).encode(), {"Content-Type": "application/json"}, 422),
+        ("offer_no_fingerprint", "POST", "/api/webrtc/offer", json.dumps({"sdp": NO_FINGERPRINT_SDP,
+                                                                         "type": "offer"}).encode(),
+         {"Content-Type": "application/json"}, 400),
     ]
     if other_sid:                  # 404 when that stream ended meanwhile
         cases.append(("steer_other_stream", "POST", f"/api/sessions/{other_sid}/params", b'{"recording": true}',
@@ -210,6 +221,12 @@ def malformed_http(port: int, sid: str, secret: str, other_sid: str | None) -> l
     except OSError as exc:
         return [(name, False, f"{type(exc).__name__}: {exc}")]
     return [(name, status in (expect if isinstance(expect, tuple) else (expect,)), f"HTTP {status} {str(reply)[:200]}")]
+
+
+NO_FINGERPRINT_SDP = "\r\n".join([
+    "v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "t=0 0", "m=video 9 UDP/TLS/RTP/SAVPF 96", "c=IN IP4 0.0.0.0",
+    "a=mid:0", "a=rtcp-mux", "a=ice-ufrag:soak", "a=ice-pwd:soaksoaksoaksoaksoaksoak", "a=setup:actpass",
+    "a=rtpmap:96 VP8/90000", ""])
 
 
 def half_sent_headers(port: int, timeout_s: float) -> tuple[str, bool, str]:

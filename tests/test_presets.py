@@ -14,7 +14,7 @@ from wanstream.cli.presets import apply_preset, lora_specs
 
 FULL = {"format": "wanstream-preset", "version": 1,
         "prompts": [{"text": "ink wash painting", "weight": 2.0}, {"text": "neon city", "weight": 1.0}],
-        "transition_chunks": 4, "steps": 3, "noise_scale": 0.7, "noise_controller": False, "seed": 7,
+        "transition_chunks": 4, "steps": 3, "noise_scale": 0.7, "noise_controller": False, "seed": 7, "fit": "pad",
         "loras": [{"path": "styles/ink.safetensors", "strength": 0.8}, {"path": "oil.safetensors"}]}
 
 

@@ -21,7 +21,7 @@ def srv(tiny_model, tmp_path_factory):
 
 PRESET = {"format": "wanstream-preset", "version": 1,
           "prompts": [{"text": "ink wash", "weight": 2.0}, {"text": "neon city", "weight": 1.0}],
-          "transition_chunks": 4, "steps": 3, "noise_scale": 0.7, "noise_controller": False, "seed": 7}
+          "transition_chunks": 4, "steps": 3, "noise_scale": 0.7, "noise_controller": False, "seed": 7, "fit": "pad"}
 
 
 def test_validate_answers_the_preset_and_its_live_update(srv):
@@ -57,7 +57,7 @@ def test_apply_and_save_a_sessions_preset(srv):
     status, body = srv.http("POST", f"/api/sessions/{sid}/preset", PRESET, headers=own)
     assert status == 200, body
     params = srv.manager.get(sid).params
-    assert params.steps == 3 and params.seed == 7 and params.noise_controller is False
+    assert params.steps == 3 and params.seed == 7 and params.noise_controller is False and params.fit == "pad"
     assert [(p.text, p.weight) for p in params.prompts] == [("ink wash", 2.0), ("neon city", 1.0)]
     status, saved = srv.http("GET", f"/api/sessions/{sid}/preset", headers=own)
     assert status == 200 and saved == {**PRESET, "loras": []}

@@ -339,7 +339,7 @@ def test_whep_player_page_in_headless_chromium(srv, clip, tmp_path):
         pytest.skip("Debian chromium is not installed (run scripts/install_browser.sh as root)")
     if importlib.util.find_spec("playwright") is None:
         pytest.skip("the playwright python package is not installed (run scripts/install_browser.sh)")
-    from browser_driver import chromium_args, write_y4m
+    from browser_driver import chromium_args, poll_js, watch_csp, write_y4m
     from playwright.sync_api import sync_playwright
 
     pub = BackgroundPublisher(srv, clip, "show")
@@ -351,14 +351,12 @@ def test_whep_player_page_in_headless_chromium(srv, clip, tmp_path):
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
             try:
                 page = browser.new_page()
+                csp = watch_csp(page)                   # the player works under the server's CSP
                 page.goto(f"{srv.base}/static/whep.html?stream=show&token={TOKEN}")
-                try:
-                    page.wait_for_function("window.whep && (whep.error !== null || "
-                                           "document.getElementById('video').getVideoPlaybackQuality()"
-                                           ".totalVideoFrames >= 5)", timeout=180_000)
-                except Exception as exc:
-                    raise AssertionError(f"no frames in the player: {page.evaluate('JSON.stringify(window.whep)')}") \
-                        from exc
+                if not poll_js(page, "window.whep && (whep.error !== null || document.getElementById('video')"
+                                     ".getVideoPlaybackQuality().totalVideoFrames >= 5)", 180):
+                    raise AssertionError(f"no frames in the player: {page.evaluate('JSON.stringify(window.whep)')}")
+                assert csp == [], csp
                 state = page.evaluate("""() => {
                     const v = document.getElementById('video');
                     const c = document.createElement('canvas');

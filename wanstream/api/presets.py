@@ -1,18 +1,20 @@
 """Presets: a JSON file with prompt(s) and blend weights, the knobs and the LoRAs (paths and strengths).
 
-A preset is validated with the live parameter schema of the server (:class:`~.server.params.ParamsUpdate`, the
+A preset is validated with the live parameter schema of the server (:class:`~wanstream.api.params.ParamsUpdate`, the
 same fields, types and ranges) plus its LoRA files::
 
     {"format": "wanstream-preset", "version": 1,
      "prompts": [{"text": "ink wash painting", "weight": 2}, {"text": "neon city", "weight": 1}],
-     "transition_chunks": 4, "steps": 2, "noise_scale": 0.7, "noise_controller": true, "seed": 7,
+     "transition_chunks": 4, "steps": 2, "noise_scale": 0.7, "noise_controller": true, "seed": 7, "fit": "pad",
      "loras": [{"path": "styles/ink.safetensors", "strength": 0.8}]}
 
 Every field is optional. LoRA paths are relative to the preset file's folder (a preset travels with its LoRAs).
 ``--preset FILE`` on ``v2v`` / ``t2v`` / ``bench`` makes the preset the defaults of the command's flags, so flags
 given on the command line win (``--lora`` replaces the preset's LoRA list; ``--prompt`` its prompt or blend);
-``bench`` uses only steps, seed and LoRAs (its prompt is a fixed embedding). The server turns a preset into a
-live update with :meth:`Preset.to_params` and a session's state into a preset with :meth:`Preset.from_params`.
+``bench`` uses only steps, seed and LoRAs (its prompt is a fixed embedding); on ``serve`` it gives the defaults
+of new sessions (``wanstream/cli/serve.py``). The server turns a preset into a live update with
+:meth:`Preset.to_params` and a session's state into a preset with :meth:`Preset.from_params`; a preset a client
+sends names its LoRAs by their file names only (:func:`lora_name_of`: no file is looked at).
 """
 
 from __future__ import annotations
@@ -25,26 +27,42 @@ from typing import Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from wanstream.api.params import MAX_LORAS, ParamsUpdate, SessionParams
-from wanstream.models.lora import MAX_STRENGTH, LoRASpec, lora_name
+from wanstream.models.lora import MAX_STRENGTH, LoRASpec
 
 FORMAT = "wanstream-preset"
 VERSION = 1
 _NOT_IN_PRESET = ("recording", "reset", "lora")          # live-only fields (a preset names LoRAs by path)
-_KNOBS = ("prompt", "prompts", "transition_chunks", "steps", "noise_scale", "noise_controller", "seed")
+_KNOBS = ("prompt", "prompts", "transition_chunks", "steps", "noise_scale", "noise_controller", "seed", "fit")
 
 
 class PresetError(ValueError):
     """A preset file is missing, not JSON, or does not fit the schema (the message names the file and field)."""
 
 
+MAX_LORA_PATH_CHARS = 1024
+LORA_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def lora_name_of(path: str) -> str:
+    """The name a preset's LoRA path stands for, from the text alone (no file is looked at, so a server never
+    tells which of its folders exist): the last path component, without a LoRA file suffix. It is the name
+    :func:`~.models.lora.lora_name` gives the loaded file (a folder keeps its whole name)."""
+    base = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    for suffix in LORA_FILE_SUFFIXES:
+        if base.lower().endswith(suffix) and len(base) > len(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
 class PresetLoRA(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    path: str = Field(min_length=1, description="LoRA file or folder, relative to the preset file's folder")
+    path: str = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS,
+                      description="LoRA file or folder, relative to the preset file's folder")
     strength: float = Field(1.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH)
 
     @property
     def name(self) -> str:
-        return lora_name(self.path)
+        return lora_name_of(self.path)
 
 
 class Preset(ParamsUpdate):

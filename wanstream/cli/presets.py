@@ -22,7 +22,7 @@ def cli_defaults(preset) -> dict:
         out["prompt"], out["prompts"] = None, preset.prompts        # an explicit --prompt still wins
     elif preset.prompt is not None:
         out["prompt"] = preset.prompt
-    for key in ("steps", "seed", "noise_scale"):
+    for key in ("steps", "seed", "noise_scale", "fit"):
         if getattr(preset, key) is not None:
             out[key] = getattr(preset, key)
     if preset.noise_controller is not None:

@@ -1,19 +1,31 @@
-"""Command line of the server: ``add_serve_parser(subparsers)`` adds ``wanstream serve`` to the main CLI;
-``python -m wanstream.server`` runs the same parser on its own.
+"""``wanstream serve``: the server's command line (``add_serve_parser(subparsers)``; ``python -m wanstream.server``
+is the same command).
+
+Start-up order: the listening port (and the OSC port) are bound first, then the model loads, and only then is
+"open http://..." printed — a busy port is one error line and exit code 2, before any model is loaded, never the
+URL of somebody else's server. Tokens come from ``--token`` / ``--admin-token`` (visible to every local user in
+``ps``: a warning says so), ``--token-file`` / ``--admin-token-file``, or the environment (``WANSTREAM_TOKEN``,
+``WANSTREAM_ADMIN_TOKEN``). ``--preset FILE`` and ``--fit`` set the defaults of new sessions.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import socket
 import sys
 import time
 from pathlib import Path
 
 from wanstream.cli.argtypes import float_in, int_in, resolution
+from wanstream.core.geometry import FIT_MODES
 from wanstream.server.settings import ServerSettings
 
 log = logging.getLogger("wanstream.server")
+
+TOKEN_ENV = {"token": "WANSTREAM_TOKEN", "admin_token": "WANSTREAM_ADMIN_TOKEN"}
 
 
 def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -24,9 +36,19 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--port", type=int_in(0, 65535, "port"), default=7860, help="TCP port (0: any free port)")
     p.add_argument("--max-sessions", type=int_in(1, None, "max sessions"), default=4,
                    help="streams served at once; more get a 'server full' answer (default 4)")
-    p.add_argument("--token", default=None, help="require this token on every API and stream call")
-    p.add_argument("--admin-token", default=None,
-                   help="the admin's token: sees, steers and records every stream (default: no admin)")
+    tokens = p.add_mutually_exclusive_group()
+    tokens.add_argument("--token", default=None,
+                        help="require this token on every API and stream call (visible to other local users in "
+                             "`ps`: prefer --token-file or $WANSTREAM_TOKEN)")
+    tokens.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                        help="read the token from the first line of FILE (default: $WANSTREAM_TOKEN if set, "
+                             "else no token)")
+    admins = p.add_mutually_exclusive_group()
+    admins.add_argument("--admin-token", default=None,
+                        help="the admin's token: sees, steers and records every stream (default: no admin; "
+                             "prefer --admin-token-file or $WANSTREAM_ADMIN_TOKEN)")
+    admins.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
+                        help="read the admin token from the first line of FILE (default: $WANSTREAM_ADMIN_TOKEN)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a Host name served besides IP addresses and localhost, e.g. the domain of a reverse "
                         "proxy (repeatable; '*' turns the DNS-rebinding guard off)")
@@ -40,7 +62,14 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="accept OSC control (UDP) on this port of --host: /wanstream/<session>/<param> with the "
                         "stream's secret (see docs/integrations.md); off by default")
     p.add_argument("--resolution", type=resolution, default=(512, 512), help="WxH, multiples of 16")
-    p.add_argument("--steps", type=int_in(1, 4, "steps"), default=2, help="default denoising steps (1-4)")
+    p.add_argument("--steps", type=int_in(1, 4, "steps"), default=None,
+                   help="denoising steps of a new session, 1-4 (default: the preset's, else 2)")
+    p.add_argument("--fit", choices=FIT_MODES, default=None,
+                   help="framing of a new session's input of another aspect: crop, pad or stretch (default: the "
+                        "preset's, else crop)")
+    p.add_argument("--preset", dest="preset_file", type=Path, default=None, metavar="FILE",
+                   help="a preset JSON: the defaults of new sessions (prompts, knobs, framing) and its LoRAs "
+                        "(loaded unless --lora is given); --steps / --fit override its values")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder (needs taew2_1.pth)")
     p.add_argument("--record-dir", type=Path, default=Path("recordings"), help="where recordings go")
     p.add_argument("--idle-timeout", type=float_in(0.0, None, "idle timeout"), default=60.0,
@@ -91,31 +120,85 @@ def load_serving_model(args, settings: ServerSettings):
 
 
 def run_serve(args) -> int:
-    """``wanstream serve``: load the model once, print the URL, serve until interrupted (imports the server only
-    now)."""
+    """``wanstream serve``: bind the port, load the model once, print the URL, serve until interrupted (imports the
+    server only now)."""
     from wanstream.server.app import create_app, uvicorn_config
     from wanstream.server.lifecycle import DrainingServer
     settings = settings_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, flag in (("token", "--token"), ("admin_token", "--admin-token")):
+        if getattr(args, name, None):
+            log.warning("%s on the command line is visible to every user of this machine (ps); use %s-file or "
+                        "$%s instead", flag, flag, TOKEN_ENV[name])
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines%s", settings.host,
-                    "" if settings.token else " WITHOUT a token (consider --token)")
-    model, pipeline = load_serving_model(args, settings)
+                    "" if settings.token else " WITHOUT a token (consider --token-file)")
+        if settings.osc_port is not None:
+            log.warning("OSC on %s: plain UDP, stream secrets travel in clear (trusted networks only)",
+                        settings.host)
+    sock = listen_socket(settings.host, settings.port)      # a busy port fails here, before the model loads
+    pipeline = None
     try:
+        if settings.osc_port is not None:
+            check_udp_port(settings.host, settings.osc_port)
+        model, pipeline = load_serving_model(args, settings)
         app = create_app(model, settings, pipeline=pipeline)
         config = uvicorn_config(app, settings)
+        sock.listen(config.backlog)                          # the printed URL answers from now on
+        port = sock.getsockname()[1]
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        query = f"?token={settings.token}" if settings.token else ""
-        print(f"wanstream serve: open http://{host}:{settings.port}/{query}  "
+        print(f"wanstream serve: open http://{host}:{port}/{token_query(args, settings)}  "
               f"({settings.width}x{settings.height}, up to {settings.max_sessions} sessions)", flush=True)
         if settings.osc_port is not None:
             print(f"wanstream serve: OSC control on udp {host}:{settings.osc_port} (see docs/integrations.md)",
                   flush=True)
-        DrainingServer(config, app.state.manager, settings.drain_grace_s).run()
+        DrainingServer(config, app.state.manager, settings.drain_grace_s).run(sockets=[sock])
     finally:
+        sock.close()
         if pipeline is not None and not pipeline.closed:   # the app never started (or its shutdown failed)
             pipeline._abort(RuntimeError("the server stopped"))
     return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` as uvicorn would bind it (uvicorn listens on it); OSError naming the
+    address and what to do when it is taken or cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = " (another server runs there: stop it or choose another --port)" \
+            if exc.errno == errno.EADDRINUSE else ""
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    return sock
+
+
+def check_udp_port(host: str, port: int) -> None:
+    """OSError naming the port when the OSC port cannot be bound (checked before the model loads)."""
+    if port == 0:
+        return
+    host = "127.0.0.1" if host == "localhost" else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot receive OSC on udp {host}:{port}: {exc.strerror or exc} (choose another "
+                          f"--osc-port)") from None
+
+
+def token_query(args, settings: ServerSettings) -> str:
+    """The URL's ``?token=``: the token itself only when it was on the command line (visible anyway); a token
+    from a file or the environment is not printed (stdout often ends in a log)."""
+    if not settings.token:
+        return ""
+    if getattr(args, "token", None):
+        return f"?token={settings.token}"
+    source = f"the first line of {args.token_file}" if getattr(args, "token_file", None) else f"${TOKEN_ENV['token']}"
+    return f"?token=<the token: {source}>"
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -126,12 +209,50 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def read_token(args, name: str, environ=os.environ) -> str | None:
+    """``--token`` / ``--admin-token`` (``name``), else the first line of its ``-file``, else the environment."""
+    value = getattr(args, name, None)
+    if value is not None:
+        return value
+    path = getattr(args, f"{name}_file", None)
+    if path is not None:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--{name.replace('_', '-')}-file {path}: cannot read it "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
+        value = lines[0].strip() if lines else ""
+        if not value:
+            raise ValueError(f"--{name.replace('_', '-')}-file {path}: its first line is empty")
+        return value
+    value = environ.get(TOKEN_ENV[name], "").strip()
+    return value or None
+
+
+def serve_preset(args):
+    """The ``--preset`` of ``serve`` (loaded once; its LoRAs become ``args.preset_loras`` unless ``--lora``)."""
+    path = getattr(args, "preset_file", None)
+    if path is None:
+        return None
+    if getattr(args, "preset", None) is None:
+        from wanstream.api.presets import Preset
+        args.preset = Preset.load(path)
+        args.preset_loras = args.preset.lora_specs()
+    return args.preset
+
+
 def settings_from_args(args) -> ServerSettings:
     width, height = args.resolution
-    return ServerSettings(host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token,
-                          admin_token=args.admin_token, allowed_hosts=list(args.allowed_host),
+    preset = serve_preset(args)
+    defaults = preset.to_params().model_dump(exclude_none=True, exclude={"lora", "steps", "fit"}) if preset else {}
+    steps = args.steps if args.steps is not None else (preset.steps if preset and preset.steps else 2)
+    fit = args.fit if args.fit is not None else (preset.fit if preset and preset.fit else "crop")
+    return ServerSettings(host=args.host, port=args.port, max_sessions=args.max_sessions,
+                          token=read_token(args, "token"), admin_token=read_token(args, "admin_token"),
+                          allowed_hosts=list(args.allowed_host),
                           allowed_origins=list(args.allowed_origin), api_docs=args.api_docs,
-                          width=width, height=height, steps=args.steps, record_dir=args.record_dir,
+                          width=width, height=height, steps=steps, fit=fit, session_defaults=defaults,
+                          record_dir=args.record_dir,
                           idle_timeout_s=args.idle_timeout, offer_timeout_s=args.offer_timeout,
                           max_recordings_per_session=args.max_recordings_per_session,
                           max_recording_files=args.max_recording_files,

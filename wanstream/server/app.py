@@ -1,6 +1,7 @@
 """The live server: a FastAPI app over one shared model (``wanstream serve``).
 
-Routes: ``/`` the page (static files, no build step), ``/api/ws`` WebSocket stream, ``/api/webrtc/offer``
+Routes: ``/`` the page (static files, no build step; ``/favicon.ico``; security headers on every answer:
+:mod:`.page_headers`), ``/api/ws`` WebSocket stream, ``/api/webrtc/offer``
 WebRTC, ``/whip/{stream}`` and ``/whep/{stream}`` (WHIP ingest / WHEP egress, :mod:`.whip`), ``/api/health``
 (liveness), ``/api/ready`` (readiness, see :mod:`.lifecycle`), ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``),
 ``/api/recordings`` (+ ``/{file}``), ``/metrics`` (Prometheus), presets (``/api/presets/validate``,
@@ -32,6 +33,7 @@ from wanstream.server.auth import Caller, Guard, caller_of
 from wanstream.server.connections import guarded_http_protocol, redact_uvicorn_logs
 from wanstream.server.lifecycle import export_capacity
 from wanstream.server.osc import OSCControl
+from wanstream.server.page_headers import SecurityHeaders
 from wanstream.server.preset_routes import preset_router
 from wanstream.server.protocol import describe_errors
 from wanstream.server.sessions import SessionManager
@@ -90,6 +92,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     app = FastAPI(title="wanstream live server", lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.add_middleware(Guard, settings=settings, totals=totals)
+    app.add_middleware(SecurityHeaders)         # outermost: also on the guard's refusals
     app.state.manager = manager
     app.state.settings = settings
     app.state.osc = osc
@@ -111,6 +114,11 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     async def index():
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml",
+                            headers={"Cache-Control": "max-age=86400"})
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/api/health")
@@ -128,6 +136,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
         body = {"status": state, **extra, "sessions": manager.count, "capacity": settings.max_sessions,
                 "device": str(getattr(model, "device", "cpu")),
                 "width": settings.width, "height": settings.height, "steps": settings.steps,
+                "defaults": manager.default_params.model_dump(exclude={"recording", "lora"}),
                 "transports": ["websocket"] + (["webrtc"] if WEBRTC_AVAILABLE else []),
                 "limits": {"max_frame_bytes": settings.max_frame_bytes, "prompt_chars": 2000},
                 "osc_port": osc.port if osc is not None else None,

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import secrets
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, QueryParams
 from starlette.responses import JSONResponse
@@ -36,6 +36,7 @@ from wanstream.server.stats import ServerTotals
 SCOPE_KEY = "wanstream.caller"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})     # with /static/...: served without the token
 
 
 def same_secret(given: str | None, expected: str | None) -> bool:
@@ -89,14 +90,25 @@ def caller_of(scope) -> Caller:
 
 
 # ------------------------------------------------------------------------------------------- Host / Origin
+# RFC 9110 / 3986: uri-host [":" port], where uri-host is "[" IPv6 "]", an IPv4 address or a registered name
+# (browsers send names in ASCII, IDNs punycoded). Anything else is malformed and refused (never an exception).
+_HOST_PORT = re.compile(r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]{2,45})\]|(?P<name>[A-Za-z0-9._~-]{1,253}))"
+                        r"(?::(?P<port>[0-9]{0,5}))?$")
+_ORIGIN = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]{0,15})://(?P<hostport>[^/?#@\s]{1,300})$")
+
+
 def split_host(value: str) -> tuple[str, int | None]:
-    """``host[:port]`` (IPv6 in brackets) → ``(lower-case host without brackets, port or None)``."""
-    parts = urlsplit("//" + value.strip())
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    return (parts.hostname or ""), port
+    """``host[:port]`` (IPv6 in brackets) → ``(lower-case host without brackets, port or None)``; ValueError
+    naming the problem for anything malformed (bad brackets, a bad IPv6 literal, a port over 65535, ...)."""
+    m = _HOST_PORT.match(value.strip())
+    if m is None:
+        raise ValueError("not a host[:port]")
+    if m["ip6"] is not None:
+        ipaddress.IPv6Address(m["ip6"])                 # ValueError for a bad literal (and no zone ids)
+    port = int(m["port"]) if m["port"] else None
+    if port is not None and port > 65535:
+        raise ValueError("port out of range")
+    return (m["ip6"] or m["name"]).lower(), port
 
 
 def is_ip(host: str) -> bool:
@@ -108,13 +120,15 @@ def is_ip(host: str) -> bool:
 
 
 def host_allowed(settings: ServerSettings, host_header: str | None) -> bool:
-    """IP literals cannot be rebound by DNS; names must be localhost, the bound host or allowed explicitly."""
+    """IP literals cannot be rebound by DNS; names must be localhost, the bound host or allowed explicitly.
+    A missing or malformed Host is refused."""
     if "*" in settings.allowed_hosts:
         return True
     if not host_header:
         return False
-    host, port = split_host(host_header)
-    if not host or port == -1:
+    try:
+        host, _ = split_host(host_header)
+    except ValueError:
         return False
     return (is_ip(host) or host == "localhost" or host.endswith(".localhost") or host == settings.host.lower()
             or host in settings.allowed_hosts)
@@ -122,26 +136,24 @@ def host_allowed(settings: ServerSettings, host_header: str | None) -> bool:
 
 def origin_allowed(settings: ServerSettings, origin: str | None, host_header: str | None, scheme: str) -> bool:
     """No Origin (not a browser, or a same-origin navigation) passes; else the page's own origin (scheme, host,
-    port of this request) or an allowed one."""
+    port of this request) or an allowed one. A malformed Origin is refused."""
     if origin is None or "*" in settings.allowed_origins:
         return True
     origin = origin.strip().rstrip("/").lower()
     if origin in (o.rstrip("/").lower() for o in settings.allowed_origins):
         return True
-    parts = urlsplit(origin)
-    if parts.scheme not in ("http", "https") or not parts.hostname or not host_header:
-        return False                                    # "null", file://, extensions ...
+    m = _ORIGIN.match(origin)
+    if m is None or m["scheme"] not in ("http", "https") or not host_header:
+        return False                                    # "null", file://, extensions, garbage ...
     try:
-        origin_port = parts.port or DEFAULT_PORTS[parts.scheme]
+        origin_host, origin_port = split_host(m["hostport"])
+        host, port = split_host(host_header)
     except ValueError:
-        return False
-    host, port = split_host(host_header)
-    if port == -1:
         return False
     served = {"ws": "http", "wss": "https"}.get(scheme, scheme)
     # The Host header omits default ports: compare with the default of the origin's scheme (the browser's view).
-    return (parts.scheme == served and parts.hostname == host
-            and origin_port == (port or DEFAULT_PORTS[parts.scheme]))
+    default = DEFAULT_PORTS[m["scheme"]]
+    return m["scheme"] == served and origin_host == host and (origin_port or default) == (port or default)
 
 
 # ----------------------------------------------------------------------------------------------- middleware
@@ -152,9 +164,9 @@ class BodyTooLarge(Exception):
 class Guard:
     """ASGI middleware in front of every route: Host / Origin, token, bounded body; attaches the :class:`Caller`.
 
-    The page (``/``) and its static files need no token (the page passes ``?token=`` on). A WebSocket without
-    the token is accepted by its route and told ``unauthorized`` (so the page can say so); one from a wrong
-    Host or Origin is refused before the handshake (HTTP 403).
+    The page (``/``), its static files and ``/favicon.ico`` need no token (the page passes ``?token=`` on). A
+    WebSocket without the token is accepted by its route and told ``unauthorized`` (so the page can say so); one
+    from a wrong or malformed Host or Origin is refused before the handshake (HTTP 403).
     """
 
     def __init__(self, app, settings: ServerSettings, totals: ServerTotals):
@@ -185,7 +197,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if not caller.token_ok and not (path == "/" or path.startswith("/static/")):
+        if not caller.token_ok and not (path in PUBLIC_PATHS or path.startswith("/static/")):
             await self._refuse(scope, receive, send, 401, "unauthorized", "missing or wrong token",
                                {"WWW-Authenticate": "Bearer"})
             return

@@ -3,7 +3,9 @@
 uvicorn times out idle keep-alive connections but not a request whose line and headers never finish (or a
 connection that sends nothing): :func:`guarded_http_protocol` adds that deadline (``header_timeout_s``) and
 closes connections beyond ``max_connections`` at once, each counted in ``wanstream_server_refused_total``.
-:class:`RedactSecrets` removes ``token=`` / ``secret=`` values from uvicorn's access and WebSocket log lines.
+:class:`RedactSecrets` removes ``token=`` / ``secret=`` values from uvicorn's access and WebSocket log lines —
+whatever their encoding (``%74oken=`` is ``token=`` to the server, so it is redacted too) — and shortens long
+request targets, so one request writes one short line.
 """
 
 from __future__ import annotations
@@ -11,26 +13,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from urllib.parse import unquote_plus
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from wanstream.server.settings import ServerSettings
 from wanstream.server.stats import ServerTotals
 
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|secret)=)[^&\s\"']*")
+_QUERY_PAIR = re.compile(r"([?&;])([^=&;\s\"']*)=([^&;\s\"']*)")
+SECRET_PARAMS = frozenset({"token", "secret"})
+MAX_LOGGED_CHARS = 300          # a request target longer than this is cut in the log (its length is kept)
 
 
-def redact(text: str) -> str:
-    """``/api/ws?token=abc&format=raw`` → ``/api/ws?token=***&format=raw``."""
-    return _SECRET_QUERY.sub(r"\1***", text)
+def _secret_name(raw: str) -> bool:
+    """A query parameter name the server reads as ``token`` / ``secret`` (or that looks like one once decoded,
+    up to three times: double encoding is redacted too)."""
+    name = raw
+    for _ in range(3):
+        if name.strip().lower() in SECRET_PARAMS:
+            return True
+        decoded = unquote_plus(name)
+        if decoded == name:
+            return False
+        name = decoded
+    return name.strip().lower() in SECRET_PARAMS
+
+
+def redact(text: str, limit: int | None = None) -> str:
+    """``/api/ws?token=abc&format=raw`` → ``/api/ws?token=***&format=raw`` (also ``%74oken=abc``); a text over
+    ``limit`` characters is cut, naming its length."""
+    text = _QUERY_PAIR.sub(lambda m: f"{m[1]}{m[2]}=***" if _secret_name(m[2]) else m[0], text)
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}...({len(text)} chars)"
+    return text
 
 
 class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
+            record.msg = redact(record.msg)             # (a format string: never cut)
         if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(redact(a, MAX_LOGGED_CHARS) if isinstance(a, str) else a for a in record.args)
         return True
 
 

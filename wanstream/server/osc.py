@@ -18,10 +18,18 @@ API. The only OSC-specific conversions: a whole float is an integer for ``steps`
 and 0 / 1 are booleans for ``noise_controller`` (controllers send floats). Bundles are applied at once, in order
 (time tags are ignored: a future time tag must not hold the thread).
 
+Who may steer: OSC is plain UDP, with no connection and no ``--token`` — the access token is never enough here.
+Every message must carry the stream's secret (or the admin token), which only a holder of the token can learn
+(it comes with the stream, over the token-guarded API). Anyone who can see the traffic can read that secret, as
+for plain HTTP, and a source address proves nothing: OSC is for a trusted network (or loopback), and it is off
+unless ``--osc-port`` is given.
+
 Bounds: a token bucket per source address (``osc_rate`` / ``osc_burst``, at most ``osc_max_sources`` addresses
-tracked), datagrams up to 64 KiB. Every message dropped is counted in ``wanstream_osc_dropped_total{reason}``
-(``rate_limited``, ``malformed``, ``bad_address``, ``unknown_stream``, ``forbidden``, ``invalid``); applied
-ones in ``wanstream_osc_applied_total``.
+tracked), datagrams up to 64 KiB, bundles nested at most ``MAX_BUNDLE_DEPTH`` deep. Every message dropped is
+counted in ``wanstream_osc_dropped_total{reason}`` (``rate_limited``, ``malformed``, ``bad_address``,
+``unknown_stream``, ``forbidden``, ``invalid``); applied ones in ``wanstream_osc_applied_total``. A dropped
+datagram writes no log line (python-osc's own warnings about garbage are silenced); a failure nobody foresaw
+writes one short line, never a traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily
 from pydantic import ValidationError
@@ -45,6 +54,8 @@ log = logging.getLogger("wanstream.server.osc")
 PREFIX = "wanstream"
 DROP_REASONS = ("rate_limited", "malformed", "bad_address", "unknown_stream", "forbidden", "invalid")
 MAX_DATAGRAM = 65535
+MAX_BUNDLE_DEPTH = 8                            # python-osc parses nested bundles recursively
+_BUNDLE = b"#bundle\x00"
 _INT_FIELDS = {"transition": "transition_chunks", "steps": "steps", "seed": "seed"}
 _SIMPLE = {"prompt": "prompt", "noise_scale": "noise_scale", "noise_controller": "noise_controller", **_INT_FIELDS}
 PARAMS = frozenset({*_SIMPLE, "prompts", "blend", "reset", "lora"})
@@ -109,6 +120,38 @@ def to_update(param: list[str], args: list, current) -> ParamsUpdate:
         raise OSCError("invalid", describe_errors(exc.errors())) from None
 
 
+def bundle_depth_ok(data: bytes, limit: int = MAX_BUNDLE_DEPTH) -> bool:
+    """False when bundles nest deeper than ``limit`` (walked without recursion, without copies). Malformed
+    element sizes end the walk: the parser refuses those."""
+    view = memoryview(data)
+    todo = [(0, len(data), 0)]                  # (start, end, depth) of each bundle to look into
+    while todo:
+        start, end, depth = todo.pop()
+        if view[start:start + 8] != _BUNDLE:
+            continue
+        if depth >= limit:
+            return False
+        i = start + 16                          # "#bundle\0" and the 8-byte time tag
+        while i + 4 <= end:
+            size = int.from_bytes(view[i:i + 4], "big", signed=True)
+            i += 4
+            if size < 0 or i + size > end:
+                break
+            todo.append((i, i + size, depth + 1))
+            i += size
+    return True
+
+
+class _QuietPythonOSC(logging.Filter):
+    """python-osc warns on the root logger about every garbage type tag or datagram: a log flood any sender can
+    cause. Those datagrams are counted (``malformed``) instead."""
+
+    _here = str(Path(osc_packet.__file__).parent)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.pathname.startswith(self._here)
+
+
 class OSCCounters:
     """``wanstream_osc_applied_total`` and ``wanstream_osc_dropped_total{reason}`` (a Prometheus collector)."""
 
@@ -170,6 +213,8 @@ class OSCControl:
         self._server = _Server((host, self.settings.osc_port), self)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="wanstream-osc", daemon=True)
+        self._quiet = _QuietPythonOSC()
+        logging.getLogger().addFilter(self._quiet)
         self._thread.start()
         log.info("OSC control on udp %s:%d", host, self.port)
 
@@ -180,13 +225,15 @@ class OSCControl:
         self._server.server_close()
         self._thread.join(10)
         self._server = None
+        logging.getLogger().removeFilter(self._quiet)
 
     # ------------------------------------------------------------------ python-osc's dispatcher interface
     def call_handlers_for_packet(self, data: bytes, client_address) -> list:
         try:
             self.handle_packet(data, client_address[0])
-        except Exception:  # noqa: BLE001 - one bad datagram must never end the OSC thread
-            log.exception("OSC datagram from %s", client_address[0])
+        except Exception as exc:  # noqa: BLE001 - one bad datagram must never end the OSC thread
+            # one short line, no traceback: a sender must not be able to flood the log with stacks
+            log.warning("OSC datagram from %s dropped: %s: %.120s", client_address[0], type(exc).__name__, exc)
             self.counters.drop("malformed")
         return []                               # no replies
 
@@ -207,9 +254,15 @@ class OSCControl:
         if not bucket.take():
             self.counters.drop("rate_limited")
             return
+        if not bundle_depth_ok(data):
+            self.counters.drop("malformed")
+            return
         try:
             messages = [m.message for m in osc_packet.OscPacket(data).messages]
-        except osc_packet.ParseError:
+        except Exception:  # noqa: BLE001 - ParseError, and what python-osc lets through (bad UTF-8, ...)
+            self.counters.drop("malformed")
+            return
+        if not messages:                        # e.g. a bundle whose elements python-osc skipped as broken
             self.counters.drop("malformed")
             return
         for i, msg in enumerate(messages):

@@ -30,8 +30,8 @@ def preset_router(manager: SessionManager, controlled, caller) -> APIRouter:
         for i, lo in enumerate(preset.loras):
             if lo.name not in loaded:
                 known = ", ".join(loaded) or "none"
-                raise HTTPException(422, f"loras.{i}.path: LoRA {lo.name!r} is not loaded on this server (loaded: "
-                                         f"{known}; start `wanstream serve` with --lora)")
+                raise HTTPException(422, f"loras.{i}.path: LoRA {lo.name[:100]!r} is not loaded on this server "
+                                         f"(loaded: {known}; start `wanstream serve` with --lora)")
         return preset.to_params().model_dump(exclude_none=True)
 
     @router.post("/api/presets/validate")

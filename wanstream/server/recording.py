@@ -5,6 +5,11 @@ loop waits for the encoder. :meth:`Recorder.stop` finishes the file (flushes the
 also when the session ends because the client went away; the file is then complete and playable. A finished
 recorder lets go of its encoder at once (the codec's own threads end with it).
 
+A recording is written to a hidden temporary file beside its final name (``.NAME.partial.mp4``) and renamed to
+``NAME.mp4`` only once it is finished: only finished recordings are listed and downloadable. A recording that got
+no frame is not kept (its temporary file is deleted), nor is one whose file could not be finished. A crash leaves
+at most a hidden ``.partial.mp4`` file, never listed (it counts against the folder's budget until deleted).
+
 :class:`RecordingStore` holds the bounds: recordings per stream, files and bytes in the recording folder
 (a new recording is refused with the reason; a running one is finished when the byte budget is reached), and
 who owns which file (the stream secret that may download it).
@@ -12,6 +17,7 @@ who owns which file (the stream secret that may download it).
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import threading
@@ -24,7 +30,7 @@ from wanstream.io.video import VideoWriter
 from wanstream.server.auth import same_secret
 
 _STOP = object()
-RECORDING_NAME = re.compile(r"^[\w.-]+\.mp4$")
+RECORDING_NAME = re.compile(r"^[\w-][\w.-]{0,127}\.mp4$")   # our names; never hidden (temporary files are)
 
 
 class RecordingRefused(Exception):
@@ -45,7 +51,9 @@ class Recorder:
         self._over_budget = over_budget        # () -> str | None: why recording must stop now
         self._check_every = check_every
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._writer = VideoWriter(self.path, fps, width, height)   # opens the file now: a bad path fails here
+        self.kept = False                      # the finished file is in place under its final name
+        self._temp = partial_path(self.path)
+        self._writer = VideoWriter(self._temp, fps, width, height)   # opens the file now: a bad path fails here
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"recorder-{self.path.name}", daemon=True)
         self._thread.start()
@@ -94,18 +102,40 @@ class Recorder:
                         self.error, self.cut, self._stopping = why, True, True
                         break
         finally:
+            closed = False
             try:
                 self._writer.close()
+                closed = True
             except Exception as exc:  # noqa: BLE001
                 self.error = self.error or str(exc)
             self._writer = None                # frees the encoder and its threads now, not when collected
+            self._finish(closed)
             self.done.set()
             if self._on_done is not None:
                 self._on_done()
 
+    def _finish(self, closed: bool) -> None:
+        """Rename the finished file into place, or delete it (no frame, or not finished)."""
+        try:
+            if closed and self.frames_written > 0:
+                os.replace(self._temp, self.path)
+                self.kept = True
+                return
+            self._temp.unlink(missing_ok=True)
+        except OSError as exc:
+            self.error = self.error or f"cannot finish the file: {exc.strerror or exc}"
+            return
+        if self.frames_written == 0:
+            self.error = self.error or "no frame was recorded: nothing kept"
+
     def info(self) -> dict:
         return {"file": self.path.name, "frames": self.frames_written, "dropped": self.frames_dropped,
-                "complete": self.done.is_set(), "error": self.error}
+                "complete": self.done.is_set(), "kept": self.kept, "error": self.error}
+
+
+def partial_path(path: Path) -> Path:
+    """The hidden temporary file a recording is written to before it is renamed to ``path``."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
 def recording_path(record_dir: Path, session_id: str, number: int) -> Path:
@@ -132,7 +162,8 @@ class RecordingStore:
 
     # ------------------------------------------------------------------ disk
     def usage(self, fresh: bool = False) -> tuple[int, int]:
-        """``(files, bytes)`` of the mp4 files in the folder (re-read at most every ``scan_interval_s``)."""
+        """``(files, bytes)`` of the mp4 files in the folder, running recordings' temporary files included
+        (re-read at most every ``scan_interval_s``)."""
         now = time.monotonic()
         with self._lock:
             if not fresh and self._scan is not None and now - self._scan[0] < self._scan_interval_s:
@@ -199,12 +230,16 @@ class RecordingStore:
         if not RECORDING_NAME.match(name):
             return None
         path = self.dir / name
-        return path if path.is_file() else None
+        try:
+            return path if path.is_file() else None
+        except OSError:                            # e.g. a name the file system refuses
+            return None
 
     def listing(self, visible=lambda name: True) -> list[dict]:
-        """The mp4 files (at most ``max_files``, newest last) that ``visible(name)`` admits, with the state of
-        this server's recorders."""
-        files = sorted(self.dir.glob("*.mp4"))[-self.max_files:] if self.dir.is_dir() else []
+        """The finished recordings (at most ``max_files``, newest last) that ``visible(name)`` admits, with the
+        state of this server's recorders (temporary files of running or cut-short recordings are not listed)."""
+        found = self.dir.glob("*.mp4") if self.dir.is_dir() else []
+        files = sorted(f for f in found if RECORDING_NAME.match(f.name))[-self.max_files:]
         with self._lock:
             known = dict(self._recorders)
         out = []
@@ -216,6 +251,6 @@ class RecordingStore:
                 size = f.stat().st_size
             except OSError:
                 continue
-            out.append({"file": f.name, "bytes": size, "complete": rec.done.is_set() if rec else True,
+            out.append({"file": f.name, "bytes": size, "complete": True,      # (only finished files have the name)
                         "frames": rec.frames_written if rec else None, "error": rec.error if rec else None})
         return out

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from wanstream.api.params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams, conditioning
 from wanstream.core.chunking import ChunkBuffer
@@ -86,7 +87,7 @@ class Session:
         self.width, self.height = settings.width, settings.height
         self.created = self.clock()
         self.last_input = self.created
-        self.params = SessionParams(prompt=settings.prompt, steps=settings.steps, noise_scale=settings.noise_scale)
+        self.params = manager.default_params.model_copy(deep=True)
         self.stats = SessionStats(self.clock, settings.target_latency_s)
         self.pacer = Pacer(settings.output_queue_frames)
         self.closed = False
@@ -415,6 +416,23 @@ def estimate_session_bytes(model, width: int, height: int, steps: int = 4, cache
     return int(kv + hidden + vae)
 
 
+def default_params(settings: ServerSettings) -> SessionParams:
+    """The parameters a new session starts with: the settings' prompt, steps, noise scale and framing, then
+    ``session_defaults`` (``serve --preset``). ValueError naming the field when those are not valid."""
+    base = SessionParams(prompt=settings.prompt, steps=settings.steps, noise_scale=settings.noise_scale,
+                         fit=settings.fit)
+    if not settings.session_defaults:
+        return base
+    try:
+        update = ParamsUpdate.model_validate(settings.session_defaults)
+    except ValidationError as exc:
+        from wanstream.server.protocol import describe_errors
+        raise ValueError(f"session defaults: {describe_errors(exc.errors())}") from None
+    if update.lora or update.recording or update.reset:
+        raise ValueError("session defaults: lora, recording and reset are not defaults of a session")
+    return base.merged(update)[0]
+
+
 class SessionManager:
     """All sessions of the server, admission control and the model worker.
 
@@ -428,6 +446,7 @@ class SessionManager:
         self.model = model
         self.settings = settings
         self.clock = clock
+        self.default_params = default_params(settings)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.draining = False               # SIGTERM: no new sessions (see lifecycle.py)

@@ -20,6 +20,9 @@ class ServerSettings:
     height: int = 512
     steps: int = 2                          # default steps of a new session (1..4; live-changeable)
     noise_scale: float = 0.8
+    fit: str = "crop"                       # default framing of a new session: crop | pad | stretch
+    session_defaults: dict = field(default_factory=dict)   # more defaults of a new session: a ParamsUpdate's
+    #                                         fields (serve --preset: prompt or prompts, seed, noise ...)
     decoder: str = "vae"                    # "vae" | "taehv" (the model must be loaded with taehv=True)
     prompt: str = "a watercolor painting, soft brush strokes, vivid colours"
     record_dir: Path = Path("recordings")
@@ -73,6 +76,8 @@ class ServerSettings:
         check_resolution(self.width, self.height)
         if not 1 <= self.steps <= 4:
             raise ValueError(f"steps must be in 1..4, got {self.steps}")
+        if self.fit not in ("crop", "pad", "stretch"):
+            raise ValueError(f"fit must be crop, pad or stretch, got {self.fit!r}")
         if self.decoder not in ("vae", "taehv"):
             raise ValueError(f"decoder must be 'vae' or 'taehv', got {self.decoder!r}")
         for name in ("token", "admin_token"):

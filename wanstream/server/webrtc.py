@@ -17,8 +17,9 @@ The peer plumbing is shared with WHIP / WHEP (:mod:`.whip`): ``new_peer`` (ICE s
 ``answer_offer`` (offer → answer, 400 naming the problem), ``watch_peer`` (connection state, offer expiry),
 ``VideoIngest`` (a peer's video into a session), ``OutputTrack`` (frames out with a 90 kHz clock), ``close_peer``.
 
-Bounds: an offer is checked (SDP structure, a video section) before it takes a session slot, with a 400 naming
-the problem; a session whose peer does not connect within ``offer_timeout_s`` is freed (counted in
+Bounds: an offer is checked (SDP structure, a video section, ICE credentials, a DTLS fingerprint and role, RTCP
+mux: what aiortc only fails on later) before it takes a session slot, with a 400 naming the problem; a session
+whose peer does not connect within ``offer_timeout_s`` is freed (counted in
 ``wanstream_server_webrtc_offers_expired_total``), so unfinished offers cannot hold the slots.
 """
 
@@ -48,7 +49,9 @@ log = logging.getLogger("wanstream.server")
 try:
     import aioice.ice
     from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+    from aiortc import sdp as aiortc_sdp
     from aiortc.mediastreams import MediaStreamError
+    from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
     from av import VideoFrame
     AVAILABLE = True
 except ImportError:  # pragma: no cover - aiortc is a dependency, but the WebSocket path works without it
@@ -68,7 +71,10 @@ class Offer(BaseModel):
 
 
 def check_offer_sdp(sdp: str) -> None:
-    """Raise ValueError naming what is wrong with an SDP offer's structure (before aiortc parses it)."""
+    """Raise ValueError naming what is wrong with an SDP offer (before it takes a session slot): its structure,
+    a video section, and what the connection cannot do without (aiortc would only fail later, on a slot): ICE
+    credentials, a DTLS fingerprint of a supported algorithm and a setup role in every section, RTCP mux for
+    media."""
     lines = [line for line in sdp.replace("\r\n", "\n").split("\n") if line.strip()]
     if not lines or lines[0].strip() != "v=0":
         raise ValueError("malformed SDP offer: it must start with the line 'v=0'")
@@ -79,7 +85,27 @@ def check_offer_sdp(sdp: str) -> None:
     if not media:
         raise ValueError("malformed SDP offer: it has no media section (no 'm=' line)")
     if "video" not in media:
-        raise ValueError(f"the offer has no video track to restyle (its media sections: {', '.join(media)})")
+        raise ValueError(f"the offer has no video track to restyle (its media sections: {', '.join(media)[:200]})")
+    if AVAILABLE:
+        _check_transport(sdp)
+
+
+def _check_transport(sdp: str) -> None:
+    try:
+        description = aiortc_sdp.SessionDescription.parse(sdp)
+    except Exception as exc:  # noqa: BLE001 - the parser raises many kinds (and asserts) on garbage
+        raise ValueError(f"malformed SDP offer: it cannot be parsed ({type(exc).__name__})") from None
+    for number, m in enumerate(description.media, 1):
+        where = f"malformed SDP offer: media section {number} ({m.kind[:20]})"
+        if not m.ice.usernameFragment or not m.ice.password:
+            raise ValueError(f"{where} has no ICE credentials (a=ice-ufrag, a=ice-pwd)")
+        if m.dtls is None:
+            raise ValueError(f"{where} has no DTLS role (a=setup)")
+        if not any(f.algorithm.lower() in X509_DIGEST_ALGORITHMS for f in m.dtls.fingerprints):
+            raise ValueError(f"{where} has no DTLS fingerprint of a supported algorithm (a=fingerprint: "
+                             f"{', '.join(X509_DIGEST_ALGORITHMS)})")
+        if m.kind in ("audio", "video") and not m.rtcp_mux:
+            raise ValueError(f"{where} does not multiplex RTCP (a=rtcp-mux)")
 
 
 _configured = False

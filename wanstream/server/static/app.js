@@ -601,6 +601,11 @@
       S.health = h;
       $("server-info").textContent = `${h.width}x${h.height} · ${h.sessions}/${h.capacity} sessions · ${h.device}`;
       for (const b of $("steps").querySelectorAll("button")) b.classList.toggle("active", Number(b.dataset.steps) === h.steps);
+      if (h.defaults) {
+        // the server's defaults for a new stream (serve --preset / --fit): on the controls, so Start keeps them
+        showPreset(h.defaults);
+        if (h.defaults.prompts && h.defaults.prompts.length) S.pendingPreset = { prompts: h.defaults.prompts };
+      }
       if (!h.transports.includes("webrtc")) {
         $("transport").querySelector('option[value="webrtc"]').disabled = true;
         if ($("transport").value === "webrtc") $("transport").value = "ws";
