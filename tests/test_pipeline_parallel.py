@@ -22,7 +22,9 @@ from wanstream.core.config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VAE_PR
 from wanstream.engine.latent_stream import LatentStream
 from wanstream.engine.noise import SeededNoise
 from wanstream.models.sampling import FlowMatchSampler
-from wanstream.pipeline import PipelineDriver, PipelineError, load_stage_model, renoise_seed
+from wanstream.models.checkpoints import DitPart
+from wanstream.models.loader import load_model
+from wanstream.pipeline import PipelineDriver, PipelineError, renoise_seed
 from wanstream.pipeline.protocol import Kind, Message, ProtocolError, encode, f2i, i2f, parse_header, parse_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))     # the scaling model (offline tool)
@@ -66,13 +68,11 @@ def model6(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle4(model4):
-    from wanstream.models.loader import load_model
     return load_model(model4, device="cpu", text_encoder=False)
 
 
 @pytest.fixture(scope="module")
 def bundle6(model6):
-    from wanstream.models.loader import load_model
     return load_model(model6, device="cpu", text_encoder=False)
 
 
@@ -174,8 +174,8 @@ def test_protocol_round_trip_and_checks():
 
 
 def test_stage_loads_only_its_blocks(model6):
-    full = load_stage_model(model6, "cpu", torch.float32, range(0, 6))
-    part = load_stage_model(model6, "cpu", torch.float32, range(2, 4))
+    full = load_model(model6, "cpu", torch.float32, text_encoder=False, vae=False, part=DitPart(range(0, 6)))
+    part = load_model(model6, "cpu", torch.float32, text_encoder=False, vae=False, part=DitPart(range(2, 4)))
     blocks = part.dit.transformer.blocks
     assert [blocks[i].attn1.to_q.weight.device.type for i in range(6)] == ["meta", "meta", "cpu", "cpu", "meta",
                                                                            "meta"]

@@ -25,13 +25,13 @@ free loopback port), ``--pipeline 2 --device cpu`` (2 gloo ranks on the CPU), or
 :mod:`wanstream.cli.pipeline`.
 """
 
-from wanstream.pipeline.driver import Finished, MoveRecord, PipelineDriver, num_layers_of
+from wanstream.pipeline.driver import Finished, MoveRecord, PipelineDriver
 from wanstream.pipeline.launch import LaunchSpec, run_worker, torchrun_env
 from wanstream.pipeline.protocol import Kind, Message, ProtocolError
 from wanstream.pipeline.runner import default_devices, renoise_seed
-from wanstream.pipeline.stage import PipeConfig, Stage, StageModel, load_stage_model
+from wanstream.pipeline.stage import PipeConfig, Stage
 from wanstream.pipeline.transport import PipelineError
 
 __all__ = ["Finished", "Kind", "LaunchSpec", "Message", "MoveRecord", "PipeConfig", "PipelineDriver",
-           "PipelineError", "ProtocolError", "Stage", "StageModel", "default_devices",
-           "load_stage_model", "num_layers_of", "renoise_seed", "run_worker", "torchrun_env"]
+           "PipelineError", "ProtocolError", "Stage", "default_devices", "renoise_seed", "run_worker",
+           "torchrun_env"]

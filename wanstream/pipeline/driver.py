@@ -39,10 +39,12 @@ from wanstream.core.config import CacheConfig
 from wanstream.core.schedule import Call, Row, StreamSchedule, compose
 from wanstream.engine.noise import NoiseSource
 from wanstream.engine.runner import ChunkInput, RunnerStream, gather_rows, row_timesteps
+from wanstream.models.loader import num_layers_of
 from wanstream.pipeline.launch import (
     LaunchSpec,
     connect,
     host_store,
+    load_rank,
     make_transport,
     setup_rank,
     spawn_workers,
@@ -57,7 +59,6 @@ from wanstream.pipeline.stage import (
     PipeConfig,
     Stage,
     StepMeta,
-    load_stage_model,
 )
 from wanstream.pipeline.transport import PipelineError
 
@@ -100,16 +101,6 @@ class MoveRecord:
     chunk: int
     split: list[tuple[int, int]]
     seconds: float
-
-
-def num_layers_of(model_dir: str | Path) -> int:
-    from wanstream.models.checkpoints import read_wan_config
-    from wanstream.models.loader import ModelPaths
-    paths = ModelPaths.discover(model_dir)
-    if paths.diffusers:
-        import json
-        return int(json.loads((paths.root / "transformer" / "config.json").read_text())["num_layers"])
-    return int(read_wan_config(paths.wan_dir)["num_layers"])
 
 
 def check_devices(devices) -> None:
@@ -213,7 +204,7 @@ class PipelineDriver:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             health.mark("loading")
-            model0 = load_stage_model(model, device, dtype, range(*split[0]), vae=vae, text_encoder=text_encoder)
+            model0 = load_rank(spec, 0, vae=vae, text_encoder=text_encoder)
             store.set("up/0", "1")
             _wait_up(store, spec, health, procs)
             health.mark("connecting")
@@ -242,8 +233,7 @@ class PipelineDriver:
         device = torch.device(spec.devices[0])
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        model0 = load_stage_model(model, device, spec.torch_dtype(), range(*spec.split[0]), vae=vae,
-                                  text_encoder=text_encoder)
+        model0 = load_rank(spec, 0, vae=vae, text_encoder=text_encoder)
         store.set("up/0", "1")
         _wait_up(store, spec, health, [])
         transport = make_transport(0, spec, store, health)

@@ -59,6 +59,17 @@ class LaunchSpec:
         return DTYPE_NAMES[self.dtype] if self.dtype else None
 
 
+def load_rank(spec: LaunchSpec, rank: int, *, vae: bool = False, text_encoder: bool = False,
+              taehv: bool = False):
+    """Rank ``rank``'s share of the model (the loader's part filter): its blocks, the patch embedding on rank 0,
+    the head on the last rank, and the VAE / text encoder / TAEHV it asks for."""
+    from wanstream.models.checkpoints import DitPart
+    from wanstream.models.loader import load_model
+    part = DitPart(range(*spec.split[rank]), patch_embedding=rank == 0, head=rank == spec.world - 1)
+    return load_model(spec.model, spec.devices[rank], spec.torch_dtype(), text_encoder=text_encoder, taehv=taehv,
+                      vae=vae, part=part)
+
+
 def _timedelta(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
@@ -126,7 +137,7 @@ def worker_main(rank: int, host: str, port: int, spec: LaunchSpec, master: bool 
 
 
 def run_worker(rank: int, host: str, port: int, spec: LaunchSpec, master: bool = False) -> int:
-    from wanstream.pipeline.stage import Stage, load_stage_model
+    from wanstream.pipeline.stage import Stage
     logging.basicConfig(level=spec.log_level, format=f"[rank {rank}] %(message)s")
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0 / torchrun decide; SIGTERM ends us
@@ -145,8 +156,7 @@ def run_worker(rank: int, host: str, port: int, spec: LaunchSpec, master: bool =
             torch.cuda.set_device(device)
         last = rank == spec.world - 1
         health.mark("loading")
-        model = load_stage_model(spec.model, device, spec.torch_dtype(), range(*spec.split[rank]),
-                                 vae=last and spec.decode == "vae", taehv=last and spec.decode == "taehv")
+        model = load_rank(spec, rank, vae=last and spec.decode == "vae", taehv=last and spec.decode == "taehv")
         store.set(f"up/{rank}", "1")
         health.mark("connecting")
         transport = make_transport(rank, spec, store, health)

@@ -19,7 +19,6 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -29,9 +28,9 @@ from wanstream.core.schedule import Row, step_list
 from wanstream.engine.noise import SeededNoise
 from wanstream.engine.runner import settle
 from wanstream.engine.timing import recorded_seconds
-from wanstream.models.dit import CausalWanDiT, PromptKV
+from wanstream.models.dit import PromptKV
 from wanstream.models.kv_cache import CachePolicy, CacheStep, KVPool
-from wanstream.models.sampling import FlowMatchSampler
+from wanstream.models.loader import ModelBundle
 from wanstream.pipeline.protocol import Kind, Message, ProtocolError, f2i, i2f
 from wanstream.pipeline.transport import Health, Transport
 
@@ -39,81 +38,6 @@ log = logging.getLogger("wanstream.pipeline")
 
 DECODE_NONE, DECODE_VAE, DECODE_TAEHV = 0, 1, 2
 STREAM = 0                      # the stream of a START (the single-stream API); OPEN adds streams by id
-
-
-# ============================================================================================ loading
-@dataclass
-class StageModel:
-    """What one rank holds: a DiT with only its blocks materialised, and the VAE / decoders it needs."""
-
-    dit: CausalWanDiT
-    sampler: FlowMatchSampler
-    device: torch.device
-    dtype: torch.dtype
-    vae: object | None = None            # StreamingVAE
-    taehv: object | None = None
-    text_encoder: object | None = None
-    source: str = ""
-
-    def prompt_embedding(self, prompt: str) -> torch.Tensor:
-        if self.text_encoder is None:
-            raise RuntimeError("this stage was loaded without a text encoder; pass a prompt embedding instead")
-        return self.text_encoder.encode([prompt])
-
-    def tokens_per_frame(self, height: int, width: int) -> int:
-        pt, ph, pw = self.dit.patch_size
-        return (height // 8 // ph) * (width // 8 // pw)
-
-    def resident_bytes(self) -> int:
-        """Bytes of materialised DiT weights on this rank (meta tensors excluded)."""
-        return sum(p.numel() * p.element_size() for p in self.dit.parameters() if p.device.type != "meta")
-
-
-def load_stage_model(root: str | Path, device: str | torch.device, dtype: torch.dtype | None, blocks: range, *,
-                     vae: bool = False, text_encoder: bool = False, taehv: bool = False) -> StageModel:
-    """Load the shared DiT parts and blocks ``blocks`` only (others stay on the meta device), strictly, through
-    the model loader's block filter; plus the VAE, text encoder and TAEHV this stage needs.
-
-    Missing, unexpected or mis-shaped tensors among the ones this stage needs raise ``CheckpointError``.
-    """
-    from wanstream.core.errors import CheckpointError
-    from wanstream.models.loader import ModelPaths, default_dtype, load_dit, load_text_encoder_of, load_vae
-    from wanstream.models.vae import StreamingVAE
-    device = torch.device(device)
-    dtype = dtype or default_dtype(device)
-    paths = ModelPaths.discover(root)
-    if paths.diffusers:
-        return _load_stage_diffusers(paths, device, dtype, blocks, vae=vae)
-    transformer = load_dit(paths, device, dtype, blocks=blocks)
-    source = str(paths.causal or paths.wan_dir)
-    model = StageModel(CausalWanDiT(transformer), FlowMatchSampler(), device, dtype, source=source)
-    if vae:
-        model.vae = StreamingVAE(load_vae(paths, device, dtype))
-    if text_encoder:
-        model.text_encoder = load_text_encoder_of(paths, device, dtype)
-    if taehv:
-        if paths.taehv is None:
-            raise CheckpointError(f"{paths.root}: --taehv needs ckpts/taew2_1.pth")
-        from wanstream.models.taehv import load_taehv
-        model.taehv = load_taehv(paths.taehv, device=device, dtype=dtype)
-    return model
-
-
-def _load_stage_diffusers(paths, device, dtype, blocks: range, vae: bool) -> StageModel:
-    """diffusers-layout repos: loaded whole on the CPU, then blocks outside the range are dropped."""
-    from wanstream.models.loader import load_model
-    bundle = load_model(paths.root, device="cpu", dtype=dtype, text_encoder=False)
-    dit = bundle.dit
-    for i in range(dit.num_layers):
-        if i not in blocks:
-            dit.transformer.blocks[i].to("meta")
-    dit.to(device)
-    model = StageModel(dit, bundle.sampler, device, dtype, source=str(paths.root))
-    if vae:
-        bundle.vae.vae.to(device)
-        from wanstream.models.vae import StreamingVAE
-        model.vae = StreamingVAE(bundle.vae.vae)
-    return model
 
 
 # ============================================================================================ settings
@@ -230,7 +154,7 @@ class StageTimer:
 class Stage:
     """Compute and state of one rank's block range (see the module docstring)."""
 
-    def __init__(self, model: StageModel, rank: int, world: int, ranges: list[tuple[int, int]],
+    def __init__(self, model: ModelBundle, rank: int, world: int, ranges: list[tuple[int, int]],
                  transport: Transport | None = None, health: Health | None = None):
         self.model = model
         self.dit = model.dit
