@@ -23,8 +23,9 @@ moves and shutdown travel in the same ordered streams as the calls. Sends and re
 exceeds the mean. A rank that dies, hangs or raises makes every other rank stop with an error that names it.
 
 Modules: ``launch`` (starting the ranks, loading each rank's part), ``protocol`` (the wire format and message
-metadata), ``transport`` (links, heartbeats, failure detection), ``stage`` (a rank's state and compute),
-``worker`` (the message loop of ranks 1..W-1), ``driver`` (rank 0), ``runner`` (the engine's runner on the ring).
+metadata), ``transport`` (the links), ``health`` (heartbeats, failure detection), ``stage`` (a rank's state and
+compute), ``worker`` (the message loop of ranks 1..W-1), ``driver`` (rank 0), ``runner`` (the engine's runner on
+the ring).
 The package imports ``core``, ``models`` and ``engine``; never ``api`` or above.
 
 Launch: ``wanstream v2v in.mp4 -o out.mp4 --model M --prompt P --gpus 0,1,2,3`` (spawns ranks 1..3 itself on a
@@ -34,11 +35,11 @@ command-line hooks are in :mod:`wanstream.cli.pipeline`.
 """
 
 from wanstream.pipeline.driver import MoveRecord, PipelineDriver
+from wanstream.pipeline.health import PipelineError
 from wanstream.pipeline.launch import LaunchSpec, load_rank, run_worker, torchrun_env
 from wanstream.pipeline.protocol import Kind, Message, PipeConfig, ProtocolError
 from wanstream.pipeline.runner import PipelineRunner, default_devices, renoise_seed, runner_factory
 from wanstream.pipeline.stage import Stage
-from wanstream.pipeline.transport import PipelineError
 from wanstream.pipeline.worker import Worker
 
 __all__ = ["Kind", "LaunchSpec", "Message", "MoveRecord", "PipeConfig", "PipelineDriver", "PipelineError",

@@ -41,6 +41,7 @@ from wanstream.core.config import CacheConfig
 from wanstream.core.schedule import Call, Row
 from wanstream.engine.runner import Done, RunnerStream, gather_rows, row_timesteps
 from wanstream.models.loader import num_layers_of
+from wanstream.pipeline.health import Health, PipelineError
 from wanstream.pipeline.launch import (
     LaunchSpec,
     check_devices,
@@ -56,7 +57,7 @@ from wanstream.pipeline.launch import (
 )
 from wanstream.pipeline.protocol import DECODERS, Kind, Message, PipeConfig, ProtocolError, StepMeta
 from wanstream.pipeline.stage import Stage
-from wanstream.pipeline.transport import Health, PipelineError, Transport
+from wanstream.pipeline.transport import Transport
 
 log = logging.getLogger("wanstream.pipeline")
 

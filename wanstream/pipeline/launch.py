@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from wanstream.pipeline.transport import Health, PipelineError, Transport
+from wanstream.pipeline.health import Health, PipelineError
+from wanstream.pipeline.transport import Transport
 
 log = logging.getLogger("wanstream.pipeline")
 

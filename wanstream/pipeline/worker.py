@@ -3,7 +3,7 @@ and pass it on (the last rank sends the RETURN back to rank 0 instead), until ST
 
 Messages arrive in one ordered stream per link, so every rank applies prompt changes, stream opens / closes /
 resets, row changes, re-seeding and block moves between the same two calls as rank 0 did. Owns the worker side of
-the protocol; imports :mod:`.stage`, :mod:`.protocol`, :mod:`.transport` and ``core``, nothing above.
+the protocol; imports :mod:`.stage`, :mod:`.protocol`, :mod:`.transport`, :mod:`.health` and ``core``, nothing above.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import time
 from wanstream.core.block_scheduler import Move, format_split
 from wanstream.pipeline.protocol import Kind, Message, PipeConfig, ProtocolError, StepMeta
 from wanstream.pipeline.stage import Stage
-from wanstream.pipeline.transport import Health, Transport
+from wanstream.pipeline.health import Health
+from wanstream.pipeline.transport import Transport
 
 log = logging.getLogger("wanstream.pipeline")
 
