@@ -228,6 +228,20 @@ def test_protocol_round_trip_and_checks():
         parse_header(bad, src=1, expected_seq=3)
 
 
+def test_message_metadata_round_trip():
+    """OPEN's shared settings and a STEP's rows and timings survive the int table exactly."""
+    from wanstream.core.schedule import Row
+    from wanstream.pipeline.protocol import DECODE_VAE, PipeConfig, StepMeta
+    cfg = PipeConfig(TOK, CacheConfig(capacity=9, sink=2, sink_threshold=0.37), DECODE_VAE)
+    assert len(cfg.to_meta()) == PipeConfig.INTS and PipeConfig.from_meta(cfg.to_meta()) == cfg
+    rows = [Row(3, None, 0, 1, 4, 2, False, False, 700, 500), Row(5, None, 1, 0, 9, 7, True, False, 500, 0)]
+    m = StepMeta(2, rows, (1, 3, 5), copy_row0=True, keep=1, finished=1, decoded=True, timings=[(10, 20, 3)])
+    back = StepMeta.from_meta(m.to_meta())
+    assert back == m
+    with pytest.raises(ProtocolError, match="does not match its counts"):
+        StepMeta.from_meta(m.to_meta()[:-1])
+
+
 def test_stage_loads_only_its_blocks(model6):
     full = load_model(model6, "cpu", torch.float32, text_encoder=False, vae=False, part=DitPart(range(0, 6)))
     part = load_model(model6, "cpu", torch.float32, text_encoder=False, vae=False, part=DitPart(range(2, 4)))

@@ -89,7 +89,6 @@ class ModelBundle:
     dtype: torch.dtype
     paths: ModelPaths
     taehv: object | None = None
-    part: DitPart | None = None              # the DiT part held (None: the whole DiT)
 
     def prompt_embedding(self, prompt: str) -> torch.Tensor:
         """``[1, 512, 4096]`` embedding of a text prompt (cached per prompt by the encoder)."""
@@ -170,7 +169,7 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
     if lora:
         LoRASet.load(lora, dit)
     return ModelBundle(dit, StreamingVAE(vae_model) if vae_model is not None else None, encoder, FlowMatchSampler(),
-                       device, dtype, paths, tae, part)
+                       device, dtype, paths, tae)
 
 
 def load_dit(paths: ModelPaths, device: torch.device, dtype: torch.dtype, part: DitPart | None = None):

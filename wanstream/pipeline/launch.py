@@ -8,8 +8,8 @@ Every rank: connect to the store → heartbeat → load its part of the model (:
 ``up/<rank>`` → create the process groups → serve (:class:`~.worker.Worker`). Rank 0 waits until every rank is up
 (:func:`wait_up`) and joins the spawned ranks at the end (:func:`reap`). A worker that fails reports the error in
 the store (so the others can name it) and exits with a non-zero code; :func:`worker_main` never returns into
-library code, it ends the process. Imports ``models`` (the loader), :mod:`.transport` and, for a worker,
-:mod:`.stage` / :mod:`.worker`; never the driver.
+library code, it ends the process. Imports ``models`` (the loader), :mod:`.health`, :mod:`.transport` and, for a
+worker, :mod:`.stage` / :mod:`.worker`; never the driver.
 """
 
 from __future__ import annotations
