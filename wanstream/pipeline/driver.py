@@ -112,7 +112,7 @@ class PipelineDriver:
     """The ring of W ranks as seen from rank 0, this process (see the module docstring)."""
 
     def __init__(self, stage: Stage, transport: Transport, health: Health, spec: LaunchSpec, *, processes=(),
-                 stores=(), lag: int | None = None, schedule: SchedulerConfig | None = None):
+                 stores=(), schedule: SchedulerConfig | None = None):
         self.stage = stage
         self.transport = transport
         self.health = health
@@ -121,9 +121,7 @@ class PipelineDriver:
         self.last = self.world - 1
         self.processes = list(processes)
         self._stores = list(stores)          # keep the hosted store alive while ranks use it
-        self.lag = lag or self.world
-        if self.lag < 1:
-            raise ValueError(f"lag must be >= 1, got {lag}")
+        self.lag = self.world                # calls in flight: one per rank
         self.scheduler = BlockScheduler(stage.ranges, schedule) if schedule is not None else None
         self.moves: list[MoveRecord] = []
         self.epoch = 0
@@ -141,7 +139,7 @@ class PipelineDriver:
     @classmethod
     def launch(cls, model: str | Path, devices: list[str], *, split: list[tuple[int, int]] | None = None,
                dtype: torch.dtype | None = None, decode: str = "none", vae: bool = False, text_encoder: bool = False,
-               schedule: SchedulerConfig | None = None, lag: int | None = None, timeout: float = 120.0,
+               schedule: SchedulerConfig | None = None, timeout: float = 120.0,
                dead_after: float = 10.0, threads: int | None = None, log_level: int = logging.WARNING,
                startup_timeout: float = 900.0, fault: str | None = None) -> "PipelineDriver":
         """Spawn ranks 1..W-1 on this machine (loopback rendezvous), load rank 0 here, connect everyone.
@@ -186,7 +184,7 @@ class PipelineDriver:
             raise
         stage = Stage(model0, 0, world, split)
         health.mark("ready")
-        return cls(stage, transport, health, spec, processes=procs, stores=(store, raw), lag=lag, schedule=schedule)
+        return cls(stage, transport, health, spec, processes=procs, stores=(store, raw), schedule=schedule)
 
     @classmethod
     def join_torchrun(cls, model: str | Path, spec: LaunchSpec, *, vae: bool = False, text_encoder: bool = False,
