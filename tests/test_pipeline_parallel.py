@@ -1,11 +1,14 @@
-"""Multi-rank pipeline on the CPU with gloo (loopback only): the pipeline equals the single-process
-``LatentStream(lag=W)`` schedule, every frame comes out, block moves / prompt changes / step changes keep it
-exact, failures stop every rank with an error naming the culprit, the CLI path runs."""
+"""Multi-rank pipeline on the CPU with gloo (loopback only), driven as the product drives it — through the engine
+(``Engine(model, runner_factory=runner_factory(driver))``, :class:`PipelineSession`): the latents that leave the ring
+equal the single-process ``LatentStream(lag=W)`` schedule on the same chunks, every frame comes out, block moves /
+prompt changes / step changes keep it exact, failures stop every rank with an error naming the culprit, the CLI
+path runs."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -20,16 +23,23 @@ from wanstream.api.pipeline_session import PipelineSession
 from wanstream.core.block_scheduler import BlockScheduler, SchedulerConfig
 from wanstream.core.config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VAE_PRESETS, WAN_FOLDER, CacheConfig
 from wanstream.engine.latent_stream import LatentStream
+from wanstream.engine.loop import Engine
 from wanstream.engine.noise import SeededNoise
+from wanstream.engine.noise_controller import NoiseController
+from wanstream.io.video import frames_to_tensor, tensor_to_frames
+from wanstream.models.checkpoints import DitPart
+from wanstream.models.loader import load_model
 from wanstream.models.sampling import FlowMatchSampler
-from wanstream.pipeline import PipelineDriver, PipelineError, load_stage_model, renoise_seed
+from wanstream.pipeline import PipelineDriver, PipelineError, renoise_seed
 from wanstream.pipeline.protocol import Kind, Message, ProtocolError, encode, f2i, i2f, parse_header, parse_table
+from wanstream.pipeline.runner import runner_factory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))     # the scaling model (offline tool)
 
 TOL = 1e-5
 TOK = 15                       # 6x10 latent grid → 3x5 tokens
 H, W_PIX = 48, 80
+SEED = 1
 FAST = dict(timeout=20.0, dead_after=3.0, threads=1)
 
 
@@ -66,19 +76,17 @@ def model6(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle4(model4):
-    from wanstream.models.loader import load_model
     return load_model(model4, device="cpu", text_encoder=False)
 
 
 @pytest.fixture(scope="module")
 def bundle6(model6):
-    from wanstream.models.loader import load_model
     return load_model(model6, device="cpu", text_encoder=False)
 
 
 @pytest.fixture(scope="module")
 def pipe2(model4):
-    """Two gloo ranks (rank 0 = this process); rank 0 and the last rank hold the VAE."""
+    """Two gloo ranks (rank 0 = this process); rank 0 (encode) and the last rank (decode) hold the VAE."""
     drv = PipelineDriver.launch(model4, ["cpu", "cpu"], decode="vae", vae=True, **FAST)
     yield drv
     drv.close()
@@ -87,62 +95,109 @@ def pipe2(model4):
 
 @pytest.fixture(scope="module")
 def pipe3(model6):
-    drv = PipelineDriver.launch(model6, ["cpu"] * 3, **FAST)
+    drv = PipelineDriver.launch(model6, ["cpu"] * 3, vae=True, **FAST)     # the engine decodes on rank 0
     yield drv
     drv.close()
     assert all(p.exitcode == 0 for p in drv.processes)
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _inputs(n: int, seed: int = 5):
+DECODE = {2: "vae", 3: "none"}     # where pipe2 / pipe3 decode: the last rank / rank 0 (the engine)
+
+
+def _inputs(n: int, seed: int = 5, frames: int | None = None):
+    """Two prompt embeddings and the frames of ``n`` chunks after the first (5 + 4n frames, or ``frames``)."""
     g = torch.Generator().manual_seed(seed)
     ctx = torch.randn(1, 16, 4096, generator=g)
     ctx2 = torch.randn(1, 16, 4096, generator=g)
-    z0 = torch.randn(1, 2, 16, 6, 10, generator=g)
-    zs = [torch.randn(1, 1, 16, 6, 10, generator=g) for _ in range(n)]
-    ts = [torch.tensor(int(v)) for v in torch.randint(560, 700, (n,), generator=g)]
-    return ctx, ctx2, z0, zs, ts
+    count = 5 + 4 * n if frames is None else frames
+    return ctx, ctx2, (torch.rand(count, H, W_PIX, 3, generator=g) * 255).to(torch.uint8).numpy()
 
 
-def run_reference(bundle, lag: int, steps: int, n: int, prompt_at: int | None = None, steps_at: int | None = None):
-    """Single-process LatentStream(lag=W) with the pipeline's two noise sources."""
-    ctx, ctx2, z0, zs, ts = _inputs(n)
+def _chunks(frames: np.ndarray) -> list[np.ndarray]:
+    """The engine's chunks: 5 frames, then 4 each (the last one padded by repeating its last frame)."""
+    chunks = [frames[:5]] + [frames[i:i + 4] for i in range(5, len(frames), 4)]
+    last = chunks[-1]
+    if len(chunks) > 1 and len(last) < 4:
+        chunks[-1] = np.concatenate([last, np.repeat(last[-1:], 4 - len(last), axis=0)])
+    return chunks
+
+
+def reference_latents(bundle, frames: np.ndarray, ctx, lag: int, steps: int, seed: int = SEED, prompt_at=None,
+                      ctx2=None, steps_at=None) -> dict[int, torch.Tensor]:
+    """Single-process ``LatentStream(lag=W)`` on the chunks the engine makes of ``frames`` (the same VAE encode and
+    motion-aware noise controller), with the pipeline's two noise sources; a new prompt / step count before chunk
+    ``prompt_at + 1`` / ``steps_at + 1``. Clean latents by chunk id."""
     dit = bundle.dit
-    ls = LatentStream(dit, FlowMatchSampler(), dit.embed_prompt(ctx), SeededNoise(1), tokens_per_frame=TOK,
-                      steps=steps, cache=CacheConfig(), lag=lag, renoise=SeededNoise(2))
-    out = {0: ls.prepare(z0, 0.8)}
-    for i, z in enumerate(zs):
-        if i == prompt_at:
-            ls.prompt = dit.embed_prompt(ctx2)
-        if i == steps_at:
-            out.update(dict(ls.reconfigure(steps + 1)))
-        out.update(dict(ls.push(z, 0.8, ts[i], i + 1)))
+    ls = LatentStream(dit, FlowMatchSampler(), dit.embed_prompt(ctx), SeededNoise(seed), tokens_per_frame=TOK,
+                      steps=steps, cache=CacheConfig(), lag=lag, renoise=SeededNoise(renoise_seed(seed)))
+    enc, ctl, prev, out = bundle.vae.new_state(), NoiseController(0.8), None, {}
+    for cid, chunk in enumerate(_chunks(frames)):
+        x = frames_to_tensor(chunk)
+        z = bundle.vae.encode(enc, x[None])
+        if cid == 0:
+            out[0] = ls.prepare(z, 0.8)
+            ctl.reset()
+        else:
+            if cid - 1 == prompt_at:
+                ls.prompt = dit.embed_prompt(ctx2)
+            if cid - 1 == steps_at:
+                out.update(dict(ls.reconfigure(steps + 1)))
+            s, t = ctl(prev[None], x[None])
+            out.update(dict(ls.push(z, s, t, cid)))
+        prev = x[-1]
     out.update(dict(ls.drain()))
     return out
 
 
+def run_reference(bundle, lag: int, steps: int, n: int, prompt_at=None, steps_at=None) -> dict[int, torch.Tensor]:
+    ctx, ctx2, frames = _inputs(n)
+    return reference_latents(bundle, frames, ctx, lag, steps, prompt_at=prompt_at, ctx2=ctx2, steps_at=steps_at)
+
+
+def recording(factory, done: list):
+    """A runner factory whose runners also record every chunk that leaves them (``Done``, in order)."""
+    def make(engine, width, height, cache):
+        runner = factory(engine, width, height, cache)
+        run, pending = runner.run, runner.pending
+
+        def keep(items):
+            done.extend(items)
+            return items
+        runner.run = lambda call: keep(run(call))
+        runner.pending = lambda: keep(pending())
+        return runner
+    return make
+
+
 def run_pipeline(drv: PipelineDriver, steps: int, n: int, prompt_at=None, steps_at=None, moves=None):
-    ctx, ctx2, z0, zs, ts = _inputs(n)
-    drv.start(ctx, tokens_per_frame=TOK, noise=SeededNoise(1), renoise_seed=2, steps=steps)
-    out = {0: drv.prepare(z0, 0.8).latent}
-    order = [0]
-    for i, z in enumerate(zs):
-        if i == prompt_at:
-            drv.set_prompt(ctx2)
-        if i == steps_at:
-            for f in drv.reconfigure(steps + 1):
-                out[f.chunk] = f.latent
-                order.append(f.chunk)
-        for src, dst in (moves or {}).get(i, []):
+    """The frames of :func:`run_reference` through an engine whose runner is the ring (as ``serve`` and ``v2v`` drive
+    it): one chunk per tick, the live changes and block moves before chunk ``i + 1``. Checks that every frame
+    comes out once, in order, and every chunk once, in order; returns the clean latents by chunk id."""
+    ctx, ctx2, frames = _inputs(n)
+    done: list = []
+    engine = Engine(drv.model, runner_factory=recording(runner_factory(drv, DECODE[drv.world]), done))
+    stream = engine.open(prompt_embeds=ctx, width=W_PIX, height=H, steps=steps, seed=SEED)
+    for cid, chunk in enumerate(_chunks(frames)):
+        if cid - 1 == prompt_at:
+            engine.set_prompt_embedding(stream, ctx2)
+        if cid - 1 == steps_at:
+            engine.update(stream, steps=steps + 1)
+        for src, dst in (moves or {}).get(cid - 1, []):
             drv.move_block(src, dst)
-        for f in drv.push(z, 0.8, ts[i], i + 1):
-            assert f.chunk not in out, f"chunk {f.chunk} came out twice"
-            out[f.chunk] = f.latent
-            order.append(f.chunk)
-    for f in drv.drain():
-        assert f.chunk not in out, f"chunk {f.chunk} came out twice"
-        out[f.chunk] = f.latent
-        order.append(f.chunk)
+        engine.feed(stream, chunk)
+        engine.step()
+    engine.finish(stream)
+    engine.run_until_idle(max_ticks=100)
+    assert stream.error is None, stream.error
+    assert [o.index for o in stream.take_outputs()] == list(range(len(frames))), "every frame out once, in order"
+    engine.close(stream)
+    engine.release_closed()
+    out, order = {}, []
+    for d in done:
+        assert d.row.stream == stream.id and d.row.chunk not in out, f"chunk {d.row.chunk} came out twice"
+        out[d.row.chunk] = d.latent
+        order.append(d.row.chunk)
     assert order == sorted(order), "chunks must leave in order"
     return out
 
@@ -173,9 +228,23 @@ def test_protocol_round_trip_and_checks():
         parse_header(bad, src=1, expected_seq=3)
 
 
+def test_message_metadata_round_trip():
+    """OPEN's shared settings and a STEP's rows and timings survive the int table exactly."""
+    from wanstream.core.schedule import Row
+    from wanstream.pipeline.protocol import DECODE_VAE, PipeConfig, StepMeta
+    cfg = PipeConfig(TOK, CacheConfig(capacity=9, sink=2, sink_threshold=0.37), DECODE_VAE)
+    assert len(cfg.to_meta()) == PipeConfig.INTS and PipeConfig.from_meta(cfg.to_meta()) == cfg
+    rows = [Row(3, None, 0, 1, 4, 2, False, False, 700, 500), Row(5, None, 1, 0, 9, 7, True, False, 500, 0)]
+    m = StepMeta(2, rows, (1, 3, 5), copy_row0=True, keep=1, finished=1, decoded=True, timings=[(10, 20, 3)])
+    back = StepMeta.from_meta(m.to_meta())
+    assert back == m
+    with pytest.raises(ProtocolError, match="does not match its counts"):
+        StepMeta.from_meta(m.to_meta()[:-1])
+
+
 def test_stage_loads_only_its_blocks(model6):
-    full = load_stage_model(model6, "cpu", torch.float32, range(0, 6))
-    part = load_stage_model(model6, "cpu", torch.float32, range(2, 4))
+    full = load_model(model6, "cpu", torch.float32, text_encoder=False, vae=False, part=DitPart(range(0, 6)))
+    part = load_model(model6, "cpu", torch.float32, text_encoder=False, vae=False, part=DitPart(range(2, 4)))
     blocks = part.dit.transformer.blocks
     assert [blocks[i].attn1.to_q.weight.device.type for i in range(6)] == ["meta", "meta", "cpu", "cpu", "meta",
                                                                            "meta"]
@@ -209,8 +278,13 @@ def test_forced_rebalance_mid_stream_keeps_output(pipe3, bundle6):
 
 
 def test_moves_keep_at_least_one_block_per_rank(pipe3):
-    ctx, *_ = _inputs(1)
-    pipe3.start(ctx, tokens_per_frame=TOK, noise=SeededNoise(1), renoise_seed=2)
+    """With a stream open on every rank (its cache rows and prompt K/V move with the blocks)."""
+    ctx, _, frames = _inputs(0)
+    engine = Engine(pipe3.model, runner_factory=runner_factory(pipe3, DECODE[3]))
+    stream = engine.open(prompt_embeds=ctx, width=W_PIX, height=H, seed=SEED)
+    engine.feed(stream, frames)
+    engine.step()
+    assert stream.take_outputs() and stream.error is None
     pipe3.move_block(0, 1)
     with pytest.raises(ValueError, match="at least one"):
         pipe3.move_block(0, 1)
@@ -218,6 +292,8 @@ def test_moves_keep_at_least_one_block_per_rank(pipe3):
         pipe3.move_block(2, 0)
     pipe3.move_block(1, 0)
     assert pipe3.split == [(0, 2), (2, 4), (4, 6)]
+    engine.close(stream)
+    engine.release_closed()
 
 
 def test_prompt_change_mid_stream_reaches_every_stage(pipe3, bundle6):
@@ -268,43 +344,22 @@ def test_continuous_scheduler_on_measured_times_keeps_output(pipe3, bundle6):
 
 # ------------------------------------------------------------------------------------------ pixels
 def _reference_pixels(bundle, frames: np.ndarray, ctx, lag: int, steps: int, seed: int) -> np.ndarray:
-    from wanstream.engine.noise_controller import NoiseController
-    from wanstream.io.video import frames_to_tensor, tensor_to_frames
-    enc, dec = bundle.vae.new_state(), bundle.vae.new_state()
-    ls = LatentStream(bundle.dit, FlowMatchSampler(), bundle.dit.embed_prompt(ctx), SeededNoise(seed),
-                      tokens_per_frame=TOK, steps=steps, cache=CacheConfig(), lag=lag,
-                      renoise=SeededNoise(renoise_seed(seed)))
-    ctl = NoiseController(0.8)
-    x = frames_to_tensor(frames)
-    chunks = [x[:5]] + [x[i:i + 4] for i in range(5, len(x), 4)]
-    chunks[-1] = torch.cat([chunks[-1], chunks[-1][-1:].expand(4 - len(chunks[-1]), -1, -1, -1)]) \
-        if len(chunks[-1]) < 4 else chunks[-1]
-    out, prev = {}, None
-    for cid, c in enumerate(chunks):
-        z = bundle.vae.encode(enc, c[None])
-        if cid == 0:
-            out[0] = ls.prepare(z, 0.8)
-            ctl.reset()
-        else:
-            s, t = ctl(prev[None], c[None])
-            out.update(dict(ls.push(z, s, t, cid)))
-        prev = c[-1]
-    out.update(dict(ls.drain()))
-    imgs = [tensor_to_frames(bundle.vae.decode(dec, out[c])[0]) for c in sorted(out)]
+    latents = reference_latents(bundle, frames, ctx, lag, steps, seed)
+    dec = bundle.vae.new_state()
+    imgs = [tensor_to_frames(bundle.vae.decode(dec, latents[c])[0]) for c in sorted(latents)]
     return np.concatenate(imgs)[: len(frames)]
 
 
 def test_pixels_n_frames_in_n_frames_out(pipe2, bundle4):
     """Frames → encode (rank 0) → pipeline → decode (last rank) → frames back on rank 0: 23 in, 23 out, in
     order, equal to the single-process schedule decoded the same way."""
-    g = torch.Generator().manual_seed(3)
-    frames = (torch.rand(23, H, W_PIX, 3, generator=g) * 255).to(torch.uint8).numpy()
-    ctx = torch.randn(1, 16, 4096, generator=g)
+    ctx, _, frames = _inputs(0, seed=3, frames=23)
     session = PipelineSession(driver=pipe2, prompt_embeds=ctx, width=W_PIX, height=H, steps=2, seed=7)
     outs = []
     for i in range(0, len(frames), 3):
         outs += session.push(frames[i:i + 3])
     outs += session.flush()
+    session.close()
     assert [o.index for o in outs] == list(range(23))
     got = np.stack([o.image for o in outs])
     ref = _reference_pixels(bundle4, frames, ctx, lag=2, steps=2, seed=7)
@@ -312,25 +367,39 @@ def test_pixels_n_frames_in_n_frames_out(pipe2, bundle4):
 
 
 # ------------------------------------------------------------------------------------------ failures
-def _stream_a_little(drv: PipelineDriver, chunks: int = 3) -> None:
-    ctx, _, z0, zs, ts = _inputs(chunks)
-    drv.start(ctx, tokens_per_frame=TOK, noise=SeededNoise(1), renoise_seed=2)
-    drv.prepare(z0, 0.8)
-    for i in range(chunks):
-        drv.push(zs[i], 0.8, ts[i], i + 1)
+def _stream_until_failed(drv: PipelineDriver, before: int, after=lambda: None, ticks: int = 1000):
+    """An engine stream on the ring: ``before`` chunks, then ``after()``, then chunks until the stream fails
+    (bounded). Returns the stream."""
+    ctx, _, frames = _inputs(before + ticks)
+    engine = Engine(drv.model, runner_factory=runner_factory(drv, "none"))
+    stream = engine.open(prompt_embeds=ctx, width=W_PIX, height=H, seed=SEED)
+    for k, chunk in enumerate(_chunks(frames)):
+        if k == before:
+            after()
+        engine.feed(stream, chunk)
+        engine.step()
+        if stream.error is not None:
+            return stream
+    raise AssertionError(f"the stream did not fail within {ticks} chunks")
+
+
+def _culprit(drv: PipelineDriver) -> int:
+    """The rank rank 0 named when it stopped the pipeline."""
+    return int(drv.health.store.get("err/0").decode().split("|", 1)[0])
 
 
 def test_killed_rank_stops_every_rank_with_an_error_naming_it(model6):
-    drv = PipelineDriver.launch(model6, ["cpu"] * 3, timeout=10.0, dead_after=2.0, threads=1)
+    drv = PipelineDriver.launch(model6, ["cpu"] * 3, vae=True, timeout=10.0, dead_after=2.0, threads=1)
+    killed = []
+
+    def kill_rank_1():
+        os.kill(drv.processes[0].pid, signal.SIGKILL)
+        killed.append(time.monotonic())
     try:
-        _stream_a_little(drv)
-        os.kill(drv.processes[0].pid, signal.SIGKILL)          # rank 1
-        start = time.monotonic()
-        with pytest.raises(PipelineError, match=r"rank 1 stopped responding") as info:
-            for i in range(1000):                             # bounded: fails within the dead-rank timeout
-                drv.push(torch.randn(1, 1, 16, 6, 10), 0.8, torch.tensor(600), 100 + i)
-        assert info.value.rank == 1
-        assert time.monotonic() - start < 10.0
+        stream = _stream_until_failed(drv, 3, kill_rank_1)
+        assert time.monotonic() - killed[0] < 10.0          # within the dead-rank timeout, not the progress one
+        assert "rank 1 stopped responding" in stream.error, stream.error
+        assert "rank 1 stopped responding" in drv.error and _culprit(drv) == 1
         for p in drv.processes:
             p.join(10.0)
         assert drv.processes[0].exitcode == -signal.SIGKILL
@@ -343,11 +412,13 @@ def test_killed_rank_stops_every_rank_with_an_error_naming_it(model6):
 
 
 def test_hung_rank_is_named_after_the_timeout(model4):
-    drv = PipelineDriver.launch(model4, ["cpu", "cpu"], timeout=3.0, dead_after=2.0, threads=1, fault="hang:1:4")
+    drv = PipelineDriver.launch(model4, ["cpu", "cpu"], vae=True, timeout=3.0, dead_after=2.0, threads=1,
+                                fault="hang:1:4")
     try:
-        with pytest.raises(PipelineError, match=r"rank 1 made no progress .*computing call 4") as info:
-            _stream_a_little(drv, chunks=6)
-        assert info.value.rank == 1
+        stream = _stream_until_failed(drv, 0, ticks=6)
+        for message in (stream.error, drv.error):
+            assert re.search(r"rank 1 made no progress .*computing call 4", message), message
+        assert _culprit(drv) == 1
         for p in drv.processes:
             p.join(10.0)
             assert not p.is_alive()
@@ -356,17 +427,16 @@ def test_hung_rank_is_named_after_the_timeout(model4):
 
 
 CTRL_C_SCRIPT = """
-import sys, torch
-from wanstream.pipeline import PipelineDriver
-from wanstream.engine.noise import SeededNoise
+import sys, numpy as np, torch
+from wanstream.api.pipeline_session import PipelineSession
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    drv = PipelineDriver.launch(sys.argv[1], ["cpu"] * 3, timeout=20.0, dead_after=3.0, threads=1)
-    print("PIDS", *[p.pid for p in drv.processes], flush=True)
-    drv.start(torch.randn(1, 16, 4096), tokens_per_frame=15, noise=SeededNoise(1), renoise_seed=2)
-    drv.prepare(torch.randn(1, 2, 16, 6, 10), 0.8)
-    for i in range(10 ** 6):
-        drv.push(torch.randn(1, 1, 16, 6, 10), 0.8, torch.tensor(600), i + 1)
+    with PipelineSession(sys.argv[1], devices=["cpu"] * 3, prompt_embeds=torch.randn(1, 16, 4096), width=80,
+                         height=48, rebalance=False, timeout=20.0, dead_after=3.0, threads=1) as session:
+        print("PIDS", *[p.pid for p in session.driver.processes], flush=True)
+        frames = np.random.default_rng(0).integers(0, 256, (4, 48, 80, 3), dtype=np.uint8)
+        for i in range(10 ** 6):
+            session.push(frames)
 """
 
 

@@ -85,7 +85,7 @@ def pipeline_devices(args, env: dict | None = None) -> list[str]:
 def _split(args, model, world: int):
     if not args.split:
         return None
-    from wanstream.pipeline.driver import num_layers_of
+    from wanstream.models.loader import num_layers_of
     split = parse_split(args.split, num_layers_of(model))
     if len(split) != world:
         raise ValueError(f"--split gives {len(split)} ranks, the pipeline has {world}")
@@ -134,7 +134,8 @@ def run_v2v_pipeline(args) -> int:
     from wanstream.api.pipeline_session import PipelineSession
     from wanstream.core.block_scheduler import even_split
     from wanstream.io.video import fit_resolution, probe_video
-    from wanstream.pipeline.driver import PipelineDriver, num_layers_of
+    from wanstream.models.loader import num_layers_of
+    from wanstream.pipeline.driver import PipelineDriver
     from wanstream.pipeline.launch import LaunchSpec, run_worker, torchrun_env
 
     env = torchrun_env()

@@ -1,5 +1,6 @@
 """Per-phase timings that never force a device sync: CUDA events on a GPU (resolved once they completed), the
-host clock on the CPU. Used by the runner (encode / DiT / decode per tick) and the pipeline stages."""
+host clock on the CPU. The one section timer: the engine (encode / DiT / decode per tick) and every pipeline stage
+(busy / DiT time per call) use it. Imports torch only."""
 
 from __future__ import annotations
 
@@ -26,18 +27,23 @@ def recorded_seconds(items, cuda: bool) -> float | None:
 
 
 class PhaseTimer:
-    """Records named sections per tick; :meth:`ticks` returns the completed ticks' seconds per phase."""
+    """Records named sections per tick; :meth:`ticks` returns the completed ticks' seconds per phase.
 
-    def __init__(self, device: torch.device | str, keep: int = 4096):
+    A section recorded outside a tick opens a tick of its own, or, with ``carry``, counts in the next tick (a
+    pipeline stage: rank 0's encode belongs to its next call)."""
+
+    def __init__(self, device: torch.device | str, keep: int = 4096, carry: bool = False):
         self.cuda = torch.device(device).type == "cuda"
+        self.carry = carry
         self._done: deque = deque(maxlen=keep)      # (tick info, {phase: [records]})
         self._cur: dict | None = None
         self._info: dict = {}
+        self._carried: dict = {}                    # with ``carry``: sections recorded since the last tick
 
     def start(self, **info) -> None:
         """Begin a tick (``info``: what the caller wants back with it, e.g. rows and streams)."""
         self.end()
-        self._cur, self._info = {}, dict(info)
+        self._cur, self._info, self._carried = self._carried, dict(info), {}
 
     def end(self) -> None:
         if self._cur is not None:
@@ -49,9 +55,13 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def section(self, name: str):
-        if self._cur is None:
+        if self._cur is not None:
+            rec = self._cur.setdefault(name, [])
+        elif self.carry:
+            rec = self._carried.setdefault(name, [])
+        else:
             self._cur, self._info = {}, {}
-        rec = self._cur.setdefault(name, [])
+            rec = self._cur.setdefault(name, [])
         if self.cuda:
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()

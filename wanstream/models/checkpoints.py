@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -45,9 +46,34 @@ def block_of(key: str) -> int | None:
     return None
 
 
-def in_blocks(blocks: range | None):
-    """A key filter: the shared parts and the keys of ``blocks`` (every key when ``blocks`` is None)."""
-    return lambda key: blocks is None or block_of(key) is None or block_of(key) in blocks
+HEAD_KEYS = ("head.", "proj_out.", "scale_shift_table")    # the output head (Wan and diffusers names)
+PATCH_KEYS = ("patch_embedding.",)
+
+
+@dataclass(frozen=True)
+class DitPart:
+    """The part of a DiT one process holds (a pipeline stage): blocks ``[start, stop)``, with or without the patch
+    embedding (the first stage runs it) and the head (the last stage); the time and text embedders always."""
+
+    blocks: range
+    patch_embedding: bool = True
+    head: bool = True
+
+    def wants(self, key: str) -> bool:
+        """Whether a (Wan- or diffusers-named) DiT key is in this part."""
+        block = block_of(key)
+        if block is not None:
+            return block in self.blocks
+        if key.startswith(PATCH_KEYS):
+            return self.patch_embedding
+        if key.startswith(HEAD_KEYS):
+            return self.head
+        return True
+
+    def check(self, num_layers: int) -> None:
+        if not 0 <= self.blocks.start < self.blocks.stop <= num_layers or self.blocks.step != 1:
+            raise ValueError(f"block range [{self.blocks.start}, {self.blocks.stop}) is not inside the model's "
+                             f"{num_layers} blocks")
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -175,27 +201,36 @@ def wan_dit_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def build_transformer(config: dict, wan_sd: dict[str, torch.Tensor], source: str, device="cpu",
-                      dtype=torch.float32, blocks: range | None = None) -> WanTransformer3DModel:
+                      dtype=torch.float32, part: DitPart | None = None) -> WanTransformer3DModel:
     """Strictly load Wan-named DiT weights into a diffusers ``WanTransformer3DModel``.
 
-    With ``blocks``, only the shared parts and those blocks are expected and materialised; the other blocks stay
-    on the meta device (a pipeline stage)."""
-    if blocks is not None and not (0 <= blocks.start < blocks.stop <= config["num_layers"]):
-        raise ValueError(f"block range [{blocks.start}, {blocks.stop}) is not inside the model's "
-                         f"{config['num_layers']} blocks")
-    wanted = in_blocks(blocks)
+    With ``part``, exactly that part's tensors are expected and materialised; the rest stays on the meta device
+    (a pipeline stage)."""
+    if part is not None:
+        part.check(config["num_layers"])
+    wanted = part.wants if part is not None else (lambda key: True)
     expected = {k: torch.Size(v) for k, v in wan_dit_shapes(config).items() if wanted(k)}
     check_keys(expected, wan_sd, source)
     model = _meta_dit(config)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in wan_to_diffusers_dit(wan_sd).items()}
-    res = model.load_state_dict(sd, strict=blocks is None, assign=True)
-    if blocks is not None and [k for k in res.missing_keys if wanted(k)]:
+    res = model.load_state_dict(sd, strict=part is None, assign=True)
+    if part is not None and [k for k in res.missing_keys if wanted(k)]:
         raise CheckpointError(f"{source}: missing {[k for k in res.missing_keys if wanted(k)][:5]}")
     # Non-persistent RoPE buffers stay on meta after an assign-load; we do not use them (own RoPE tables),
     # but nothing may be left on the meta device.
     model.rope.freqs_cos = torch.empty(0, device=device)
     model.rope.freqs_sin = torch.empty(0, device=device)
     return model.eval().requires_grad_(False)
+
+
+def drop_outside(model: torch.nn.Module, part: DitPart) -> None:
+    """Put the parameters of ``model`` (diffusers-named) that ``part`` does not hold on the meta device."""
+    part.check(model.config.num_layers)
+    for name, p in list(model.named_parameters()):
+        if not part.wants(name):
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            setattr(module, leaf, torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
 
 
 # -------------------------------------------------------------------------------------------- VAE keys

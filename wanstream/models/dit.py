@@ -53,12 +53,16 @@ class CausalWanDiT(nn.Module):
         self.rope = RopeTables(self.head_dim, max_positions, device=self._device())
         self.lora = None        # a models.lora.LoRASet while LoRAs are attached (per-row strengths)
 
+    def _anchor(self) -> torch.Tensor:
+        """A weight every holder of the DiT has (a pipeline stage may hold no patch embedding or head)."""
+        return self.transformer.condition_embedder.time_embedder.linear_1.weight
+
     def _device(self) -> torch.device:
-        return self.transformer.patch_embedding.weight.device
+        return self._anchor().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.patch_embedding.weight.dtype
+        return self._anchor().dtype
 
     def _apply(self, fn, recurse=True):  # keep the RoPE tables beside the weights on .to(device)
         out = super()._apply(fn, recurse)

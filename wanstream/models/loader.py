@@ -7,6 +7,10 @@ Accepted roots:
 * a diffusers-layout repo (``transformer/``, ``vae/``), loaded with ``from_pretrained``.
 When a causal ``model.pt`` is present it provides every DiT weight; the Wan folder then only gives
 ``config.json``, the VAE and the text encoder.
+
+One loader for every holder of a model: a whole model on one device, or a pipeline stage's part (``part``: blocks
+``[a, b)`` with or without the patch embedding / head, read selectively; VAE, text encoder and TAEHV each optional).
+Owns :class:`ModelBundle`; imports ``core`` and ``models`` only.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from wanstream.models.checkpoints import (
     TAEHV_FILE,
     TOKENIZER_DIR,
     VAE_FILE,
+    DitPart,
     build_transformer,
     build_vae,
     causal_state_dict,
     diffusers_dit_config,
-    in_blocks,
+    drop_outside,
     read_dit_safetensors,
     read_torch_file,
     read_wan_config,
@@ -74,10 +79,10 @@ class ModelPaths:
 
 @dataclass
 class ModelBundle:
-    """Everything that turns tensors into tensors, shared by all streams."""
+    """Everything that turns tensors into tensors, shared by all streams (or a pipeline stage's share of it)."""
 
     dit: CausalWanDiT
-    vae: StreamingVAE
+    vae: StreamingVAE | None                 # None: loaded without (a pipeline stage that neither encodes nor decodes)
     text_encoder: object | None
     sampler: FlowMatchSampler
     device: torch.device
@@ -100,6 +105,10 @@ class ModelBundle:
         pt, ph, pw = self.dit.patch_size
         return (height // 8 // ph) * (width // 8 // pw)
 
+    def resident_bytes(self) -> int:
+        """Bytes of the DiT weights materialised here (a part's meta tensors excluded)."""
+        return sum(p.numel() * p.element_size() for p in self.dit.parameters() if p.device.type != "meta")
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,17 +118,31 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def num_layers_of(root: str | Path) -> int:
+    """DiT blocks of a model folder (from its config, nothing loaded)."""
+    paths = ModelPaths.discover(root)
+    if paths.diffusers:
+        import json
+        return int(json.loads((paths.root / "transformer" / "config.json").read_text())["num_layers"])
+    return int(read_wan_config(paths.wan_dir)["num_layers"])
+
+
 def load_model(root: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                text_encoder: bool = True, taehv: bool = False, quantize: str | None = None,
-               lora: Sequence[LoRASpec | str] = ()) -> ModelBundle:
+               lora: Sequence[LoRASpec | str] = (), *, vae: bool = True, part: DitPart | None = None) -> ModelBundle:
     """Load a model folder strictly (errors name the file and the culprit).
 
     ``quantize`` (``"int8"`` | ``"fp8"``, see :mod:`.quantize`) quantises the DiT's block linears after loading.
     ``lora``: LoRA files (``PATH[:strength]`` or :class:`~.lora.LoRASpec`) attached as run-time adapters
     (:mod:`.lora`; ``bundle.dit.lora``); a missing LoRA file is reported before the model loads.
+    ``part``: only that part of the DiT (blocks ``[a, b)``, with or without the patch embedding and the head) is
+    read and materialised, the rest stays on the meta device (a pipeline stage); ``vae``, ``text_encoder`` and
+    ``taehv`` say which of the others to load.
     """
     paths = ModelPaths.discover(root)
     lora = [s if isinstance(s, LoRASpec) else LoRASpec.parse(s) for s in lora]
+    if part is not None and (quantize is not None or lora):
+        raise ValueError("a part of the DiT loads without quantisation or LoRAs")
     missing = [str(s.path) for s in lora if not s.path.exists()]
     if missing:
         raise LoRAError(f"LoRA file not found: {', '.join(missing)}")
@@ -127,10 +150,10 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
     dtype = dtype or default_dtype(device)
     check_quantize(quantize, device)
     if paths.diffusers:
-        transformer, vae = _load_diffusers(paths.root, device, dtype)
+        transformer, vae_model = _load_diffusers(paths.root, device, dtype, part, vae)
     else:
-        transformer = load_dit(paths, device, dtype)
-        vae = load_vae(paths, device, dtype)
+        transformer = load_dit(paths, device, dtype, part)
+        vae_model = load_vae(paths, device, dtype) if vae else None
     encoder = None
     if text_encoder:
         encoder = load_text_encoder_of(paths, device, dtype)
@@ -145,20 +168,21 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
         quantize_dit(dit, quantize)
     if lora:
         LoRASet.load(lora, dit)
-    return ModelBundle(dit, StreamingVAE(vae), encoder, FlowMatchSampler(), device, dtype, paths, tae)
+    return ModelBundle(dit, StreamingVAE(vae_model) if vae_model is not None else None, encoder, FlowMatchSampler(),
+                       device, dtype, paths, tae)
 
 
-def load_dit(paths: ModelPaths, device: torch.device, dtype: torch.dtype, blocks: range | None = None):
+def load_dit(paths: ModelPaths, device: torch.device, dtype: torch.dtype, part: DitPart | None = None):
     """The DiT of a released-layout model (causal ``model.pt`` when present, else the Wan folder's weights),
-    strictly; with ``blocks`` only the shared parts and those blocks are read and materialised (a pipeline
-    stage; the other blocks stay on the meta device)."""
+    strictly; with ``part`` only its tensors are read (``model.pt`` memory-mapped, safetensors per tensor) and
+    materialised, the rest stays on the meta device."""
     config = diffusers_dit_config(read_wan_config(paths.wan_dir))
-    wanted = None if blocks is None else in_blocks(blocks)
+    wanted = None if part is None else part.wants
     if paths.causal is not None:
         sd, source = causal_state_dict(paths.causal, wanted), str(paths.causal)
     else:
         sd, source = read_dit_safetensors(paths.wan_dir, wanted), str(paths.wan_dir)
-    return build_transformer(config, sd, source, device, dtype, blocks=blocks)
+    return build_transformer(config, sd, source, device, dtype, part=part)
 
 
 def load_vae(paths: ModelPaths, device: torch.device, dtype: torch.dtype):
@@ -175,10 +199,12 @@ def load_text_encoder_of(paths: ModelPaths, device: torch.device, dtype: torch.d
     return load_text_encoder(paths.wan_dir / T5_FILE, paths.wan_dir / TOKENIZER_DIR, device=device, dtype=dtype)
 
 
-def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype):
+def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype, part: DitPart | None, vae: bool):
+    """A diffusers-layout repo through ``from_pretrained`` (strict); a part is loaded whole on the CPU, then what it
+    does not hold goes to the meta device before the rest moves to ``device``."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     models = []
-    for cls, sub in ((WanTransformer3DModel, "transformer"), (AutoencoderKLWan, "vae")):
+    for cls, sub in ((WanTransformer3DModel, "transformer"), (AutoencoderKLWan, "vae"))[: 2 if vae else 1]:
         try:
             model, info = cls.from_pretrained(root, subfolder=sub, torch_dtype=dtype, local_files_only=True,
                                               output_loading_info=True)
@@ -187,6 +213,8 @@ def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype):
         bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if bad:
             raise CheckpointError(f"{root / sub}: " + " | ".join(f"{k}: {v}" for k, v in bad.items()))
-        models.append(model)
-    transformer, vae = models
-    return transformer.to(device).eval().requires_grad_(False), vae.to(device).eval().requires_grad_(False)
+        models.append(model.eval().requires_grad_(False))
+    if part is not None:
+        drop_outside(models[0], part)
+    models = [m._apply(lambda t: t if t.is_meta else t.to(device)) for m in models]   # meta tensors stay
+    return models[0], (models[1] if vae else None)

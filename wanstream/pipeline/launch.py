@@ -4,9 +4,12 @@ Spawn mode: the calling process is rank 0 and hosts the rendezvous store (a ``TC
 chosen by the OS); ranks 1 .. W-1 are ``spawn``-ed child processes that connect to it. Under ``torchrun`` every
 rank is started by torchrun and connects to its agent's store (``MASTER_ADDR`` / ``MASTER_PORT``).
 
-Every rank: connect to the store → heartbeat → load its stage (only its blocks) → announce ``up/<rank>`` →
-create the process groups → serve. A worker that fails reports the error in the store (so the others can name it)
-and exits with a non-zero code; :func:`worker_main` never returns into library code, it ends the process.
+Every rank: connect to the store → heartbeat → load its part of the model (:func:`load_rank`) → announce
+``up/<rank>`` → create the process groups → serve (:class:`~.worker.Worker`). Rank 0 waits until every rank is up
+(:func:`wait_up`) and joins the spawned ranks at the end (:func:`reap`). A worker that fails reports the error in
+the store (so the others can name it) and exits with a non-zero code; :func:`worker_main` never returns into
+library code, it ends the process. Imports ``models`` (the loader), :mod:`.health`, :mod:`.transport` and, for a
+worker, :mod:`.stage` / :mod:`.worker`; never the driver.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -24,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from wanstream.pipeline.transport import Health, PipelineError, Transport
+from wanstream.pipeline.health import Health, PipelineError
+from wanstream.pipeline.transport import Transport
 
 log = logging.getLogger("wanstream.pipeline")
 
@@ -57,6 +62,31 @@ class LaunchSpec:
 
     def torch_dtype(self) -> torch.dtype | None:
         return DTYPE_NAMES[self.dtype] if self.dtype else None
+
+
+def load_rank(spec: LaunchSpec, rank: int, *, vae: bool = False, text_encoder: bool = False,
+              taehv: bool = False):
+    """Rank ``rank``'s share of the model (the loader's part filter): its blocks, the patch embedding on rank 0,
+    the head on the last rank, and the VAE / text encoder / TAEHV it asks for."""
+    from wanstream.models.checkpoints import DitPart
+    from wanstream.models.loader import load_model
+    part = DitPart(range(*spec.split[rank]), patch_embedding=rank == 0, head=rank == spec.world - 1)
+    return load_model(spec.model, spec.devices[rank], spec.torch_dtype(), text_encoder=text_encoder, taehv=taehv,
+                      vae=vae, part=part)
+
+
+def check_devices(devices) -> None:
+    """Every rank's device must exist here (CUDA ranks: one GPU each)."""
+    cuda = [torch.device(d) for d in devices if torch.device(d).type == "cuda"]
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("the pipeline was asked for CUDA devices but this machine has none "
+                         "(use --pipeline N --device cpu for CPU ranks)")
+    count = torch.cuda.device_count() if cuda else 0
+    for d in cuda:
+        if (d.index or 0) >= count:
+            raise ValueError(f"{d}: this machine has {count} CUDA device(s)")
+    if len(set(map(str, cuda))) != len(cuda):
+        raise ValueError(f"each CUDA rank needs its own GPU, got {list(map(str, devices))}")
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -126,7 +156,8 @@ def worker_main(rank: int, host: str, port: int, spec: LaunchSpec, master: bool 
 
 
 def run_worker(rank: int, host: str, port: int, spec: LaunchSpec, master: bool = False) -> int:
-    from wanstream.pipeline.stage import Stage, load_stage_model
+    from wanstream.pipeline.stage import Stage
+    from wanstream.pipeline.worker import Worker
     logging.basicConfig(level=spec.log_level, format=f"[rank {rank}] %(message)s")
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0 / torchrun decide; SIGTERM ends us
@@ -145,16 +176,14 @@ def run_worker(rank: int, host: str, port: int, spec: LaunchSpec, master: bool =
             torch.cuda.set_device(device)
         last = rank == spec.world - 1
         health.mark("loading")
-        model = load_stage_model(spec.model, device, spec.torch_dtype(), range(*spec.split[rank]),
-                                 vae=last and spec.decode == "vae", taehv=last and spec.decode == "taehv")
+        model = load_rank(spec, rank, vae=last and spec.decode == "vae", taehv=last and spec.decode == "taehv")
         store.set(f"up/{rank}", "1")
         health.mark("connecting")
         transport = make_transport(rank, spec, store, health)
-        stage = Stage(model, rank, spec.world, spec.split, transport, health)
-        stage.fault = spec.fault
+        stage = Stage(model, rank, spec.world, spec.split)
         health.mark("ready")
         with torch.no_grad():
-            stage.serve()
+            Worker(stage, transport, health, spec.fault).serve()
         store.set(f"mem/{rank}", str(stage.memory_bytes()))
         transport.close()
         health.exited("ok")
@@ -179,3 +208,33 @@ def run_worker(rank: int, host: str, port: int, spec: LaunchSpec, master: bool =
             health.report(msg, rank)
             health.exited("error")
         return 1
+
+
+def wait_up(store, spec: LaunchSpec, health, procs) -> None:
+    """Wait until every rank has loaded its stage, watching the spawned processes and reported errors."""
+    deadline = time.monotonic() + spec.startup_timeout
+    while True:
+        missing = [r for r in range(spec.world) if not store.check([f"up/{r}"])]
+        if not missing:
+            return
+        for r, p in enumerate(procs, start=1):
+            if p.exitcode is not None:
+                errs = {e[0]: e[2] for e in health.errors()}
+                raise PipelineError(errs.get(r, f"rank {r} exited during startup (exit code {p.exitcode})"), r)
+        errs = health.errors()
+        if errs:
+            raise PipelineError(errs[0][2], errs[0][1])
+        if time.monotonic() > deadline:
+            raise PipelineError(f"ranks {missing} did not start within {spec.startup_timeout:.0f} s", missing[0])
+        time.sleep(spec.poll)
+
+
+def reap(procs, wait: float) -> None:
+    """Join the spawned ranks; terminate, then kill, any that is still there after ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():   # stuck or stopped: it had its chance to exit on its own
+            p.kill()
+            p.join(5.0)

@@ -13,6 +13,10 @@ Every message on a link ``src → dst`` is, in this order:
 Header and table are CPU tensors (they go over the control group, gloo); payloads may live on the GPU (they go
 over the data group, NCCL there). Nothing depends on tags: every link is one ordered stream written by one
 sender thread and read by one receiver thread, and a message is parsed from what its header announces.
+
+The metadata layouts of the kinds that carry more than a few ints live here too: :class:`PipeConfig` (OPEN: the
+settings every stream of the ring shares) and :class:`StepMeta` (STEP / RETURN: a call's rows exactly as the
+scheduler planned them). Owns the wire format only; imports ``core`` and torch, nothing of the pipeline.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import torch
+
+from wanstream.core.config import CacheConfig
+from wanstream.core.schedule import Row
 
 MAGIC = 0x57535031  # "WSP1"
 HEADER_INTS = 8
@@ -38,16 +45,15 @@ class ProtocolError(RuntimeError):
 
 
 class Kind(IntEnum):
-    START = 1      # new pipeline stream state with one stream: settings (meta) + prompt embedding (payload 0)
-    PROMPT = 2     # new prompt embedding (payload 0) of a stream (meta: [stream], default the START stream)
+    PROMPT = 2     # new prompt embedding (payload 0) of a stream (meta: [stream])
     STEP = 3       # one DiT call travelling forward: hidden / latents, slot latents, timesteps
     RETURN = 4     # last stage → stage 0: re-noised slot latents, the finished chunk (latent, pixels)
     RECONFIG = 5   # a stream's cache rows change (a step change, after its drain): stream, rows
-    SEED = 6       # re-seed the last stage's re-noise source (meta: [seed, stream])
+    SEED = 6       # re-seed the last stage's re-noise source of a stream (meta: [stream, seed])
     MOVE = 7       # move one block between neighbouring stages
     BLOCK = 8      # the moved block: weights, KV cache rows, prompt K/V (old owner → new owner)
     STOP = 9       # end of the pipeline: forwarded around the ring, then every rank exits
-    OPEN = 10      # one more stream (the engine's streams): settings + [stream, rows], prompt embedding
+    OPEN = 10      # one more stream: PipeConfig + [stream, rows, renoise seed, fresh], prompt embedding (payload 0)
     CLOSE = 11     # a stream leaves: its cache rows and prompt slot go back to the pool (meta: [stream])
     RESET = 12     # a stream starts over: zeroed rows, fresh re-noise source and decoder ([stream, rows, seed])
 
@@ -136,3 +142,71 @@ def parse_table(h: Header, table: torch.Tensor | None) -> tuple[list[int], list[
             raise ProtocolError(f"bad payload descriptor {d}")
         specs.append((DTYPES[d[0]], tuple(d[2: 2 + d[1]])))
     return meta, specs
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+DECODE_NONE, DECODE_VAE, DECODE_TAEHV = 0, 1, 2
+DECODERS = {"none": DECODE_NONE, "vae": DECODE_VAE, "taehv": DECODE_TAEHV}
+
+
+@dataclass
+class PipeConfig:
+    """What every stream of the ring shares (travels in OPEN): token grid size, cache settings, the last stage's
+    decoder."""
+
+    tokens_per_frame: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    decode: int = DECODE_NONE
+
+    INTS = 7            # its length in a message's metadata
+
+    def to_meta(self) -> list[int]:
+        c = self.cache
+        return [self.tokens_per_frame, c.capacity, c.sink, f2i(c.sink_threshold), c.rope_wrap_at, c.rope_wrap_to,
+                self.decode]
+
+    @classmethod
+    def from_meta(cls, m: list[int]) -> "PipeConfig":
+        cache = CacheConfig(capacity=m[1], sink=m[2], sink_threshold=i2f(m[3]), rope_wrap_at=m[4], rope_wrap_to=m[5])
+        return cls(m[0], cache, m[6])
+
+
+ROW_INTS = 8     # per row in a STEP: stream, level, cache row, frame, rope, final, t, t_next
+
+
+@dataclass
+class StepMeta:
+    """Metadata of a STEP / RETURN (host ints): the call's rows exactly as the scheduler planned them, so every
+    stage builds the same CacheStep and the last stage settles the rows the same way the runner does."""
+
+    epoch: int
+    rows: list[Row]                    # the call's rows (chunk ids stay on rank 0)
+    grid: tuple[int, int, int]
+    copy_row0: bool = False            # after the call: the rows' streams copy cache row 0 to all rows (prepare)
+    keep: int = 0                      # RETURN: re-noised rows returned
+    finished: int = 0                  # RETURN: clean rows returned
+    decoded: bool = False              # RETURN: their decoded frames are included
+    timings: list[tuple[int, int, int]] = field(default_factory=list)   # per stage: (dit us, busy us, blocks)
+
+    def to_meta(self) -> list[int]:
+        out = [self.epoch, len(self.rows), *self.grid, int(self.copy_row0), self.keep, self.finished,
+               int(self.decoded), len(self.timings)]
+        for r in self.rows:
+            out += [int(r.stream), r.level, r.cache_row, r.frame, r.rope, int(r.final), r.t, r.t_next]
+        for t in self.timings:
+            out += list(t)
+        return out
+
+    @classmethod
+    def from_meta(cls, m: list[int]) -> "StepMeta":
+        epoch, n, f, h, w, copy, keep, fin, dec, nt = m[:10]
+        body = m[10:]
+        if len(body) != ROW_INTS * n + 3 * nt:
+            raise ProtocolError(f"step metadata of {len(m)} ints does not match its counts")
+        rows = []
+        for i in range(n):
+            sid, level, crow, frame, rope, final, t, t_next = body[ROW_INTS * i: ROW_INTS * (i + 1)]
+            rows.append(Row(sid, None, level, crow, frame, rope, bool(final), False, t, t_next))
+        tail = body[ROW_INTS * n:]
+        timings = [tuple(tail[3 * i: 3 * i + 3]) for i in range(nt)]
+        return cls(epoch, rows, (f, h, w), bool(copy), keep, fin, bool(dec), timings)

@@ -1,8 +1,10 @@
 """The engine's runner over the multi-rank pipeline (:class:`PipelineRunner`, the interface of
 :class:`~wanstream.engine.runner.Runner`): rank 0 (this process) runs each call's first block range and sends it
 around the ring; the last rank settles the rows and decodes; the RETURN brings re-noised rows and finished frames
-back. ``Engine(model, runner_factory=runner_factory(driver))`` puts an engine's streams on the ring; the public
-client is :class:`wanstream.api.pipeline_session.PipelineSession`.
+back. ``Engine(model, runner_factory=runner_factory(driver))`` puts an engine's streams on the ring — the only way
+the product drives it (``serve --pipeline``, ``v2v --gpus``); the public client is
+:class:`wanstream.api.pipeline_session.PipelineSession`. Imports ``core``, ``engine`` and :mod:`.driver`; never
+``api`` or above.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from wanstream.engine.runner import ChunkInput, Done, RunnerStream
 from wanstream.pipeline.driver import PipelineDriver
 
 log = logging.getLogger("wanstream.pipeline")
-
 
 
 def default_devices(world: int, device: str | None = None) -> list[str]:
@@ -93,7 +94,7 @@ class PipelineRunner:
         if stream_id in self._waiting:
             self._waiting[stream_id][1] = embedding
         else:
-            self.driver.set_prompt(embedding, stream_id)
+            self.driver.set_prompt(stream_id, embedding)
 
     def set_lora(self, stream_id, strengths) -> None:
         if strengths is not None:
@@ -113,7 +114,7 @@ class PipelineRunner:
         st = self.streams[stream_id]
         st.reseed(seed, self.driver.device)
         if stream_id not in self._waiting:          # (a waiting stream opens with its seed then)
-            self.driver.reseed(st.noise, renoise_seed(seed), stream_id)
+            self.driver.reseed(stream_id, renoise_seed(seed))
 
     def enter(self, stream_id, chunk, inp: ChunkInput) -> None:
         self.streams[stream_id].inputs[chunk] = inp
@@ -122,7 +123,7 @@ class PipelineRunner:
         for sid in [r.stream for r in call.rows] + [sid for sid, _ in call.resize]:
             if sid in self._waiting:
                 self._open(sid)
-        return [Done(f.row, f.latent, f.frames) for f in self.driver.execute(call)]
+        return self.driver.execute(call)
 
     def pending(self) -> list[Done]:
         if not self.driver.started:
@@ -135,7 +136,7 @@ class PipelineRunner:
                 if stream is not None:
                     self.engine.fail(stream, f"the model failed on this stream (model): {type(exc).__name__}: {exc}")
             return []
-        return [Done(f.row, f.latent, f.frames) for f in finished]
+        return finished
 
 
 def runner_factory(driver: PipelineDriver, decoder: str = "vae"):

@@ -1,253 +1,64 @@
-"""One pipeline stage: its share of the model, its stream state, its compute and its message handling.
+"""One pipeline stage: its share of the model, the state of the ring's streams on it, and its compute.
 
 A stage owns a contiguous block range ``[a, b)`` of the DiT and holds on its device only those blocks' weights,
-their KV caches and their cross-attention K/V, plus the small shared parts every stage needs (patch embedding,
-time and text embedders, head: about 2 % of the 1.3B / 14B weights). Stage 0 also holds the VAE (encode) and,
-where prompts are given as text, the text encoder; the last stage holds the VAE or TAEHV (decode). Weights are
-read from the checkpoint selectively (``mmap`` for ``model.pt``, per-tensor for safetensors): a stage never
-materialises blocks it does not run.
+their KV caches and their cross-attention K/V, plus the small parts every stage needs (time and text embedders);
+the first stage also holds the patch embedding, the last the head (:func:`~.launch.load_rank`, through the model
+loader's part filter). Stage 0 also holds the VAE (encode) and, where prompts are given as text, the text
+encoder; the last stage holds the VAE or TAEHV (decode), each stream's re-noising source and decoder state.
 
-Worker ranks run :meth:`Stage.serve`; stage 0 is driven by :class:`~.driver.PipelineDriver`. Each STEP is
-computed exactly as the single-process :class:`~wanstream.engine.latent_stream.LatentStream` computes that call, just
-cut at the block boundaries, so the pipeline's output equals ``LatentStream(lag=W)`` to fp32 rounding.
+Each call is computed exactly as the single-process runner computes it, just cut at the block boundaries, so the
+pipeline's output equals ``LatentStream(lag=W)`` to fp32 rounding. Busy and DiT time per call are recorded with
+the engine's :class:`~wanstream.engine.timing.PhaseTimer` (never a sync) and travel with the call to rank 0's
+block scheduler.
+
+The stage sends and receives nothing itself: rank 0's :class:`~.driver.PipelineDriver` and the workers'
+:class:`~.worker.Worker` move its messages. Imports ``core``, ``models``, ``engine`` (runner, noise, timing) and
+:mod:`.protocol`; nothing above, no transport.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import time
-from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from wanstream.core.block_scheduler import Move, apply_move, format_split
-from wanstream.core.config import CacheConfig
-from wanstream.core.schedule import Row, step_list
+from wanstream.core.block_scheduler import Move, apply_move
 from wanstream.engine.noise import SeededNoise
 from wanstream.engine.runner import settle
-from wanstream.engine.timing import recorded_seconds
-from wanstream.models.dit import CausalWanDiT, PromptKV
+from wanstream.engine.timing import PhaseTimer
+from wanstream.models.dit import PromptKV
 from wanstream.models.kv_cache import CachePolicy, CacheStep, KVPool
-from wanstream.models.sampling import FlowMatchSampler
-from wanstream.pipeline.protocol import Kind, Message, ProtocolError, f2i, i2f
-from wanstream.pipeline.transport import Health, Transport
-
-log = logging.getLogger("wanstream.pipeline")
-
-DECODE_NONE, DECODE_VAE, DECODE_TAEHV = 0, 1, 2
-STREAM = 0                      # the stream of a START (the single-stream API); OPEN adds streams by id
-
-
-# ============================================================================================ loading
-@dataclass
-class StageModel:
-    """What one rank holds: a DiT with only its blocks materialised, and the VAE / decoders it needs."""
-
-    dit: CausalWanDiT
-    sampler: FlowMatchSampler
-    device: torch.device
-    dtype: torch.dtype
-    vae: object | None = None            # StreamingVAE
-    taehv: object | None = None
-    text_encoder: object | None = None
-    source: str = ""
-
-    def prompt_embedding(self, prompt: str) -> torch.Tensor:
-        if self.text_encoder is None:
-            raise RuntimeError("this stage was loaded without a text encoder; pass a prompt embedding instead")
-        return self.text_encoder.encode([prompt])
-
-    def tokens_per_frame(self, height: int, width: int) -> int:
-        pt, ph, pw = self.dit.patch_size
-        return (height // 8 // ph) * (width // 8 // pw)
-
-    def resident_bytes(self) -> int:
-        """Bytes of materialised DiT weights on this rank (meta tensors excluded)."""
-        return sum(p.numel() * p.element_size() for p in self.dit.parameters() if p.device.type != "meta")
+from wanstream.models.loader import ModelBundle
+from wanstream.pipeline.protocol import (
+    DECODE_NONE,
+    DECODE_TAEHV,
+    DECODE_VAE,
+    Kind,
+    Message,
+    PipeConfig,
+    ProtocolError,
+    StepMeta,
+)
 
 
-def load_stage_model(root: str | Path, device: str | torch.device, dtype: torch.dtype | None, blocks: range, *,
-                     vae: bool = False, text_encoder: bool = False, taehv: bool = False) -> StageModel:
-    """Load the shared DiT parts and blocks ``blocks`` only (others stay on the meta device), strictly, through
-    the model loader's block filter; plus the VAE, text encoder and TAEHV this stage needs.
-
-    Missing, unexpected or mis-shaped tensors among the ones this stage needs raise ``CheckpointError``.
-    """
-    from wanstream.core.errors import CheckpointError
-    from wanstream.models.loader import ModelPaths, default_dtype, load_dit, load_text_encoder_of, load_vae
-    from wanstream.models.vae import StreamingVAE
-    device = torch.device(device)
-    dtype = dtype or default_dtype(device)
-    paths = ModelPaths.discover(root)
-    if paths.diffusers:
-        return _load_stage_diffusers(paths, device, dtype, blocks, vae=vae)
-    transformer = load_dit(paths, device, dtype, blocks=blocks)
-    source = str(paths.causal or paths.wan_dir)
-    model = StageModel(CausalWanDiT(transformer), FlowMatchSampler(), device, dtype, source=source)
-    if vae:
-        model.vae = StreamingVAE(load_vae(paths, device, dtype))
-    if text_encoder:
-        model.text_encoder = load_text_encoder_of(paths, device, dtype)
-    if taehv:
-        if paths.taehv is None:
-            raise CheckpointError(f"{paths.root}: --taehv needs ckpts/taew2_1.pth")
-        from wanstream.models.taehv import load_taehv
-        model.taehv = load_taehv(paths.taehv, device=device, dtype=dtype)
-    return model
-
-
-def _load_stage_diffusers(paths, device, dtype, blocks: range, vae: bool) -> StageModel:
-    """diffusers-layout repos: loaded whole on the CPU, then blocks outside the range are dropped."""
-    from wanstream.models.loader import load_model
-    bundle = load_model(paths.root, device="cpu", dtype=dtype, text_encoder=False)
-    dit = bundle.dit
-    for i in range(dit.num_layers):
-        if i not in blocks:
-            dit.transformer.blocks[i].to("meta")
-    dit.to(device)
-    model = StageModel(dit, bundle.sampler, device, dtype, source=str(paths.root))
-    if vae:
-        bundle.vae.vae.to(device)
-        from wanstream.models.vae import StreamingVAE
-        model.vae = StreamingVAE(bundle.vae.vae)
-    return model
-
-
-# ============================================================================================ settings
-@dataclass
-class PipeConfig:
-    """Stream settings every stage needs (travels in START)."""
-
-    steps: int = 2
-    batch: bool = True
-    mode: str = "v2v"
-    tokens_per_frame: int = 0
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    decode: int = DECODE_NONE
-    renoise_seed: int = 0
-
-    def to_meta(self) -> list[int]:
-        c = self.cache
-        return [self.steps, int(self.batch), 0 if self.mode == "v2v" else 1, self.tokens_per_frame, c.capacity,
-                c.sink, f2i(c.sink_threshold), c.rope_wrap_at, c.rope_wrap_to, self.decode, self.renoise_seed]
-
-    @classmethod
-    def from_meta(cls, m: list[int]) -> "PipeConfig":
-        cache = CacheConfig(capacity=m[4], sink=m[5], sink_threshold=i2f(m[6]), rope_wrap_at=m[7], rope_wrap_to=m[8])
-        return cls(m[0], bool(m[1]), "v2v" if m[2] == 0 else "t2v", m[3], cache, m[9], m[10])
-
-
-ROW_INTS = 8     # per row in a STEP: stream, level, cache row, frame, rope, final, t, t_next
-
-
-@dataclass
-class StepMeta:
-    """Metadata of a STEP / RETURN (host ints): the call's rows exactly as the scheduler planned them, so every
-    stage builds the same CacheStep and the last stage settles the rows the same way the runner does."""
-
-    epoch: int
-    rows: list[Row]                    # the call's rows (chunk ids stay on rank 0)
-    grid: tuple[int, int, int]
-    copy_row0: bool = False            # after the call: the rows' streams copy cache row 0 to all rows (prepare)
-    keep: int = 0                      # RETURN: re-noised rows returned
-    finished: int = 0                  # RETURN: clean rows returned
-    decoded: bool = False              # RETURN: their decoded frames are included
-    timings: list[tuple[int, int, int]] = field(default_factory=list)   # per stage: (dit us, busy us, blocks)
-
-    def to_meta(self) -> list[int]:
-        out = [self.epoch, len(self.rows), *self.grid, int(self.copy_row0), self.keep, self.finished,
-               int(self.decoded), len(self.timings)]
-        for r in self.rows:
-            out += [int(r.stream), r.level, r.cache_row, r.frame, r.rope, int(r.final), r.t, r.t_next]
-        for t in self.timings:
-            out += list(t)
-        return out
-
-    @classmethod
-    def from_meta(cls, m: list[int]) -> "StepMeta":
-        epoch, n, f, h, w, copy, keep, fin, dec, nt = m[:10]
-        body = m[10:]
-        if len(body) != ROW_INTS * n + 3 * nt:
-            raise ProtocolError(f"step metadata of {len(m)} ints does not match its counts")
-        rows = []
-        for i in range(n):
-            sid, level, crow, frame, rope, final, t, t_next = body[ROW_INTS * i: ROW_INTS * (i + 1)]
-            rows.append(Row(sid, None, level, crow, frame, rope, bool(final), False, t, t_next))
-        tail = body[ROW_INTS * n:]
-        timings = [tuple(tail[3 * i: 3 * i + 3]) for i in range(nt)]
-        return cls(epoch, rows, (f, h, w), bool(copy), keep, fin, bool(dec), timings)
-
-
-# ============================================================================================ timing
-class StageTimer:
-    """Per-call busy time and DiT time of this stage: host clock on CPU, CUDA events on GPU (read only once
-    they completed, so timing never forces a sync)."""
-
-    def __init__(self, device: torch.device, keep: int = 16):
-        self.cuda = torch.device(device).type == "cuda"
-        self.records: deque = deque(maxlen=keep)
-        self._cur: dict | None = None
-        self._pending: dict = {"dit": [], "busy": []}
-
-    def start_call(self) -> None:
-        self._cur, self._pending = self._pending, {"dit": [], "busy": []}
-
-    def end_call(self) -> None:
-        if self._cur is not None:
-            self.records.append(self._cur)
-        self._cur = None
-
-    @contextlib.contextmanager
-    def section(self, name: str):
-        rec = self._cur if self._cur is not None else self._pending
-        if self.cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            yield
-            e.record()
-            rec[name].append((s, e))
-        else:
-            t = time.perf_counter()
-            yield
-            rec[name].append(time.perf_counter() - t)
-
-    def _sum(self, items) -> float | None:
-        return recorded_seconds(items, self.cuda)
-
-    def latest(self) -> tuple[int, int]:
-        """(DiT us, busy us) of the newest completed call; (0, 0) before the first."""
-        for rec in reversed(self.records):
-            dit, busy = self._sum(rec["dit"]), self._sum(rec["busy"])
-            if dit is not None and busy is not None:
-                return int(dit * 1e6), int(busy * 1e6)
-        return 0, 0
-
-
-# ============================================================================================ stage
 class Stage:
     """Compute and state of one rank's block range (see the module docstring)."""
 
-    def __init__(self, model: StageModel, rank: int, world: int, ranges: list[tuple[int, int]],
-                 transport: Transport | None = None, health: Health | None = None):
+    def __init__(self, model: ModelBundle, rank: int, world: int, ranges: list[tuple[int, int]]):
         self.model = model
         self.dit = model.dit
         self.sampler = model.sampler
         self.device = model.device
         self.rank, self.world = rank, world
         self.ranges = [tuple(r) for r in ranges]
-        self.transport = transport
-        self.health = health
-        self.timer = StageTimer(self.device)
+        self.timer = PhaseTimer(self.device, keep=16, carry=True)   # rank 0: its encode counts in its next call
         self.cfg: PipeConfig | None = None
         self.pool: KVPool | None = None
         self.renoise: dict = {}         # last stage: each stream's re-noising source ...
         self.decoders: dict = {}        # ... and its streaming decoder state
         self.epoch = 0
         self.calls = 0
-        self.fault: str | None = None
+        self._latest = (0, 0)           # (DiT us, busy us) of the newest call whose timing completed
 
     # -------------------------------------------------------------- properties
     @property
@@ -259,10 +70,6 @@ class Stage:
         return range(*self.blocks)
 
     @property
-    def is_first(self) -> bool:
-        return self.rank == 0
-
-    @property
     def is_last(self) -> bool:
         return self.rank == self.world - 1
 
@@ -271,12 +78,6 @@ class Stage:
         return (self.rank + 1) % self.world
 
     # -------------------------------------------------------------- stream state
-    def start(self, cfg: PipeConfig, context: torch.Tensor) -> None:
-        """A new pipeline state with one stream (``STREAM``): fresh cache pool, its rows and prompt K/V for this
-        stage's blocks, its re-noise source / decoder."""
-        self.configure(cfg)
-        self.open_stream(STREAM, self.rows_for(cfg.steps), cfg.renoise_seed, context)
-
     def configure(self, cfg: PipeConfig) -> None:
         """Settings shared by every stream (resolution, cache, decoder) and an empty cache pool."""
         self.cfg = cfg
@@ -289,7 +90,7 @@ class Stage:
     def open_stream(self, stream: int, rows: int, renoise_seed: int, context: torch.Tensor) -> None:
         """One more stream: its cache rows, prompt K/V, and (last stage) re-noise source and decoder."""
         self.pool.acquire(stream, rows)
-        self.set_prompt(context, stream)
+        self.set_prompt(stream, context)
         self._fresh_stream(stream, renoise_seed)
 
     def close_stream(self, stream: int) -> None:
@@ -319,10 +120,7 @@ class Stage:
             from wanstream.models.taehv import TAEHVStreamDecoder
             self.decoders[stream] = TAEHVStreamDecoder(self.model.taehv)
 
-    def rows_for(self, steps: int) -> int:
-        return len(step_list(steps, self.cfg.mode)) if self.cfg.batch else 1
-
-    def set_prompt(self, context: torch.Tensor, stream: int = STREAM) -> None:
+    def set_prompt(self, stream: int, context: torch.Tensor) -> None:
         kv = self.dit.embed_prompt(context.to(self.device), layers=self.layers)
         self.pool.set_prompt(stream, kv.k, kv.v)
 
@@ -330,15 +128,30 @@ class Stage:
         """A stream's rows change (a step change, after its drain): re-laid as the runner does."""
         self.pool.resize(stream, rows)
 
-    def reseed(self, seed: int, stream: int = STREAM) -> None:
+    def reseed(self, stream: int, seed: int) -> None:
         if self.is_last and self.cfg is not None:
             self.renoise[stream] = SeededNoise(seed, self.device)
 
     # -------------------------------------------------------------- compute
+    @contextlib.contextmanager
+    def timed_call(self):
+        """One call's busy time (everything inside, and what was recorded since the last call) and DiT time."""
+        self.timer.start()
+        with self.timer.section("busy"):
+            yield
+        self.timer.end()
+
+    def timings(self, m: StepMeta) -> list[tuple[int, int, int]]:
+        """The call's per-stage timings with this stage's appended: (DiT us, busy us, blocks) of its newest call
+        whose device work completed (never waits; (0, 0) before the first)."""
+        for _, secs in self.timer.ticks():
+            self._latest = (int(secs.get("dit", 0.0) * 1e6), int(secs.get("busy", 0.0) * 1e6))
+        return m.timings + [(*self._latest, self.blocks[1] - self.blocks[0])]
+
     def run(self, x: torch.Tensor, ts: torch.Tensor, m: StepMeta) -> torch.Tensor:
         """This stage's blocks for one call (latents in on stage 0, flow out on the last stage)."""
         if self.cfg is None:
-            raise ProtocolError(f"rank {self.rank}: STEP before START")
+            raise ProtocolError(f"rank {self.rank}: STEP before OPEN")
         leases = self.pool.leases
         step = CacheStep.build(self.policy, [r.frame for r in m.rows], [r.rope for r in m.rows], m.grid[0],
                                self.cfg.tokens_per_frame, self.device,
@@ -429,130 +242,3 @@ class Stage:
 
     def apply_move(self, move: Move) -> None:
         self.ranges = apply_move(self.ranges, move)
-
-    # -------------------------------------------------------------- worker loop
-    def serve(self) -> None:
-        """Worker ranks (1 .. W-1): handle messages from the previous rank until STOP."""
-        tr = self.transport
-        prev = (self.rank - 1) % self.world
-        while True:
-            msg = tr.recv(prev, "the next message")
-            kind = msg.kind
-            if kind == Kind.STEP:
-                self._on_step(msg)
-            elif kind == Kind.START:
-                tr.consume(msg)
-                self.start(PipeConfig.from_meta(msg.meta), msg.payloads[0])
-                self._forward(msg)
-            elif kind == Kind.OPEN:
-                tr.consume(msg)
-                cfg, (stream, rows, fresh) = PipeConfig.from_meta(msg.meta), msg.meta[-3:]
-                if fresh:
-                    self.configure(cfg)
-                self.open_stream(stream, rows, cfg.renoise_seed, msg.payloads[0])
-                self._forward(msg)
-            elif kind == Kind.CLOSE:
-                self.close_stream(msg.meta[0])
-                self._forward(msg)
-            elif kind == Kind.RESET:
-                self.reset_stream(*msg.meta[:3])
-                self._forward(msg)
-            elif kind == Kind.PROMPT:
-                tr.consume(msg)
-                self.set_prompt(msg.payloads[0], *msg.meta[:1])
-                self._forward(msg)
-            elif kind == Kind.RECONFIG:
-                self.reconfigure_rows(*msg.meta[:2])
-                self._forward(msg)
-            elif kind == Kind.SEED:
-                self.reseed(*msg.meta[:2])
-                self._forward(msg)
-            elif kind == Kind.MOVE:
-                self._on_move(msg)
-            elif kind == Kind.STOP:
-                self._on_stop(msg)
-                return
-            else:
-                raise ProtocolError(f"rank {self.rank}: unexpected {kind.name} from rank {prev}")
-
-    def _forward(self, msg: Message) -> None:
-        if not self.is_last:
-            self.transport.send(self.next, Message(msg.kind, msg.call, list(msg.meta), list(msg.payloads)))
-
-    def _injected_fault(self, call: int) -> None:
-        """Tests only (``LaunchSpec.fault = "hang:<rank>:<call>"``): stall like a stuck kernel, heartbeat alive."""
-        kind, rank, at = (self.fault.split(":") + ["", "", ""])[:3]
-        if kind == "hang" and int(rank) == self.rank and call >= int(at):
-            self.health.mark(f"computing call {call}")
-            time.sleep(600)
-
-    def _on_step(self, msg: Message) -> None:
-        tr = self.transport
-        if self.fault:
-            self._injected_fault(msg.call)
-        tr.consume(msg)
-        m = StepMeta.from_meta(msg.meta)
-        hidden, x_lat, ts = msg.payloads
-        self.timer.start_call()
-        with self.timer.section("busy"):
-            out = self.run(hidden, ts, m)
-            tr.release(msg)
-            if self.is_last:
-                reply = self.finish(x_lat, out, ts, m)
-        self.timer.end_call()
-        dit_us, busy_us = self.timer.latest()
-        timings = m.timings + [(dit_us, busy_us, self.blocks[1] - self.blocks[0])]
-        if self.is_last:
-            meta = StepMeta.from_meta(reply.meta)
-            meta.timings = timings
-            reply.meta = meta.to_meta()
-            reply.call = msg.call
-            tr.send(self.next, reply)
-        else:
-            m.timings = timings
-            tr.send(self.next, Message(Kind.STEP, msg.call, m.to_meta(), [out, x_lat, ts]))
-
-    def _on_move(self, msg: Message) -> None:
-        block, src, dst, epoch = msg.meta[:4]
-        move = Move(block, src, dst)
-        self._forward(msg)
-        self.move_local(move, epoch)
-
-    def move_local(self, move: Move, epoch: int) -> None:
-        """This rank's part of a move (after the MOVE went on): send or receive the block, update the split."""
-        tr = self.transport
-        if move.src == self.rank:
-            out = self.export_block(move.block)
-            tr.send(move.dst, out)
-            log.info("rank %d: sent block %d to rank %d (%.1f MB)", self.rank, move.block, move.dst,
-                     sum(p.numel() * p.element_size() for p in out.payloads) / 1e6)
-        elif move.dst == self.rank:
-            msg = self.recv_block(move.src)
-            self.import_block(msg)
-            log.info("rank %d: received block %d from rank %d", self.rank, move.block, move.src)
-        self.apply_move(move)
-        self.epoch = epoch
-        if move.src == self.rank or move.dst == self.rank:
-            log.info("rank %d: split now %s", self.rank, format_split(self.ranges))
-
-    def recv_block(self, src: int) -> Message:
-        msg = self.transport.recv(src, "a moved block")
-        if msg.kind != Kind.BLOCK:
-            raise ProtocolError(f"rank {self.rank}: expected BLOCK from rank {src}, got {msg.kind.name}")
-        self.transport.consume(msg)
-        return msg
-
-    def _on_stop(self, msg: Message) -> None:
-        """Pass STOP on every outgoing link (the last rank's ring link is the acknowledgement to rank 0), then
-        wait for STOP on every other incoming link so all receiver threads end."""
-        tr = self.transport
-        for dst in tr.outs:
-            tr.send(dst, Message(Kind.STOP))
-        prev = (self.rank - 1) % self.world
-        for src in tr.ins:
-            if src == prev:
-                continue
-            while True:
-                m = tr.recv(src, "STOP")
-                if m.kind == Kind.STOP:
-                    break
