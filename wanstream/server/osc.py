@@ -13,7 +13,7 @@ message carries the secret: a message for an unknown stream, or without the righ
 ``<param>``: ``prompt``, ``prompts`` (text, weight pairs), ``blend`` (new weights of the current blend, in
 order), ``transition``, ``steps``, ``noise_scale``, ``noise_controller``, ``seed``, ``reset``,
 ``lora/<name>`` (see docs/integrations.md). The arguments become a :class:`~.params.ParamsUpdate` and go through
-:meth:`~.sessions.Session.apply`, so the rules (types, ranges, LoRA names) are those of the HTTP and WebSocket
+:meth:`~wanstream.server.session.Session.apply`, so the rules (types, ranges, LoRA names) are those of the HTTP and WebSocket
 API. The only OSC-specific conversions: a whole float is an integer for ``steps`` / ``transition`` / ``seed``
 and 0 / 1 are booleans for ``noise_controller`` (controllers send floats). Bundles are applied at once, in order
 (time tags are ignored: a future time tag must not hold the thread).
@@ -47,7 +47,8 @@ from pythonosc.osc_server import BlockingOSCUDPServer
 from wanstream.api.params import ParamsUpdate
 from wanstream.server.auth import Caller, same_secret
 from wanstream.server.protocol import describe_errors
-from wanstream.server.sessions import SessionManager, TokenBucket
+from wanstream.server.session import TokenBucket
+from wanstream.server.sessions import SessionManager
 
 log = logging.getLogger("wanstream.server.osc")
 

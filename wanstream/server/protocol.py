@@ -14,7 +14,7 @@ import json
 from pydantic import ValidationError
 
 from wanstream.api.params import ParamsUpdate
-from wanstream.server.sessions import Session
+from wanstream.server.session import Session
 
 
 def error(code: str, message: str, request_id=None) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 
 from wanstream.core.chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
 from wanstream.server.frames import FrameError
-from wanstream.server.sessions import Session
+from wanstream.server.session import Session
 
 
 class Uplink:

@@ -41,7 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from wanstream.server.frames import video_frame_to_rgb
 from wanstream.server.protocol import error, handle_control, ready_message
-from wanstream.server.sessions import ServerFull, Session, SessionManager
+from wanstream.server.session import Session
+from wanstream.server.sessions import ServerFull, SessionManager
 from wanstream.server.uplink import Uplink
 
 log = logging.getLogger("wanstream.server")

@@ -45,7 +45,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 
 from wanstream.server.auth import Caller, caller_of, same_secret
-from wanstream.server.sessions import ServerFull, Session, SessionManager
+from wanstream.server.session import Session
+from wanstream.server.sessions import ServerFull, SessionManager
 from wanstream.server.webrtc import (
     AVAILABLE,
     MAX_SDP_CHARS,
