@@ -66,6 +66,9 @@ def test_bench_cli_single_run(tiny_model_dir, tmp_path, capsys):
     assert {"vae_encode", "vae_decode"} <= set(row["roofline"])
     text = capsys.readouterr().out
     assert "TTFF" in text and "32x32" in text
+    assert max(len(line) for line in text.splitlines()) <= 100        # the tables fit a 100-column terminal
+    latency = text[text.index("latency"):].splitlines()[2]              # input fps max: no deadline to miss
+    assert latency.split()[-2] == "—", latency
     assert "| res |" in md.read_text()
 
 

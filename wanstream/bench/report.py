@@ -19,26 +19,44 @@ def _row_key(r: dict) -> list[str]:
             str(r["input_fps"])]
 
 
-MAIN_COLUMNS = ["res", "steps", "mode", "input fps", "TTFF s", "FPS e2e", "FPS cap", "FPS DiT", "enc ms",
-                "DiT ms", "dec ms", "host ms", "p50 ms", "p95 ms", "p99 ms", "jitter p99", "miss %", "peak MiB"]
-ROOF_COLUMNS = ["res", "steps", "mode", "input fps", "DiT GFLOP", "DiT MiB", "DiT AI", "DiT TFLOP/s", "DiT % peak",
-                "enc GFLOP", "enc TFLOP/s", "dec GFLOP", "dec TFLOP/s", "VAE % peak"]
+SPEED_COLUMNS = ["res", "steps", "mode", "input fps", "TTFF s", "FPS e2e", "FPS cap", "FPS DiT", "enc ms",
+                 "DiT ms", "dec ms", "host ms"]
+LATENCY_COLUMNS = ["res", "steps", "mode", "input fps", "p50 ms", "p95 ms", "p99 ms", "jitter p99", "miss %",
+                   "peak MiB"]
+ROOF_COLUMNS = ["res", "steps", "mode", "input fps", "DiT GFLOP", "DiT MiB", "DiT AI", "DiT TFLOP/s", "DiT % peak"]
+VAE_ROOF_COLUMNS = ["res", "steps", "mode", "input fps", "enc GFLOP", "enc TFLOP/s", "dec GFLOP", "dec TFLOP/s",
+                    "VAE % peak"]
+WIDTH = 100          # every table fits a 100-column terminal
 
 
-def main_rows(rows: list[dict]) -> list[list[str]]:
+def _miss(r: dict) -> str:
+    """The deadline miss rate, only where a deadline means something: a live source (``--input-fps N``). With
+    ``--input-fps max`` frames arrive as fast as the engine takes them, so there is no deadline to miss."""
+    return "—" if r.get("input_fps") in (None, "max") else _f(r["deadline_miss_rate"], ".1f", 100.0)
+
+
+def speed_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
-        st, lat = r["stage_ms"], r["latency_ms"]
+        st = r["stage_ms"]
         out.append(_row_key(r) + [
             _f(r["ttff_s"], ".3f"), _f(r["fps_e2e"]), _f(r["fps_capacity"]), _f(r["fps_denoise"]),
-            _f(st["encode"], ".1f"), _f(st["dit"], ".1f"), _f(st["decode"], ".1f"), _f(st["host"], ".1f"),
-            _f(lat["p50"], ".0f"), _f(lat["p95"], ".0f"), _f(lat["p99"], ".0f"), _f(r["jitter_ms"]["p99"], ".0f"),
-            _f(r["deadline_miss_rate"], ".1f", 100.0), _mib(r["peak_mem_bytes"])])
+            _f(st["encode"], ".1f"), _f(st["dit"], ".1f"), _f(st["decode"], ".1f"), _f(st["host"], ".1f")])
     return out
 
 
-SESSION_COLUMNS = ["res", "steps", "sessions", "serving", "FPS all", "FPS/session min", "FPS DiT", "DiT calls",
-                   "rows/call", "DiT call ms", "p99 ms (worst)", "miss %"]
+def latency_rows(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        lat = r["latency_ms"]
+        out.append(_row_key(r) + [
+            _f(lat["p50"], ".0f"), _f(lat["p95"], ".0f"), _f(lat["p99"], ".0f"), _f(r["jitter_ms"]["p99"], ".0f"),
+            _miss(r), _mib(r["peak_mem_bytes"])])
+    return out
+
+
+SESSION_COLUMNS = ["res", "steps", "sessions", "serving", "FPS all", "FPS/stream min", "FPS DiT", "calls",
+                   "rows/call", "call ms", "p99 ms max", "miss %"]
 
 
 def session_rows(rows: list[dict]) -> list[list[str]]:
@@ -53,11 +71,11 @@ def session_rows(rows: list[dict]) -> list[list[str]]:
             out.append([r["resolution"], str(r["steps"]), str(x["sessions"]), label, _f(x["fps_aggregate"]),
                         _f(x["fps_per_session_min"]), _f(x["fps_denoise"]), str(x["dit_calls"]),
                         _f(x["rows_per_call_mean"], ".1f"), _f(x["dit_call_ms"], ".1f"),
-                        _f(x["latency_ms"]["p99"], ".0f"), _f(x["deadline_miss_rate"], ".1f", 100.0)])
+                        _f(x["latency_ms"]["p99"], ".0f"), _miss({**x, "input_fps": r.get("input_fps")})])
     return out
 
 
-EAGER_COLUMNS = ["res", "steps", "mode", "chunk ms fast", "chunk ms eager", "chunk fast/eager", "VAE fast/eager",
+EAGER_COLUMNS = ["res", "steps", "mode", "chunk ms fast", "chunk ms eager", "chunk ratio", "VAE ratio",
                  "DiT ms fast", "DiT ms eager"]
 
 
@@ -75,25 +93,50 @@ def eager_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
-def roofline_rows(rows: list[dict]) -> list[list[str]]:
-    out = []
+def _roofs(rows: list[dict]):
     for r in rows:
         rl = r.get("roofline")
-        if not rl:
-            continue
-        dit, enc, dec = rl["dit"], rl["vae_encode"], rl.get("vae_decode", {})
+        if rl:
+            yield r, rl
+
+
+def roofline_rows(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r, rl in _roofs(rows):
+        dit = rl["dit"]
+        out.append(_row_key(r) + [
+            _f(dit["flops_per_call"], ",.1f", 1e-9), _f(dit["bytes_per_call"], ",.1f", 2 ** -20),
+            _f(dit["intensity"], ",.0f"), _f(dit.get("achieved_flops_per_s"), ".3f", 1e-12),
+            _f(dit.get("fraction_of_peak_flops"), ".1f", 100.0)])
+    return out
+
+
+def vae_roofline_rows(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r, rl in _roofs(rows):
+        enc, dec = rl["vae_encode"], rl.get("vae_decode", {})
         vae_flops = enc["flops_per_call"] + dec.get("flops_per_call", 0)
         vae_s = (r["stage_ms"]["encode"] + (r["stage_ms"]["decode"] if dec else 0.0)) / 1e3
         peak = r.get("peak_flops_per_s")
         vae_frac = vae_flops / vae_s / peak if peak and vae_s > 0 else None
         out.append(_row_key(r) + [
-            _f(dit["flops_per_call"], ",.1f", 1e-9), _f(dit["bytes_per_call"], ",.1f", 2 ** -20),
-            _f(dit["intensity"], ",.0f"), _f(dit.get("achieved_flops_per_s"), ".3f", 1e-12),
-            _f(dit.get("fraction_of_peak_flops"), ".1f", 100.0),
             _f(enc["flops_per_call"], ",.1f", 1e-9), _f(enc.get("achieved_flops_per_s"), ".3f", 1e-12),
             _f(dec.get("flops_per_call"), ",.1f", 1e-9), _f(dec.get("achieved_flops_per_s"), ".3f", 1e-12),
             _f(vae_frac, ".1f", 100.0)])
     return out
+
+
+def tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Every table of a result: (title, columns, rows); empty tables are left out."""
+    out = [("speed", SPEED_COLUMNS, speed_rows(rows)),
+           ("latency (miss %: frames later than --target-latency; only with a live --input-fps)", LATENCY_COLUMNS,
+            latency_rows(rows)),
+           ("sessions (all streams of the engine together)", SESSION_COLUMNS, session_rows(rows)),
+           ("fast path vs the eager reference (paired, A B B A; ratios fast / eager)", EAGER_COLUMNS,
+            eager_rows(rows)),
+           ("roofline, DiT (per call, steady state; minimum bytes)", ROOF_COLUMNS, roofline_rows(rows)),
+           ("roofline, VAE (per call, steady state)", VAE_ROOF_COLUMNS, vae_roofline_rows(rows))]
+    return [t for t in out if t[2]]
 
 
 def _header(meta: dict) -> list[str]:
@@ -114,49 +157,21 @@ def _plain_table(columns: list[str], rows: list[list[str]]) -> list[str]:
            ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
 
 
+def _wrapped(line: str) -> list[str]:
+    import textwrap
+    return textwrap.wrap(line, WIDTH, subsequent_indent="  ") or [""]
+
+
 def render_text(result: dict) -> str:
-    """The human tables as plain text."""
-    rows = result["rows"]
-    lines = _header(result["meta"]) + [""] + _plain_table(MAIN_COLUMNS, main_rows(rows))
-    sess = session_rows(rows)
-    if sess:
-        lines += ["", "sessions (all streams of the engine together):"] + _plain_table(SESSION_COLUMNS, sess)
-    eager = eager_rows(rows)
-    if eager:
-        lines += ["", "fast path vs the eager reference (paired, A B B A):"] + _plain_table(EAGER_COLUMNS, eager)
-    roof = roofline_rows(rows)
-    if roof:
-        lines += ["", "roofline (per call, steady state; minimum bytes):"] + _plain_table(ROOF_COLUMNS, roof)
+    """The human tables as plain text, each at most :data:`WIDTH` columns wide."""
+    lines = [w for line in _header(result["meta"]) for w in _wrapped(line)]
+    for title, columns, rows in tables(result["rows"]):
+        lines += ["", *_wrapped(title + ":"), *_plain_table(columns, rows)]
     return "\n".join(lines)
 
 
 def print_table(result: dict, file=None) -> None:
-    """The human tables: rich when installed, plain text otherwise."""
-    file = file or sys.stdout
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(render_text(result), file=file)
-        return
-    console = Console(file=file, width=200)
-    for line in _header(result["meta"]):
-        console.print(line, highlight=False)
-    for title, columns, rows in (("stream", MAIN_COLUMNS, main_rows(result["rows"])),
-                                 ("sessions (all streams of the engine together)", SESSION_COLUMNS,
-                                  session_rows(result["rows"])),
-                                 ("fast path vs the eager reference (paired, A B B A)", EAGER_COLUMNS,
-                                  eager_rows(result["rows"])),
-                                 ("roofline (per call, steady state; minimum bytes)", ROOF_COLUMNS,
-                                  roofline_rows(result["rows"]))):
-        if not rows:
-            continue
-        table = Table(title=title)
-        for c in columns:
-            table.add_column(c, justify="right")
-        for r in rows:
-            table.add_row(*r)
-        console.print(table)
+    print(render_text(result), file=file or sys.stdout)
 
 
 def render_markdown(result: dict) -> str:
@@ -170,9 +185,7 @@ def render_markdown(result: dict) -> str:
         head += (f" Measured peaks: {p['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s ({p['matmul_dtype']} matmul), "
                  f"{p['copy_bytes_per_s'] / 1e9:.1f} GB/s copy.")
     lines = [head, ""]
-    for columns, rows in ((MAIN_COLUMNS, main_rows(result["rows"])), (SESSION_COLUMNS, session_rows(result["rows"])),
-                          (EAGER_COLUMNS, eager_rows(result["rows"])), (ROOF_COLUMNS, roofline_rows(result["rows"]))):
-        if rows:
-            lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    for title, columns, rows in tables(result["rows"]):
+        lines += [f"*{title}*", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     return "\n".join(lines)
