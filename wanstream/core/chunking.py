@@ -59,11 +59,6 @@ class ChunkInfo:
     real: int                # frames that were real input (the rest is end-of-stream padding)
     first: bool = False      # the stream's first chunk
 
-    @property
-    def oldest_arrival(self) -> float:
-        return min(self.arrivals[: self.real]) if self.real else min(self.arrivals)
-
-
 @dataclass
 class ChunkBuffer:
     """Input frames of one stream, cut into chunks. Thread-safe (transports push, the engine takes).
@@ -110,13 +105,6 @@ class ChunkBuffer:
         """A whole chunk is queued (and the queue is not held)."""
         with self._lock:
             return not self.held and len(self._queue) >= self.next_len
-
-    def chunks_ready(self) -> int:
-        with self._lock:
-            n = len(self._queue)
-            if not self.prepared:
-                return chunks_in(n)
-            return n // CHUNK_FRAMES
 
     def arrivals(self) -> list[float]:
         """Arrival times of the queued frames, oldest first."""

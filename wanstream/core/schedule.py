@@ -80,10 +80,6 @@ class Call:
                 out.append(r.stream)
         return out
 
-    def rows_of(self, stream: Hashable) -> list[Row]:
-        return [r for r in self.rows if r.stream == stream]
-
-
 def compose(stage_lists: Iterable[Sequence[Stage]]) -> list[Call]:
     """Merge per-stream stage sequences into calls: the k-th stages of all streams run in the k-th round, one
     call per latent frame count (rows of different lengths cannot share a call). Stages without rows (a bare

@@ -101,16 +101,6 @@ class KVCache:
         for t in self.row_tensors():
             t[dst] = t[src]
 
-    def resized(self, rows: int) -> "KVCache":
-        """A copy with ``rows`` rows; row r starts from old row ``min(r, rows_before - 1)`` (the closest level)."""
-        first = next(iter(self.k.values()))
-        out = KVCache(self.layers, rows, self.capacity, self.tokens_per_frame, first.shape[2], first.shape[3],
-                      first.dtype, first.device)
-        src = [min(r, self.rows - 1) for r in range(rows)]
-        for dst_t, src_t in zip(out.row_tensors(), self.row_tensors()):
-            dst_t.copy_(src_t[src])
-        return out
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.row_tensors())
 

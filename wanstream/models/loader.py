@@ -96,10 +96,6 @@ class ModelBundle:
             raise RuntimeError("this model was loaded without a text encoder; pass a prompt embedding instead")
         return self.text_encoder.encode([prompt])
 
-    @property
-    def vae_spatial(self) -> int:
-        return 8
-
     def tokens_per_frame(self, height: int, width: int) -> int:
         """DiT tokens of one latent frame at a pixel resolution (patch 2×2 on the 8× latent grid)."""
         pt, ph, pw = self.dit.patch_size
