@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wanstream.io import video
+from wanstream.io import writing
 from wanstream.io.video import (
     VideoError,
     VideoInfo,
@@ -56,7 +56,7 @@ def test_iter_frames_streams_rgb_frames(tmp_path, clip):
 
 
 def test_mpeg4_and_fallback_when_x264_is_missing(tmp_path, clip, monkeypatch):
-    monkeypatch.setattr(video, "_has_encoder", lambda name: name != "libx264")
+    monkeypatch.setattr(writing, "_has_encoder", lambda name: name != "libx264")
     path = tmp_path / "out.mp4"
     with VideoWriter(path, 16, 64, 48, qscale=2) as writer:
         writer.write(clip)
@@ -85,6 +85,7 @@ def test_writer_rejects_bad_frames_and_settings(tmp_path, clip):
             writer.write(np.zeros((48, 32, 3), np.uint8))
         with pytest.raises(ValueError, match="uint8"):
             writer.write(clip.astype(np.float32))
+        writer.write(clip[0])
     with pytest.raises(VideoError, match="even"):
         VideoWriter(tmp_path / "odd.mp4", 16, 63, 48)
     with pytest.raises(VideoError, match="fps"):
@@ -115,16 +116,17 @@ def test_bad_inputs_raise_video_error_naming_the_file(tmp_path):
             fn(text)
         with pytest.raises(VideoError, match="empty"):
             fn("")
-        with pytest.raises(VideoError, match="not a file"):
+        with pytest.raises(VideoError, match="folder with no images"):
             fn(tmp_path)
 
 
 def test_no_video_stream_and_empty_video(tmp_path):
-    # An mp4 closed before any frame keeps no video track; an avi keeps the stream with zero frames.
-    VideoWriter(tmp_path / "none.mp4", 16, 32, 32).close()
+    # An mp4 closed before any frame keeps no video track; an avi keeps the stream with zero frames (written
+    # in place: an atomic writer keeps no file without a frame).
+    VideoWriter(tmp_path / "none.mp4", 16, 32, 32, atomic=False).close()
     with pytest.raises(VideoError, match="none.mp4: no video stream"):
         probe_video(tmp_path / "none.mp4")
-    VideoWriter(tmp_path / "empty.avi", 16, 32, 32, codec="mpeg4").close()
+    VideoWriter(tmp_path / "empty.avi", 16, 32, 32, codec="mpeg4", atomic=False).close()
     with pytest.raises(VideoError, match="empty.avi: the video is empty"):
         read_video(tmp_path / "empty.avi")
 
