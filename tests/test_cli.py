@@ -68,12 +68,75 @@ def test_bad_input_gives_one_error_line(case, tiny_model_dir, clip_path, tmp_pat
     assert expected in err
 
 
-def test_download_offline_is_a_clear_error(tmp_path, capsys):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "wanstream.cli", "download", "sdv2-1.3b", "--dir", str(tmp_path)],
+def _offline_env(tmp_path, port: int, **extra) -> dict:
+    """No way out: the hub endpoint and every proxy point at a loopback port, no cache holds a model."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "hf_hub_offline")}
+    url = f"http://127.0.0.1:{port}"
+    env.update(HF_ENDPOINT=url, HTTP_PROXY=url, HTTPS_PROXY=url, http_proxy=url, https_proxy=url,
+               HF_HUB_CACHE=str(tmp_path / "hf"), HF_HOME=str(tmp_path / "hf-home"), TORCH_HOME=str(tmp_path / "th"),
+               HF_HUB_DISABLE_TELEMETRY="1", **extra)
+    return env
+
+
+def _download(tmp_path, name, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wanstream.cli", "download", name, "--dir", str(tmp_path / "models")],
                           capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 2
-    assert "cannot reach the Hugging Face hub" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["sdv2-1.3b", "sdv2-14b", "clip", "raft"])
+def test_download_without_network_is_one_line(name, tmp_path):
+    """Every target, the network unreachable (a closed loopback port): exit 2, one line saying what to do, no
+    partial file. (``clip`` used to retry for ~25 s and print a 60-line traceback.)"""
+    proc = _download(tmp_path, name, _offline_env(tmp_path, _closed_port()))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("wanstream download: error: cannot ") and "copy" in lines[0], lines[0]
+    assert "refused" in lines[0].lower()
+    models = tmp_path / "models"
+    assert not models.exists() or not [p for p in models.rglob("*") if p.is_file()]
+
+
+def test_download_asks_the_silent_hub_once_within_its_timeout(tmp_path):
+    """A network that accepts but never answers: one request, given up after HF_HUB_ETAG_TIMEOUT, no retries."""
+    import socket
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(conn)                   # kept open, never answered
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        proc = _download(tmp_path, "clip", _offline_env(tmp_path, server.getsockname()[1], HF_HUB_ETAG_TIMEOUT="1"))
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Timeout" in lines[0], proc.stderr
+    assert len(accepted) == 1
+
+
+def test_download_with_hf_hub_offline_touches_no_network(tmp_path):
+    env = _offline_env(tmp_path, _closed_port(), HF_HUB_OFFLINE="1")
+    for name in ("sdv2-1.3b", "clip"):
+        proc = _download(tmp_path, name, env)
+        assert proc.returncode == 2 and "HF_HUB_OFFLINE is set" in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_v2v_twice_gives_the_same_file(tiny_model_dir, clip_path, tmp_path):
