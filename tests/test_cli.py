@@ -68,6 +68,40 @@ def test_bad_input_gives_one_error_line(case, tiny_model_dir, clip_path, tmp_pat
     assert expected in err
 
 
+def test_outputs_and_device_are_checked_before_anything_loads(tiny_model_dir, clip_path, tmp_path, capsys,
+                                                              monkeypatch):
+    """-o naming a folder or lacking a video extension, and --device cuda without CUDA: one line each, before the
+    model loads (the loader is replaced by one that fails the test), nothing written."""
+    import torch
+
+    import wanstream.models.loader as loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(loader, "load_model", no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "folder").mkdir()
+    model = ["--model", str(tiny_model_dir), "--prompt", "x"]
+    frames = [tmp_path / f"f{i}.png" for i in range(3)]
+    cases = [
+        (["v2v", str(clip_path), "-o", str(tmp_path / "folder"), *model], "is a folder: give -o/--output a file name"),
+        (["v2v", str(clip_path), "-o", str(tmp_path / "styled"), *model], "needs a video file extension"),
+        (["v2v", str(clip_path), "-o", str(tmp_path / "s.webm"), *model], "got '.webm'"),
+        (["v2v", str(clip_path), "-o", str(tmp_path / "s.mp4"), *model, "--device", "cuda"],
+         "--device cuda: CUDA is not available here (torch.cuda.is_available() is False); use --device cpu"),
+        (["v2v", *map(str, frames), "-o", str(tmp_path / "s.mp4"), *model], "give its folder or a quoted pattern"),
+        (["t2v", "-o", str(tmp_path / "folder"), *model], "is a folder"),
+        (["t2v", "-o", str(tmp_path / "t.mp4"), *model, "--device", "cuda:0"], "CUDA is not available"),
+        (["clip", str(tmp_path / "c.gif")], "OUTPUT needs a video file extension"),
+    ]
+    before = sorted(tmp_path.rglob("*"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def _offline_env(tmp_path, port: int, **extra) -> dict:
     """No way out: the hub endpoint and every proxy point at a loopback port, no cache holds a model."""
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "hf_hub_offline")}
