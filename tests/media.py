@@ -53,8 +53,8 @@ def _encode_audio(container, stream, samples: np.ndarray, rate: int, start_sampl
 def write_clip(path: Path, *, codec: str = "libx264", frames: int = 9, width: int = 48, height: int = 32,
                fps: float = 16.0, pts: list[int] | None = None, time_base: Fraction | None = None,
                pix_fmt: str = "yuv420p", rotation: int = 0, audio: str | None = None, audio_rate: int = 48000,
-               audio_channels: int = 2, audio_start: float = 0.0, container_options: dict | None = None,
-               seed: int = 0) -> Path:
+               audio_channels: int = 2, audio_start: float = 0.0, audio_freq: float = 440.0,
+               container_options: dict | None = None, seed: int = 0) -> Path:
     """A clip of ``frames`` motion frames; ``pts`` (in ``time_base`` ticks) for variable frame rates;
     ``rotation`` writes a display matrix (the pixels are stored turned back, as a phone stores them);
     ``audio``: an audio codec for a sine track lasting as long as the video, starting at ``audio_start`` s."""
@@ -81,7 +81,7 @@ def write_clip(path: Path, *, codec: str = "libx264", frames: int = 9, width: in
         c.mux(v.encode(None))
         if a is not None:
             duration = (pts[-1] * tb + 1 / rate) - audio_start
-            _encode_audio(c, a, sine(float(duration), audio_rate, audio_channels), audio_rate,
+            _encode_audio(c, a, sine(float(duration), audio_rate, audio_channels, audio_freq), audio_rate,
                           round(audio_start * audio_rate))
     return Path(path)
 
