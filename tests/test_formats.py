@@ -161,6 +161,15 @@ def test_batched_files_keep_each_its_own_audio(tiny_model, tmp_path):
         assert len(read_video(job.output)[0]) == len(read_video(clip)[0])
 
 
+def test_same_input_with_audio_and_vfr_gives_the_same_bytes(tiny_model, tmp_path):
+    """Reproducible files, also with a re-encoded (AAC) track and an input's own timestamps."""
+    src = write_clip(tmp_path / "a.mov", time_base=Fraction(1, 1000), pts=VFR_PTS, audio="pcm_s16le")
+    outs = [tmp_path / "1.mp4", tmp_path / "2.mp4"]
+    for out in outs:
+        assert restyle_file(tiny_model, src, out).audio_copied is False
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
 def _shift(got: np.ndarray, ref: np.ndarray, most: int) -> int | None:
     """The shift (samples, within ``most``) that makes the common part of two sample arrays equal, or None."""
     for k in sorted(range(-most, most + 1), key=abs):
