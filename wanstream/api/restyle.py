@@ -13,7 +13,7 @@ temporary file renamed into place only when complete (:mod:`wanstream.io.files`)
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from wanstream.engine.loop import Engine, EngineStream
@@ -31,7 +31,6 @@ class FileJob:
     written: int = 0
     first_s: float | None = None
     audio_copied: bool | None = None                       # after the run: copied / re-encoded / no audio
-    _pts: dict[int, int] = field(default_factory=dict, repr=False)   # frame id → input timestamp
 
     @property
     def input(self) -> Path:
@@ -91,15 +90,16 @@ def restyle(engine: Engine, jobs: list[FileJob], desc: str = "v2v") -> float:
         bar = stack.enter_context(tqdm(total=total, unit="frame", desc=desc, disable=None))
         sources = [job.source.frames() for job in jobs]
         counts = [0] * len(jobs)
+        stamps: list[dict[int, int]] = [{} for _ in jobs]     # per job: frame id → the input frame's timestamp
         active = list(range(len(jobs)))
 
         def write_ready() -> None:
-            for job, writer in zip(jobs, writers):
+            for job, writer, pts in zip(jobs, writers, stamps):
                 out = job.stream.take_outputs()
                 if out and job.first_s is None:
                     job.first_s = time.perf_counter() - t0
                 for o in out:
-                    writer.write(o.image, job._pts.pop(o.index))
+                    writer.write(o.image, pts.pop(o.index))
                 job.written += len(out)
                 bar.update(len(out))
 
@@ -110,7 +110,7 @@ def restyle(engine: Engine, jobs: list[FileJob], desc: str = "v2v") -> float:
                     engine.finish(jobs[i].stream)
                     active.remove(i)
                 else:
-                    jobs[i]._pts[counts[i]] = frame.pts
+                    stamps[i][counts[i]] = frame.pts
                     engine.feed(jobs[i].stream, frame.image, frame_ids=[counts[i]])
                     counts[i] += 1
             while any(j.stream.buffer.ready() for j in jobs):

@@ -132,8 +132,8 @@ def launch_pipeline(args, decoder: str = "vae"):
 def run_v2v_pipeline(args) -> int:
     """``wanstream v2v`` on a pipeline: same flags as single-device plus the pipeline options."""
     from wanstream.api.pipeline_session import PipelineSession
+    from wanstream.api.restyle import FileJob, plan_outputs, report, restyle
     from wanstream.core.block_scheduler import even_split
-    from wanstream.api.restyle import plan_outputs
     from wanstream.io.video import fit_resolution, open_video
     from wanstream.pipeline.driver import PipelineDriver, num_layers_of
     from wanstream.pipeline.launch import LaunchSpec, run_worker, torchrun_env
@@ -163,7 +163,6 @@ def run_v2v_pipeline(args) -> int:
                               noise_controller=not args.no_noise_controller, batch=not args.no_batch,
                               seed=args.seed, decoder=decoder, split=split, rebalance=schedule or False,
                               timeout=args.pipeline_timeout, threads=threads, driver=driver)
-    from wanstream.api.restyle import FileJob, report, restyle
     with session:
         job = FileJob(source, output, session.stream, crf=getattr(args, "crf", 18),
                       audio=not getattr(args, "no_audio", False))
