@@ -86,7 +86,8 @@ def write_clip(path: Path, *, codec: str = "libx264", frames: int = 9, width: in
     return Path(path)
 
 
-def write_gif(path: Path, frames: int = 8, width: int = 48, height: int = 32, delays_cs: list[int] | None = None) -> Path:
+def write_gif(path: Path, frames: int = 8, width: int = 48, height: int = 32,
+              delays_cs: list[int] | None = None) -> Path:
     """An animated GIF (``delays_cs``: each frame's delay in 1/100 s; GIFs have no frame count in a header)."""
     delays = delays_cs or [6] * frames
     pts = list(np.cumsum([0, *delays[:-1]]))
