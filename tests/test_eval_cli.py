@@ -119,8 +119,13 @@ def test_eval_errors_are_clear(demo_pair, eval_models, tmp_path, monkeypatch, ca
         (["eval", str(src)], "give INPUT and OUTPUT"),
         (["eval", str(src), str(out), "--sweep", str(tmp_path / "s.toml")], "not both"),
         (["eval", "--sweep", str(tmp_path / "s.toml")], "s.toml: cannot read the sweep config"),
+        (["eval", str(src), str(out), "--prompt", "x", "--json", str(src)],          # a report over a video
+         f"refusing to write {src}: it is the input {src}"),
+        (["eval", str(src), str(out), "--prompt", "x", "--html", str(out)], f"refusing to write {out}"),
     ]
+    kept = src.read_bytes(), out.read_bytes()
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "wanstream eval: error:" in err and message in err, (argv, err)
+    assert (src.read_bytes(), out.read_bytes()) == kept

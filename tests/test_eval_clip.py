@@ -150,7 +150,7 @@ def test_download_without_network_says_where_to_copy(tmp_path, monkeypatch):
             open(partial, "wb").write(b"half")
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda *a, **k: no_network())
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: no_network())
     with pytest.raises(RuntimeError, match=r"Without network access, copy https://download\.pytorch\.org/models/"
                                            r"raft_large_C_T_SKHT_V2-ff5fadd5\.pth to .*models/eval/"):
         download_eval_model("raft", tmp_path / "models", log=lambda *_: None)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wanstream.io import video
+from wanstream.io import writing
 from wanstream.io.video import (
     VideoError,
     VideoInfo,
@@ -32,6 +32,15 @@ def clip() -> np.ndarray:
     return make_motion_clip(12, 64, 48, seed=1)
 
 
+def yuv420_round_trip(frames: np.ndarray) -> np.ndarray:
+    """``frames`` converted to the writer's yuv420p and back, by the same swscale conversion PyAV applies when
+    encoding and decoding: what a lossless encode must give back. (A 64x48 texture loses ~7 levels on average to
+    the 4:2:0 chroma alone, and the exact figure depends on swscale's code path for the CPU: it is no bound.)"""
+    import av
+    return np.stack([av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p").to_ndarray(
+        format="rgb24") for f in frames])
+
+
 @pytest.mark.parametrize("fps", [16.0, 29.97, Fraction(30000, 1001)])
 def test_round_trip_keeps_count_size_fps_and_pixels(tmp_path, clip, fps):
     path = tmp_path / "out.mp4"
@@ -43,7 +52,7 @@ def test_round_trip_keeps_count_size_fps_and_pixels(tmp_path, clip, fps):
     frames, read_fps = read_video(path)
     assert frames.shape == clip.shape and frames.dtype == np.uint8
     assert read_fps == pytest.approx(float(fps), abs=1e-3)
-    assert np.abs(frames.astype(np.int16) - clip).mean() < 8
+    np.testing.assert_array_equal(frames, yuv420_round_trip(clip))      # crf 0: H.264 is lossless in YUV
     info = probe_video(path)
     assert info == VideoInfo(64, 48, info.fps, len(clip))
 
@@ -56,17 +65,20 @@ def test_iter_frames_streams_rgb_frames(tmp_path, clip):
 
 
 def test_mpeg4_and_fallback_when_x264_is_missing(tmp_path, clip, monkeypatch):
-    monkeypatch.setattr(video, "_has_encoder", lambda name: name != "libx264")
+    monkeypatch.setattr(writing, "_has_encoder", lambda name: name != "libx264")
     path = tmp_path / "out.mp4"
     with VideoWriter(path, 16, 64, 48, qscale=2) as writer:
         writer.write(clip)
     assert writer.codec == "mpeg4"
     frames, fps = read_video(path)
     assert len(frames) == len(clip) and fps == pytest.approx(16.0)
-    assert np.abs(frames.astype(np.int16) - clip).mean() < 8
+    # qscale is honoured: measured against what a lossless codec would give back (the 4:2:0 conversion alone),
+    # the finest quantiser loses far less than the coarsest (measured: 2.9 and 16.9 levels on average)
+    reference = yuv420_round_trip(clip).astype(np.int16)
+    fine = np.abs(frames.astype(np.int16) - reference).mean()
     with VideoWriter(path, 16, 64, 48, qscale=31) as coarse:
         coarse.write(clip)
-    assert np.abs(read_video(path)[0].astype(np.int16) - clip).mean() > 10  # qscale is honoured
+    assert fine < 0.5 * np.abs(read_video(path)[0].astype(np.int16) - reference).mean()
 
 
 def test_close_twice_and_write_after_close(tmp_path, clip):
@@ -85,6 +97,7 @@ def test_writer_rejects_bad_frames_and_settings(tmp_path, clip):
             writer.write(np.zeros((48, 32, 3), np.uint8))
         with pytest.raises(ValueError, match="uint8"):
             writer.write(clip.astype(np.float32))
+        writer.write(clip[0])
     with pytest.raises(VideoError, match="even"):
         VideoWriter(tmp_path / "odd.mp4", 16, 63, 48)
     with pytest.raises(VideoError, match="fps"):
@@ -115,16 +128,17 @@ def test_bad_inputs_raise_video_error_naming_the_file(tmp_path):
             fn(text)
         with pytest.raises(VideoError, match="empty"):
             fn("")
-        with pytest.raises(VideoError, match="not a file"):
+        with pytest.raises(VideoError, match="folder with no images"):
             fn(tmp_path)
 
 
 def test_no_video_stream_and_empty_video(tmp_path):
-    # An mp4 closed before any frame keeps no video track; an avi keeps the stream with zero frames.
-    VideoWriter(tmp_path / "none.mp4", 16, 32, 32).close()
+    # An mp4 closed before any frame keeps no video track; an avi keeps the stream with zero frames (written
+    # in place: an atomic writer keeps no file without a frame).
+    VideoWriter(tmp_path / "none.mp4", 16, 32, 32, atomic=False).close()
     with pytest.raises(VideoError, match="none.mp4: no video stream"):
         probe_video(tmp_path / "none.mp4")
-    VideoWriter(tmp_path / "empty.avi", 16, 32, 32, codec="mpeg4").close()
+    VideoWriter(tmp_path / "empty.avi", 16, 32, 32, codec="mpeg4", atomic=False).close()
     with pytest.raises(VideoError, match="empty.avi: the video is empty"):
         read_video(tmp_path / "empty.avi")
 

@@ -52,7 +52,7 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         self.start()
         found = wait_until(lambda: self.popen.poll() is not None or
-                           re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", self.log()), 120,
+                           re.search(r"wanstream serve: open http://127\.0\.0\.1:(\d+)/", self.log()), 120,
                            "the server to listen")
         assert self.popen.poll() is None, f"server exited ({self.popen.returncode}):\n{self.log()}"
         self.port = int(found.group(1))

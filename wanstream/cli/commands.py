@@ -4,39 +4,79 @@ what it needs when it runs (parsing stays fast)."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 from wanstream.cli.presets import lora_specs, prompt_embedding
 
 
+def check_device(device: str | None) -> None:
+    """``--device cuda[:N]`` on a machine where torch sees no such GPU: one line suggesting ``--device cpu``, before
+    anything loads."""
+    if device is None or not str(device).startswith("cuda"):
+        return
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False); "
+                         f"use --device cpu")
+    index = str(device).partition(":")[2]
+    if index.isdigit() and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM ends a file-writing command like Ctrl-C does (its outputs are removed, not left half-written)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_v2v(args) -> int:
+    from wanstream.api.restyle import plan_outputs
     from wanstream.cli.pipeline import check_pipeline_args, pipeline_requested, run_v2v_pipeline
-    if pipeline_requested(args):
+    piped = pipeline_requested(args)
+    if piped:
         check_pipeline_args(args)
         if args.prompt is None:
             raise ValueError("the multi-GPU pipeline needs --prompt (or a preset with one prompt, not a blend)")
         if len(args.input) > 1:
             raise ValueError("the multi-GPU pipeline restyles one file at a time")
-        return run_v2v_pipeline(args)
-    from wanstream.api.restyle import FileJob, output_paths, report, restyle
+    check_device(args.device)
+    outputs = plan_outputs(args.input, args.output)          # refused here when an output is an input
+    if piped:
+        with _terminate_as_interrupt():
+            return run_v2v_pipeline(args)
+    from wanstream.api.restyle import FileJob, report, restyle
     from wanstream.engine.loop import Engine
-    from wanstream.io.video import fit_resolution, probe_video
+    from wanstream.io.video import fit_resolution, open_video
     from wanstream.models.loader import load_model
 
-    outputs = output_paths(args.input, args.output)
-    infos = [probe_video(p) for p in args.input]
+    sources = [open_video(p, fps=args.fps, still_frames=args.still_frames) for p in args.input]
     model = load_model(args.model, device=args.device, taehv=args.taehv, quantize=args.quantize,
                        lora=lora_specs(args))
     embeds = prompt_embedding(model, args)
     engine = Engine(model)
     jobs = []
-    for path, out, info in zip(args.input, outputs, infos):
-        width, height = args.resolution or fit_resolution(info.width, info.height)
+    for source, out in zip(sources, outputs):
+        width, height = args.resolution or fit_resolution(source.info.width, source.info.height)
         stream = engine.open(prompt_embeds=embeds, width=width, height=height, steps=args.steps,
                              noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
                              batch=not args.no_batch, seed=args.seed, decoder="taehv" if args.taehv else "vae",
                              fit=args.fit)
-        jobs.append(FileJob(path, out, stream, info.fps, info.frames, crf=args.crf))
-    elapsed = restyle(engine, jobs, desc="v2v" if len(jobs) == 1 else f"v2v x{len(jobs)}")
+        jobs.append(FileJob(source, out, stream, crf=args.crf, audio=not args.no_audio))
+    with _terminate_as_interrupt():
+        elapsed = restyle(engine, jobs, desc="v2v" if len(jobs) == 1 else f"v2v x{len(jobs)}")
     report(jobs, elapsed)
     return 0
 
@@ -45,16 +85,17 @@ def cmd_t2v(args) -> int:
     from tqdm import tqdm
 
     from wanstream.api.t2v import text_to_video
-    from wanstream.io.video import VideoWriter
+    from wanstream.io.video import VideoWriter, check_output_name
     from wanstream.models.loader import load_model
 
+    check_output_name(args.output)
+    check_device(args.device)
     width, height = args.resolution
     model = load_model(args.model, device=args.device, lora=lora_specs(args))
     embeds = prompt_embedding(model, args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     first = None
-    with VideoWriter(args.output, args.fps, width, height) as writer, \
+    with _terminate_as_interrupt(), VideoWriter(args.output, args.fps, width, height) as writer, \
             tqdm(total=args.frames, unit="frame", desc="t2v", disable=None) as bar:
         for frame in text_to_video(model, embeds, args.frames, width=width, height=height, steps=args.steps,
                                    seed=args.seed, batch=not args.no_batch):
@@ -75,10 +116,11 @@ def cmd_init_random(args) -> int:
 
 
 def cmd_clip(args) -> int:
-    from wanstream.io.video import write_motion_clip
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    from wanstream.io.video import check_output_name, write_motion_clip
+    check_output_name(args.output, flag="OUTPUT")
     width, height = args.resolution
-    write_motion_clip(args.output, args.frames, width, height, args.fps)
+    with _terminate_as_interrupt():
+        write_motion_clip(args.output, args.frames, width, height, args.fps, seed=args.seed)
     print(f"clip: {args.frames} frames {width}x{height} @ {args.fps:g} fps → {args.output}")
     return 0
 

@@ -12,20 +12,22 @@ WAN_FILES = ["config.json", "diffusion_pytorch_model*", "Wan2.1_VAE.pth", "model
 
 def download(name: str, root: Path) -> Path:
     """``name`` is ``sdv2-1.3b``, ``sdv2-14b`` or an evaluation model (``clip``, ``raft``: into ``root/eval/``).
-    Raises RuntimeError with a clear message when offline."""
+    Raises RuntimeError with one line saying what to do when the hub cannot be reached (at once: no retries)."""
     if name in ("clip", "raft"):
         from wanstream.eval.models import download_eval_model
         return download_eval_model(name, root)
     preset = {"sdv2-1.3b": "1.3b", "sdv2-14b": "14b"}[name]
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from wanstream.models.hub import check_hub, hub_failure
     root = Path(root)
+    by_hand = (f"copy the files into {root} by hand (layout: wan_models/{WAN_FOLDER[preset]}/, "
+               f"ckpts/{CAUSAL_FOLDER[preset]}/model.pt)")
+    check_hub(HUB_WAN[preset], name, by_hand)
     try:
         snapshot_download(HUB_WAN[preset], local_dir=root / "wan_models" / WAN_FOLDER[preset],
                           allow_patterns=WAN_FILES)
         hf_hub_download(HUB_CAUSAL, f"{CAUSAL_FOLDER[preset]}/model.pt", local_dir=root / "ckpts")
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise RuntimeError(f"cannot reach the Hugging Face hub to download {name} ({type(exc).__name__}). "
-                           f"Without network access, copy the files into {root} by hand "
-                           f"(layout: wan_models/{WAN_FOLDER[preset]}/, ckpts/{CAUSAL_FOLDER[preset]}/model.pt)") from exc
+    except Exception as exc:  # noqa: BLE001 - the network went away midway: one line (wanstream.models.hub)
+        raise hub_failure(exc, name, by_hand) from None
     return root

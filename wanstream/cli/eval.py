@@ -75,16 +75,16 @@ def run_eval(args) -> int:
     for path in (args.input, args.output):
         if not path.is_file():
             raise ValueError(f"{path}: video file not found")
+    from wanstream.io.files import check_outputs, write_text_atomic
+    json_path = args.json or args.output.with_suffix(".eval.json")
+    html_path = args.html or args.output.with_suffix(".eval.html")
+    check_outputs([args.input, args.output], [json_path, html_path], flag="--json / --html")   # before any work
     clip, flow = load_scorers(args.models, args.clip, args.raft, args.device, args.batch_size, args.flow_updates)
     result, inputs, outputs = evaluate_files(args.input, args.output, prompts, clip, flow, max_frames=args.max_frames,
                                              drift_ref=args.drift_ref, flow_batch=args.flow_batch)
     from wanstream.eval.report import render_html
-    json_path = args.json or args.output.with_suffix(".eval.json")
-    html_path = args.html or args.output.with_suffix(".eval.html")
-    for path in (json_path, html_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    html_path.write_text(render_html(result, inputs, outputs, args.strip))
+    write_text_atomic(json_path, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(html_path, render_html(result, inputs, outputs, args.strip))
     m = result["metrics"]
     print(f"frames {result['frames']} | CLIP score {_f(m['clip_score']['value'])} | consistency "
           f"{_f(m['clip_consistency']['value'])} | warp error {_f(m['warp_error']['value'])} | drift "

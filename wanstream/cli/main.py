@@ -53,9 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("v2v", help="restyle video files (several files run as concurrent, batched streams)",
                        description="Restyle video files by a text prompt. Several inputs run as concurrent streams "
                                    "batched into shared DiT calls; each output keeps its input's frames and timing.")
-    p.add_argument("input", type=Path, nargs="+", help="one or more video files")
+    p.add_argument("input", type=Path, nargs="+",
+                   help="video files (MP4, MOV, MKV, WebM, AVI, GIF, ...), image sequences (a folder, or a pattern "
+                        "like frames/%%04d.png or 'frames/*.png') or still images")
     p.add_argument("-o", "--output", type=Path, required=True,
-                   help="output file; with several inputs a folder (each result named after its input)")
+                   help="output video (.mp4, .m4v, .mov or .mkv); with several inputs a folder (each result named "
+                        "after its input). Never one of the inputs")
     _model_args(p)
     _creator_args(p)
     p.add_argument("--fit", choices=FIT_MODES, default="crop",
@@ -73,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
     p.add_argument("--crf", type=int_in(0, 51, "crf"), default=18,
                    help="H.264 quality of the output: 0 lossless, 18 visually lossless, 51 worst")
+    p.add_argument("--no-audio", action="store_true",
+                   help="drop the input's audio track (by default it is kept: copied, or AAC where the output "
+                        "container needs it)")
+    p.add_argument("--fps", type=_fps, default=None,
+                   help="frame rate of image-sequence and still-image inputs (default 16; videos keep their own)")
+    p.add_argument("--still-frames", type=_frames, default=16,
+                   help="frames a still-image input is restyled into (a clip of that many frames at --fps)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                    help="DiT block linears in int8 (weight-only, any device) or fp8 (CUDA, compute capability >= 8.9)")
     from wanstream.cli.pipeline import add_pipeline_args

@@ -132,8 +132,9 @@ def launch_pipeline(args, decoder: str = "vae"):
 def run_v2v_pipeline(args) -> int:
     """``wanstream v2v`` on a pipeline: same flags as single-device plus the pipeline options."""
     from wanstream.api.pipeline_session import PipelineSession
+    from wanstream.api.restyle import FileJob, plan_outputs, report, restyle
     from wanstream.core.block_scheduler import even_split
-    from wanstream.io.video import fit_resolution, probe_video
+    from wanstream.io.video import fit_resolution, open_video
     from wanstream.models.loader import num_layers_of
     from wanstream.pipeline.driver import PipelineDriver
     from wanstream.pipeline.launch import LaunchSpec, run_worker, torchrun_env
@@ -155,17 +156,17 @@ def run_v2v_pipeline(args) -> int:
             return run_worker(env["rank"], env["host"], env["port"], spec, master=False)
         driver = PipelineDriver.join_torchrun(args.model, spec, vae=True, text_encoder=True, schedule=schedule)
 
-    path = args.input[0]
-    info = probe_video(path)
-    width, height = args.resolution or fit_resolution(info.width, info.height)
+    output, = plan_outputs(args.input[:1], args.output)      # an output that is the input: refused, nothing opened
+    source = open_video(args.input[0], fps=getattr(args, "fps", None), still_frames=getattr(args, "still_frames", 16))
+    width, height = args.resolution or fit_resolution(source.info.width, source.info.height)
     session = PipelineSession(args.model, devices=devices, prompt=args.prompt, width=width, height=height,
                               steps=args.steps, noise_scale=args.noise_scale,
                               noise_controller=not args.no_noise_controller, batch=not args.no_batch,
                               seed=args.seed, decoder=decoder, split=split, rebalance=schedule or False,
                               timeout=args.pipeline_timeout, threads=threads, driver=driver)
-    from wanstream.api.restyle import FileJob, report, restyle
     with session:
-        job = FileJob(path, args.output, session.stream, info.fps, info.frames)
+        job = FileJob(source, output, session.stream, crf=getattr(args, "crf", 18),
+                      audio=not getattr(args, "no_audio", False))
         elapsed = restyle(session.engine, [job], desc=f"v2v x{world}")
         split_now, moves = session.split, len(session.moves)
     report([job], elapsed)

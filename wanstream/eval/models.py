@@ -13,6 +13,7 @@ found nowhere raises :class:`MissingModelError`, whose message says how to get i
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 from wanstream.core.errors import CheckpointError
@@ -25,6 +26,7 @@ CLIP_WEIGHTS = ["model.safetensors", "pytorch_model.bin"]   # the first one the 
 EVAL_DIR = "eval"
 DEFAULT_MODELS = Path("models")
 EVAL_MODELS = ("clip", "raft")
+DOWNLOAD_TIMEOUT_S = 10.0         # per connect / read of the RAFT download (a network that says nothing fails)
 
 
 class MissingModelError(CheckpointError):
@@ -68,18 +70,21 @@ def _hub_cache_clip() -> Path | None:
     return path if _clip_complete(path) else None
 
 
+def _copy_hint(name: str, target: Path) -> str:
+    """Where to copy a model's files by hand."""
+    if name == "clip":
+        return (f"copy the files of {CLIP_HUB_ID} (config.json, model.safetensors or pytorch_model.bin, "
+                f"preprocessor_config.json, tokenizer files) into {target}")
+    return f"copy {raft_weights().url} to {target}"
+
+
 def _how_to_get(name: str, target: Path, downloading: bool = False) -> str:
     """How to get a missing model: the download command (unless that is what failed), or where to copy it."""
-    if name == "clip":
-        host, flag = "huggingface.co", "--clip DIR"
-        copy = (f"the files of {CLIP_HUB_ID} (config.json, model.safetensors or pytorch_model.bin, "
-                f"preprocessor_config.json, tokenizer files) into {target}")
-    else:
-        host, flag, copy = "download.pytorch.org", "--raft FILE", f"{raft_weights().url} to {target}"
     if downloading:
-        return f"Without network access, copy {copy}"
-    return (f"run `wanstream download {name} --dir {target.parent.parent}` (needs access to {host}), or copy {copy}, "
-            f"or pass {flag}")
+        return f"Without network access, {_copy_hint(name, target)}"
+    host, flag = ("huggingface.co", "--clip DIR") if name == "clip" else ("download.pytorch.org", "--raft FILE")
+    return (f"run `wanstream download {name} --dir {target.parent.parent}` (needs access to {host}), or "
+            f"{_copy_hint(name, target)}, or pass {flag}")
 
 
 def find_clip(path: str | Path | None = None, models_dir: str | Path = DEFAULT_MODELS) -> tuple[Path, str]:
@@ -140,18 +145,19 @@ def _download_clip(target: Path, log) -> Path:
         log(f"download: copying {CLIP_HUB_ID} from the Hugging Face cache ({cached}) to {target}")
         shutil.copytree(cached, target, dirs_exist_ok=True)
         return target
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import snapshot_download
+
+    from wanstream.models.hub import check_hub, hub_failure
+    by_hand = _copy_hint("clip", target)
+    files = check_hub(CLIP_HUB_ID, CLIP_HUB_ID, by_hand)
+    weights = next((w for w in CLIP_WEIGHTS if w in files), None)
+    if weights is None:
+        raise RuntimeError(f"{CLIP_HUB_ID} on the hub has none of {CLIP_WEIGHTS}")
+    log(f"download: {CLIP_HUB_ID} ({weights}) → {target}")
     try:
-        files = set(HfApi().list_repo_files(CLIP_HUB_ID))
-        weights = next((w for w in CLIP_WEIGHTS if w in files), None)
-        if weights is None:
-            raise RuntimeError(f"{CLIP_HUB_ID} on the hub has none of {CLIP_WEIGHTS}")
-        log(f"download: {CLIP_HUB_ID} ({weights}) → {target}")
         snapshot_download(CLIP_HUB_ID, local_dir=target, allow_patterns=[*CLIP_FILES, weights])
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise RuntimeError(f"cannot reach the Hugging Face hub to download {CLIP_HUB_ID} ({type(exc).__name__}). "
-                           + _how_to_get("clip", target, downloading=True)) from exc
+    except Exception as exc:  # noqa: BLE001 - the network went away midway: one line (wanstream.models.hub)
+        raise hub_failure(exc, CLIP_HUB_ID, by_hand) from None
     return target
 
 
@@ -170,11 +176,18 @@ def _download_raft(target: Path, log) -> Path:
     hash_prefix = target.stem.rsplit("-", 1)[1]      # torchvision names files <name>-<sha256 prefix>.pth
     log(f"download: {url} → {target}")
     partial = target.with_name(target.name + ".part")
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)     # torch.hub's urlopen has no timeout: a silent network hangs
     try:
         torch.hub.download_url_to_file(url, str(partial), hash_prefix=hash_prefix, progress=True)
-    except (OSError, RuntimeError) as exc:       # URLError is an OSError; a hash mismatch a RuntimeError
+    except (OSError, RuntimeError) as exc:       # URLError and timeouts are OSErrors; a hash mismatch a RuntimeError
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"cannot download {url} ({type(exc).__name__}: {exc}). "
-                           + _how_to_get("raft", target, downloading=True)) from exc
+                           + _how_to_get("raft", target, downloading=True)) from None
+    except BaseException:                        # Ctrl-C: no partial file left behind
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        socket.setdefaulttimeout(previous)
     partial.replace(target)
     return target

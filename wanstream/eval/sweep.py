@@ -50,6 +50,7 @@ from wanstream.eval.evaluate import score
 from wanstream.eval.flow import input_motion
 from wanstream.eval.metrics import nanmean
 from wanstream.eval.report import render_html, render_sweep_html
+from wanstream.io.files import write_text_atomic
 from wanstream.io.video import VideoWriter, fit_resolution, parse_resolution, probe_video, read_video, resize_frames
 
 TOP_KEYS = {"model", "device", "resolution", "seed", "prime_frames", "defaults", "clips", "settings"}
@@ -325,8 +326,8 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, clip_scorer, flow_model, *, flow_
                            motion=motion, progress=False)
             result.update(setting=setting.name, clip=clip.name, input={"path": str(clip.path)},
                           output={"path": str(video)}, fps=len(frames) / seconds)
-            video.with_suffix(".eval.json").write_text(json.dumps(result, indent=1) + "\n")
-            video.with_suffix(".eval.html").write_text(render_html(result, inputs, outputs, strip))
+            write_text_atomic(video.with_suffix(".eval.json"), json.dumps(result, indent=1) + "\n")
+            write_text_atomic(video.with_suffix(".eval.html"), render_html(result, inputs, outputs, strip))
             row["seconds"] += seconds
             row["frames"] += len(frames)
             row["clips"].append({"clip": clip.name, "fps": len(frames) / seconds,
@@ -350,9 +351,9 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, clip_scorer, flow_model, *, flow_
             "aggregation": "each metric is the mean over clips of the per-clip value"}
     sweep = {"meta": meta, "rows": rows}
     table = render_table(sweep)
-    (out_dir / "sweep.json").write_text(json.dumps(sweep, indent=1, default=str) + "\n")
-    (out_dir / "table.md").write_text(table)
-    (out_dir / "sweep.html").write_text(render_sweep_html(sweep, tables(sweep)))
+    write_text_atomic(out_dir / "sweep.json", json.dumps(sweep, indent=1, default=str) + "\n")
+    write_text_atomic(out_dir / "table.md", table)
+    write_text_atomic(out_dir / "sweep.html", render_sweep_html(sweep, tables(sweep)))
     return sweep
 
 

@@ -53,7 +53,9 @@ class Recorder:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.kept = False                      # the finished file is in place under its final name
         self._temp = partial_path(self.path)
-        self._writer = VideoWriter(self._temp, fps, width, height)   # opens the file now: a bad path fails here
+        # the recorder renames its own hidden file (it decides what is kept: frames, budget cuts), so the writer
+        # writes that file directly
+        self._writer = VideoWriter(self._temp, fps, width, height, atomic=False)   # a bad path fails here
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"recorder-{self.path.name}", daemon=True)
         self._thread.start()
