@@ -150,3 +150,151 @@ def test_a_quantised_seed_and_reset_wait_for_the_bar(rig_factory):
     assert last >= rig.mgr.live.tempo.time_of(beat) - 0.5 > first - 1 / FPS - 1e-9
     rig.run(12)
     assert s.stream is not None and not s.closed                    # the reset stream runs on
+
+
+# ------------------------------------------------------------------------------------------------ audio
+def kick_track(seconds: float, beats: list[float], rate: int = 48000) -> np.ndarray:
+    """Quiet noise with a decaying 60 Hz kick at each time of ``beats``."""
+    x = 0.02 * np.random.default_rng(0).standard_normal(int(seconds * rate))
+    n = int(0.12 * rate)
+    tt = np.arange(n) / rate
+    for b in beats:
+        i = int(b * rate)
+        x[i:i + n] += 0.8 * np.sin(2 * np.pi * 60 * tt) * np.exp(-tt / 0.04)
+    return x.astype(np.float32)
+
+
+def test_a_synthetic_tracks_beats_drive_a_parameter_at_the_right_chunks(rig_factory):
+    """Kicks every 0.5 s, each in the middle of a 4-frame chunk (0.25 s): the onset mapping puts noise_scale at
+    its max on exactly the chunks that hold a kick, and at its min on the others."""
+    rig = rig_factory()
+    s = rig.sessions[0]
+    rate, seconds = 48000, 6.0
+    beats = [2.1 + 0.5 * i for i in range(7)]
+    track = kick_track(seconds, beats, rate)
+    per_frame = int(rate / FPS)
+    s.live.set_modulation(Modulation.model_validate(
+        {"mappings": [mapping("noise_scale", {"kind": "audio", "feature": "onset"}, min=0.3, max=1.0)]}))
+    by_chunk = []
+
+    def audio_then_record():
+        t, i = rig.clock.t, rig.k - 1                  # frame i arrives at i / FPS with the audio heard until then
+        if i:
+            s.live.audio_in(track[(i - 1) * per_frame: i * per_frame], rate, t)
+        if s.buffer.ready():
+            by_chunk.append((t, s))
+    values = []
+    while rig.k < int(seconds * FPS) - 1:
+        rig.frame(before_tick=audio_then_record)
+        if by_chunk and by_chunk[-1][1] is s and s.stream is not None:
+            values.append((by_chunk.pop()[0], s.stream.settings.noise_scale))
+    onsets = s.live.audio.onsets
+    assert len(onsets) == len(beats) and all(abs(o - b) < 0.03 for o, b in zip(onsets, beats)), onsets
+    checked = 0
+    prev = None
+    for t, value in values:
+        if prev is not None and prev >= 2.0:
+            kick = any(prev < b <= t for b in beats)
+            assert value == pytest.approx(1.0 if kick else 0.3), (prev, t, value)
+            checked += 1
+        prev = t
+    assert checked >= 12
+
+
+# ------------------------------------------------------------------------------------------------ MIDI
+def midi_port(rig):
+    """An in-memory MIDI input (mido's EchoPort) read by the server's MIDI thread, as a real port would be."""
+    mido = pytest.importorskip("mido", reason="mido is not installed (pip install 'wanstream[midi]')")
+    from wanstream.server.midi import MidiInputs
+    port = mido.ports.EchoPort()
+    inputs = MidiInputs(rig.mgr.live)
+    inputs.attach(port, "test controller")
+    return mido, port, inputs
+
+
+def wait_for(predicate, what):
+    import time
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_a_cc_changes_the_parameter_of_the_stream_that_mapped_it_only(rig_factory):
+    rig = rig_factory(n=2)
+    a, b = rig.sessions
+    mido, port, inputs = midi_port(rig)
+    try:
+        rig.run(6)
+        a.live.set_modulation(Modulation.model_validate(
+            {"mappings": [mapping("noise_scale", {"kind": "cc", "channel": 2, "control": 21}, min=0.2, max=1.0),
+                          mapping("seed", {"kind": "cc", "control": 22}, min=0, max=127)]}))
+        rig.run(8)
+        assert a.stream.settings.noise_scale == b.stream.settings.noise_scale == 0.8   # no CC yet: untouched
+        port.send(mido.Message("control_change", channel=2, control=21, value=127))
+        port.send(mido.Message("control_change", channel=5, control=22, value=42))
+        port.send(mido.Message("control_change", channel=3, control=21, value=0))       # another channel
+        wait_for(lambda: rig.mgr.live.counters.midi_messages >= 3, "the MIDI thread")
+        rig.run(8)
+        assert a.stream.settings.noise_scale == pytest.approx(1.0) and a.stream.settings.seed == 42
+        assert b.stream.settings.noise_scale == 0.8 and b.stream.settings.seed == 0   # the other stream: unchanged
+        assert a.params.noise_scale == 0.8                     # the hand-set value stays; the mapping rules
+        assert a.info()["live"]["values"] == {"noise_scale": 1.0, "seed": 42.0}
+    finally:
+        inputs.close()
+
+
+def test_learn_maps_the_next_cc_and_note_slots_switch_prompts(rig_factory):
+    rig = rig_factory(n=2)
+    a, b = rig.sessions
+    mido, port, inputs = midi_port(rig)
+    told = []
+    a.add_listener(told.append)
+    try:
+        rig.run(6)
+        a.live.learn({"target": "noise_scale", "min": 0.5, "max": 0.9}, rig.clock())
+        port.send(mido.Message("control_change", channel=0, control=74, value=0))
+        wait_for(lambda: a.live.spec.mappings, "the learned mapping")
+        m = a.live.spec.mappings[0]
+        assert (m.target, m.source.kind, m.source.channel, m.source.control, m.min, m.max) == \
+            ("noise_scale", "cc", 0, 74, 0.5, 0.9)
+        assert any(msg.get("type") == "learned" for msg in told) and not b.live.spec.mappings
+        rig.run(8)
+        assert a.stream.settings.noise_scale == pytest.approx(0.5) and b.stream.settings.noise_scale == 0.8
+        a.live.set_modulation(Modulation.model_validate(
+            {"mappings": [m.model_dump()], "notes": [{"note": 36, "prompt": "slot one", "transition_chunks": 2}]}))
+        port.send(mido.Message("note_on", note=36, velocity=100))
+        wait_for(lambda: a.params.prompt == "slot one", "the note slot")
+        assert a.params.transition_chunks == 2 and b.params.prompt != "slot one"
+        assert rig.mgr.live.counters.note_switches == 1 and rig.mgr.live.counters.learned == 1
+    finally:
+        inputs.close()
+
+
+def test_midi_clock_drives_the_tempo():
+    from wanstream.core.tempo import PPQN, MidiClockFollower, TempoClock
+    clock = TempoClock(120.0)
+    follower = MidiClockFollower(clock)
+    follower.start(0.0)
+    interval = 60.0 / (90.0 * PPQN)                    # 90 BPM
+    for i in range(PPQN * 4 + 1):
+        follower.pulse(0.25 + i * interval)
+    t = 0.25 + PPQN * 4 * interval
+    assert clock.bpm == pytest.approx(90.0) and clock.beat_at(t) == pytest.approx(4.0)
+    assert clock.time_of(5.0) == pytest.approx(t + 60 / 90)
+    follower.stop(t)
+    assert clock.beat_at(t + 10) == pytest.approx(4.0)
+
+
+def test_a_virtual_midi_port_when_the_machine_has_one():
+    mido = pytest.importorskip("mido", reason="mido is not installed (pip install 'wanstream[midi]')")
+    from wanstream.server.midi import available
+    reason = available()
+    if reason is not None:
+        pytest.skip(f"no MIDI backend here ({reason}); the in-memory port tests drive the same code")
+    try:
+        port = mido.open_output("wanstream-test", virtual=True)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"cannot make a virtual MIDI port here: {exc}")
+    with port:
+        assert "wanstream-test" in " ".join(mido.get_input_names())

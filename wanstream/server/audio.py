@@ -3,7 +3,7 @@
 The audio comes from the stream's own WebRTC / WHIP peer (the browser's or OBS's microphone track, decoded by
 aiortc; :func:`frame_to_mono`) and is analysed on arrival in hops of about 10 ms (numpy FFT): RMS level, the
 energies of three bands (``low`` < 250 Hz, ``mid`` 250 Hz - 2 kHz, ``high`` > 2 kHz) and onsets (the largest band's spectral flux
-above an adaptive threshold, at most one per ``REFRACTORY_S``). :meth:`AudioAnalyser.read` gives each feature
+over its recent mean by three standard deviations, at most one per ``REFRACTORY_S``). :meth:`AudioAnalyser.read` gives each feature
 in [0, 1] since the previous read (the largest value, so a short hit between two chunks is not missed; ``onset``
 is 1 when an onset happened): ``level`` is the RMS in dBFS mapped from -60..0, the bands are relative to their
 own recent peak (a peak follower decaying over ``PEAK_DECAY_S``), so a quiet room and a club both use the range.
@@ -24,7 +24,7 @@ HOP_S = 0.0107              # ~512 samples at 48 kHz
 REFRACTORY_S = 0.1
 PEAK_DECAY_S = 5.0
 FLUX_HISTORY_S = 0.5
-ONSET_RATIO = 2.0           # flux over this many times its recent mean, plus ONSET_DELTA, is an onset
+ONSET_SPREAD = 3.0          # flux this many standard deviations over its recent mean, plus ONSET_DELTA, is an onset
 ONSET_DELTA = 0.3
 MIN_HISTORY = 8             # hops of flux history before the first onset can be told
 FLOOR_DB = -60.0
@@ -80,7 +80,7 @@ class AudioAnalyser:
     def _setup(self, rate: int) -> None:
         self.rate = rate
         self.hop = max(64, int(round(HOP_S * rate)))
-        self.win = 2 * self.hop
+        self.win = 4 * self.hop                 # ~43 ms: enough bins in the low band for a steady flux
         self.window = np.hanning(self.win).astype(np.float32)
         freqs = np.fft.rfftfreq(self.win, 1.0 / rate)
         self.band_bins = {name: (freqs >= lo) & (freqs < hi) for name, (lo, hi) in BANDS.items()}
@@ -139,7 +139,8 @@ class AudioAnalyser:
             flux = max(float(rise[bins].mean()) for bins in self.band_bins.values() if bins.any())
             history = self._flux[-max(1, int(FLUX_HISTORY_S * self.rate / self.hop)):]
             mean = sum(history) / len(history) if history else 0.0
-            if (len(history) >= MIN_HISTORY and flux > ONSET_RATIO * mean + ONSET_DELTA
+            spread = math.sqrt(sum((f - mean) ** 2 for f in history) / len(history)) if history else 0.0
+            if (len(history) >= MIN_HISTORY and flux > mean + ONSET_SPREAD * spread + ONSET_DELTA
                     and t - self._last_onset >= REFRACTORY_S):
                 self._last_onset = t
                 values["onset"] = 1.0
