@@ -241,7 +241,10 @@ class LiveControl:
     def audio_in(self, samples, rate: int, t: float | None = None) -> None:
         if self.audio is None:
             self.audio = AudioAnalyser(self.hub.clock, self.hub.settings.audio_max_rate)
+        t = self.hub.clock() if t is None else t
         self.audio.push(samples, rate, t)
+        if self.session.pushes.pushes:
+            self.session.pushes.audio(samples, rate, t)
 
     # ------------------------------------------------------------------ quantised changes (any thread)
     def latency(self) -> float:

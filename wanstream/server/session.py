@@ -35,6 +35,7 @@ from wanstream.api.params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, Sess
 from wanstream.core.chunking import ChunkBuffer
 from wanstream.engine.loop import EngineStream
 from wanstream.server.live import LiveControl
+from wanstream.server.outputs import SessionPushes
 from wanstream.server.pacing import Pacer, Released
 from wanstream.server.recording import Recorder
 from wanstream.server.stats import SessionStats
@@ -100,6 +101,7 @@ class Session:
         self._wake = asyncio.Event() if loop is not None else None
         self.stats.queued = lambda: len(self.buffer)
         self.live = LiveControl(self)           # modulation, MIDI slots and learn, quantised changes, audio
+        self.pushes = SessionPushes(self)       # RTMP / SRT pushes of the output (server/outputs.py)
         self._encode_prompt(self.params, 0)
 
     # ------------------------------------------------------------------ inputs (transport side)
@@ -321,6 +323,8 @@ class Session:
         if rec is not None:
             for out in outputs:
                 rec.write(out.image)
+        if self.pushes.pushes:
+            self.pushes.frames(outputs)
         self._wake_loop()
 
     # ------------------------------------------------------------------ outputs (transport side)
@@ -407,7 +411,7 @@ class Session:
         return {"id": self.id, "transport": self.transport, "age_s": round(self.clock() - self.created, 3),
                 "width": self.width, "height": self.height, "params": self.params.model_dump(),
                 "stats": self.stats.summary(), "recordings": [r.info() for r in self.recordings],
-                "live": self.live.info()}
+                "live": self.live.info(), "pushes": self.pushes.info()}
 
     def stats_message(self) -> dict:
         s = self.stats.summary()
@@ -437,6 +441,7 @@ class Session:
         if self.recorder is not None:
             self.recorder.stop()
             self.recorder = None
+        self.pushes.close()
         self.pacer.clear()
         self.manager._remove(self)
         self._wake_loop()

@@ -80,6 +80,11 @@ class ServerSettings:
     link: bool = False                      # follow an Ableton Link session (aalink)
     learn_timeout_s: float = 30.0           # a MIDI learn request waits this long for a CC
     audio_max_rate: float = 2.0             # a stream's audio is analysed at most this many times real time
+    push_allow: list[str] = field(default_factory=list)   # URL prefixes pushes may go to (none: pushes off)
+    max_pushes_per_session: int = 2         # RTMP / SRT pushes one stream may run at once
+    max_pushes: int = 8                     # ... all streams together
+    push_queue_frames: int = 32             # frames waiting for a push (the oldest dropped beyond)
+    push_stall_s: float = 10.0              # a push without progress this long is ended
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -116,6 +121,9 @@ class ServerSettings:
         if not self.midi_rate > 0 or self.midi_burst < 1 or not self.learn_timeout_s > 0 \
                 or not self.audio_max_rate >= 1:
             raise ValueError("midi_rate and learn_timeout_s must be > 0, midi_burst >= 1, audio_max_rate >= 1")
+        if self.max_pushes_per_session < 0 or self.max_pushes < 0 or self.push_queue_frames < 1 \
+                or not self.push_stall_s > 0:
+            raise ValueError("max_pushes(_per_session) must be >= 0, push_queue_frames >= 1, push_stall_s > 0")
         if not self.drain_grace_s >= 0:
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "offer_timeout_s"):
