@@ -298,3 +298,68 @@ def test_a_virtual_midi_port_when_the_machine_has_one():
         pytest.skip(f"cannot make a virtual MIDI port here: {exc}")
     with port:
         assert "wanstream-test" in " ".join(mido.get_input_names())
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+def test_mappings_over_http_round_trip_through_presets_and_bad_ones_are_4xx(tiny_model, tmp_path):
+    from server_helpers import LiveServer, WSClient, wait_until
+    with LiveServer(tiny_model, server_settings(tmp_path, push_allow=["rtmp://127.0.0.1:1/"])) as srv:
+        a, b = WSClient(srv.ws_url), WSClient(srv.ws_url)
+        try:
+            ready_a = wait_until(lambda: next((m for m in a.messages if m["type"] == "ready"), None), 30, "ready")
+            ready_b = wait_until(lambda: next((m for m in b.messages if m["type"] == "ready"), None), 30, "ready")
+            sid, own = ready_a["session"], {"X-Stream-Secret": ready_a["secret"]}
+            other = {"X-Stream-Secret": ready_b["secret"]}
+            spec = {"mappings": [mapping("noise_scale", {"kind": "lfo", "shape": "triangle", "beats": 4},
+                                         min=0.5, max=0.9, smoothing_s=0.1),
+                                 mapping("prompts.1.weight", {"kind": "audio", "feature": "low"})],
+                    "notes": [{"note": 36, "prompt": "neon city", "quantize": "bar"}]}
+            status, body = srv.http("PUT", f"/api/sessions/{sid}/modulation", spec, own)
+            assert status == 200 and body["modulation"]["mappings"][0]["source"]["beats"] == 4
+            assert srv.http("PUT", f"/api/sessions/{sid}/modulation", spec, other)[0] == 403   # not yours
+            assert srv.http("PUT", f"/api/sessions/{sid}/modulation", spec)[0] == 403
+            status, preset = srv.http("GET", f"/api/sessions/{sid}/preset", headers=own)
+            assert status == 200 and preset["modulation"] == body["modulation"]
+            status, check = srv.http("POST", "/api/presets/validate", preset)
+            assert status == 200 and check["preset"]["modulation"] == preset["modulation"]
+            assert srv.http("POST", f"/api/sessions/{ready_b['session']}/preset", preset, other)[0] == 200
+            status, got = srv.http("GET", f"/api/sessions/{ready_b['session']}/modulation", headers=other)
+            assert got["modulation"] == body["modulation"]                      # the preset carried them
+            bad = [{"mappings": [mapping("noise_scale", {"kind": "lfo", "beats": 4}, min=0.0)]},
+                   {"mappings": [mapping("steps", {"kind": "cc", "control": 128})]},
+                   {"mappings": [mapping("lora.ink", {"kind": "cc", "control": 1})]},          # not loaded
+                   {"mappings": [mapping("nope", {"kind": "cc", "control": 1})]},
+                   {"mappings": [mapping("seed", {"kind": "wave"})]},
+                   {"mappings": [mapping("seed", {"kind": "cc", "control": 1})] * 33},
+                   {"notes": [{"note": 1}]}, {"mappings": "x"}, {"extra": 1}, [1, 2],
+                   {"mappings": [mapping("noise_scale", {"kind": "lfo", "rate_hz": float("nan")})]}]
+            for spec_bad in bad:
+                raw = json_bytes(spec_bad)
+                status, answer = srv.http("PUT", f"/api/sessions/{sid}/modulation", raw=raw, headers=own)
+                assert status == 422 and answer["message"], (spec_bad, status, answer)
+            status, answer = srv.http("POST", "/api/presets/validate", {"modulation": bad[2]})
+            assert status == 422 and "modulation.mappings.0.target" in answer["message"]
+            assert srv.http("POST", f"/api/sessions/{sid}/learn", {"target": "noise_scale"}, own)[0] == 409
+            assert srv.http("POST", f"/api/sessions/{sid}/learn", {"target": "x"}, own)[0] == 422
+            assert srv.http("POST", f"/api/sessions/{sid}/outputs", {"url": "rtmp://10.1.2.3/live/k"}, own)[0] == 403
+            assert srv.http("POST", f"/api/sessions/{sid}/outputs", {"url": "file:///etc/passwd"}, own)[0] == 422
+            assert srv.http("POST", f"/api/sessions/{sid}/outputs", {"url": "rtmp://127.0.0.1:1/x"}, other)[0] == 403
+            assert srv.http("DELETE", f"/api/sessions/{sid}/outputs/7", headers=own)[0] == 404
+            status, live = srv.http("GET", "/api/live")
+            assert status == 200 and live["tempo"]["bpm"] == 120.0 and live["midi_ports"] == []
+            assert srv.http("POST", f"/api/sessions/{sid}/params", {"prompt": "x", "quantize": "bars"}, own)[0] == 422
+            status, _ = srv.http("POST", f"/api/sessions/{sid}/params", {"seed": 5, "quantize": "beat"}, own)
+            assert status == 200
+            metrics = srv.http("GET", "/metrics")[1]
+            for name in ("wanstream_live_midi_messages_total", "wanstream_live_mappings", "wanstream_server_pushes",
+                         "wanstream_server_pushes_refused_total", 'wanstream_server_limit{name="max_pushes"}',
+                         'wanstream_server_limit{name="midi_rate"}', "wanstream_live_audio_dropped_samples_total"):
+                assert name in metrics, name
+        finally:
+            a.close()
+            b.close()
+
+
+def json_bytes(obj) -> bytes:
+    import json
+    return json.dumps(obj).encode()
