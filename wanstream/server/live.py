@@ -30,7 +30,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 
 from wanstream.api.modulation import MappingSpec, Modulation
@@ -139,7 +139,6 @@ class LiveHub:
                                 "time (not analysed)")
         m.add_metric([], audio_dropped + sum(s.live.audio.dropped for s in sessions if s.live.audio is not None))
         yield m
-        from prometheus_client.core import GaugeMetricFamily
         g = GaugeMetricFamily("wanstream_live_mappings", "Mappings of all active streams")
         g.add_metric([], sum(len(s.live.spec.mappings) for s in sessions))
         yield g
@@ -155,7 +154,6 @@ class Pending:
     update: ParamsUpdate
     beat: float
     future: object = None
-    asked: float = 0.0
 
 
 class LiveControl:
@@ -264,7 +262,7 @@ class LiveControl:
         if update.model_fields_set & PROMPT_FIELDS:
             future = encode(self.session.params.merged(update)[0])
         with self._lock:
-            self.pending = Pending(update, beat, future, now)
+            self.pending = Pending(update, beat, future)
         return {"beat": beat, "at": round(tempo.time_of(beat) - now, 3)}
 
     def due(self) -> tuple[ParamsUpdate, object] | None:

@@ -83,6 +83,7 @@ class Push:
         self._cond = threading.Condition()
         self._stopped = False
         self._progress = time.monotonic()
+        self._last_error: str | None = None       # the process's last line on stderr
         config = {"url": url, "format": fmt, "width": width, "height": height, "fps": fps,
                   "audio_rate": AUDIO_RATE}
         self.proc = subprocess.Popen([sys.executable, "-m", "wanstream.server.push_worker"], stdin=subprocess.PIPE,
@@ -157,8 +158,6 @@ class Push:
         code = self.proc.wait()
         if not self._stopped and self.state != "failed":
             self._fail(f"the push process ended (exit code {code}): {self._last_error or 'no message'}")
-
-    _last_error: str | None = None
 
     def _progress_lines(self, out) -> None:
         for line in iter(out.readline, b""):
