@@ -13,7 +13,8 @@ deep, invalid, non-UTF-8 bodies), ``names`` (unicode, over-long, traversal in re
 names), ``presets`` (over-long LoRA paths, traversal, too many LoRAs), ``sdp`` (offers without a fingerprint,
 ICE credentials or setup role, garbage, over WebRTC and WHIP), ``secrets_in_query`` (percent-encoded
 ``token`` / ``secret``: accepted, never logged), ``websocket`` (invalid handshakes and messages),
-``osc`` (nested bundles, type-tag garbage, truncated datagrams).
+``osc`` (nested bundles, type-tag garbage, truncated datagrams), ``live`` (malformed mappings and note slots,
+another stream's modulation, learn without MIDI, pushes to files or destinations not allowed, bad quantise).
 
 Verdict (exit 0 only if all hold): no 5xx; every answer as expected (a 4xx for every hostile HTTP request, an
 error message for a bad WebSocket message, every bad OSC datagram counted as dropped); no traceback or ERROR
@@ -287,6 +288,42 @@ def http_cases(ctx: dict) -> dict[str, list[tuple[str, bytes, tuple[int, ...]]]]
         ("plain token and secret", f"/api/health?token={TOKEN}&secret={secret}"),
         ("%73ecret", f"/api/sessions/{sid}?%73ecret={secret}&token={TOKEN}"))] + [
         ("secret in a 404 path", request("GET", f"/api/recordings/x.mp4?%73ecret={secret}"), (403, 404)),
+    ]
+    mod = f"/api/sessions/{sid}/modulation"
+
+    def mapping(target="noise_scale", **source) -> dict:
+        return {"target": target, "source": source or {"kind": "cc", "control": 1}}
+    live_bodies = {
+        "not JSON": b"{", "an array": b"[1]", "deep": b"[" * 5000 + b"]" * 5000,
+        "NaN rate": b'{"mappings": [{"target": "noise_scale", "source": {"kind": "lfo", "rate_hz": NaN}}]}',
+        "unknown target": json.dumps({"mappings": [mapping("x" * 200)]}).encode(),
+        "traversal target": json.dumps({"mappings": [mapping("lora.../../etc/passwd")]}).encode(),
+        "lone surrogate target": b'{"mappings": [{"target": "lora.\\ud800", "source": {"kind": "cc", "control": 1}}]}',
+        "CC 999": json.dumps({"mappings": [mapping(kind="cc", control=999)]}).encode(),
+        "unknown source": json.dumps({"mappings": [mapping(kind="wave")]}).encode(),
+        "33 mappings": json.dumps({"mappings": [mapping()] * 33}).encode(),
+        "200 note slots": json.dumps({"notes": [{"note": 1, "prompt": "x"}] * 200}).encode(),
+        "min out of range": json.dumps({"mappings": [{**mapping("steps"), "min": -5}]}).encode(),
+        "lora not loaded": json.dumps({"mappings": [mapping("lora.ink")]}).encode(),
+    }
+    c["live"] = [(f"modulation {name}", request("PUT", mod, body, own), (400, 422)) for name, body in
+                 live_bodies.items()] + [
+        ("modulation of another stream", request("PUT", f"/api/sessions/{'0' * 32}/modulation", b"{}", JSON),
+         (403, 404)),
+        ("modulation without the secret", request("PUT", mod, b"{}", JSON), (403,)),
+        ("learn a bad target", request("POST", f"/api/sessions/{sid}/learn", b'{"target": "x"}', own), (422,)),
+        ("learn without MIDI", request("POST", f"/api/sessions/{sid}/learn", b'{"target": "seed"}', own), (409,)),
+        ("push to a file", request("POST", f"/api/sessions/{sid}/outputs", b'{"url": "file:///etc/passwd"}', own),
+         (422,)),
+        ("push anywhere (no --push-allow)",
+         request("POST", f"/api/sessions/{sid}/outputs", b'{"url": "rtmp://10.0.0.1/live/k"}', own), (403,)),
+        ("push URL of 5000 characters",
+         request("POST", f"/api/sessions/{sid}/outputs", json.dumps({"url": "rtmp://" + "a" * 5000}).encode(), own),
+         (422,)),
+        ("stop a push that is not there", request("DELETE", f"/api/sessions/{sid}/outputs/99", b"", own), (404,)),
+        ("stop push -1", request("DELETE", f"/api/sessions/{sid}/outputs/-1x", b"", own), (404, 422)),
+        ("quantize to a fortnight",
+         request("POST", f"/api/sessions/{sid}/params", b'{"seed": 1, "quantize": "fortnight"}', own), (422,)),
     ]
     return c
 

@@ -18,7 +18,7 @@ from server_helpers import netns_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = {"host", "origin", "smuggling", "request_line", "auth", "json", "names", "presets", "sdp",
-           "secrets_in_query", "websocket", "osc"}
+           "secrets_in_query", "websocket", "osc", "live"}
 
 
 def test_fuzz_every_class_gets_a_4xx_and_small_log_lines(tiny_model_dir, tmp_path):

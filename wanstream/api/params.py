@@ -56,6 +56,9 @@ class ParamsUpdate(BaseModel):
         None, description="framing of input frames of another aspect: centred crop, pad (black bars), stretch")
     recording: bool | None = None
     reset: bool | None = Field(None, description="true: drop the caches and re-prepare on the next frames")
+    quantize: Literal["beat", "bar"] | None = Field(
+        None, description="apply this update's prompt, seed and reset on the next beat or bar of the server's tempo "
+                          "(the change is timed so the restyled frame lands on it)")
 
     @model_validator(mode="after")
     def _check(self) -> ParamsUpdate:
@@ -82,7 +85,7 @@ class SessionParams(BaseModel):
 
     def merged(self, update: ParamsUpdate) -> tuple[SessionParams, set[str]]:
         """The state after ``update`` and the names of the fields whose value changed."""
-        values = update.model_dump(exclude_none=True, exclude={"reset"})
+        values = update.model_dump(exclude_none=True, exclude={"reset", "quantize"})
         if "prompt" in values:
             values["prompts"] = None
         new = self.model_copy(update={k: v for k, v in values.items()})

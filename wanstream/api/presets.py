@@ -6,9 +6,11 @@ same fields, types and ranges) plus its LoRA files::
     {"format": "wanstream-preset", "version": 1,
      "prompts": [{"text": "ink wash painting", "weight": 2}, {"text": "neon city", "weight": 1}],
      "transition_chunks": 4, "steps": 2, "noise_scale": 0.7, "noise_controller": true, "seed": 7, "fit": "pad",
-     "loras": [{"path": "styles/ink.safetensors", "strength": 0.8}]}
+     "loras": [{"path": "styles/ink.safetensors", "strength": 0.8}],
+     "modulation": {"mappings": [{"target": "noise_scale", "source": {"kind": "lfo", "beats": 4}}]}}
 
-Every field is optional. LoRA paths are relative to the preset file's folder (a preset travels with its LoRAs).
+Every field is optional. ``modulation`` (mappings and note slots, :mod:`wanstream.api.modulation`) is applied by
+the server; the file commands ignore it. LoRA paths are relative to the preset file's folder (a preset travels with its LoRAs).
 ``--preset FILE`` on ``v2v`` / ``t2v`` / ``bench`` makes the preset the defaults of the command's flags, so flags
 given on the command line win (``--lora`` replaces the preset's LoRA list; ``--prompt`` its prompt or blend);
 ``bench`` uses only steps, seed and LoRAs (its prompt is a fixed embedding); on ``serve`` it gives the defaults
@@ -26,12 +28,13 @@ from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from wanstream.api.modulation import Modulation
 from wanstream.api.params import MAX_LORAS, ParamsUpdate, SessionParams
 from wanstream.models.lora import MAX_STRENGTH, LoRASpec
 
 FORMAT = "wanstream-preset"
 VERSION = 1
-_NOT_IN_PRESET = ("recording", "reset", "lora")          # live-only fields (a preset names LoRAs by path)
+_NOT_IN_PRESET = ("recording", "reset", "lora", "quantize")   # live-only fields (a preset names LoRAs by path)
 _KNOBS = ("prompt", "prompts", "transition_chunks", "steps", "noise_scale", "noise_controller", "seed", "fit")
 
 
@@ -71,6 +74,7 @@ class Preset(ParamsUpdate):
     format: Literal["wanstream-preset"] = FORMAT
     version: Literal[1] = VERSION
     loras: list[PresetLoRA] = Field(default_factory=list, max_length=MAX_LORAS)
+    modulation: Modulation | None = Field(None, description="mappings and note slots (api/modulation.py)")
     _folder: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -133,8 +137,10 @@ class Preset(ParamsUpdate):
         return ParamsUpdate(**values)
 
     @classmethod
-    def from_params(cls, params: SessionParams, lora_paths: Mapping[str, str | Path] | None = None) -> Preset:
-        """A preset of a session's parameters; ``lora_paths``: the file of each loaded LoRA by name."""
+    def from_params(cls, params: SessionParams, lora_paths: Mapping[str, str | Path] | None = None,
+                    modulation: Modulation | None = None) -> Preset:
+        """A preset of a session's parameters; ``lora_paths``: the file of each loaded LoRA by name;
+        ``modulation``: the stream's mappings and note slots (none: left out)."""
         lora_paths = lora_paths or {}
         unknown = sorted(set(params.lora) - set(lora_paths))
         if unknown:
@@ -143,4 +149,6 @@ class Preset(ParamsUpdate):
         if params.prompts:
             values.pop("prompt")
         loras = [PresetLoRA(path=str(lora_paths[n]), strength=s) for n, s in params.lora.items()]
+        if modulation is not None and (modulation.mappings or modulation.notes):
+            values["modulation"] = modulation.model_copy(deep=True)
         return cls(**values, loras=loras)

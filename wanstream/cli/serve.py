@@ -61,6 +61,24 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--osc-port", type=int_in(0, 65535, "OSC port"), default=None, metavar="PORT",
                    help="accept OSC control (UDP) on this port of --host: /wanstream/<session>/<param> with the "
                         "stream's secret (see docs/integrations.md); off by default")
+    live = p.add_argument_group("playing live (docs/integrations.md#play-it-live)")
+    live.add_argument("--midi", action="append", default=None, metavar="PORT",
+                      help="open this MIDI input (repeatable; 'all': every port): CC / note mappings, learn, note "
+                           "slots, MIDI clock (needs mido + python-rtmidi: pip install 'wanstream[midi]')")
+    live.add_argument("--tempo", type=float_in(20.0, 400.0, "tempo"), default=120.0, metavar="BPM",
+                      help="the tempo until MIDI clock or Link drives it (default 120)")
+    live.add_argument("--beats-per-bar", type=int_in(1, 32, "beats per bar"), default=4,
+                      help="beats of a bar, for changes quantised to the bar (default 4)")
+    live.add_argument("--link", action="store_true",
+                      help="follow an Ableton Link session on the local network (pip install 'wanstream[link]')")
+    live.add_argument("--beat-latency", type=float_in(0.0, 10.0, "beat latency"), default=None, metavar="SECONDS",
+                      help="output latency beat-quantised changes are timed with (default: each stream's measured "
+                           "median)")
+    live.add_argument("--push-allow", action="append", default=[], metavar="URL_PREFIX",
+                      help="allow RTMP / SRT pushes of a stream's output to URLs starting with this (repeatable; "
+                           "e.g. rtmp://127.0.0.1/); pushes are off without it")
+    live.add_argument("--max-pushes", type=int_in(0, None, "max pushes"), default=8,
+                      help="pushes running at once, all streams (default 8; 2 per stream)")
     p.add_argument("--resolution", type=resolution, default=(512, 512), help="WxH, multiples of 16")
     p.add_argument("--steps", type=int_in(1, 4, "steps"), default=None,
                    help="denoising steps of a new session, 1-4 (default: the preset's, else 2)")
@@ -136,6 +154,7 @@ def run_serve(args) -> int:
         if settings.osc_port is not None:
             log.warning("OSC on %s: plain UDP, stream secrets travel in clear (trusted networks only)",
                         settings.host)
+    check_live(settings)
     sock = listen_socket(settings.host, settings.port)      # a busy port fails here, before the model loads
     pipeline = None
     try:
@@ -260,7 +279,36 @@ def settings_from_args(args) -> ServerSettings:
                           prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), max_connections=args.max_connections,
                           ice_servers=list(args.ice_server), webrtc_loopback_candidates=args.webrtc_loopback_candidates,
                           decoder="taehv" if args.taehv else "vae", whep_max_viewers=args.whep_max_viewers,
-                          osc_port=args.osc_port, drain_grace_s=args.drain_grace)
+                          osc_port=args.osc_port, drain_grace_s=args.drain_grace,
+                          midi_ports=midi_ports(args), tempo_bpm=args.tempo, beats_per_bar=args.beats_per_bar,
+                          link=args.link, beat_latency_s=args.beat_latency, push_allow=list(args.push_allow),
+                          max_pushes=args.max_pushes)
+
+
+def midi_ports(args) -> list[str] | None:
+    names = getattr(args, "midi", None)
+    if not names:
+        return None
+    return ["*"] if "all" in names else list(names)
+
+
+def check_live(settings: ServerSettings) -> None:
+    """ValueError naming what is missing for --midi / --link (checked before the model loads)."""
+    if settings.midi_ports:
+        from wanstream.server.midi import available
+        reason = available()
+        if reason is not None:
+            raise ValueError(f"--midi: {reason}")
+        import mido
+        there = mido.get_input_names()
+        missing = [n for n in settings.midi_ports if n != "*" and n not in there]
+        if missing:
+            raise ValueError(f"--midi: no MIDI input {missing[0]!r} (inputs here: {', '.join(there) or 'none'})")
+    if settings.link:
+        try:
+            import aalink  # noqa: F401
+        except ImportError:
+            raise ValueError("--link needs the aalink package (pip install 'wanstream[link]')") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,11 +128,13 @@ class ChunkBuffer:
             self.dropped += k
         return self._dropped(k)
 
-    def restart(self) -> int:
-        """A new stream starts on the next frame (reset): queued frames are discarded, the next chunk has 5."""
+    def restart(self, discard: bool = True) -> int:
+        """A new stream starts (reset): the next chunk has 5 frames; queued frames are discarded, or with
+        ``discard=False`` kept as the new stream's first frames (a reset timed to a chunk boundary)."""
         with self._lock:
-            k = len(self._queue)
-            self._queue.clear()
+            k = len(self._queue) if discard else 0
+            if discard:
+                self._queue.clear()
             self.dropped += k
             self.prepared = False
         return self._dropped(k)

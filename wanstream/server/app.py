@@ -5,7 +5,9 @@ Routes: ``/`` the page (static files, no build step; ``/favicon.ico``; security 
 WebRTC, ``/whip/{stream}`` and ``/whep/{stream}`` (WHIP ingest / WHEP egress, :mod:`.whip`), ``/api/health``
 (liveness), ``/api/ready`` (readiness, see :mod:`.lifecycle`), ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``),
 ``/api/recordings`` (+ ``/{file}``), ``/metrics`` (Prometheus), presets (``/api/presets/validate``,
-``/api/sessions/{id}/preset``: :mod:`.preset_routes`); OSC control over UDP with ``osc_port`` (:mod:`.osc`,
+``/api/sessions/{id}/preset``: :mod:`.preset_routes`), live control (``/api/live``, ``/api/sessions/{id}/
+modulation``, ``.../learn``: :mod:`.live_routes`), pushes (``/api/sessions/{id}/outputs``: :mod:`.outputs`);
+MIDI inputs and Ableton Link with ``midi_ports`` / ``link`` (:mod:`.midi`); OSC control over UDP with ``osc_port`` (:mod:`.osc`,
 started and stopped with the app). Who may call what is decided in :mod:`.auth` before any route runs (Host /
 Origin, the access token, bounded bodies); a stream's details, parameters and recordings over HTTP need its
 secret or the admin token.
@@ -32,6 +34,8 @@ from wanstream.api.params import ParamsUpdate
 from wanstream.server.auth import Caller, Guard, caller_of
 from wanstream.server.connections import guarded_http_protocol, redact_uvicorn_logs
 from wanstream.server.lifecycle import export_capacity
+from wanstream.server.live_routes import live_router
+from wanstream.server.midi import LinkTempo, MidiInputs
 from wanstream.server.osc import OSCControl
 from wanstream.server.page_headers import SecurityHeaders
 from wanstream.server.preset_routes import preset_router
@@ -61,12 +65,18 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     store = manager.recordings
     _export_bounds(model, settings, manager)
     osc = OSCControl(manager) if settings.osc_port is not None else None
+    midi = MidiInputs(manager.live) if settings.midi_ports else None
+    link = LinkTempo(manager.live) if settings.link else None
     export_capacity(manager)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if osc is not None:
             osc.start()                 # first: a port in use fails the start-up before anything else runs
+        if midi is not None:
+            midi.open(settings.midi_ports)
+        if link is not None:
+            link.start(asyncio.get_running_loop())
         # aiortc encodes / decodes on the loop's default executor. Both pools start all their threads now, so
         # the server's thread count is flat in use and any growth is a leak (see scripts/soak.py).
         loop = asyncio.get_running_loop()
@@ -81,6 +91,10 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
             reaper.cancel()
             if osc is not None:
                 osc.stop()
+            if midi is not None:
+                midi.close()
+            if link is not None:
+                link.stop()
             for pc in list(peers):
                 with contextlib.suppress(Exception):
                     await pc.close()
@@ -194,6 +208,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
 
     app.include_router(ws_router(manager, executor))
     app.include_router(preset_router(manager, controlled, caller))
+    app.include_router(live_router(manager, controlled, caller))
     app.include_router(webrtc_router(manager, executor, peers))
     app.include_router(whip_router(manager, executor, peers))
 

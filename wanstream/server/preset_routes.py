@@ -2,7 +2,7 @@
 
 ``POST /api/presets/validate`` checks a preset (the schema of the live params, plus: its LoRAs must be loaded on
 this server, matched by name) and answers the normalised preset and the live update it stands for;
-``GET /api/sessions/{id}/preset`` is a stream's state as a preset; ``POST /api/sessions/{id}/preset`` applies
+``GET /api/sessions/{id}/preset`` is a stream's state as a preset (with its mappings and note slots); ``POST /api/sessions/{id}/preset`` applies
 one to a stream (its secret or the admin token, like ``/params``). A bad preset gets a 4xx naming the field.
 The server never opens a file named in a preset: LoRA paths are matched by name only, and a saved preset names
 each LoRA by its file name (put the preset next to its LoRAs to use it with ``--preset`` on the command line).
@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException
 
 from wanstream.api.presets import Preset
 from wanstream.server.auth import Caller
+from wanstream.server.live import LiveError
 from wanstream.server.sessions import SessionManager
 
 
@@ -32,6 +33,10 @@ def preset_router(manager: SessionManager, controlled, caller) -> APIRouter:
                 known = ", ".join(loaded) or "none"
                 raise HTTPException(422, f"loras.{i}.path: LoRA {lo.name[:100]!r} is not loaded on this server "
                                          f"(loaded: {known}; start `wanstream serve` with --lora)")
+        for i, name in (preset.modulation.lora_names() if preset.modulation else []):
+            if name not in loaded:
+                raise HTTPException(422, f"modulation.mappings.{i}.target: LoRA {name[:100]!r} is not loaded on "
+                                         f"this server (loaded: {', '.join(loaded) or 'none'})")
         return preset.to_params().model_dump(exclude_none=True)
 
     @router.post("/api/presets/validate")
@@ -47,7 +52,7 @@ def preset_router(manager: SessionManager, controlled, caller) -> APIRouter:
             strengths = lora_set.strengths(params.lora)
             params = params.model_copy(update={"lora": dict(zip(lora_set.names, strengths))})
         paths = {name: Path(w.path).name for name, w in loaded.items()}
-        preset = Preset.from_params(params, paths)
+        preset = Preset.from_params(params, paths, controlled(session_id, c).live.spec)
         return preset.to_dict()
 
     @router.post("/api/sessions/{session_id}/preset")
@@ -56,6 +61,10 @@ def preset_router(manager: SessionManager, controlled, caller) -> APIRouter:
         check(preset)
         try:
             state = session.apply(preset.to_params())
+            if preset.modulation is not None:
+                session.live.set_modulation(preset.modulation)
+        except LiveError as exc:
+            raise HTTPException(422, str(exc)) from None
         except (ValueError, RuntimeError) as exc:
             raise HTTPException(400, str(exc)) from None
         return {"ok": True, "session": session.id, "params": state.model_dump()}

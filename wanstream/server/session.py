@@ -34,6 +34,8 @@ import torch
 from wanstream.api.params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams
 from wanstream.core.chunking import ChunkBuffer
 from wanstream.engine.loop import EngineStream
+from wanstream.server.live import LiveControl
+from wanstream.server.outputs import SessionPushes
 from wanstream.server.pacing import Pacer, Released
 from wanstream.server.recording import Recorder
 from wanstream.server.stats import SessionStats
@@ -98,6 +100,8 @@ class Session:
         self._on_close: list[Callable[[str], None]] = []
         self._wake = asyncio.Event() if loop is not None else None
         self.stats.queued = lambda: len(self.buffer)
+        self.live = LiveControl(self)           # modulation, MIDI slots and learn, quantised changes, audio
+        self.pushes = SessionPushes(self)       # RTMP / SRT pushes of the output (server/outputs.py)
         self._encode_prompt(self.params, 0)
 
     # ------------------------------------------------------------------ inputs (transport side)
@@ -142,7 +146,18 @@ class Session:
 
     # ------------------------------------------------------------------ parameters
     def apply(self, update: ParamsUpdate) -> SessionParams:
-        """Apply a validated change: model knobs at the next chunk; queued frames dropped on prompt change/reset."""
+        """Apply a validated change: model knobs at the next chunk; queued frames dropped on prompt change/reset.
+        With ``quantize`` the change waits for the next beat / bar it can land on (:mod:`.live`)."""
+        if update.quantize is not None:
+            with self._lock:
+                if self.closed:
+                    raise RuntimeError("this session is closed")
+                new, changed = self.params.merged(update)
+                if "lora" in changed:
+                    self.manager.engine.lora_strengths(new.lora)
+            self.live.schedule(update, self.clock(), self.manager.encode_prompt)
+            self.manager.worker.notify()
+            return self.params
         with self._lock:
             if self.closed:
                 raise RuntimeError("this session is closed")
@@ -211,10 +226,50 @@ class Session:
             rec, self.recorder = self.recorder, None
             rec.stop()
 
+    def _apply_due(self, update: ParamsUpdate, embedding) -> None:
+        """(Worker, before a tick.) A quantised change whose chunk has come: the session takes it as if it were
+        asked for now, except that the queued frames stay (they are after the beat) and the prompt is encoded
+        already."""
+        with self._lock:
+            if self.closed:
+                return
+            new, changed = self.params.merged(update)
+            try:
+                if "lora" in changed:
+                    self.manager.engine.lora_strengths(new.lora)
+            except ValueError as exc:
+                self.report_error("bad_params", str(exc))
+                return
+            if update.reset:
+                self._reset = True
+                self.buffer.restart(discard=False)  # the queued frames start the new stream
+            self._dirty |= (changed & MODEL_FIELDS) - PROMPT_FIELDS
+            old, self.params = self.params, new
+            if changed & PROMPT_FIELDS and embedding is not None:
+                self._prompt_gen += 1
+                self._encoded = (self._prompt_gen, embedding, new.transition_chunks)
+        if "recording" in changed:
+            try:
+                self._set_recording(new.recording)
+            except Exception as exc:  # noqa: BLE001 - the client is told; the stream goes on
+                with self._lock:
+                    self.params = self.params.model_copy(update={"recording": old.recording})
+                self.report_error("recording", f"cannot start recording: {exc}")
+        self.notify({"type": "params", "ok": True, "params": self.params.model_dump(), "source": "beat"})
+
+    def has_newest_prompt(self) -> bool:
+        with self._lock:
+            return self._given_gen == self._prompt_gen
+
     # ------------------------------------------------------------------ model worker side
     def sync(self, engine) -> None:
         """Worker thread, between ticks: create the stream once its newest prompt is encoded; hand it the changes
-        (a newly encoded prompt, a reset, knobs); release the held queue once the stream has the newest prompt."""
+        (a quantised change whose beat has come, a newly encoded prompt, a reset, knobs, the modulated values);
+        release the held queue once the stream has the newest prompt."""
+        if self.stream is not None:
+            due = self.live.due()
+            if due is not None:
+                self._apply_due(*due)
         with self._lock:
             if self.closed:
                 return
@@ -250,6 +305,7 @@ class Session:
         knobs = {k: getattr(params, k) for k in KNOBS if k in dirty}
         if knobs:
             engine.update(stream, **knobs)
+        self.live.modulate(engine, stream, dirty)
         with self._lock:
             self._given_gen = given
             self.buffer.held = self._held()
@@ -267,6 +323,8 @@ class Session:
         if rec is not None:
             for out in outputs:
                 rec.write(out.image)
+        if self.pushes.pushes:
+            self.pushes.frames(outputs)
         self._wake_loop()
 
     # ------------------------------------------------------------------ outputs (transport side)
@@ -352,7 +410,8 @@ class Session:
     def info(self) -> dict:
         return {"id": self.id, "transport": self.transport, "age_s": round(self.clock() - self.created, 3),
                 "width": self.width, "height": self.height, "params": self.params.model_dump(),
-                "stats": self.stats.summary(), "recordings": [r.info() for r in self.recordings]}
+                "stats": self.stats.summary(), "recordings": [r.info() for r in self.recordings],
+                "live": self.live.info(), "pushes": self.pushes.info()}
 
     def stats_message(self) -> dict:
         s = self.stats.summary()
@@ -375,11 +434,14 @@ class Session:
             stream, self.stream = self.stream, None
             self._encoded = None                    # the prompt embedding (MiBs): freed now, not by a GC pass
         self.buffer.clear()
+        if self.live.audio is not None:
+            self.manager.live.counters.add("audio_dropped", self.live.audio.dropped)
         if stream is not None:
             self.manager.release(stream)
         if self.recorder is not None:
             self.recorder.stop()
             self.recorder = None
+        self.pushes.close()
         self.pacer.clear()
         self.manager._remove(self)
         self._wake_loop()

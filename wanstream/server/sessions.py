@@ -22,6 +22,7 @@ from wanstream.core.scheduler import SLOConfig
 from wanstream.engine.loop import Engine
 from wanstream.engine.metrics import MetricsRegistry
 from wanstream.models.kv_cache import stream_cache_bytes
+from wanstream.server.live import LiveHub
 from wanstream.server.recording import RecordingStore
 from wanstream.server.settings import ServerSettings
 from wanstream.server.stats import ServerTotals
@@ -102,6 +103,10 @@ class SessionManager:
         self.engine.on_fault = self._on_fault
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanstream-prompts")
         self.worker = ModelWorker(self)
+        self.live = LiveHub(self, settings)         # tempo, MIDI state, live counters (server/live.py)
+        self.totals.gauge("server_pushes", "RTMP / SRT pushes running", self.pushes_running)
+        self.totals.limits(max_pushes=settings.max_pushes, max_pushes_per_session=settings.max_pushes_per_session,
+                           push_queue_frames=settings.push_queue_frames, push_stall_s=settings.push_stall_s)
         self._free_memory = free_memory or self._cuda_free_memory
         self.recordings = RecordingStore(settings.record_dir, settings.max_recordings_per_session,
                                          settings.max_recording_files, settings.max_recording_bytes,
@@ -170,6 +175,17 @@ class SessionManager:
     def encode_prompt(self, params: SessionParams) -> Future:
         """The conditioning of ``params`` (text encoder, blends), computed on the prompt thread."""
         return self._prompts.submit(conditioning, self.model, params)
+
+    def submit_prompt_work(self, fn) -> Future:
+        """Other text-encoder work (a modulated blend's prompts) on the prompt thread."""
+        return self._prompts.submit(fn)
+
+    def pushes_running(self) -> int:
+        return sum(s.pushes.running() for s in self.list())
+
+    def lora_names(self) -> list[str]:
+        lora_set = getattr(self.model.dit, "lora", None)
+        return list(lora_set.names) if lora_set is not None else []
 
     # ------------------------------------------------------------------ lookup
     def get(self, session_id: str) -> Session | None:

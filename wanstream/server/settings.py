@@ -69,6 +69,22 @@ class ServerSettings:
     osc_burst: int = 400                    # ... and its burst
     osc_max_sources: int = 1024             # source addresses with a bucket (the least recent is forgotten)
     drain_grace_s: float = 30.0             # SIGTERM: running streams may go on this long (see lifecycle.py)
+    # --- playing live (see live.py, midi.py, outputs.py): tempo, MIDI, Link, audio, pushes
+    tempo_bpm: float = 120.0                # the free-running tempo (until MIDI clock or Link drives it)
+    beats_per_bar: int = 4
+    beat_latency_s: float | None = None     # latency a quantised change is timed with (None: each stream's
+    #                                         measured median)
+    midi_ports: list[str] | None = None     # MIDI inputs to open (None: none; ["*"]: every port)
+    midi_rate: float = 1000.0               # MIDI messages per second per port (token bucket) ...
+    midi_burst: int = 2000                  # ... and its burst; more are dropped (counted)
+    link: bool = False                      # follow an Ableton Link session (aalink)
+    learn_timeout_s: float = 30.0           # a MIDI learn request waits this long for a CC
+    audio_max_rate: float = 2.0             # a stream's audio is analysed at most this many times real time
+    push_allow: list[str] = field(default_factory=list)   # URL prefixes pushes may go to (none: pushes off)
+    max_pushes_per_session: int = 2         # RTMP / SRT pushes one stream may run at once
+    max_pushes: int = 8                     # ... all streams together
+    push_queue_frames: int = 32             # frames waiting for a push (the oldest dropped beyond)
+    push_stall_s: float = 10.0              # a push without progress this long is ended
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -96,6 +112,18 @@ class ServerSettings:
             raise ValueError(f"osc_port must be in 0..65535, got {self.osc_port}")
         if not self.osc_rate > 0 or self.osc_burst < 1 or self.osc_max_sources < 1:
             raise ValueError("osc_rate must be > 0, osc_burst and osc_max_sources >= 1")
+        from wanstream.core.tempo import check_bpm
+        check_bpm(self.tempo_bpm)
+        if not 1 <= self.beats_per_bar <= 32:
+            raise ValueError(f"beats_per_bar must be in 1..32, got {self.beats_per_bar}")
+        if self.beat_latency_s is not None and not 0 <= self.beat_latency_s <= 10:
+            raise ValueError(f"beat_latency_s must be in 0..10, got {self.beat_latency_s}")
+        if not self.midi_rate > 0 or self.midi_burst < 1 or not self.learn_timeout_s > 0 \
+                or not self.audio_max_rate >= 1:
+            raise ValueError("midi_rate and learn_timeout_s must be > 0, midi_burst >= 1, audio_max_rate >= 1")
+        if self.max_pushes_per_session < 0 or self.max_pushes < 0 or self.push_queue_frames < 1 \
+                or not self.push_stall_s > 0:
+            raise ValueError("max_pushes(_per_session) must be >= 0, push_queue_frames >= 1, push_stall_s > 0")
         if not self.drain_grace_s >= 0:
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "offer_timeout_s"):

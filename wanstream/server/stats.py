@@ -99,6 +99,10 @@ _EVENTS = {
     "recordings_started": "Recordings started",
     "recordings_refused": "Recording starts refused (per-stream count or disk budget reached)",
     "recordings_cut": "Recordings finished early because the disk budget was reached",
+    "pushes_started": "RTMP / SRT pushes started",
+    "pushes_refused": "Pushes refused (destination not allowed, bad URL, or max_pushes reached)",
+    "pushes_failed": "Pushes ended by an error (a stalled or closed server, a failed process)",
+    "push_frames_dropped": "Frames dropped because a push was not keeping up (push_queue_frames)",
 }
 # Reasons a guard refuses a request or connection (always exported, 0 until it happens).
 REFUSAL_REASONS = ("bad_host", "bad_origin", "unauthorized", "forbidden", "body_too_large", "body_timeout",

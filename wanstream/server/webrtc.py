@@ -39,6 +39,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from wanstream.server.audio import frame_to_mono
 from wanstream.server.frames import video_frame_to_rgb
 from wanstream.server.protocol import error, handle_control, ready_message
 from wanstream.server.session import Session
@@ -251,7 +252,8 @@ async def close_peer(pc, peers: set, tasks: list[asyncio.Task]) -> None:
 
 class VideoIngest:
     """A peer's first video track feeds ``session`` (through an :class:`Uplink`: the newest frames decoded off the
-    loop); any other track (a publisher's audio) is drained unread, as aiortc's receive queues are unbounded.
+    loop); its first audio track feeds the session's audio features (:mod:`.audio`, modulation sources); any other
+    track is drained unread, as aiortc's receive queues are unbounded.
     ``on_video(track)`` runs when the video track appears; the session closes when that track ends."""
 
     def __init__(self, pc, session: Session, executor: Executor, tasks: list[asyncio.Task],
@@ -262,6 +264,7 @@ class VideoIngest:
         self.tasks = tasks
         self.on_video = on_video
         self.got_video = False
+        self.got_audio = False
         pc.on("track", self._on_track)
 
     def _on_track(self, track) -> None:
@@ -270,6 +273,9 @@ class VideoIngest:
             if self.on_video is not None:
                 self.on_video(track)
             self.tasks.append(asyncio.ensure_future(self._pump(track)))
+        elif track.kind == "audio" and not self.got_audio:
+            self.got_audio = True
+            self.tasks.append(asyncio.ensure_future(self._listen(track)))
         else:
             self.tasks.append(asyncio.ensure_future(self._drain(track)))
 
@@ -278,6 +284,17 @@ class VideoIngest:
             while True:
                 self.uplink.offer(await track.recv())
         self.session.close("disconnected")
+
+    async def _listen(self, track) -> None:
+        """The peer's audio → the session's audio features (a frame that cannot be read is skipped)."""
+        live = self.session.live
+        with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
+            while True:
+                frame = await track.recv()
+                try:
+                    live.audio_in(*frame_to_mono(frame))
+                except ValueError:
+                    self.session.stats.count("bad_frames")
 
     @staticmethod
     async def _drain(track) -> None:

@@ -29,7 +29,8 @@ Who may do what (the rule of :mod:`.auth`, unchanged):
 Bounds: one publisher per stream name; ``whep_max_viewers`` viewers per stream (more get 503, counted in
 ``wanstream_server_whep_viewers_refused_total``; ``wanstream_server_whep_viewers`` is the current count); a slow
 viewer keeps only the newest frames (``VIEWER_QUEUE``); a peer that does not connect within ``offer_timeout_s``
-is freed; the publisher's audio is drained unread (aiortc's receive queues are unbounded).
+is freed; the publisher's audio is read for the stream's audio features (modulation sources, :mod:`.audio`) and
+analysed at most ``audio_max_rate`` times real time.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ def whip_router(manager: SessionManager, executor: Executor, peers: set) -> APIR
         pc = new_peer(settings, peers)
         stream = WhipStream(name, session, pc)
         streams[name] = stream
-        ingest = VideoIngest(pc, session, executor, stream.tasks)   # OBS's audio is drained unread
+        ingest = VideoIngest(pc, session, executor, stream.tasks)   # OBS's audio: the stream's audio features
 
         async def cleanup():
             if streams.get(name) is stream:

@@ -156,6 +156,7 @@
         showFit();
         if (!$("prompt").value.trim()) { $("prompt").value = msg.params.prompt; countPrompt(); }
         showOsc();
+        loadMappings();
         break;
       case "params":
         S.paramAcks += 1;
@@ -172,6 +173,13 @@
         break;
       case "closed":
         banner(msg.message || `The session was closed (${msg.reason}).`, "info");
+        break;
+      case "learned":
+        banner(`MIDI learn: ${msg.mapping.target} ← CC ${msg.mapping.source.control}`, "info");
+        loadMappings();
+        break;
+      case "push":
+        if (msg.state === "failed") banner(`Push ${msg.url} failed: ${msg.error}`);
         break;
     }
   }
@@ -446,7 +454,7 @@
   $("prompt").onkeydown = (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); $("apply-prompt").click(); } };
   $("apply-prompt").onclick = () => {
     const prompt = $("prompt").value.trim();
-    if (prompt) sendParams({ prompt, transition_chunks: Number($("transition").value) });
+    if (prompt) sendParams(timed({ prompt, transition_chunks: Number($("transition").value) }));
   };
   $("transition").oninput = showTransition;
   $("transition").onchange = () => sendParams({ transition_chunks: Number($("transition").value) });
@@ -460,9 +468,9 @@
   $("noise").onchange = () => sendParams({ noise_scale: Number($("noise").value) });
   $("fit").onchange = () => { showFit(); sendParams({ fit: $("fit").value }); };
   $("controller").onchange = () => sendParams({ noise_controller: $("controller").checked });
-  $("seed").onchange = () => sendParams({ seed: uiParams().seed });
+  $("seed").onchange = () => sendParams(timed({ seed: uiParams().seed }));
   $("seed-random").onclick = () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); $("seed").onchange(); };
-  $("reset").onclick = () => sendParams({ reset: true });
+  $("reset").onclick = () => sendParams(timed({ reset: true }));
   $("record").onclick = () => sendParams({ recording: !(S.params && S.params.recording) });
 
   function addBlendRow(text = "", weight = 0.5) {
@@ -498,6 +506,58 @@
     S.oscAddress = `/wanstream/${S.session}/${S.secret}/`;
     $("osc-address").textContent = `${S.oscAddress}<param>`;
   }
+
+  // ------------------------------------------------------------------ playing live: tempo, quantise, learn, mappings
+  // a prompt, seed or reset on the next beat / bar (the server times it so the restyled frame lands on it)
+  const timed = (p) => ($("quantize").value ? { ...p, quantize: $("quantize").value } : p);
+
+  async function liveCall(path, init = {}) {
+    const resp = await fetch(ownApi(path), { ...init, headers: { ...authHeaders, "Content-Type": "application/json" } });
+    const body = await resp.json().catch(() => ({}));
+    if (!resp.ok) throw new UserError(body.message || `HTTP ${resp.status}`, body.error || "live");
+    return body;
+  }
+
+  async function loadMappings() {
+    if (!S.session || !S.secret) return;
+    try {
+      const live = await liveCall(`/api/sessions/${S.session}/modulation`);
+      $("mappings").value = JSON.stringify(live.modulation, null, 1);
+    } catch (err) { /* shown on the next action */ }
+  }
+
+  async function pollTempo() {
+    try {
+      const resp = await fetch(api("/api/live"), { headers: authHeaders });
+      if (!resp.ok) return;
+      const live = await resp.json();
+      const t = live.tempo;
+      S.tempo = t;
+      $("tempo").textContent = `${t.bpm} BPM · ${t.source}${t.running ? "" : " (stopped)"}` +
+        (live.midi_ports.length ? ` · MIDI: ${live.midi_ports.join(", ")}` : " · no MIDI input");
+      const now = Math.floor(t.bar_phase * t.beats_per_bar);
+      $("beat-dots").textContent = Array.from({ length: t.beats_per_bar }, (_, i) => (i === now ? "●" : "○")).join(" ");
+    } catch (err) { /* the next poll */ }
+  }
+  setInterval(pollTempo, 250);
+
+  $("learn").onclick = async () => {
+    if (!liveSession()) return banner("Start a stream first.", "info");
+    try {
+      await liveCall(`/api/sessions/${S.session}/learn`, { method: "POST", body: JSON.stringify({ target: $("learn-target").value }) });
+      banner(`MIDI learn: move a control for ${$("learn-target").value}…`, "info");
+    } catch (err) { banner(err.message); }
+  };
+
+  $("mappings-apply").onclick = async () => {
+    if (!liveSession()) return banner("Start a stream first.", "info");
+    let spec;
+    try { spec = JSON.parse($("mappings").value || "{}"); } catch (err) { return banner(`Mappings: not JSON (${err.message})`); }
+    try {
+      await liveCall(`/api/sessions/${S.session}/modulation`, { method: "PUT", body: JSON.stringify(spec) });
+      clearBanner();
+    } catch (err) { banner(`Mappings refused: ${err.message}`); }
+  };
 
   // ------------------------------------------------------------------ presets (format and checks: the server's)
   async function presetCall(path, init = {}) {
