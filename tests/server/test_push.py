@@ -141,7 +141,10 @@ def test_a_stalled_rtmp_server_ends_only_its_own_push(rig):
         r.frame()
         time.sleep(0.02)
     assert push.state == "failed" and "stopped taking data" in push.error, push.info()
-    assert push.proc.poll() is not None and push.frames_dropped > 0
+    assert push.proc.poll() is not None
+    # the queue to the stalled process stays bounded whatever the machine's speed: every frame handed to the push
+    # was sent, dropped, or is among the at most 8 queued
+    assert 0 <= push.frames_in - push.frames_sent - push.frames_dropped <= 8, push.info()
     assert any(m.get("type") == "push" and m.get("state") == "failed" for m in told)
     before = [len(o) for o in r.outputs]
     r.run(16)

@@ -241,7 +241,7 @@ def test_a_stuck_model_call_is_reported_on_health(tiny_model, tmp_path, clip):
             stream_frames(c, clip, 5)
             health = wait_until(lambda: (h := s.http("GET", "/api/health")[1])["status"] == "stuck" and h, 30,
                                 "health says stuck")
-            assert health["worker"]["running_for_s"] > 0.5
+            assert health["worker"]["running_for_s"] >= 0.5           # past stuck_after_s (shown rounded to 1 ms)
         finally:
             release.set()
             s.manager.engine.step = original
