@@ -2,12 +2,12 @@
 
 * Upload (:func:`upload_frames`): the frames are stacked straight into a pinned uint8 staging buffer, copied to the
   device without blocking the host and converted there to ``[T, 3, H, W]`` in ``[-1, 1]`` — ``x / 127.5 - 1`` in
-  float32, then the model dtype, the numbers of ``io.video.frames_to_tensor``. Pinned buffers come from PyTorch's
+  float32, then the model dtype, the numbers of ``io.framing.pixels_to_unit``. Pinned buffers come from PyTorch's
   caching host allocator, which reuses a block only after the copy from it has completed.
 * Download (:func:`start_download`): the output is converted to uint8 ``[T, H, W, 3]`` on the device and copied
   into pinned memory without blocking; a CUDA event marks its arrival, so the host can queue more work (the next
   stream's decode) before :meth:`PendingFrames.wait` blocks on that event only. :func:`download_frames` is both in
-  one step. The numbers are those of ``io.video.tensor_to_frames``.
+  one step. The numbers are those of ``io.framing.unit_to_pixels``.
 
 On the CPU both are the plain conversions.
 """
@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from wanstream.io.framing import pixels_to_unit, unit_to_pixels
 
 
 def upload_frames(frames: Sequence[np.ndarray] | np.ndarray, device, dtype: torch.dtype) -> torch.Tensor:
@@ -33,7 +35,7 @@ def upload_frames(frames: Sequence[np.ndarray] | np.ndarray, device, dtype: torc
         raw = staging.to(device, non_blocking=True)
     else:
         raw = torch.from_numpy(np.stack(frames)).to(device)
-    return (raw.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1.0).to(dtype)
+    return pixels_to_unit(raw, dtype)
 
 
 class PendingFrames:
@@ -55,10 +57,7 @@ class PendingFrames:
 def start_download(tensor: torch.Tensor) -> PendingFrames:
     """``[T, 3, H, W]`` in ``[-1, 1]`` → uint8 (rounded, clamped), converted on the device; the copy to the host
     starts."""
-    if tensor.ndim != 4 or tensor.shape[1] != 3:
-        raise ValueError(f"expected a tensor [T, 3, H, W], got shape {tuple(tensor.shape)}")
-    pixels = ((tensor.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).contiguous()
+    pixels = unit_to_pixels(tensor)
     if not pixels.is_cuda:
         return PendingFrames(pixels.cpu())
     host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)

@@ -73,20 +73,31 @@ def fit_frames(frames: np.ndarray, width: int, height: int, mode: str = "crop") 
     return out
 
 
+def pixels_to_unit(raw: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` (on any device) → ``[T, 3, H, W]`` in ``[-1, 1]``: ``x / 127.5 - 1`` in float32, then
+    ``dtype``. The one home of this conversion (files, the engine's upload)."""
+    return (raw.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1.0).to(dtype)
+
+
+def unit_to_pixels(tensor: torch.Tensor) -> torch.Tensor:
+    """``[T, 3, H, W]`` in ``[-1, 1]`` → uint8 ``[T, H, W, 3]`` (rounded, clamped) on the tensor's device. The one
+    home of this conversion (files, the engine's download, a pipeline's last rank)."""
+    if tensor.ndim != 4 or tensor.shape[1] != 3:
+        raise ValueError(f"expected a tensor [T, 3, H, W], got shape {tuple(tensor.shape)}")
+    pixels = ((tensor.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous()
+
+
 def frames_to_tensor(frames: np.ndarray, device: torch.device | str | None = None,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``uint8 [T, H, W, 3]`` -> ``[T, 3, H, W]`` in ``[-1, 1]`` (``x / 127.5 - 1``), converted on ``device``."""
+    """``uint8 [T, H, W, 3]`` -> ``[T, 3, H, W]`` in ``[-1, 1]``, converted on ``device``."""
     arr = _frames_array(frames)
     if arr.ndim != 4:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got shape {arr.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
-    return (t.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0).contiguous()
+    return pixels_to_unit(torch.from_numpy(np.ascontiguousarray(arr)).to(device), dtype)
 
 
 def tensor_to_frames(tensor: torch.Tensor) -> np.ndarray:
     """``[T, 3, H, W]`` in ``[-1, 1]`` -> ``uint8 [T, H, W, 3]`` (rounded, clamped), on the CPU."""
-    if tensor.ndim != 4 or tensor.shape[1] != 3:
-        raise ValueError(f"expected a tensor [T, 3, H, W], got shape {tuple(tensor.shape)}")
-    pixels = ((tensor.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return unit_to_pixels(tensor).cpu().numpy()
 

@@ -26,6 +26,7 @@ from wanstream.core.block_scheduler import Move, apply_move
 from wanstream.engine.noise import SeededNoise
 from wanstream.engine.runner import settle
 from wanstream.engine.timing import PhaseTimer
+from wanstream.io.framing import unit_to_pixels
 from wanstream.models.dit import PromptKV
 from wanstream.models.kv_cache import CachePolicy, CacheStep, KVPool
 from wanstream.models.loader import ModelBundle
@@ -192,8 +193,7 @@ class Stage:
             pixels = self.model.vae.decode(state, latent)
         else:
             pixels = state.decode(latent)
-        frames = ((pixels[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-        return frames.permute(0, 2, 3, 1).contiguous()
+        return unit_to_pixels(pixels[0])
 
     def memory_bytes(self) -> int:
         """Peak device memory on CUDA; on the CPU the bytes this stage holds (weights, caches, prompt K/V, VAE)."""
