@@ -35,6 +35,7 @@ from wanstream.core.geometry import check_fit, check_resolution
 from wanstream.core.plan import Plan
 from wanstream.core.planner import Planner
 from wanstream.core.scheduler import RoundRobin, Scheduler, SLOConfig
+from wanstream.core.slack import SlackPolicy
 from wanstream.engine.codec import StreamCodec
 from wanstream.engine.runner import ChunkInput, Done, Runner, RunnerProtocol, RunnerStream
 from wanstream.engine.stream import EngineStream, OutputFrame, StreamFailed
@@ -46,7 +47,7 @@ from wanstream.models.kv_cache import CachePolicy, KVPool
 __all__ = ["Engine", "EngineStream", "Group", "OutputFrame", "StreamFailed"]
 
 log = logging.getLogger("wanstream.engine")
-POLICIES = ("continuous", "round_robin")
+POLICIES = ("continuous", "round_robin", "slack")
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Engine:
             s = EngineStream(sid, group, record, width=width, height=height, decoder=decoder, embedding=embedding,
                              fit=fit)
             s.fresh(m.vae, getattr(m, "taehv", None))
+            record.cheap_decoder = decoder == "vae" and getattr(m, "taehv", None) is not None
             try:
                 group.runner.add(RunnerStream.seeded(sid, settings.seed, m.device, settings.lora), record.rows)
                 group.runner.set_prompt(sid, embedding)
@@ -175,7 +177,8 @@ class Engine:
                 if self.reserve_rows:
                     pool.reserve(self.reserve_rows)
                 runner = Runner(dit, m.sampler, pool, CachePolicy(cache), tpf, timer=self.timer, compile=self.compile)
-            policy = RoundRobin() if self.policy == "round_robin" else Scheduler(self.slo)
+            policy = {"round_robin": RoundRobin, "slack": SlackPolicy}.get(self.policy, Scheduler)
+            policy = RoundRobin() if policy is RoundRobin else policy(self.slo)
             g = self.groups[key] = Group(key, runner, Planner(policy, cache=cache, lag=runner.lag), tpf)
         return g
 
@@ -267,6 +270,22 @@ class Engine:
                     s.group.runner.remove(s.id)
                 s.chunks.clear()
                 s.outbox.clear()
+
+    # ------------------------------------------------------------------------------------------ suspend / resume
+    def park(self, stream: EngineStream):
+        """Take a stream off the device into host memory (:mod:`wanstream.engine.parking`); its cache rows go back
+        to the pool. Raises :class:`~wanstream.engine.parking.NotParkable` (nothing changed) when it cannot be
+        parked now. Returns the :class:`~wanstream.engine.parking.ParkedStream`."""
+        from wanstream.engine.parking import park
+        with self._tick, self._registry, torch.inference_mode():
+            return park(self, stream)
+
+    def resume(self, parked, buffer: ChunkBuffer | None = None) -> EngineStream:
+        """A parked stream back in the engine (a new stream object and id, the same state): its next chunk gives
+        what it would have given had it never been parked. ``buffer``: its input queue (default: the one it had)."""
+        from wanstream.engine.parking import resume
+        with self._tick, self._registry, torch.inference_mode():
+            return resume(self, parked, buffer)
 
     def fail(self, stream: EngineStream, message: str) -> None:
         """End a stream with an error (its own work failed); the others go on."""
@@ -374,6 +393,8 @@ class Engine:
                 elif kind == "lora":
                     s.settings.lora = value
                     g.runner.set_lora(s.id, value)
+                elif kind == "decoder":
+                    s.switch_decoder(value, getattr(self.model, "taehv", None))
         except Exception as exc:  # noqa: BLE001 - one stream's failure ends only that stream
             self._stream_error(s, "update", exc)
             plan.without(s.id)
@@ -440,6 +461,7 @@ class Engine:
             frames_out = [OutputFrame(img, fid, ts) for img, fid, ts in
                           zip(images[: info.real], info.frame_ids, info.timestamps)]
             s.stats.frames_out += len(frames_out)
+            s.record.playout.deliver(len(frames_out), self.clock())
             s.outbox.extend(frames_out)
 
     def _stream_error(self, s: EngineStream | None, phase: str, exc: BaseException) -> None:

@@ -45,7 +45,9 @@ class EngineStream:
         self.record = record
         self.width, self.height = width, height
         self.fit = fit                 # framing of input frames of another aspect (io.video.fit_frames)
-        self.decoder = decoder
+        self.decoder = decoder         # the decoder in use: its own, or "taehv" on a degradation rung (core.slack)
+        self.own_decoder = decoder
+        self.alt_dec_state = None      # its own decoder's state while TAEHV decodes a degraded stretch
         self.outbox: deque[OutputFrame] = deque()
         self.closed = False
         self.error: str | None = None
@@ -98,9 +100,10 @@ class EngineStream:
 
     # ------------------------------------------------------------------------------------------ tensor state
     def fresh(self, vae, taehv=None) -> None:
-        """A new stream (also a reset): controller, VAE caches, no chunk in the model."""
+        """A new stream (also a reset): controller, VAE caches (its own decoder), no chunk in the model."""
         self.controller.reset()
         self.prev_frame = None
+        self.decoder, self.alt_dec_state = self.own_decoder, None
         self.enc_state = vae.new_state()
         if self.decoder == "vae":
             self.dec_state = vae.new_state()
@@ -126,6 +129,28 @@ class EngineStream:
             out = list(self._updates)
             self._updates.clear()
         return out
+
+    def switch_decoder(self, decoder: str, taehv) -> None:
+        """A degradation rung's decoder (``"taehv"``: the tiny decoder continues the stream from its next chunk,
+        the own decoder's state is kept aside) or the stream's own again (``"own"``: it goes on from where it was
+        left; the chunks decoded meanwhile are not in its causal history)."""
+        if decoder == "own" or decoder == self.own_decoder:
+            if self.alt_dec_state is not None:
+                self.dec_state, self.alt_dec_state = self.alt_dec_state, None
+            self.decoder = self.own_decoder
+            return
+        if self.decoder == decoder:
+            return
+        from wanstream.models.taehv import TAEHVStreamDecoder
+        dec = TAEHVStreamDecoder(taehv)
+        dec.frames_to_drop = 0 if self.schedule.prepared else dec.frames_to_drop
+        self.alt_dec_state, self.dec_state = self.dec_state, dec
+        self.decoder = decoder
+
+    def pending_updates(self) -> bool:
+        """Live changes wait for the next tick."""
+        with self._lock:
+            return bool(self._updates)
 
     def has_work(self) -> bool:
         with self._lock:
