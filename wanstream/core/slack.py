@@ -9,8 +9,9 @@ seconds of video buffered ahead of its viewer (:class:`~wanstream.core.playout.P
   viewer playing. Then the streams about to stall (slack below the predicted tick plus ``stall_margin_s``), least
   slack first, move one rung down their :func:`ladder` — fewer denoising steps (fewer rows: a shorter tick), then
   the TAEHV decoder where one is loaded — until the predicted tick fits. A stream keeps a rung at least
-  ``hold_chunks`` chunks; it climbs back one rung at a time, most slack first, once the tick predicted with the
-  rung restored leaves ``restore_headroom`` of the chunk period free. Every move is recorded with its reason.
+  ``hold_chunks`` chunks; it climbs back one rung at a time (one stream per tick, most slack first) once the tick
+  predicted with the rung restored leaves ``restore_headroom`` of the chunk period free. Every move is recorded
+  with its reason.
 * **The streams with most slack wait.** When the tick still does not fit, streams that can afford a tick without
   output (slack above two predicted ticks plus the margin) are held back, most slack first, never more than
   ``max_defer`` ticks in a row, so the streams about to stall get a shorter tick.
@@ -133,8 +134,9 @@ class SlackPolicy(Scheduler):
                         key=lambda s: -s.slack_s):
             new = s.rung - 1
             extra = self._rows_at(s, new) - rows[s.id]
-            t_new = self.latency.predict(total + extra)
-            if t_new <= (1 - cfg.restore_headroom) * period and s.slack_s >= t_new + cfg.stall_margin_s:
+            # scaled from the tick measured now (a figure measured for more rows during the overload is stale)
+            t_new = tick * (total + extra) / max(1, total)
+            if t_new <= (1 - cfg.restore_headroom) * period:
                 d.rungs[s.id] = new
                 d.note(s.id, f"restored to {s.ladder[new].describe()}: slack {s.slack_s:.2f} s, predicted tick "
                              f"{t_new:.2f} s")
