@@ -474,6 +474,7 @@ class BenchRun:
     compile: bool = False
     quantize: str | None = None
     compare_eager: bool = False
+    overload: float | None = None       # also both policies at this many times the measured per-stream capacity
     base: BenchConfig = field(default_factory=BenchConfig)
     lora: list = field(default_factory=list)      # LoRASpec s attached to the DiT
 
@@ -544,6 +545,10 @@ def run(spec: BenchRun, log=print) -> dict:
                 rr = run_stream(model, cfg, prompts, clip, costs, peaks, policy="round_robin")
                 row["round_robin"] = {k: rr[k] for k in COMPARED}
                 row["round_robin"]["stage_ms"] = rr["stage_ms"]
+            if spec.overload:
+                from wanstream.bench.overload import run_overload
+                row["overload"] = run_overload(model, cfg, prompts, clip, spec.overload, row["fps_per_session_min"],
+                                               log)
             rows.append({**{k: meta[k] for k in ("device", "device_type", "dtype", "torch", "commit", "date")},
                          **row, "peak_flops_per_s": peaks["matmul_flops_per_s"] if peaks else None})
     meta["host_load_end"] = _loadavg()

@@ -136,6 +136,9 @@ def tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
             eager_rows(rows)),
            ("roofline, DiT (per call, steady state; minimum bytes)", ROOF_COLUMNS, roofline_rows(rows)),
            ("roofline, VAE (per call, steady state)", VAE_ROOF_COLUMNS, vae_roofline_rows(rows))]
+    from wanstream.bench.overload import OVERLOAD_COLUMNS, overload_rows
+    out.append(("overload (--overload: today's policy vs playback slack on the same input; CPR: continuous-"
+                "playback ratio)", OVERLOAD_COLUMNS, overload_rows(rows)))
     return [t for t in out if t[2]]
 
 

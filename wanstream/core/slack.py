@@ -12,9 +12,10 @@ seconds of video buffered ahead of its viewer (:class:`~wanstream.core.playout.P
   ``hold_chunks`` chunks; it climbs back one rung at a time (one stream per tick, most slack first) once the tick
   predicted with the rung restored leaves ``restore_headroom`` of the chunk period free. Every move is recorded
   with its reason.
-* **The streams with most slack wait.** When the tick still does not fit, streams that can afford a tick without
-  output (slack above two predicted ticks plus the margin) are held back, most slack first, never more than
-  ``max_defer`` ticks in a row, so the streams about to stall get a shorter tick.
+* **The streams with most slack wait.** When the tick still does not fit and a stream is about to stall (or has
+  no output yet: its time to first chunk), streams that can afford a tick without output (slack above two
+  predicted ticks plus the margin) are held back, most slack first, never more than ``max_defer`` ticks in a row,
+  so the streams in need get a shorter tick.
 
 The ladder has no resolution rung: a stream's KV cache and VAE caches are laid out for its resolution, so a Wan
 stream cannot change resolution without starting over (a re-prepare, which loses its cache).
@@ -150,7 +151,8 @@ class SlackPolicy(Scheduler):
         period = min(self.period(s) for s in ready)
         total = running_rows + sum(rows.values())
         tick = self.latency.predict(total)
-        if tick <= period:
+        at_risk = [s for s in ready if s.slack_s is None or s.slack_s < tick + cfg.stall_margin_s]
+        if tick <= period or not at_risk:
             return list(ready)
         held: list[StreamView] = []
         for s in sorted((s for s in ready if s.slack_s is not None and s.deferred < cfg.max_defer
