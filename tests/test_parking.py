@@ -36,10 +36,11 @@ def _tap(engine: Engine, sink: dict) -> None:
     engine.codec.decode = tap
 
 
-def _run(model, clip, park_at: int | None, other: bool = True):
+def _run(model, clip, park_at: int | None, other: bool = True, via_blob: bool = False):
     """One stream (2 steps, noise controller on, a prompt transition running across the park) fed chunk by chunk;
     with ``park_at`` it is parked after that many chunks (2 frames of the next chunk already queued), another stream
-    uses the freed rows meanwhile, then it resumes. Returns its frames, latents and the engine."""
+    uses the freed rows meanwhile, then it resumes — with ``via_blob`` in a new engine, from the blob of its state
+    and its input queue. Returns its frames, latents and the engine."""
     eng = Engine(model)
     lat: dict = {}
     _tap(eng, lat)
@@ -65,7 +66,19 @@ def _run(model, clip, park_at: int | None, other: bool = True):
                 o.take_outputs()
                 eng.close(o)
                 eng.release_closed()
-            s = eng.resume(parked)
+            if via_blob:
+                from wanstream.core.chunking import ChunkBuffer
+                from wanstream.engine.blob import dumps, loads
+                head, images = parked.buffer.snapshot()
+                data = dumps(parked, eng.clock(), {"buffer": head}, images)
+                eng = Engine(model)                         # another engine (another server)
+                _tap(eng, lat)
+                parked, extra, images = loads(data, len(data), eng.clock())
+                buffer = ChunkBuffer()
+                buffer.restore(extra["buffer"], images, extra["_shift"])
+                s = eng.resume(parked, buffer)
+            else:
+                s = eng.resume(parked)
             eng.feed(s, clip[pos + 2: pos + n])
             pos += n
         else:
@@ -122,3 +135,40 @@ def test_parking_refuses_what_it_cannot_take_and_changes_nothing(tiny_model, cli
     eng.feed(s2, clip[9:13])
     eng.run_until_idle()
     assert len(s2.take_outputs()) == 4
+
+
+def test_a_stream_moved_as_a_blob_to_another_engine_resumes_bit_exact(tiny_model, clip):
+    ref_frames, ref_lat, _, _ = _run(tiny_model, clip, None)
+    frames, lat, _, s = _run(tiny_model, clip, park_at=5, other=False, via_blob=True)
+    assert len(frames) == len(ref_frames)
+    assert all(torch.equal(lat[c], ref_lat[c]) for c in ref_lat)
+    assert all(np.array_equal(a, b) for a, b in zip(frames, ref_frames))
+
+
+def test_a_blob_is_never_trusted(tiny_model, clip):
+    from wanstream.engine.blob import HEADER, BlobError, dumps, loads
+    from wanstream.engine.parking import check
+    eng = Engine(tiny_model)
+    s = eng.open(prompt_embeds=_prompt(0), width=W, height=H, steps=2, seed=1)
+    eng.feed(s, clip[:9])
+    eng.run_until_idle()
+    s.take_outputs()
+    data = dumps(eng.park(s), eng.clock(), {"note": "x"})
+    parked, extra, images = loads(data, len(data), eng.clock())
+    assert extra["note"] == "x" and images == [] and check(eng, parked) == (W, H)
+    cases = {
+        "too_large": (data, len(data) - 1),
+        "malformed": [(data[:-10], len(data)), (data[:20], len(data)), (b"XXXX" + data[4:], len(data)),
+                      (data[:HEADER.size + 100] + bytes([data[HEADER.size + 100] ^ 1]) + data[HEADER.size + 101:],
+                       len(data)), (data + b"\0", len(data) + 1)],
+        "version": (data[:4] + (2).to_bytes(2, "little") + data[6:], len(data)),
+    }
+    for kind, items in cases.items():
+        for blob, cap in (items if isinstance(items, list) else [items]):
+            with pytest.raises(BlobError) as err:
+                loads(blob, cap, eng.clock())
+            assert err.value.kind == kind
+    parked.host["model"] = "f" * 32                      # a well-formed blob of another model
+    with pytest.raises(StateError, match="another model"):
+        check(eng, parked)
+    assert not eng.streams

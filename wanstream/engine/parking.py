@@ -236,6 +236,18 @@ def resume(engine: "Engine", parked: ParkedStream, buffer: ChunkBuffer | None = 
     return s
 
 
+def check(engine: "Engine", parked: ParkedStream) -> tuple[int, int]:
+    """Whether a parked state fits ``engine`` (nothing is changed): its ``(width, height)``, or
+    :class:`StateError` saying why not."""
+    try:
+        plan = _check(engine, parked.host, parked.tensors)
+    except StateError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise StateError(f"malformed parked state ({type(exc).__name__}: {exc})") from None
+    return plan["width"], plan["height"]
+
+
 def _check(engine: "Engine", host: dict, t: dict[str, torch.Tensor]) -> dict:
     """Validate a parked state against the engine; returns the objects it describes (nothing is changed)."""
     m = engine.model
