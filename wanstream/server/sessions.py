@@ -23,6 +23,7 @@ from wanstream.engine.loop import Engine
 from wanstream.engine.metrics import MetricsRegistry
 from wanstream.models.kv_cache import stream_cache_bytes
 from wanstream.server.live import LiveHub
+from wanstream.server.parking import ParkingLot
 from wanstream.server.recording import RecordingStore
 from wanstream.server.settings import ServerSettings
 from wanstream.server.stats import ServerTotals
@@ -99,8 +100,9 @@ class SessionManager:
             from wanstream.pipeline.runner import runner_factory
             runners = runner_factory(pipeline, settings.decoder)
         self.engine = Engine(model, slo=SLOConfig(target_latency_s=settings.target_latency_s), clock=clock,
-                             runner_factory=runners)
+                             runner_factory=runners, policy=settings.policy)
         self.engine.on_fault = self._on_fault
+        self.parking = ParkingLot(self.totals, settings.park_max_bytes)     # parked streams (server/parking.py)
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanstream-prompts")
         self.worker = ModelWorker(self)
         self.live = LiveHub(self, settings)         # tempo, MIDI state, live counters (server/live.py)
@@ -268,12 +270,22 @@ class SessionManager:
         if failure is not None:
             for s in self.list():
                 s.fail("model_error", f"the model pipeline failed: {failure}")
-        now = self.clock()
-        idle = [s for s in self.list() if now - s.last_input > self.settings.idle_timeout_s]
-        for s in idle:
-            s.notify({"type": "closed", "reason": "idle",
-                      "message": f"No frames for {self.settings.idle_timeout_s:g} s: the session was closed."})
-            s.close("idle")
+        now, st = self.clock(), self.settings
+        idle = []
+        for s in self.list():
+            if s.resume_token is not None:          # migrated here; its client has not come back
+                if now - s.created > st.resume_timeout_s:
+                    s.close("migration_unclaimed")
+                    idle.append(s)
+                continue
+            limit = st.parked_timeout_s if s.parked is not None else st.idle_timeout_s
+            if now - s.last_input > limit:
+                s.notify({"type": "closed", "reason": "idle",
+                          "message": f"No frames for {limit:g} s: the session was closed."})
+                s.close("idle")
+                idle.append(s)
+        if any(s.park_due(now) for s in self.list()):
+            self.worker.notify()                    # the worker parks them at its next turn
         return idle
 
     def _on_fault(self, stream, message: str) -> None:
