@@ -29,11 +29,15 @@ def reference(model, chunks, prompt):
 
 
 def send_chunks(c: WSClient, chunks, sent: int) -> int:
+    """Send chunks one at a time, each once the model has taken the one before (the chunk boundaries of the
+    reference run); returns the frames sent in all."""
     for start, frames in chunks:
+        before = c.stats()["frames_to_model"]
         for i, f in enumerate(frames):
             c.send_frame(f, start + i)
         sent += len(frames)
-        wait_until(lambda: c.stats()["frames_to_model"] == sent, 120, f"frames up to {sent} at the model")
+        wait_until(lambda: c.stats()["frames_to_model"] == before + len(frames), 120,
+                   f"frames up to {sent} at the model")
     return sent
 
 

@@ -35,6 +35,7 @@ from wanstream.server.auth import Caller, Guard, caller_of
 from wanstream.server.connections import guarded_http_protocol, redact_uvicorn_logs
 from wanstream.server.lifecycle import export_capacity
 from wanstream.server.live_routes import live_router
+from wanstream.server.migration import Migrations, migration_router
 from wanstream.server.midi import LinkTempo, MidiInputs
 from wanstream.server.osc import OSCControl
 from wanstream.server.page_headers import SecurityHeaders
@@ -68,6 +69,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     midi = MidiInputs(manager.live) if settings.midi_ports else None
     link = LinkTempo(manager.live) if settings.link else None
     export_capacity(manager)
+    manager.migrations = Migrations(manager)         # live migration in and out (server/migration.py)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -211,6 +213,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     app.include_router(live_router(manager, controlled, caller))
     app.include_router(webrtc_router(manager, executor, peers))
     app.include_router(whip_router(manager, executor, peers))
+    app.include_router(migration_router(manager, manager.migrations, controlled, caller))
 
     @app.exception_handler(StarletteHTTPException)      # FastAPI's own, and Starlette's (404 route, 400 body)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -160,6 +160,47 @@ class SessionManager:
         log.info("session %s opened (%s), %d/%d", session.id[:8], transport, self.count, s.max_sessions)
         return session
 
+    def adopt(self, sid: str, secret: str, params: SessionParams, parked, buffer_head: dict, images: list,
+              shift: float, arrivals: int, token: str, loop) -> Session:
+        """A stream migrated in (server/migration.py): a session with its id, secret, parameters, frame numbering,
+        queued frames and parked state, waiting for its client (``resume_token``). ServerFull when there is no room,
+        ValueError when that session is here already or its queue is malformed; nothing changes then."""
+        with self._lock:
+            refusal = self._no_room()
+            if refusal is not None:
+                self.totals.add("sessions_rejected")
+                raise refusal
+            if sid in self._sessions:
+                raise ValueError(f"session {sid[:8]}... is already on this server")
+            session = Session(self, "migrated", loop, encode=False)
+            session.buffer.restore(buffer_head, images, shift)
+            session.id, session.secret, session.params = sid, secret, params
+            session._arrivals = arrivals
+            session.parked = parked
+            session._parked_frames_in = session.buffer.frames_in
+            session.resume_token = token
+            self._sessions[sid] = session
+        for _, info in sorted(parked.host["stream"]["chunks"].items(), key=lambda kv: int(kv[0])):
+            for ts in info["arrivals"][: info["real"]]:        # its frames in the model come out here
+                session.stats.model.on_input(timestamp=ts)
+        self.metrics.add(session.id, session.stats)
+        self.totals.add("sessions_opened")
+        for victim in self.parking.add(session, parked.nbytes):
+            victim.expire()
+        return session
+
+    def claim(self, token: str, loop) -> Session | None:
+        """The migrated-in session waiting for the client that presents ``token`` (once), or None."""
+        from wanstream.server.auth import same_secret
+        with self._lock:
+            for s in self._sessions.values():
+                if s.resume_token is not None and same_secret(token, s.resume_token):
+                    s.resume_token = None
+                    s.transport, s.loop = "websocket", loop
+                    s.last_input = self.clock()
+                    return s
+        return None
+
     def _remove(self, session: Session) -> None:
         with self._lock:
             if self._sessions.pop(session.id, None) is None:
