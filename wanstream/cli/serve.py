@@ -115,10 +115,10 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     beyond.add_argument("--policy", choices=("continuous", "slack"), default="continuous",
                         help="tick policy: continuous (SLO-aware batching, the default) or slack (playback slack: "
                              "the streams about to stall are degraded for a few chunks, those with slack wait)")
-    beyond.add_argument("--park-after", type=float_in(0.0, None, "park after"), default=10.0, metavar="SECONDS",
+    beyond.add_argument("--park-after", type=_zero_or_more("park after"), default=10.0, metavar="SECONDS",
                         help="park a stream without input this long in host memory, resume it on its next frame "
                              "(default 10; 0: never)")
-    beyond.add_argument("--park-max-gb", type=float_in(0.0, None, "parked memory"), default=4.0, metavar="GB",
+    beyond.add_argument("--park-max-gb", type=_zero_or_more("parked memory"), default=4.0, metavar="GB",
                         help="host memory of all parked streams; the oldest expire beyond it (default 4)")
     beyond.add_argument("--parked-timeout", type=float_in(0.0, None, "parked timeout"), default=600.0,
                         metavar="SECONDS", help="close a parked stream without input this long (default 600)")
@@ -139,6 +139,19 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     from wanstream.cli.pipeline import add_pipeline_args
     add_pipeline_args(p)       # --gpus 0,1,2,3 / --pipeline N: the server's engine runs on a pipeline of ranks
     return p
+
+
+def _zero_or_more(what: str):
+    """A finite number >= 0 (0: off)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{what} must be a number >= 0, got {text!r}")
+        return value
+    return parse
 
 
 def load_serving_model(args, settings: ServerSettings):
