@@ -77,7 +77,8 @@ def model_fingerprint(model) -> str:
     if fp is not None:
         return fp
     h = hashlib.sha256()
-    cfg = dict(model.dit.transformer.config)
+    cfg = {k: v for k, v in dict(model.dit.transformer.config).items() if not k.startswith("_")}   # (diffusers'
+    # private entries, e.g. a set-ordered list of defaults, differ between processes)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(str(model.dtype).encode())
     lora = getattr(model.dit, "lora", None)
