@@ -298,3 +298,14 @@ def test_bench_overload_compares_todays_policy_with_playback_slack(tiny_model_di
     assert "overload" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--overload"):
         bench_cli.spec_from_args(_parse(["--model", str(tiny_model_dir), "--overload", "2", "--input-fps", "8"]))
+
+
+def test_bench_reports_the_drift_watchdog_cost_per_chunk(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "drift.json"
+    args = _parse(["--model", str(tiny_model_dir), "--device", "cpu", "--resolution", "32x32", "--steps", "2",
+                   "--frames", "21", "--warmup", "2", "--prime-chunks", "1", "--drift-watchdog", "--no-peak",
+                   "--json", str(out)])
+    assert bench_cli.run_bench(args) == 0
+    row = json.loads(out.read_text())
+    assert row["drift_watchdog"] and row["drift_ms_per_chunk"] > 0 and row["drift_flags"] >= 0
+    assert "drift watchdog" in capsys.readouterr().out

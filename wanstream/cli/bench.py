@@ -59,6 +59,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="then feed the streams at X times the per-stream rate just measured, under today's policy "
                         "and under the playback-slack policy: continuous-playback ratio, time to first chunk, "
                         "stalls, degraded share (needs --input-fps max)")
+    p.add_argument("--drift-watchdog", action="store_true",
+                   help="run the drift watchdog on every stream and report its cost per chunk (drift_ms_per_chunk)")
     p.add_argument("--compile", action="store_true",
                    help="compile the steady-state DiT call (CUDA graphs on a GPU) and the VAE's steady encode/decode")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
@@ -85,7 +87,7 @@ def spec_from_args(args):
                        input_fps=args.input_fps, frames=args.frames, warmup=args.warmup,
                        target_latency_s=args.target_latency, seed=args.seed,
                        decoder="taehv" if args.taehv else "vae", prime_chunks=args.prime_chunks,
-                       sessions=args.sessions)
+                       sessions=args.sessions, drift_watchdog=args.drift_watchdog)
     base.validate()
     if args.overload is not None and (not args.overload > 0 or args.input_fps is not None or args.sweep):
         raise ValueError("--overload X needs X > 0, the default --input-fps max (it measures the capacity first) "

@@ -37,6 +37,7 @@ from wanstream.core.planner import Planner
 from wanstream.core.scheduler import RoundRobin, Scheduler, SLOConfig
 from wanstream.core.slack import SlackPolicy
 from wanstream.engine.codec import StreamCodec
+from wanstream.engine.drift import DriftConfig, DriftWatch, watch
 from wanstream.engine.runner import ChunkInput, Done, Runner, RunnerProtocol, RunnerStream
 from wanstream.engine.stream import EngineStream, OutputFrame, StreamFailed
 from wanstream.engine.timing import PhaseTimer
@@ -66,7 +67,7 @@ class Engine:
 
     def __init__(self, model, *, slo: SLOConfig | None = None, policy: str = "continuous",
                  clock: Callable[[], float] = time.perf_counter, reserve_rows: int = 0, runner_factory=None,
-                 batch_vae: bool | None = None, compile: bool = False):
+                 batch_vae: bool | None = None, compile: bool = False, drift: DriftConfig | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.model = model
@@ -92,6 +93,8 @@ class Engine:
         self.dit_calls = 0
         self.rows_run = 0
         self.on_fault: Callable[[EngineStream, str], None] | None = None
+        self.drift = drift                        # the drift watchdog of every stream (engine/drift.py); None: off
+        self.drift_counts = {"flags": 0, "refreshes": 0}
 
     @property
     def batch_vae(self) -> bool:
@@ -126,6 +129,7 @@ class Engine:
             s = EngineStream(sid, group, record, width=width, height=height, decoder=decoder, embedding=embedding,
                              fit=fit)
             s.fresh(m.vae, getattr(m, "taehv", None))
+            s.drift = DriftWatch(self.drift) if self.drift is not None else None
             record.cheap_decoder = decoder == "vae" and getattr(m, "taehv", None) is not None
             try:
                 group.runner.add(RunnerStream.seeded(sid, settings.seed, m.device, settings.lora), record.rows)
@@ -350,6 +354,9 @@ class Engine:
             self._finished(done, finished)
         if plan.collect:
             self._finished(g.runner.pending(), finished)
+        if self.drift is not None:
+            with self.timer.section("drift"):
+                watch(self, g, plan, finished)
         with self.timer.section("decode"):
             self._outputs(self.codec.decode(finished))
         self.dit_calls += plan.dit_calls

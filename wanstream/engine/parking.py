@@ -140,6 +140,7 @@ def park(engine: "Engine", s: EngineStream) -> ParkedStream:
                    "own_decoder": s.own_decoder},
         "runner": {"seed": rs.seed, "lora": None if rs.lora is None else list(rs.lora),
                    "latents": sorted(int(c) for c in rs.latents)},
+        "drift": None if s.drift is None else s.drift.state(tensors),
         "vae": {"enc": _vae_state("enc", s.enc_state, tensors), "dec": _vae_state("dec", s.dec_state, tensors),
                 "dec_alt": None if s.alt_dec_state is None else _vae_state("dec_alt", s.alt_dec_state, tensors)},
     }
@@ -217,6 +218,10 @@ def resume(engine: "Engine", parked: ParkedStream, buffer: ChunkBuffer | None = 
         s.enc_state = _vae_from("enc", host["vae"]["enc"], t, m, dev)
         s.dec_state = _vae_from("dec", host["vae"]["dec"], t, m, dev)
         s.own_decoder = sd["own_decoder"]
+        if engine.drift is not None:               # its watchdog goes on (a fresh one if it had none)
+            from wanstream.engine.drift import DriftWatch
+            s.drift = DriftWatch(engine.drift) if host.get("drift") is None else \
+                DriftWatch.restore(engine.drift, host["drift"], t, dev)
         if host["vae"]["dec_alt"] is not None:
             s.alt_dec_state = _vae_from("dec_alt", host["vae"]["dec_alt"], t, m, dev)
         run = host["runner"]
@@ -311,6 +316,9 @@ def _check(engine: "Engine", host: dict, t: dict[str, torch.Tensor]) -> dict:
     _int(r["rung"], 0, len(ladder(settings.steps, bool(r["cheap_decoder"]))) - 1)
     _int(r["since_rung"], 0, 1 << 30)
     PlayoutBuffer().restore(r["playout"])
+    if host.get("drift") is not None:
+        from wanstream.engine.drift import DriftConfig, DriftWatch
+        DriftWatch.restore(DriftConfig(), host["drift"], t, "cpu")
     return {"settings": settings, "cache": cache, "width": width, "height": height,
             "schedule": {"rows": rows}}
 

@@ -59,6 +59,7 @@ class EngineStream:
         self.prev_frame: torch.Tensor | None = None
         self.enc_state = self.dec_state = None
         self.chunks: dict[int, ChunkInfo] = {}      # chunks in the model: what their output frames report
+        self.drift = None                           # its drift watchdog (engine/drift.py), when the engine has one
 
     # ------------------------------------------------------------------------------------------ host state
     @property

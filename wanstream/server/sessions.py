@@ -99,10 +99,15 @@ class SessionManager:
         if pipeline is not None:
             from wanstream.pipeline.runner import runner_factory
             runners = runner_factory(pipeline, settings.decoder)
+        from wanstream.engine.drift import DriftConfig
         self.engine = Engine(model, slo=SLOConfig(target_latency_s=settings.target_latency_s), clock=clock,
-                             runner_factory=runners, policy=settings.policy)
+                             runner_factory=runners, policy=settings.policy,
+                             drift=DriftConfig() if settings.drift_watchdog else None)
         self.engine.on_fault = self._on_fault
         self.parking = ParkingLot(self.totals, settings.park_max_bytes)     # parked streams (server/parking.py)
+        for key, doc in (("flags", "Streams flagged by the drift watchdog (--drift-watchdog)"),
+                         ("refreshes", "Cache refreshes (sinks re-primed) of flagged streams")):
+            self.totals.gauge(f"server_drift_{key}", doc, lambda key=key: self.engine.drift_counts[key], counter=True)
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanstream-prompts")
         self.worker = ModelWorker(self)
         self.live = LiveHub(self, settings)         # tempo, MIDI state, live counters (server/live.py)
