@@ -115,6 +115,9 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     beyond.add_argument("--policy", choices=("continuous", "slack"), default="continuous",
                         help="tick policy: continuous (SLO-aware batching, the default) or slack (playback slack: "
                              "the streams about to stall are degraded for a few chunks, those with slack wait)")
+    beyond.add_argument("--ladder-taehv", action="store_true",
+                        help="with --policy slack: load the TAEHV decoder (ckpts/taew2_1.pth) as the last rung of "
+                             "the degradation ladder (streams decode with the VAE otherwise)")
     beyond.add_argument("--park-after", type=_zero_or_more("park after"), default=10.0, metavar="SECONDS",
                         help="park a stream without input this long in host memory, resume it on its next frame "
                              "(default 10; 0: never)")
@@ -167,7 +170,8 @@ def load_serving_model(args, settings: ServerSettings):
         print(f"wanstream serve: model {args.model} on a pipeline of {driver.world} ranks "
               f"({', '.join(driver.spec.devices)}) started in {time.perf_counter() - t0:.1f} s", flush=True)
         return driver.model, driver
-    model = load_model(args.model, device=args.device, taehv=settings.decoder == "taehv", lora=lora_specs(args))
+    taehv = settings.decoder == "taehv" or (settings.policy == "slack" and settings.ladder_taehv)
+    model = load_model(args.model, device=args.device, taehv=taehv, lora=lora_specs(args))
     print(f"wanstream serve: model {args.model} on {model.device} loaded in {time.perf_counter() - t0:.1f} s"
           + (f", LoRAs {', '.join(model.dit.lora.names)}" if model.dit.lora is not None else ""), flush=True)
     return model, None
@@ -318,7 +322,7 @@ def settings_from_args(args) -> ServerSettings:
                           osc_port=args.osc_port, drain_grace_s=args.drain_grace,
                           midi_ports=midi_ports(args), tempo_bpm=args.tempo, beats_per_bar=args.beats_per_bar,
                           link=args.link, beat_latency_s=args.beat_latency, push_allow=list(args.push_allow),
-                          max_pushes=args.max_pushes, policy=args.policy, park_after_s=args.park_after,
+                          max_pushes=args.max_pushes, policy=args.policy, ladder_taehv=args.ladder_taehv, park_after_s=args.park_after,
                           park_max_bytes=int(args.park_max_gb * 2**30), parked_timeout_s=args.parked_timeout,
                           migrate_to=args.migrate_to, max_blob_bytes=max(1, int(args.max_blob_gb * 2**30)),
                           resume_timeout_s=args.resume_timeout, drift_watchdog=args.drift_watchdog)

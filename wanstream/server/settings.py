@@ -87,6 +87,7 @@ class ServerSettings:
     push_stall_s: float = 10.0              # a push without progress this long is ended
     # --- serving beyond one server (docs/deploy.md: slack, parking, migration, drift watchdog)
     policy: str = "continuous"              # tick policy: continuous (SLO-aware) | slack (playback slack)
+    ladder_taehv: bool = False              # load TAEHV so the slack policy's last rung decodes with it
     park_after_s: float = 10.0              # a stream without input this long is parked in host memory (0: never)
     park_max_bytes: int = 4 * 2**30         # host memory of all parked streams; the oldest expire beyond it
     parked_timeout_s: float = 600.0         # a parked stream without input this long is closed
