@@ -153,7 +153,8 @@ def park(engine: "Engine", s: EngineStream) -> ParkedStream:
         tensors["prev_frame"] = s.prev_frame
     tensors["noise.mix"] = rs.noise.generator.get_state()
     tensors["noise.renoise"] = rs.renoise_source.generator.get_state()
-    tensors["runner.prompt"] = rs.prompt
+    if rs.prompt is not s.embedding:                # (the same tensor unless a transition is running)
+        tensors["runner.prompt"] = rs.prompt
     for c, lat in rs.latents.items():
         tensors[f"latent.{int(c)}"] = lat
     tensors.update({f"kv.{k}": v for k, v in pool.export_rows(s.id).items()})
@@ -228,7 +229,7 @@ def resume(engine: "Engine", parked: ParkedStream, buffer: ChunkBuffer | None = 
         rs = RunnerStream.seeded(sid, run["seed"], dev, None if run["lora"] is None else tuple(run["lora"]))
         rs.noise.generator.set_state(t["noise.mix"])
         rs.renoise_source.generator.set_state(t["noise.renoise"])
-        rs.prompt = t["runner.prompt"].to(dev)
+        rs.prompt = t["runner.prompt"].to(dev) if "runner.prompt" in t else s.embedding
         rs.latents = {int(cid): t[f"latent.{int(cid)}"].to(dev) for cid in run["latents"]}
         g.runner.add(rs, rows)
         pool.import_rows(sid, {name: t[f"kv.{name}"] for name in layout})
@@ -278,7 +279,9 @@ def _check(engine: "Engine", host: dict, t: dict[str, torch.Tensor]) -> dict:
     dit = m.dit
     text_dim = dit.transformer.config.text_dim
     emb_shape = (1, dit.text_len, text_dim)
-    for name in ("embedding", "runner.prompt") + (("transition.from", "transition.to") if sd["transition"] else ()):
+    names = ("embedding",) + (("runner.prompt",) if "runner.prompt" in t else ()) + \
+        (("transition.from", "transition.to") if sd["transition"] else ())
+    for name in names:
         _tensor(t, name, emb_shape, m.dtype)
     if sd["transition"] is not None:
         k, total = sd["transition"]
