@@ -181,8 +181,8 @@ class Engine:
                 if self.reserve_rows:
                     pool.reserve(self.reserve_rows)
                 runner = Runner(dit, m.sampler, pool, CachePolicy(cache), tpf, timer=self.timer, compile=self.compile)
-            policy = {"round_robin": RoundRobin, "slack": SlackPolicy}.get(self.policy, Scheduler)
-            policy = RoundRobin() if policy is RoundRobin else policy(self.slo)
+            policy = RoundRobin() if self.policy == "round_robin" else \
+                (SlackPolicy if self.policy == "slack" else Scheduler)(self.slo)
             g = self.groups[key] = Group(key, runner, Planner(policy, cache=cache, lag=runner.lag), tpf)
         return g
 

@@ -144,7 +144,8 @@ class EngineStream:
             return
         from wanstream.models.taehv import TAEHVStreamDecoder
         dec = TAEHVStreamDecoder(taehv)
-        dec.frames_to_drop = 0 if self.schedule.prepared else dec.frames_to_drop
+        if not getattr(self.dec_state, "first_decode", True):       # mid-stream: no start-of-stream frames to drop
+            dec.frames_to_drop = 0
         self.alt_dec_state, self.dec_state = self.dec_state, dec
         self.decoder = decoder
 

@@ -45,7 +45,7 @@ from wanstream.engine.blob import BlobError, dumps, loads
 from wanstream.engine.parking import StateError, check
 from wanstream.server.auth import BLOB_PATH as MIGRATIONS_PATH
 from wanstream.server.auth import Caller
-from wanstream.server.sessions import ServerFull, SessionManager
+from wanstream.server.sessions import ServerFull, SessionExists, SessionManager
 
 log = logging.getLogger("wanstream.server")
 
@@ -189,9 +189,11 @@ class Migrations:
                               loop)
         except ServerFull as exc:
             raise MigrationError(503, str(exc)) from None
-        except ValueError as exc:
+        except SessionExists as exc:
+            raise MigrationError(409, str(exc)) from None
+        except (ValueError, KeyError, TypeError, IndexError) as exc:   # its input queue is malformed
             self.counts["blobs_refused"] += 1
-            raise MigrationError(409 if "already" in str(exc) else 422, str(exc)) from None
+            raise MigrationError(422, f"this server cannot take the stream: bad input queue ({exc})") from None
         self.counts["migrations_in"] += 1
         log.info("session %s migrated in; waiting %g s for its client", session.id[:8], st.resume_timeout_s)
         return {"session": session.id, "resume": token, "expires_s": st.resume_timeout_s}

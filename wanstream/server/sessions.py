@@ -45,6 +45,10 @@ class ServerFull(Exception):
         self.code = code
 
 
+class SessionExists(ValueError):
+    """A stream migrated in whose session is on this server already."""
+
+
 def estimate_session_bytes(model, width: int, height: int, steps: int = 4, cache: CacheConfig = CacheConfig()) -> int:
     """A rough upper estimate of one stream's GPU memory: its cache rows and prompt slot (one row per step), the
     hidden states of one call and the streaming VAE feature caches (encoder and decoder)."""
@@ -176,7 +180,7 @@ class SessionManager:
                 self.totals.add("sessions_rejected")
                 raise refusal
             if sid in self._sessions:
-                raise ValueError(f"session {sid[:8]}... is already on this server")
+                raise SessionExists(f"session {sid[:8]}... is already on this server")
             session = Session(self, "migrated", loop, encode=False)
             session.buffer.restore(buffer_head, images, shift)
             session.id, session.secret, session.params = sid, secret, params
