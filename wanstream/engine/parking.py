@@ -28,6 +28,7 @@ import torch
 
 from wanstream.core.chunking import ChunkBuffer, ChunkInfo
 from wanstream.core.config import CacheConfig, StreamSettings
+from wanstream.core.geometry import check_fit
 from wanstream.core.planner import StreamStats
 from wanstream.core.playout import PlayoutBuffer
 from wanstream.core.schedule import Slot, StreamSchedule
@@ -175,12 +176,7 @@ def resume(engine: "Engine", parked: ParkedStream, buffer: ChunkBuffer | None = 
     Everything is checked before anything changes; a state that does not fit raises :class:`StateError`."""
     m = engine.model
     host, t = parked.host, parked.tensors
-    try:
-        plan = _check(engine, host, t)
-    except StateError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise StateError(f"malformed parked state ({type(exc).__name__}: {exc})") from None
+    plan = _validated(engine, parked)
     settings, cache, sd, width, height = plan["settings"], plan["cache"], host["stream"], plan["width"], plan["height"]
     buffer = buffer if buffer is not None else parked.buffer if parked.buffer is not None else ChunkBuffer()
     g = engine._group(width, height, cache)
@@ -246,13 +242,17 @@ def resume(engine: "Engine", parked: ParkedStream, buffer: ChunkBuffer | None = 
 def check(engine: "Engine", parked: ParkedStream) -> tuple[int, int]:
     """Whether a parked state fits ``engine`` (nothing is changed): its ``(width, height)``, or
     :class:`StateError` saying why not."""
+    plan = _validated(engine, parked)
+    return plan["width"], plan["height"]
+
+
+def _validated(engine: "Engine", parked: ParkedStream) -> dict:
     try:
-        plan = _check(engine, parked.host, parked.tensors)
+        return _check(engine, parked.host, parked.tensors)
     except StateError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise StateError(f"malformed parked state ({type(exc).__name__}: {exc})") from None
-    return plan["width"], plan["height"]
 
 
 def _check(engine: "Engine", host: dict, t: dict[str, torch.Tensor]) -> dict:
@@ -268,7 +268,8 @@ def _check(engine: "Engine", host: dict, t: dict[str, torch.Tensor]) -> dict:
         raise StateError(f"the stream ran in {host['dtype']}, this engine in {_dtype_name(m.dtype)}")
     sd = host["stream"]
     width, height = _int(sd["width"], 16, 1 << 14), _int(sd["height"], 16, 1 << 14)
-    if sd["decoder"] not in ("vae", "taehv"):
+    check_fit(sd["fit"])
+    if sd["decoder"] not in ("vae", "taehv") or sd["own_decoder"] not in ("vae", "taehv"):
         raise StateError(f"unknown decoder {sd['decoder']!r}")
     if "taehv" in (sd["decoder"], sd.get("alt_decoder")) and getattr(m, "taehv", None) is None:
         raise StateError("the stream decodes with TAEHV, which this engine has not loaded")
