@@ -82,7 +82,7 @@ class SlackPolicy(Scheduler):
         if tick is None or not ready:
             d.join = [s.id for s in ready]
             return d
-        self._ladder(streams, ready, rows, running_rows, d)
+        self._ladder(ready, rows, running_rows, d)
         join = self._wait_by_slack(ready, rows, running_rows, d)
         d.join = [s.id for s in join]
         d.defer = [s.id for s in ready if s not in join]
@@ -104,8 +104,7 @@ class SlackPolicy(Scheduler):
             return s.rows
         return s.ladder[rung].steps
 
-    def _ladder(self, streams: Sequence[StreamView], ready: list[StreamView], rows: dict, running_rows: int,
-                d: Decision) -> None:
+    def _ladder(self, ready: list[StreamView], rows: dict, running_rows: int, d: Decision) -> None:
         """Degrade the streams about to stall while the tick does not fit; restore one rung when it would."""
         cfg = self.config
         live = [s for s in ready if s.slack_s is not None and s.ladder]
