@@ -6,7 +6,8 @@ WebRTC, ``/whip/{stream}`` and ``/whep/{stream}`` (WHIP ingest / WHEP egress, :m
 (liveness), ``/api/ready`` (readiness, see :mod:`.lifecycle`), ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``),
 ``/api/recordings`` (+ ``/{file}``), ``/metrics`` (Prometheus), presets (``/api/presets/validate``,
 ``/api/sessions/{id}/preset``: :mod:`.preset_routes`), live control (``/api/live``, ``/api/sessions/{id}/
-modulation``, ``.../learn``: :mod:`.live_routes`), pushes (``/api/sessions/{id}/outputs``: :mod:`.outputs`);
+modulation``, ``.../learn``: :mod:`.live_routes`), pushes (``/api/sessions/{id}/outputs``: :mod:`.outputs`),
+live migration (``/api/sessions/{id}/migrate``, ``/api/migrations``: :mod:`.migration`);
 MIDI inputs and Ableton Link with ``midi_ports`` / ``link`` (:mod:`.midi`); OSC control over UDP with ``osc_port`` (:mod:`.osc`,
 started and stopped with the app). Who may call what is decided in :mod:`.auth` before any route runs (Host /
 Origin, the access token, bounded bodies); a stream's details, parameters and recordings over HTTP need its

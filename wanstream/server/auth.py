@@ -208,8 +208,8 @@ class Guard:
             return
         if scope["method"] in BODY_METHODS:
             st = self.settings
-            # a migration blob (admin only: server/migration.py) has its own, larger bound
-            limit, timeout = (st.max_blob_bytes, st.blob_timeout_s) if path == BLOB_PATH and caller.admin else \
+            # a migration blob (admin only, above: server/migration.py) has its own, larger bound
+            limit, timeout = (st.max_blob_bytes, st.blob_timeout_s) if path == BLOB_PATH else \
                 (st.max_body_bytes, st.body_timeout_s)
             try:
                 body = await self._read_body(headers, receive, limit, timeout)

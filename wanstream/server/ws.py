@@ -4,7 +4,9 @@
 Binary messages are frames: JPEG (or raw RGB, see :mod:`.frames`) up, JPEG (or raw with ``format=raw``) down.
 Text messages are the JSON control protocol of :mod:`.protocol`; the server also pushes ``stats`` every
 ``stats_interval_s``. The first server message is ``ready`` (session id, its secret, resolution, parameters)
-or an ``error`` with code ``server_full`` / ``draining`` / ``unauthorized`` / ``bad_format`` followed by the close.
+or an ``error`` with code ``server_full`` / ``draining`` / ``unauthorized`` / ``bad_format`` / ``bad_resume`` followed
+by the close. ``?resume=TOKEN`` continues a stream migrated to this server (:mod:`.migration`); a stream that
+migrates away gets its ``redirect`` as its last message, after its last frame.
 One task receives, one sends (frames and JSON, never two sends at once); when either ends, the session ends.
 """
 
