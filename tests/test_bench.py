@@ -275,3 +275,37 @@ def test_measure_peaks_cpu():
     peaks = roofline.measure_peaks("cpu", torch.float32, size=128, copy_bytes=1 << 20, repeats=2)
     assert peaks["matmul_flops_per_s"] > 0 and peaks["copy_bytes_per_s"] > 0
     assert roofline.roofline_time(2e9, 1e6, {"matmul_flops_per_s": 1e9, "copy_bytes_per_s": 1e9}) == 2.0
+
+
+def test_bench_overload_compares_todays_policy_with_playback_slack(tiny_model_dir, tmp_path, capsys):
+    """--overload 2: after the row, the same streams at twice the measured per-stream rate under both policies;
+    each policy reports the viewer figures of every stream (structure only: no timing thresholds)."""
+    out = tmp_path / "overload.json"
+    args = _parse(["--model", str(tiny_model_dir), "--device", "cpu", "--resolution", "32x32", "--steps", "2",
+                   "--frames", "25", "--warmup", "2", "--prime-chunks", "1", "--sessions", "2", "--overload", "2",
+                   "--no-peak", "--json", str(out)])
+    assert bench_cli.run_bench(args) == 0
+    o = json.loads(out.read_text())["overload"]
+    assert o["input_fps"] == pytest.approx(2 * o["capacity_fps_per_stream"])
+    assert set(o["policies"]) == {"continuous", "slack"}
+    for policy, x in o["policies"].items():
+        assert len(x["per_session"]) == 2
+        for p in x["per_session"]:
+            assert p["frames_in"] == 25 and p["frames_out"] + p["dropped"] <= 25 and p["frames_out"] > 0
+            assert 0.0 <= p["continuous_ratio"] <= 1.0 and p["ttfc_s"] > 0 and p["stalls"] >= 0
+            assert 0.0 <= p["degraded_share"] <= 1.0
+    assert all(p["degraded_share"] == 0 for p in o["policies"]["continuous"]["per_session"])
+    assert "overload" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--overload"):
+        bench_cli.spec_from_args(_parse(["--model", str(tiny_model_dir), "--overload", "2", "--input-fps", "8"]))
+
+
+def test_bench_reports_the_drift_watchdog_cost_per_chunk(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "drift.json"
+    args = _parse(["--model", str(tiny_model_dir), "--device", "cpu", "--resolution", "32x32", "--steps", "2",
+                   "--frames", "21", "--warmup", "2", "--prime-chunks", "1", "--drift-watchdog", "--no-peak",
+                   "--json", str(out)])
+    assert bench_cli.run_bench(args) == 0
+    row = json.loads(out.read_text())
+    assert row["drift_watchdog"] and row["drift_ms_per_chunk"] > 0 and row["drift_flags"] >= 0
+    assert "drift watchdog" in capsys.readouterr().out

@@ -140,3 +140,20 @@ def test_sweep_config_top_level_and_clip_errors(tmp_path):
     assert [s.steps for s in cfg.settings] == [2, 1, 2, 2]                   # defaults apply, settings win
     assert cfg.settings[2].cache_config().sink_threshold == -1.0
     assert cfg.settings[2].cache_config().capacity == 4
+
+
+def test_sweep_setting_turns_the_drift_watchdog_on(tmp_path, tiny_model):
+    """``drift_watchdog = true``: the setting's stream runs with the online watchdog (engine/drift.py), so a sweep
+    compares it on and off; the table shows the knob."""
+    from wanstream.eval.sweep import _session
+    clip = tmp_path / "c.mp4"
+    clip.write_bytes(b"")
+    cfg_path = tmp_path / "sweep.toml"
+    write_config(cfg_path, tmp_path, clip, '\n[[settings]]\nname = "watchdog"\ndrift_watchdog = true\n')
+    settings = {s.name: s for s in load_config(cfg_path).settings}
+    assert settings["watchdog"].drift_watchdog and not settings["1 step"].drift_watchdog
+    assert settings["watchdog"].columns()["drift_watchdog"] is True
+    with _session(tiny_model, settings["watchdog"], "a watercolor painting", 64, 64, 0) as s:
+        assert s.engine.drift is not None and s.stream.drift is not None
+    with _session(tiny_model, settings["1 step"], "a watercolor painting", 64, 64, 0) as s:
+        assert s.engine.drift is None and s.stream.drift is None

@@ -32,19 +32,20 @@ class ServerProcess:
     """``python -m wanstream.server`` (the tiny model at 64x64) on a port the OS picks, logs in ``workdir``."""
 
     def __init__(self, model_dir: Path, workdir: Path, max_sessions: int = 2, drain_grace: float = 30.0,
-                 prefix: list[str] | None = None):
+                 prefix: list[str] | None = None, extra: list[str] | None = None, env: dict | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "server.log"
         self.cmd = list(prefix or []) + [
             sys.executable, "-m", "wanstream.server", "--model", str(model_dir), "--device", "cpu",
             "--port", "0", "--resolution", f"{W}x{H}", "--max-sessions", str(max_sessions),
-            "--drain-grace", str(drain_grace), "--record-dir", str(workdir / "recordings")]
+            "--drain-grace", str(drain_grace), "--record-dir", str(workdir / "recordings"), *(extra or [])]
+        self.env = dict(env or {})
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> ServerProcess:
         """Start the process (``__enter__`` then waits until it listens; start several first to overlap)."""
         if self.popen is None:
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **self.env}
             self._log = open(self.log_path, "wb")
             self.popen = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         return self

@@ -95,7 +95,7 @@ def test_every_manifest_fits_the_kubernetes_schema():
 
 
 def test_the_schema_check_catches_mistakes():
-    deployment = the("Deployment")
+    deployment = the("Deployment", "wanstream")
     with pytest.raises(AssertionError, match="unknown field"):
         check_model({**deployment, "spec": {**deployment["spec"], "replica": 2}}, "V1Deployment", "d")
     with pytest.raises(AssertionError, match="int expected"):
@@ -108,7 +108,7 @@ def test_the_schema_check_catches_mistakes():
 def test_deployment_matches_the_server(tiny_model, tmp_path):
     from wanstream.server.app import create_app
     from wanstream.server.settings import ServerSettings
-    deployment = the("Deployment")
+    deployment = the("Deployment", "wanstream")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     args = serve_args(container["args"])
@@ -140,8 +140,41 @@ def test_deployment_matches_the_server(tiny_model, tmp_path):
     name = metric["pods"]["metric"]["name"]
     exported = app.state.manager.totals.render().decode()
     assert re.search(rf"^{name} ", exported, re.M), f"{name} is not in /metrics"
-    rules = yaml.safe_load(the("ConfigMap")["data"]["config.yaml"])["rules"]
+    rules = yaml.safe_load(the("ConfigMap", "wanstream-prometheus-adapter-rules")["data"]["config.yaml"])["rules"]
     assert any(r["seriesQuery"].startswith(name + "{") and r["name"]["as"] == name for r in rules)
+
+
+def test_haproxy_in_the_cluster_routes_as_the_shipped_config():
+    """deploy/k8s/haproxy.yaml: the routing lines of deploy/haproxy.cfg (new streams, stickiness, pinned servers,
+    migration), pods from the headless Service; the wanstream pods migrate through it; haproxy accepts it."""
+    import shutil
+    cfg = the("ConfigMap", "wanstream-haproxy")["data"]["haproxy.cfg"]
+    shipped = (ROOT / "deploy" / "haproxy.cfg").read_text()
+    routing = [line.strip() for line in shipped.splitlines()
+               if line.strip().startswith(("http-request", "http-response", "force-persist", "use-server", "acl",
+                                           "balance", "http-check", "default-server", "http-error"))]
+    assert len(routing) >= 14
+    for line in routing:
+        assert line in cfg, f"deploy/k8s/haproxy.yaml lacks: {line}"
+    pods = the("Service", "wanstream-pods")
+    assert re.search(rf"server-template \S+ \d+ {pods['metadata']['name']}\.\S+:{pods['spec']['ports'][0]['port']} ",
+                     cfg)
+    lb_deploy, lb = the("Deployment", "wanstream-lb"), the("Service", "wanstream-lb")
+    (container,) = lb_deploy["spec"]["template"]["spec"]["containers"]
+    assert re.search(rf"bind :{container['ports'][0]['containerPort']}\b", cfg)
+    assert lb["spec"]["selector"].items() <= lb_deploy["spec"]["template"]["metadata"]["labels"].items()
+    args = serve_args(the("Deployment", "wanstream")["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert args.migrate_to == f"http://{lb['metadata']['name']}" and lb["spec"]["ports"][0]["port"] == 80
+    assert lb["metadata"]["name"] in args.allowed_host
+    env = the("Deployment", "wanstream")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert any(e["name"] == "WANSTREAM_ADMIN_TOKEN" and e["valueFrom"]["secretKeyRef"] for e in env)
+    if shutil.which("haproxy"):
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".cfg") as f:
+            f.write(cfg)
+            f.flush()
+            check = subprocess.run(["haproxy", "-c", "-f", f.name], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 # ---------------------------------------------------------------------------------------------- Dockerfile

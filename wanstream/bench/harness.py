@@ -66,6 +66,7 @@ class BenchConfig:
     decoder: str = "vae"
     prime_chunks: int | None = None     # chunks of the throw-away priming stream (default: steps + 2)
     sessions: int = 1                   # streams of the engine, fed together (own prompt and seed each)
+    drift_watchdog: bool = False        # the drift watchdog on every measured stream (its cost: drift_ms_per_chunk)
 
     @property
     def mode(self) -> str:
@@ -265,7 +266,8 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
     prime_s = _prime(model, cfg, prompts, clip, policy, compile)
     memory = PeakMemory(device)
     memory.start()
-    engine = Engine(model, policy=policy, compile=compile)
+    from wanstream.engine.drift import DriftConfig
+    engine = Engine(model, policy=policy, compile=compile, drift=DriftConfig() if cfg.drift_watchdog else None)
     streams = _open(engine, cfg, prompts)
     metrics = [StreamMetrics(target_latency_s=cfg.target_latency_s) for _ in streams]
     outputs: list[list[tuple[float, int]]] = [[] for _ in streams]     # per stream: (time, frames) of each tick
@@ -379,6 +381,11 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
         "timing": "cuda_events" if engine.timer.cuda else "perf_counter",
         "compiled": bool(compile), "dit_paths": _dit_paths(engine),
         "wall_s": t_end - t_start,
+        "drift_watchdog": cfg.drift_watchdog,
+        # the watchdog's own work per chunk (statistics of each clean latent, the score, refreshes)
+        "drift_ms_per_chunk": 1e3 * sum(t.phases.get("drift", 0.0) for t in steady) / chunks
+        if cfg.drift_watchdog and chunks else None,
+        "drift_flags": engine.drift_counts["flags"] if cfg.drift_watchdog else None,
     }
     if cfg.input_fps is None:
         row["queue"] = {"backlog_max_frames": 0, "lag_end_s": 0.0, "keeps_up": None}
@@ -474,6 +481,7 @@ class BenchRun:
     compile: bool = False
     quantize: str | None = None
     compare_eager: bool = False
+    overload: float | None = None       # also both policies at this many times the measured per-stream capacity
     base: BenchConfig = field(default_factory=BenchConfig)
     lora: list = field(default_factory=list)      # LoRASpec s attached to the DiT
 
@@ -544,6 +552,10 @@ def run(spec: BenchRun, log=print) -> dict:
                 rr = run_stream(model, cfg, prompts, clip, costs, peaks, policy="round_robin")
                 row["round_robin"] = {k: rr[k] for k in COMPARED}
                 row["round_robin"]["stage_ms"] = rr["stage_ms"]
+            if spec.overload:
+                from wanstream.bench.overload import run_overload
+                row["overload"] = run_overload(model, cfg, prompts, clip, spec.overload, row["fps_per_session_min"],
+                                               log)
             rows.append({**{k: meta[k] for k in ("device", "device_type", "dtype", "torch", "commit", "date")},
                          **row, "peak_flops_per_s": peaks["matmul_flops_per_s"] if peaks else None})
     meta["host_load_end"] = _loadavg()

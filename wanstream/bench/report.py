@@ -45,6 +45,15 @@ def speed_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
+DRIFT_COLUMNS = ["res", "steps", "mode", "input fps", "drift ms/chunk", "flags"]
+
+
+def drift_rows(rows: list[dict]) -> list[list[str]]:
+    """The drift watchdog's own cost (--drift-watchdog; part of host ms)."""
+    return [_row_key(r) + [_f(r["drift_ms_per_chunk"], ".3f"), str(r["drift_flags"])]
+            for r in rows if r.get("drift_watchdog")]
+
+
 def latency_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
@@ -132,10 +141,14 @@ def tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
            ("latency (miss %: frames later than --target-latency; only with a live --input-fps)", LATENCY_COLUMNS,
             latency_rows(rows)),
            ("sessions (all streams of the engine together)", SESSION_COLUMNS, session_rows(rows)),
+           ("drift watchdog (its work per chunk, included in host ms)", DRIFT_COLUMNS, drift_rows(rows)),
            ("fast path vs the eager reference (paired, A B B A; ratios fast / eager)", EAGER_COLUMNS,
             eager_rows(rows)),
            ("roofline, DiT (per call, steady state; minimum bytes)", ROOF_COLUMNS, roofline_rows(rows)),
            ("roofline, VAE (per call, steady state)", VAE_ROOF_COLUMNS, vae_roofline_rows(rows))]
+    from wanstream.bench.overload import OVERLOAD_COLUMNS, overload_rows
+    out.append(("overload (--overload: today's policy vs playback slack on the same input; CPR: continuous-"
+                "playback ratio)", OVERLOAD_COLUMNS, overload_rows(rows)))
     return [t for t in out if t[2]]
 
 

@@ -55,6 +55,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="streams fed together, each with its own prompt and seed, batched into shared DiT calls")
     p.add_argument("--compare-round-robin", action="store_true",
                    help="also measure the same streams served one stream per DiT call (reported as round_robin)")
+    p.add_argument("--overload", type=float, default=None, metavar="X",
+                   help="then feed the streams at X times the per-stream rate just measured, under today's policy "
+                        "and under the playback-slack policy: continuous-playback ratio, time to first chunk, "
+                        "stalls, degraded share (needs --input-fps max)")
+    p.add_argument("--drift-watchdog", action="store_true",
+                   help="run the drift watchdog on every stream and report its cost per chunk (drift_ms_per_chunk)")
     p.add_argument("--compile", action="store_true",
                    help="compile the steady-state DiT call (CUDA graphs on a GPU) and the VAE's steady encode/decode")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
@@ -81,13 +87,16 @@ def spec_from_args(args):
                        input_fps=args.input_fps, frames=args.frames, warmup=args.warmup,
                        target_latency_s=args.target_latency, seed=args.seed,
                        decoder="taehv" if args.taehv else "vae", prime_chunks=args.prime_chunks,
-                       sessions=args.sessions)
+                       sessions=args.sessions, drift_watchdog=args.drift_watchdog)
     base.validate()
+    if args.overload is not None and (not args.overload > 0 or args.input_fps is not None or args.sweep):
+        raise ValueError("--overload X needs X > 0, the default --input-fps max (it measures the capacity first) "
+                         "and no --sweep")
     from wanstream.cli.presets import lora_specs
     return BenchRun(model_dir=args.model, device=args.device, dtype=args.dtype, sweep=args.sweep,
                     measure_peak=not args.no_peak, base=base, lora=lora_specs(args),
                     compare_round_robin=args.compare_round_robin, compile=args.compile, quantize=args.quantize,
-                    compare_eager=args.compare_eager)
+                    compare_eager=args.compare_eager, overload=args.overload)
 
 
 def run_bench(args) -> int:

@@ -111,11 +111,50 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--drain-grace", type=float_in(0.0, None, "drain grace"), default=30.0, metavar="SECONDS",
                    help="on SIGTERM, refuse new streams and let running ones go on this long, then exit 0 "
                         "(default 30; match Kubernetes' terminationGracePeriodSeconds, see docs/deploy.md)")
+    beyond = p.add_argument_group("serving beyond one server (docs/deploy.md)")
+    beyond.add_argument("--policy", choices=("continuous", "slack"), default="continuous",
+                        help="tick policy: continuous (SLO-aware batching, the default) or slack (playback slack: "
+                             "the streams about to stall are degraded for a few chunks, those with slack wait)")
+    beyond.add_argument("--ladder-taehv", action="store_true",
+                        help="with --policy slack: load the TAEHV decoder (ckpts/taew2_1.pth) as the last rung of "
+                             "the degradation ladder (streams decode with the VAE otherwise)")
+    beyond.add_argument("--park-after", type=_zero_or_more("park after"), default=10.0, metavar="SECONDS",
+                        help="park a stream without input this long in host memory, resume it on its next frame "
+                             "(default 10; 0: never)")
+    beyond.add_argument("--park-max-gb", type=_zero_or_more("parked memory"), default=4.0, metavar="GB",
+                        help="host memory of all parked streams; the oldest expire beyond it (default 4)")
+    beyond.add_argument("--parked-timeout", type=float_in(0.0, None, "parked timeout"), default=600.0,
+                        metavar="SECONDS", help="close a parked stream without input this long (default 600)")
+    beyond.add_argument("--migrate-to", default=None, metavar="URL",
+                        help="where streams migrate to (the load balancer in front of the servers, or a peer): "
+                             "POST /api/sessions/ID/migrate and the SIGTERM drain move streams there (needs the "
+                             "admin token, the same on every server)")
+    beyond.add_argument("--max-blob-gb", type=float_in(0.0, None, "blob size"), default=8.0, metavar="GB",
+                        help="largest migration blob taken from another server (default 8)")
+    beyond.add_argument("--resume-timeout", type=float_in(0.0, None, "resume timeout"), default=30.0,
+                        metavar="SECONDS", help="free a migrated stream whose client has not reconnected by then "
+                                                "(default 30)")
+    beyond.add_argument("--drift-watchdog", action="store_true",
+                        help="watch each stream's output for drift and refresh its cache's sinks past a threshold "
+                             "(off by default until measured on real weights)")
     p.add_argument("--webrtc-loopback-candidates", action="store_true",
                    help="use only the 127.0.0.1 ICE candidates of WebRTC offers (hermetic tests)")
     from wanstream.cli.pipeline import add_pipeline_args
     add_pipeline_args(p)       # --gpus 0,1,2,3 / --pipeline N: the server's engine runs on a pipeline of ranks
     return p
+
+
+def _zero_or_more(what: str):
+    """A finite number >= 0 (0: off)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{what} must be a number >= 0, got {text!r}")
+        return value
+    return parse
 
 
 def load_serving_model(args, settings: ServerSettings):
@@ -131,7 +170,8 @@ def load_serving_model(args, settings: ServerSettings):
         print(f"wanstream serve: model {args.model} on a pipeline of {driver.world} ranks "
               f"({', '.join(driver.spec.devices)}) started in {time.perf_counter() - t0:.1f} s", flush=True)
         return driver.model, driver
-    model = load_model(args.model, device=args.device, taehv=settings.decoder == "taehv", lora=lora_specs(args))
+    taehv = settings.decoder == "taehv" or (settings.policy == "slack" and settings.ladder_taehv)
+    model = load_model(args.model, device=args.device, taehv=taehv, lora=lora_specs(args))
     print(f"wanstream serve: model {args.model} on {model.device} loaded in {time.perf_counter() - t0:.1f} s"
           + (f", LoRAs {', '.join(model.dit.lora.names)}" if model.dit.lora is not None else ""), flush=True)
     return model, None
@@ -282,7 +322,10 @@ def settings_from_args(args) -> ServerSettings:
                           osc_port=args.osc_port, drain_grace_s=args.drain_grace,
                           midi_ports=midi_ports(args), tempo_bpm=args.tempo, beats_per_bar=args.beats_per_bar,
                           link=args.link, beat_latency_s=args.beat_latency, push_allow=list(args.push_allow),
-                          max_pushes=args.max_pushes)
+                          max_pushes=args.max_pushes, policy=args.policy, ladder_taehv=args.ladder_taehv, park_after_s=args.park_after,
+                          park_max_bytes=int(args.park_max_gb * 2**30), parked_timeout_s=args.parked_timeout,
+                          migrate_to=args.migrate_to, max_blob_bytes=max(1, int(args.max_blob_gb * 2**30)),
+                          resume_timeout_s=args.resume_timeout, drift_watchdog=args.drift_watchdog)
 
 
 def midi_ports(args) -> list[str] | None:

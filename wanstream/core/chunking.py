@@ -139,6 +139,36 @@ class ChunkBuffer:
             self.prepared = False
         return self._dropped(k)
 
+    def snapshot(self) -> tuple[dict, list]:
+        """Counters and the queued frames' records (host values) and their images, oldest first: what a stream
+        moving to another server takes along (:meth:`restore`)."""
+        with self._lock:
+            frames = list(self._queue)
+            head = {"prepared": self.prepared, "frames_in": self.frames_in, "dropped": self.dropped,
+                    "queue": [[f.index, f.frame_id, f.timestamp, f.arrival] for f in frames]}
+        return head, [f.image for f in frames]
+
+    def restore(self, head: dict, images: list, shift: float = 0.0) -> None:
+        """Take a :meth:`snapshot` (its times moved by ``shift`` seconds); the queued frames replace this queue's.
+        Checked first: a malformed snapshot raises ValueError and changes nothing."""
+        queue = head["queue"]
+        if len(queue) != len(images) or (self.max_chunks is not None and len(queue) > self.max_chunks *
+                                         FIRST_CHUNK_FRAMES):
+            raise ValueError("input queue: its frame records and images do not match (or too many frames)")
+        frames = []
+        for (index, frame_id, ts, arrival), image in zip(queue, images):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (index, frame_id)):
+                raise ValueError("input queue: frame numbers must be integers")
+            frames.append(FrameIn(image, index, frame_id, float(ts) + shift, float(arrival) + shift))
+        for key in ("frames_in", "dropped"):
+            if isinstance(head[key], bool) or not isinstance(head[key], int) or head[key] < 0:
+                raise ValueError(f"input queue: bad {key}")
+        with self._lock:
+            self._queue.clear()
+            self._queue.extend(frames)
+            self.prepared = bool(head["prepared"])
+            self.frames_in, self.dropped = head["frames_in"], head["dropped"]
+
     def _dropped(self, k: int) -> int:
         if k and self.on_drop is not None:
             self.on_drop(k)

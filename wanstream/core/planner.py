@@ -28,8 +28,10 @@ from typing import Hashable, Mapping, Sequence
 from wanstream.core.chunking import CHUNK_LATENTS, FIRST_CHUNK_LATENTS, ChunkBuffer
 from wanstream.core.config import CacheConfig, StreamSettings
 from wanstream.core.plan import Entry, Plan, StreamPlan
+from wanstream.core.playout import PlayoutBuffer
 from wanstream.core.schedule import Stage, StreamSchedule, compose
 from wanstream.core.scheduler import Decision, Scheduler, StreamView
+from wanstream.core.slack import ladder
 
 SCHEDULE_UPDATES = ("reset", "steps")        # live changes with a schedule side; the others pass through
 
@@ -46,7 +48,14 @@ class StreamStats:
     deferred: int = 0              # ticks the stream was held back to keep others within their deadline
     sequential_switches: int = 0
     batch_switches: int = 0
+    rung: int = 0                  # degradation rung now (0: as asked; core.slack)
+    degraded_chunks: int = 0       # chunks that entered on a lower rung
+    degradations: int = 0
+    restorations: int = 0
     last_reasons: list[str] = field(default_factory=list)
+    ladder_events: list[str] = field(default_factory=list)   # the last rung moves, each with its reason
+
+    MAX_EVENTS = 16
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -66,11 +75,21 @@ class PlannedStream:
     deferred_run: int = 0            # consecutive ticks held back
     since_switch: int = 10 ** 9      # ticks since the last mode switch
     finishing: bool = False          # end of input: pad the last chunk, then drain
+    playout: PlayoutBuffer = field(default_factory=PlayoutBuffer)   # its viewer (the engine delivers the frames)
+    rung: int = 0                    # degradation rung (core.slack.ladder of its steps); 0: as asked
+    since_rung: int = 10 ** 9        # chunks since the last rung change
+    decoder: str = "own"             # the decoder of its rung ("own" | "taehv")
+    cheap_decoder: bool = False      # a TAEHV rung exists (the engine sets it: TAEHV loaded, the stream on the VAE)
 
     @property
     def rows(self) -> int:
         """Cache rows the stream holds now (its lease)."""
         return self.schedule.rows
+
+    @property
+    def ladder(self) -> list:
+        """Its degradation rungs, best first (core.slack.ladder)."""
+        return ladder(self.settings.steps, self.cheap_decoder)
 
 
 class Planner:
@@ -165,9 +184,12 @@ class Planner:
                 rec.next_chunk = 0
                 stages = []                             # whatever drained before the reset is dropped with it
                 value = rec.schedule.rows
+                rec.decoder = "own"                     # (the engine's reset starts its own decoder afresh)
+                self._set_rung(rec, 0, "restored: the stream was reset", sp)
             elif kind == "steps":
                 rec.settings.steps = int(value)
                 stages += rec.schedule.reconfigure(int(value))
+                self._set_rung(rec, 0, "restored: the steps were changed", sp)
             sp.updates.append((kind, value))
         return stages
 
@@ -185,7 +207,9 @@ class Planner:
                 rec.id, arrivals, n, rows=sch.rows if sch.prepared and sch.batch else 1,
                 calls_to_output=sch.calls_to_output if sch.prepared else 1, sequential=not sch.batch,
                 can_batch=sch.prepared and rec.settings.batch, deferred=rec.deferred_run,
-                since_switch=rec.since_switch, target_latency_s=rec.target_latency_s, levels=sch.levels))
+                since_switch=rec.since_switch, target_latency_s=rec.target_latency_s, levels=sch.levels,
+                slack_s=rec.playout.slack(now), interval_s=rec.playout.interval, ladder=rec.ladder, rung=rec.rung,
+                since_rung=rec.since_rung))
         return self.policy.plan(views, now, running_rows)
 
     def _apply(self, rec: PlannedStream, d: Decision, sp: StreamPlan, stages: list[Stage]) -> None:
@@ -203,6 +227,13 @@ class Planner:
         if drop:
             sp.dropped = rec.buffer.drop_oldest(drop)
             rec.stats.dropped_late += sp.dropped
+        rung = d.rungs.get(rec.id, rec.rung)
+        if rung != rec.rung:
+            steps = rec.ladder[rung].steps
+            if steps != rec.schedule.steps:
+                stages += rec.schedule.reconfigure(steps)
+            why = [r for r in d.reasons.get(rec.id, ()) if r.startswith(("degraded", "restored"))]
+            self._set_rung(rec, rung, why[-1] if why else f"rung {rung}", sp)
         if rec.id in d.sequential or rec.id in d.batch:
             to_batch = rec.id in d.batch
             stages += rec.schedule.reconfigure(rec.settings.steps, batch=to_batch)
@@ -213,6 +244,25 @@ class Planner:
             else:
                 rec.stats.sequential_switches += 1
 
+    @staticmethod
+    def _set_rung(rec: PlannedStream, rung: int, reason: str, sp: StreamPlan) -> None:
+        """Move a stream to a rung of its ladder (its schedule's steps are the caller's): a decoder change goes to
+        the engine in ``sp.updates`` (``("decoder", "own" | "taehv")``), the move and its reason to the stats."""
+        decoder = rec.ladder[rung].decoder
+        if decoder != rec.decoder:
+            sp.updates.append(("decoder", decoder))
+            rec.decoder = decoder
+        if rung == rec.rung:
+            return
+        st = rec.stats
+        if rung > rec.rung:
+            st.degradations += 1
+        else:
+            st.restorations += 1
+        rec.rung = st.rung = rung
+        rec.since_rung = 0
+        st.ladder_events = (st.ladder_events + [f"chunk {rec.next_chunk}: {reason}"])[-StreamStats.MAX_EVENTS:]
+
     def _enter(self, rec: PlannedStream, chunk: tuple[list, object], sp: StreamPlan) -> list[Stage]:
         """A chunk taken from the queue enters the stream's schedule: numbered, then prepared or pushed."""
         frames, info = chunk
@@ -221,5 +271,9 @@ class Planner:
         cid = rec.next_chunk
         rec.next_chunk += 1
         rec.stats.chunks += 1
+        rec.playout.note_arrivals(info.arrivals[: info.real])
+        rec.since_rung += 1
+        if rec.rung:
+            rec.stats.degraded_chunks += 1
         sp.entry = Entry(cid, frames, info, latent_frames, first)
         return rec.schedule.prepare(cid, latent_frames) if first else rec.schedule.push(cid, latent_frames)

@@ -91,6 +91,11 @@ class StreamView:
     since_switch: int = 10 ** 9        # ticks since its last mode switch
     target_latency_s: float | None = None
     levels: int = 1                    # denoising levels (the step count)
+    slack_s: float | None = None       # video buffered ahead of its viewer (core.playout; None: no frame out yet)
+    interval_s: float = 1 / 16         # its frame interval (input rate)
+    ladder: Sequence = ()              # its degradation rungs (core.slack.ladder), best first
+    rung: int = 0                      # the rung it is on
+    since_rung: int = 10 ** 9          # chunks since its last rung change
 
 
 @dataclass
@@ -104,6 +109,7 @@ class Decision:
     batch: list[Hashable] = field(default_factory=list)
     predicted_tick_s: float | None = None
     reasons: dict[Hashable, list[str]] = field(default_factory=dict)
+    rungs: dict[Hashable, int] = field(default_factory=dict)   # degradation rung changes (core.slack)
 
     def note(self, stream: Hashable, reason: str) -> None:
         self.reasons.setdefault(stream, []).append(reason)

@@ -35,7 +35,9 @@ from wanstream.core.geometry import check_fit, check_resolution
 from wanstream.core.plan import Plan
 from wanstream.core.planner import Planner
 from wanstream.core.scheduler import RoundRobin, Scheduler, SLOConfig
+from wanstream.core.slack import SlackPolicy
 from wanstream.engine.codec import StreamCodec
+from wanstream.engine.drift import DriftConfig, DriftWatch, watch
 from wanstream.engine.runner import ChunkInput, Done, Runner, RunnerProtocol, RunnerStream
 from wanstream.engine.stream import EngineStream, OutputFrame, StreamFailed
 from wanstream.engine.timing import PhaseTimer
@@ -46,7 +48,7 @@ from wanstream.models.kv_cache import CachePolicy, KVPool
 __all__ = ["Engine", "EngineStream", "Group", "OutputFrame", "StreamFailed"]
 
 log = logging.getLogger("wanstream.engine")
-POLICIES = ("continuous", "round_robin")
+POLICIES = ("continuous", "round_robin", "slack")
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Engine:
 
     def __init__(self, model, *, slo: SLOConfig | None = None, policy: str = "continuous",
                  clock: Callable[[], float] = time.perf_counter, reserve_rows: int = 0, runner_factory=None,
-                 batch_vae: bool | None = None, compile: bool = False):
+                 batch_vae: bool | None = None, compile: bool = False, drift: DriftConfig | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.model = model
@@ -91,6 +93,8 @@ class Engine:
         self.dit_calls = 0
         self.rows_run = 0
         self.on_fault: Callable[[EngineStream, str], None] | None = None
+        self.drift = drift                        # the drift watchdog of every stream (engine/drift.py); None: off
+        self.drift_counts = {"flags": 0, "refreshes": 0}
 
     @property
     def batch_vae(self) -> bool:
@@ -125,6 +129,8 @@ class Engine:
             s = EngineStream(sid, group, record, width=width, height=height, decoder=decoder, embedding=embedding,
                              fit=fit)
             s.fresh(m.vae, getattr(m, "taehv", None))
+            s.drift = DriftWatch(self.drift) if self.drift is not None else None
+            record.cheap_decoder = decoder == "vae" and getattr(m, "taehv", None) is not None
             try:
                 group.runner.add(RunnerStream.seeded(sid, settings.seed, m.device, settings.lora), record.rows)
                 group.runner.set_prompt(sid, embedding)
@@ -175,7 +181,8 @@ class Engine:
                 if self.reserve_rows:
                     pool.reserve(self.reserve_rows)
                 runner = Runner(dit, m.sampler, pool, CachePolicy(cache), tpf, timer=self.timer, compile=self.compile)
-            policy = RoundRobin() if self.policy == "round_robin" else Scheduler(self.slo)
+            policy = RoundRobin() if self.policy == "round_robin" else \
+                (SlackPolicy if self.policy == "slack" else Scheduler)(self.slo)
             g = self.groups[key] = Group(key, runner, Planner(policy, cache=cache, lag=runner.lag), tpf)
         return g
 
@@ -268,6 +275,22 @@ class Engine:
                 s.chunks.clear()
                 s.outbox.clear()
 
+    # ------------------------------------------------------------------------------------------ suspend / resume
+    def park(self, stream: EngineStream):
+        """Take a stream off the device into host memory (:mod:`wanstream.engine.parking`); its cache rows go back
+        to the pool. Raises :class:`~wanstream.engine.parking.NotParkable` (nothing changed) when it cannot be
+        parked now. Returns the :class:`~wanstream.engine.parking.ParkedStream`."""
+        from wanstream.engine.parking import park
+        with self._tick, self._registry, torch.inference_mode():
+            return park(self, stream)
+
+    def resume(self, parked, buffer: ChunkBuffer | None = None) -> EngineStream:
+        """A parked stream back in the engine (a new stream object and id, the same state): its next chunk gives
+        what it would have given had it never been parked. ``buffer``: its input queue (default: the one it had)."""
+        from wanstream.engine.parking import resume
+        with self._tick, self._registry, torch.inference_mode():
+            return resume(self, parked, buffer)
+
     def fail(self, stream: EngineStream, message: str) -> None:
         """End a stream with an error (its own work failed); the others go on."""
         if stream.closed:
@@ -331,6 +354,9 @@ class Engine:
             self._finished(done, finished)
         if plan.collect:
             self._finished(g.runner.pending(), finished)
+        if self.drift is not None:
+            with self.timer.section("drift"):
+                watch(self, g, plan, finished)
         with self.timer.section("decode"):
             self._outputs(self.codec.decode(finished))
         self.dit_calls += plan.dit_calls
@@ -374,6 +400,8 @@ class Engine:
                 elif kind == "lora":
                     s.settings.lora = value
                     g.runner.set_lora(s.id, value)
+                elif kind == "decoder":
+                    s.switch_decoder(value, getattr(self.model, "taehv", None))
         except Exception as exc:  # noqa: BLE001 - one stream's failure ends only that stream
             self._stream_error(s, "update", exc)
             plan.without(s.id)
@@ -440,6 +468,7 @@ class Engine:
             frames_out = [OutputFrame(img, fid, ts) for img, fid, ts in
                           zip(images[: info.real], info.frame_ids, info.timestamps)]
             s.stats.frames_out += len(frames_out)
+            s.record.playout.deliver(len(frames_out), self.clock())
             s.outbox.extend(frames_out)
 
     def _stream_error(self, s: EngineStream | None, phase: str, exc: BaseException) -> None:

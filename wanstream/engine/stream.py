@@ -45,7 +45,9 @@ class EngineStream:
         self.record = record
         self.width, self.height = width, height
         self.fit = fit                 # framing of input frames of another aspect (io.video.fit_frames)
-        self.decoder = decoder
+        self.decoder = decoder         # the decoder in use: its own, or "taehv" on a degradation rung (core.slack)
+        self.own_decoder = decoder
+        self.alt_dec_state = None      # its own decoder's state while TAEHV decodes a degraded stretch
         self.outbox: deque[OutputFrame] = deque()
         self.closed = False
         self.error: str | None = None
@@ -57,6 +59,7 @@ class EngineStream:
         self.prev_frame: torch.Tensor | None = None
         self.enc_state = self.dec_state = None
         self.chunks: dict[int, ChunkInfo] = {}      # chunks in the model: what their output frames report
+        self.drift = None                           # its drift watchdog (engine/drift.py), when the engine has one
 
     # ------------------------------------------------------------------------------------------ host state
     @property
@@ -98,9 +101,10 @@ class EngineStream:
 
     # ------------------------------------------------------------------------------------------ tensor state
     def fresh(self, vae, taehv=None) -> None:
-        """A new stream (also a reset): controller, VAE caches, no chunk in the model."""
+        """A new stream (also a reset): controller, VAE caches (its own decoder), no chunk in the model."""
         self.controller.reset()
         self.prev_frame = None
+        self.decoder, self.alt_dec_state = self.own_decoder, None
         self.enc_state = vae.new_state()
         if self.decoder == "vae":
             self.dec_state = vae.new_state()
@@ -126,6 +130,29 @@ class EngineStream:
             out = list(self._updates)
             self._updates.clear()
         return out
+
+    def switch_decoder(self, decoder: str, taehv) -> None:
+        """A degradation rung's decoder (``"taehv"``: the tiny decoder continues the stream from its next chunk,
+        the own decoder's state is kept aside) or the stream's own again (``"own"``: it goes on from where it was
+        left; the chunks decoded meanwhile are not in its causal history)."""
+        if decoder == "own" or decoder == self.own_decoder:
+            if self.alt_dec_state is not None:
+                self.dec_state, self.alt_dec_state = self.alt_dec_state, None
+            self.decoder = self.own_decoder
+            return
+        if self.decoder == decoder:
+            return
+        from wanstream.models.taehv import TAEHVStreamDecoder
+        dec = TAEHVStreamDecoder(taehv)
+        if not getattr(self.dec_state, "first_decode", True):       # mid-stream: no start-of-stream frames to drop
+            dec.frames_to_drop = 0
+        self.alt_dec_state, self.dec_state = self.dec_state, dec
+        self.decoder = decoder
+
+    def pending_updates(self) -> bool:
+        """Live changes wait for the next tick."""
+        with self._lock:
+            return bool(self._updates)
 
     def has_work(self) -> bool:
         with self._lock:

@@ -25,7 +25,8 @@ The only module of ``wanstream.eval`` that touches the engine, and only through 
 
 Setting keys: ``name`` (required, unique), ``steps`` 1–4, ``batch``, ``noise_scale``, ``noise_controller``,
 ``sink_refresh``, ``cache = {capacity, sink, ...}`` (CacheConfig fields), ``decoder`` vae|taehv, ``quantize``,
-``seed``, ``transition_chunks``. A setting that cannot run here (``quantize`` while ``load_model`` has no such
+``seed``, ``transition_chunks``, ``drift_watchdog`` (the online drift watchdog, engine/drift.py, with its default
+threshold: compare a setting with it on and off). A setting that cannot run here (``quantize`` while ``load_model`` has no such
 option, ``taehv`` without TAEHV weights) is kept as a row with the reason instead of numbers.
 """
 
@@ -56,7 +57,7 @@ from wanstream.io.video import VideoWriter, fit_resolution, parse_resolution, pr
 TOP_KEYS = {"model", "device", "resolution", "seed", "prime_frames", "defaults", "clips", "settings"}
 CLIP_KEYS = {"path", "name", "prompt", "prompts", "max_frames"}
 SETTING_KEYS = {"name", "steps", "batch", "noise_scale", "noise_controller", "sink_refresh", "cache", "decoder",
-                "quantize", "seed", "transition_chunks"}
+                "quantize", "seed", "transition_chunks", "drift_watchdog"}
 CACHE_KEYS = {f.name for f in dataclasses.fields(CacheConfig)}
 PRIME_FRAMES = 13          # a throw-away stream (first chunk + 2 chunks) warms each loaded model before timing
 METRIC_ROWS = [("clip_consistency", "CLIP Score / Temporal CLIP ↑"), ("warp_error", "Warp Error ↓"),
@@ -82,6 +83,7 @@ class Setting:
     quantize: str | None = None
     seed: int | None = None
     transition_chunks: int = 0
+    drift_watchdog: bool = False
 
     def cache_config(self) -> CacheConfig:
         """The setting's KV cache policy; ``sink_refresh = false`` disables the adaptive sink refresh."""
@@ -94,7 +96,8 @@ class Setting:
         cc = self.cache_config()
         return {"steps": self.steps, "batch": self.batch, "noise_controller": self.noise_controller,
                 "noise_scale": self.noise_scale, "sink_refresh": cc.sink_threshold > -1,
-                "cache": f"{cc.capacity}/{cc.sink}", "decoder": self.decoder, "quantize": self.quantize}
+                "cache": f"{cc.capacity}/{cc.sink}", "decoder": self.decoder, "quantize": self.quantize,
+                "drift_watchdog": self.drift_watchdog}
 
 
 @dataclass
@@ -132,7 +135,7 @@ def _setting(where: str, raw: dict) -> Setting:
         raise ValueError(f"{where}: every setting needs a non-empty 'name'")
     types = {"steps": int, "batch": bool, "noise_scale": (int, float), "noise_controller": bool,
              "sink_refresh": bool, "cache": dict, "decoder": str, "quantize": (str, type(None)),
-             "seed": (int, type(None)), "transition_chunks": int}
+             "seed": (int, type(None)), "transition_chunks": int, "drift_watchdog": bool}
     for key, kind in types.items():
         if key in raw and (not isinstance(raw[key], kind) or (kind is int and isinstance(raw[key], bool))):
             raise ValueError(f"{where}: {key!r} has the wrong type ({raw[key]!r})")
@@ -255,9 +258,15 @@ class _Models:
 
 def _session(model, setting: Setting, prompt: str, width: int, height: int, seed: int):
     from wanstream.api.session import StreamSession
+    engine = None
+    if setting.drift_watchdog:
+        from wanstream.engine.drift import DriftConfig
+        from wanstream.engine.loop import Engine
+        engine = Engine(model, drift=DriftConfig())
     return StreamSession(model, prompt=prompt, width=width, height=height, steps=setting.steps,
                          noise_scale=setting.noise_scale, noise_controller=setting.noise_controller,
-                         batch=setting.batch, seed=seed, cache=setting.cache_config(), decoder=setting.decoder)
+                         batch=setting.batch, seed=seed, cache=setting.cache_config(), decoder=setting.decoder,
+                         engine=engine)
 
 
 def stream_clip(model, setting: Setting, clip: ClipSpec, frames: np.ndarray, width: int, height: int, seed: int
@@ -378,12 +387,13 @@ def tables(sweep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     for r in rows:
         m = r["metrics"]
         knobs = [r["name"], str(r["steps"]), _yes(r["batch"]), _yes(r["sink_refresh"]), _yes(r["noise_controller"]),
-                 r["cache"], r["decoder"], r["quantize"] or "–"]
+                 r["cache"], r["decoder"], r["quantize"] or "–", _yes(r.get("drift_watchdog", False))]
         values = ([m["clip_consistency"], m["warp_error"], m["clip_score"], m["drift"], r["fps"]])
         ablation.append(knobs + (["skipped"] * 5 if r["skipped"] is not None else [_cell(v) for v in values]))
     return [("Table 1 layout", ["Metric"] + [r["name"] for r in rows], t1),
             ("Settings", ["Setting", "steps", "batch", "sink refresh", "noise controller", "cache (frames/sinks)",
-                          "decoder", "quantize", "Temporal CLIP ↑", "Warp ↓", "Text–Image CLIP ↑", "Drift ↑",
+                          "decoder", "quantize", "drift watchdog", "Temporal CLIP ↑", "Warp ↓", "Text–Image CLIP ↑",
+                          "Drift ↑",
                           "FPS ↑"], ablation)]
 
 

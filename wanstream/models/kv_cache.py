@@ -196,6 +196,43 @@ class KVPool(KVCache):
             self.pk[i][slot: slot + 1].copy_(k[i])
             self.pv[i][slot: slot + 1].copy_(v[i])
 
+    # ------------------------------------------------------------------------------------------ export / import
+    def _stores(self) -> tuple[tuple[str, dict[int, torch.Tensor], bool], ...]:
+        """(name, per-block storage, per row (True) or per prompt slot (False))."""
+        return (("k", self.k, True), ("v", self.v, True), ("km", self.km, True), ("vm", self.vm, True),
+                ("pk", self.pk, False), ("pv", self.pv, False))
+
+    def row_layout(self, rows: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name → (shape, dtype) of what :meth:`export_rows` gives for a lease of ``rows`` rows."""
+        return {f"{name}.{i}": ((rows if per_row else 1, *t.shape[1:]), t.dtype)
+                for name, store, per_row in self._stores() for i, t in store.items()}
+
+    def export_rows(self, stream: Hashable) -> dict[str, torch.Tensor]:
+        """Copies of a stream's cache rows (``k``/``v``/``km``/``vm.<block>``, ``[rows, ...]``) and prompt slot
+        (``pk``/``pv.<block>``, ``[1, ...]``), every block held here (parking a stream)."""
+        lease = self.leases[stream]
+        out = {}
+        for name, store, per_row in self._stores():
+            lo, n = (lease.row, lease.rows) if per_row else (lease.slot, 1)
+            for i, t in store.items():
+                out[f"{name}.{i}"] = t[lo: lo + n].clone()
+        return out
+
+    def import_rows(self, stream: Hashable, tensors: dict[str, torch.Tensor]) -> None:
+        """Write what :meth:`export_rows` gave into a stream's lease of the same rows (names, shapes and dtypes are
+        checked before anything is written)."""
+        lease = self.leases[stream]
+        layout = self.row_layout(lease.rows)
+        for name, (shape, dtype) in layout.items():
+            t = tensors.get(name)
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"cache rows: {name} must be {dtype} {list(shape)}, got "
+                                 f"{None if t is None else (t.dtype, list(t.shape))}")
+        for name, store, per_row in self._stores():
+            lo, n = (lease.row, lease.rows) if per_row else (lease.slot, 1)
+            for i, t in store.items():
+                t[lo: lo + n].copy_(tensors[f"{name}.{i}"])
+
     def _apply(self, moves: list[Move]) -> None:
         """Copy the moved leases' rows and prompt slots (the table ordered the moves so none overwrites another)."""
         for m in moves:

@@ -6,7 +6,8 @@ WebRTC, ``/whip/{stream}`` and ``/whep/{stream}`` (WHIP ingest / WHEP egress, :m
 (liveness), ``/api/ready`` (readiness, see :mod:`.lifecycle`), ``/api/sessions`` (+ ``/{id}``, ``/{id}/params``),
 ``/api/recordings`` (+ ``/{file}``), ``/metrics`` (Prometheus), presets (``/api/presets/validate``,
 ``/api/sessions/{id}/preset``: :mod:`.preset_routes`), live control (``/api/live``, ``/api/sessions/{id}/
-modulation``, ``.../learn``: :mod:`.live_routes`), pushes (``/api/sessions/{id}/outputs``: :mod:`.outputs`);
+modulation``, ``.../learn``: :mod:`.live_routes`), pushes (``/api/sessions/{id}/outputs``: :mod:`.outputs`),
+live migration (``/api/sessions/{id}/migrate``, ``/api/migrations``: :mod:`.migration`);
 MIDI inputs and Ableton Link with ``midi_ports`` / ``link`` (:mod:`.midi`); OSC control over UDP with ``osc_port`` (:mod:`.osc`,
 started and stopped with the app). Who may call what is decided in :mod:`.auth` before any route runs (Host /
 Origin, the access token, bounded bodies); a stream's details, parameters and recordings over HTTP need its
@@ -36,6 +37,7 @@ from wanstream.server.connections import guarded_http_protocol, redact_uvicorn_l
 from wanstream.server.lifecycle import export_capacity
 from wanstream.server.live_routes import live_router
 from wanstream.server.midi import LinkTempo, MidiInputs
+from wanstream.server.migration import Migrations, migration_router
 from wanstream.server.osc import OSCControl
 from wanstream.server.page_headers import SecurityHeaders
 from wanstream.server.preset_routes import preset_router
@@ -68,6 +70,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     midi = MidiInputs(manager.live) if settings.midi_ports else None
     link = LinkTempo(manager.live) if settings.link else None
     export_capacity(manager)
+    manager.migrations = Migrations(manager)         # live migration in and out (server/migration.py)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -211,6 +214,7 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     app.include_router(live_router(manager, controlled, caller))
     app.include_router(webrtc_router(manager, executor, peers))
     app.include_router(whip_router(manager, executor, peers))
+    app.include_router(migration_router(manager, manager.migrations, controlled, caller))
 
     @app.exception_handler(StarletteHTTPException)      # FastAPI's own, and Starlette's (404 route, 400 body)
     async def http_error(request: Request, exc: StarletteHTTPException):

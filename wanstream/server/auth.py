@@ -35,6 +35,7 @@ from wanstream.server.stats import ServerTotals
 
 SCOPE_KEY = "wanstream.caller"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+BLOB_PATH = "/api/migrations"              # a migration blob: max_blob_bytes (admin only), not max_body_bytes
 DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})     # with /static/...: served without the token
 
@@ -201,29 +202,36 @@ class Guard:
             await self._refuse(scope, receive, send, 401, "unauthorized", "missing or wrong token",
                                {"WWW-Authenticate": "Bearer"})
             return
+        if path == BLOB_PATH and not caller.admin:      # refused before a (large) body is read
+            await self._refuse(scope, receive, send, 403, "forbidden", "taking a stream from another server needs "
+                                                                       "the admin token")
+            return
         if scope["method"] in BODY_METHODS:
+            st = self.settings
+            # a migration blob (admin only, above: server/migration.py) has its own, larger bound
+            limit, timeout = (st.max_blob_bytes, st.blob_timeout_s) if path == BLOB_PATH else \
+                (st.max_body_bytes, st.body_timeout_s)
             try:
-                body = await self._read_body(headers, receive)
+                body = await self._read_body(headers, receive, limit, timeout)
             except BodyTooLarge:
                 await self._refuse(scope, receive, send, 413, "body_too_large",
-                                   f"request bodies are limited to {self.settings.max_body_bytes} bytes")
+                                   f"request bodies are limited to {limit} bytes")
                 return
             except TimeoutError:
                 await self._refuse(scope, receive, send, 408, "body_timeout",
-                                   f"the request body did not arrive within {self.settings.body_timeout_s:g} s")
+                                   f"the request body did not arrive within {timeout:g} s")
                 return
             if body is None:            # the client went away
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
-    async def _read_body(self, headers: Headers, receive) -> bytes | None:
-        limit = self.settings.max_body_bytes
+    async def _read_body(self, headers: Headers, receive, limit: int, timeout: float) -> bytes | None:
         length = headers.get("content-length")
         if length is not None and (not length.strip().isdigit() or int(length) > limit):
             raise BodyTooLarge
         body = bytearray()
-        async with asyncio.timeout(self.settings.body_timeout_s):
+        async with asyncio.timeout(timeout):
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":

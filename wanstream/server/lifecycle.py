@@ -8,11 +8,14 @@
 starts a drain instead of a shutdown — new streams are refused (``/api/ready`` 503 ``draining``; a new stream
 gets the error code ``draining``), running streams go on until they end or ``drain_grace_s`` has passed, then
 the remaining streams are told why and closed, and the server shuts down; the process exits 0. A second
-``SIGTERM`` (or ``SIGINT``, Ctrl+C) during the drain shuts down at once, as uvicorn does.
+``SIGTERM`` (or ``SIGINT``, Ctrl+C) during the drain shuts down at once, as uvicorn does. With ``migrate_to``
+the drain first moves the WebSocket streams to a peer with room (:mod:`.migration`; tried again every
+``MIGRATE_RETRY_S`` while streams remain), so it ends as soon as they have moved instead of waiting out the grace.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -45,6 +48,7 @@ class DrainingServer(uvicorn.Server):
     signal (tests, or a server that does not run on the main thread)."""
 
     CLOSE_WAIT_S = 3.0          # after the grace: for the closed streams' WebSockets to send the notice and close
+    MIGRATE_RETRY_S = 2.0       # while draining with a migration target: try moving the remaining streams again
 
     def __init__(self, config: uvicorn.Config, manager: SessionManager, grace_s: float,
                  clock=time.monotonic):
@@ -55,6 +59,8 @@ class DrainingServer(uvicorn.Server):
         self.drain_requested = False
         self.drain_deadline: float | None = None
         self.ended_at: float | None = None          # when the grace ended the remaining streams
+        self._migrating = None                       # the drain's migration task
+        self._next_migration = 0.0
 
     def handle_exit(self, sig: int, frame) -> None:
         # a signal handler: set a flag only (the next tick, within 0.1 s, starts the drain). Not recorded as a
@@ -77,6 +83,9 @@ class DrainingServer(uvicorn.Server):
             if self.ended_at is not None:
                 if not self.server_state.connections or now >= self.ended_at + self.CLOSE_WAIT_S:
                     self.should_exit = True
+            elif self._migration_due(now):
+                self._migrating = asyncio.ensure_future(self.manager.migrations.migrate_all("draining"))
+                self._next_migration = now + self.MIGRATE_RETRY_S
             elif self.manager.count == 0:
                 log.info("drained: no stream left, shutting down")
                 self.should_exit = True
@@ -86,3 +95,9 @@ class DrainingServer(uvicorn.Server):
                 self.manager.end_all("draining", f"The server is shutting down (drain grace of {self.grace_s:g} s "
                                                  f"over). Connect again to be served by another server.")
         return await super().on_tick(counter)
+
+    def _migration_due(self, now: float) -> bool:
+        m = self.manager
+        if m.settings.migrate_to is None or m.count == 0 or getattr(m, "migrations", None) is None:
+            return False
+        return (self._migrating is None or self._migrating.done()) and now >= self._next_migration

@@ -34,6 +34,7 @@ import torch
 from wanstream.api.params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, SessionParams
 from wanstream.core.chunking import ChunkBuffer
 from wanstream.engine.loop import EngineStream
+from wanstream.engine.parking import NotParkable
 from wanstream.server.live import LiveControl
 from wanstream.server.outputs import SessionPushes
 from wanstream.server.pacing import Pacer, Released
@@ -65,7 +66,8 @@ class TokenBucket:
 
 
 class Session:
-    def __init__(self, manager: SessionManager, transport: str, loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, manager: SessionManager, transport: str, loop: asyncio.AbstractEventLoop | None,
+                 encode: bool = True):
         settings = manager.settings
         self.manager = manager
         self.settings = settings
@@ -83,6 +85,12 @@ class Session:
         self.closed = False
         self.close_reason: str | None = None
         self.stream: EngineStream | None = None     # created, changed and released by the model worker only
+        self.parked = None                          # its state while parked (engine.parking.ParkedStream)
+        self._parked_frames_in = 0                  # input frames when it was parked (more: resume)
+        self._no_park_at = -1                       # a park was refused at this input count (too large)
+        self.freeze = False                         # a migration takes the stream: park it now, hold the input
+        self.handoff: dict | None = None            # after a migration: the client's last message (a redirect)
+        self.resume_token: str | None = None        # a migrated-in stream waiting for its client
         self.recorder: Recorder | None = None
         self.recordings: list[Recorder] = []
         self.control_bucket = TokenBucket(settings.control_rate, settings.control_burst, self.clock)
@@ -102,7 +110,8 @@ class Session:
         self.stats.queued = lambda: len(self.buffer)
         self.live = LiveControl(self)           # modulation, MIDI slots and learn, quantised changes, audio
         self.pushes = SessionPushes(self)       # RTMP / SRT pushes of the output (server/outputs.py)
-        self._encode_prompt(self.params, 0)
+        if encode:
+            self._encode_prompt(self.params, 0)
 
     # ------------------------------------------------------------------ inputs (transport side)
     @property
@@ -265,7 +274,10 @@ class Session:
     def sync(self, engine) -> None:
         """Worker thread, between ticks: create the stream once its newest prompt is encoded; hand it the changes
         (a quantised change whose beat has come, a newly encoded prompt, a reset, knobs, the modulated values);
-        release the held queue once the stream has the newest prompt."""
+        release the held queue once the stream has the newest prompt; park the stream after ``park_after_s``
+        without input, resume it when anything new comes."""
+        if self.parked is not None and not self._resume(engine):
+            return                                  # parked, and nothing new
         if self.stream is not None:
             due = self.live.due()
             if due is not None:
@@ -309,10 +321,76 @@ class Session:
         with self._lock:
             self._given_gen = given
             self.buffer.held = self._held()
+        self._park(engine)
 
     def _held(self) -> bool:
-        """(Under the lock.) The queue waits: a prompt not yet encoded or a change not yet handed to the stream."""
-        return self._given_gen < self._prompt_gen or bool(self._dirty) or self._reset
+        """(Under the lock.) The queue waits: a prompt not yet encoded or a change not yet handed to the stream,
+        or a migration taking the stream."""
+        return self.freeze or self._given_gen < self._prompt_gen or bool(self._dirty) or self._reset
+
+    # ------------------------------------------------------------------ suspend and resume (model worker side)
+    def park_due(self, now: float) -> bool:
+        """The stream has had no input for ``park_after_s`` and is not parked yet."""
+        p = self.settings.park_after_s
+        return self.stream is not None and p > 0 and now - self.last_input >= p and \
+            self._no_park_at != self.buffer.frames_in
+
+    def _park(self, engine) -> None:
+        """Park the stream (its whole state to host memory, its rows back to the pool) once it has had no input
+        for ``park_after_s``, or at once when a migration takes it (``freeze``)."""
+        stream = self.stream
+        if stream is None or self.closed:
+            return
+        idle = self.park_due(self.clock())
+        with self._lock:
+            busy = bool(self._dirty) or self._reset or self._given_gen < self._prompt_gen
+        if not (self.freeze or idle) or busy or stream.pending_updates() or (self.buffer.ready() and not self.freeze):
+            return
+        try:
+            parked = engine.park(stream)
+        except NotParkable:
+            self._no_park_at = self.buffer.frames_in
+            return
+        lot = self.manager.parking
+        if not self.freeze and not lot.fits(parked.nbytes):
+            self._no_park_at = self.buffer.frames_in
+            self.stream = engine.resume(parked, self.buffer)
+            return
+        with self._lock:
+            if self.closed:
+                return                              # closed meanwhile: its state goes with it
+            self.stream = None
+            self.parked = parked
+            self._parked_frames_in = self.buffer.frames_in
+        for victim in lot.add(self, parked.nbytes):
+            victim.expire()
+        log.info("session %s parked (%.1f MiB in host memory)", self.id[:8], parked.nbytes / 2**20)
+
+    def _resume(self, engine) -> bool:
+        """Resume a parked stream when something new came (frames, a change); True when it runs again."""
+        with self._lock:
+            new = self.buffer.frames_in > self._parked_frames_in or bool(self._dirty) or self._reset or \
+                self._given_gen < self._prompt_gen
+            if self.freeze or self.closed or not new:
+                return False
+            parked = self.parked
+        stream = engine.resume(parked, self.buffer)
+        with self._lock:
+            closed = self.closed
+            if not closed:
+                self.stream, self.parked = stream, None
+        self.manager.parking.remove(self, resumed=not closed)
+        if closed:
+            self.manager.release(stream)
+            return False
+        log.info("session %s resumed", self.id[:8])
+        return True
+
+    def expire(self) -> None:
+        """Close a parked session whose memory is needed (the client is told why)."""
+        from wanstream.server.parking import EXPIRED_MESSAGE
+        self.notify({"type": "closed", "reason": "parked_expired", "message": EXPIRED_MESSAGE})
+        self.close("parked_expired")
 
     def deliver(self, outputs: list, dropped_in_flight: int = 0) -> None:
         """Output frames (``OutputFrame``) of the model, oldest first; ``dropped_in_flight`` frames before them
@@ -411,7 +489,25 @@ class Session:
         return {"id": self.id, "transport": self.transport, "age_s": round(self.clock() - self.created, 3),
                 "width": self.width, "height": self.height, "params": self.params.model_dump(),
                 "stats": self.stats.summary(), "recordings": [r.info() for r in self.recordings],
-                "live": self.live.info(), "pushes": self.pushes.info()}
+                "live": self.live.info(), "pushes": self.pushes.info(), "serving": self.serving_stats(events=8)}
+
+    def serving_stats(self, events: int = 2) -> dict:
+        """Parked or not; its degradation rung and the last moves with their reasons; its viewer's stalls and slack
+        (core/playout.py); the drift watchdog's score and refreshes (engine/drift.py)."""
+        out: dict = {"parked": self.parked is not None}
+        stream = self.stream
+        if stream is None:
+            return out
+        rec = stream.record
+        st = rec.stats
+        out.update({"rung": st.rung, "steps_now": rec.schedule.steps, "decoder_now": stream.decoder,
+                    "degraded_chunks": st.degraded_chunks, "degradations": st.degradations,
+                    "restorations": st.restorations, "ladder_events": st.ladder_events[-events:],
+                    **rec.playout.summary(self.clock())})
+        drift = getattr(stream, "drift", None)
+        if drift is not None:
+            out["drift"] = drift.summary()
+        return out
 
     def stats_message(self) -> dict:
         s = self.stats.summary()
@@ -422,7 +518,7 @@ class Session:
                 "in_flight": s["in_flight"], "deadline_misses": s["deadline_misses"],
                 "bad_frames": s["bad_frames"], "bad_messages": s["bad_messages"],
                 "dropped_messages": s["dropped_messages"], "recording": self.recorder is not None,
-                "recordings": [r.info() for r in self.recordings]}
+                "recordings": [r.info() for r in self.recordings], "serving": self.serving_stats()}
 
     # ------------------------------------------------------------------ end
     def close(self, reason: str = "closed") -> None:
@@ -432,7 +528,9 @@ class Session:
             self.closed = True
             self.close_reason = reason
             stream, self.stream = self.stream, None
+            self.parked = None                      # a parked state (host memory): freed now
             self._encoded = None                    # the prompt embedding (MiBs): freed now, not by a GC pass
+        self.manager.parking.remove(self)
         self.buffer.clear()
         if self.live.audio is not None:
             self.manager.live.counters.add("audio_dropped", self.live.audio.dropped)

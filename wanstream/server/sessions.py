@@ -23,6 +23,7 @@ from wanstream.engine.loop import Engine
 from wanstream.engine.metrics import MetricsRegistry
 from wanstream.models.kv_cache import stream_cache_bytes
 from wanstream.server.live import LiveHub
+from wanstream.server.parking import ParkingLot
 from wanstream.server.recording import RecordingStore
 from wanstream.server.settings import ServerSettings
 from wanstream.server.stats import ServerTotals
@@ -42,6 +43,10 @@ class ServerFull(Exception):
     def __init__(self, message: str, code: str = "server_full"):
         super().__init__(message)
         self.code = code
+
+
+class SessionExists(ValueError):
+    """A stream migrated in whose session is on this server already."""
 
 
 def estimate_session_bytes(model, width: int, height: int, steps: int = 4, cache: CacheConfig = CacheConfig()) -> int:
@@ -98,9 +103,15 @@ class SessionManager:
         if pipeline is not None:
             from wanstream.pipeline.runner import runner_factory
             runners = runner_factory(pipeline, settings.decoder)
+        from wanstream.engine.drift import DriftConfig
         self.engine = Engine(model, slo=SLOConfig(target_latency_s=settings.target_latency_s), clock=clock,
-                             runner_factory=runners)
+                             runner_factory=runners, policy=settings.policy,
+                             drift=DriftConfig() if settings.drift_watchdog else None)
         self.engine.on_fault = self._on_fault
+        self.parking = ParkingLot(self.totals, settings.park_max_bytes)     # parked streams (server/parking.py)
+        for key, doc in (("flags", "Streams flagged by the drift watchdog (--drift-watchdog)"),
+                         ("refreshes", "Cache refreshes (sinks re-primed) of flagged streams")):
+            self.totals.gauge(f"server_drift_{key}", doc, lambda key=key: self.engine.drift_counts[key], counter=True)
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanstream-prompts")
         self.worker = ModelWorker(self)
         self.live = LiveHub(self, settings)         # tempo, MIDI state, live counters (server/live.py)
@@ -157,6 +168,47 @@ class SessionManager:
         self.totals.add("sessions_opened")
         log.info("session %s opened (%s), %d/%d", session.id[:8], transport, self.count, s.max_sessions)
         return session
+
+    def adopt(self, sid: str, secret: str, params: SessionParams, parked, buffer_head: dict, images: list,
+              shift: float, arrivals: int, token: str, loop) -> Session:
+        """A stream migrated in (server/migration.py): a session with its id, secret, parameters, frame numbering,
+        queued frames and parked state, waiting for its client (``resume_token``). ServerFull when there is no room,
+        ValueError when that session is here already or its queue is malformed; nothing changes then."""
+        with self._lock:
+            refusal = self._no_room()
+            if refusal is not None:
+                self.totals.add("sessions_rejected")
+                raise refusal
+            if sid in self._sessions:
+                raise SessionExists(f"session {sid[:8]}... is already on this server")
+            session = Session(self, "migrated", loop, encode=False)
+            session.buffer.restore(buffer_head, images, shift)
+            session.id, session.secret, session.params = sid, secret, params
+            session._arrivals = arrivals
+            session.parked = parked
+            session._parked_frames_in = session.buffer.frames_in
+            session.resume_token = token
+            self._sessions[sid] = session
+        for _, info in sorted(parked.host["stream"]["chunks"].items(), key=lambda kv: int(kv[0])):
+            for ts in info["arrivals"][: info["real"]]:        # its frames in the model come out here
+                session.stats.model.on_input(timestamp=ts)
+        self.metrics.add(session.id, session.stats)
+        self.totals.add("sessions_opened")
+        for victim in self.parking.add(session, parked.nbytes):
+            victim.expire()
+        return session
+
+    def claim(self, token: str, loop) -> Session | None:
+        """The migrated-in session waiting for the client that presents ``token`` (once), or None."""
+        from wanstream.server.auth import same_secret
+        with self._lock:
+            for s in self._sessions.values():
+                if s.resume_token is not None and same_secret(token, s.resume_token):
+                    s.resume_token = None
+                    s.transport, s.loop = "websocket", loop
+                    s.last_input = self.clock()
+                    return s
+        return None
 
     def _remove(self, session: Session) -> None:
         with self._lock:
@@ -268,12 +320,22 @@ class SessionManager:
         if failure is not None:
             for s in self.list():
                 s.fail("model_error", f"the model pipeline failed: {failure}")
-        now = self.clock()
-        idle = [s for s in self.list() if now - s.last_input > self.settings.idle_timeout_s]
-        for s in idle:
-            s.notify({"type": "closed", "reason": "idle",
-                      "message": f"No frames for {self.settings.idle_timeout_s:g} s: the session was closed."})
-            s.close("idle")
+        now, st = self.clock(), self.settings
+        idle = []
+        for s in self.list():
+            if s.resume_token is not None:          # migrated here; its client has not come back
+                if now - s.created > st.resume_timeout_s:
+                    s.close("migration_unclaimed")
+                    idle.append(s)
+                continue
+            limit = st.parked_timeout_s if s.parked is not None else st.idle_timeout_s
+            if now - s.last_input > limit:
+                s.notify({"type": "closed", "reason": "idle",
+                          "message": f"No frames for {limit:g} s: the session was closed."})
+                s.close("idle")
+                idle.append(s)
+        if any(s.park_due(now) for s in self.list()):
+            self.worker.notify()                    # the worker parks them at its next turn
         return idle
 
     def _on_fault(self, stream, message: str) -> None:

@@ -85,6 +85,17 @@ class ServerSettings:
     max_pushes: int = 8                     # ... all streams together
     push_queue_frames: int = 32             # frames waiting for a push (the oldest dropped beyond)
     push_stall_s: float = 10.0              # a push without progress this long is ended
+    # --- serving beyond one server (docs/deploy.md: slack, parking, migration, drift watchdog)
+    policy: str = "continuous"              # tick policy: continuous (SLO-aware) | slack (playback slack)
+    ladder_taehv: bool = False              # load TAEHV so the slack policy's last rung decodes with it
+    park_after_s: float = 10.0              # a stream without input this long is parked in host memory (0: never)
+    park_max_bytes: int = 4 * 2**30         # host memory of all parked streams; the oldest expire beyond it
+    parked_timeout_s: float = 600.0         # a parked stream without input this long is closed
+    migrate_to: str | None = None           # base URL streams migrate to: a load balancer (or one peer)
+    max_blob_bytes: int = 8 * 2**30         # a migration blob received (bigger: 413)
+    blob_timeout_s: float = 300.0           # ... and the time to receive it
+    resume_timeout_s: float = 30.0          # a migrated stream whose client has not come back by then is freed
+    drift_watchdog: bool = False            # the online drift watchdog (engine/drift.py) on every stream
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -124,6 +135,14 @@ class ServerSettings:
         if self.max_pushes_per_session < 0 or self.max_pushes < 0 or self.push_queue_frames < 1 \
                 or not self.push_stall_s > 0:
             raise ValueError("max_pushes(_per_session) must be >= 0, push_queue_frames >= 1, push_stall_s > 0")
+        if self.policy not in ("continuous", "slack"):
+            raise ValueError(f"policy must be continuous or slack, got {self.policy!r}")
+        if not self.park_after_s >= 0 or self.park_max_bytes < 0 or not self.parked_timeout_s > 0:
+            raise ValueError("park_after_s and park_max_bytes must be >= 0, parked_timeout_s > 0")
+        if self.max_blob_bytes < 1 or not self.blob_timeout_s > 0 or not self.resume_timeout_s > 0:
+            raise ValueError("max_blob_bytes must be >= 1, blob_timeout_s and resume_timeout_s > 0")
+        if self.migrate_to is not None and not self.migrate_to.startswith(("http://", "https://")):
+            raise ValueError(f"migrate_to must be an http(s) URL, got {self.migrate_to!r}")
         if not self.drain_grace_s >= 0:
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "offer_timeout_s"):

@@ -4,7 +4,9 @@
 Binary messages are frames: JPEG (or raw RGB, see :mod:`.frames`) up, JPEG (or raw with ``format=raw``) down.
 Text messages are the JSON control protocol of :mod:`.protocol`; the server also pushes ``stats`` every
 ``stats_interval_s``. The first server message is ``ready`` (session id, its secret, resolution, parameters)
-or an ``error`` with code ``server_full`` / ``draining`` / ``unauthorized`` / ``bad_format`` followed by the close.
+or an ``error`` with code ``server_full`` / ``draining`` / ``unauthorized`` / ``bad_format`` / ``bad_resume`` followed
+by the close. ``?resume=TOKEN`` continues a stream migrated to this server (:mod:`.migration`); a stream that
+migrates away gets its ``redirect`` as its last message, after its last frame.
 One task receives, one sends (frames and JSON, never two sends at once); when either ends, the session ends.
 """
 
@@ -48,10 +50,15 @@ def ws_router(manager: SessionManager, executor: Executor) -> APIRouter:
             await _refuse(ws, error("bad_format", "format must be 'jpeg' or 'raw'"), CLOSE_UNSUPPORTED)
             return
         loop = asyncio.get_running_loop()
+        resume = ws.query_params.get("resume")
         try:
-            session = manager.open("websocket", loop)
+            session = manager.open("websocket", loop) if resume is None else manager.claim(resume, loop)
         except ServerFull as exc:
             await _refuse(ws, error(exc.code, str(exc)), CLOSE_TRY_AGAIN_LATER)
+            return
+        if session is None:
+            await _refuse(ws, error("bad_resume", "no stream waits here for this resume token (it expired, was "
+                                                  "used, or belongs to another server)"), CLOSE_UNAUTHORIZED)
             return
         outbox: asyncio.Queue = asyncio.Queue(maxsize=64)
 
@@ -101,6 +108,8 @@ def ws_router(manager: SessionManager, executor: Executor) -> APIRouter:
                         if out is None:
                             while not outbox.empty():       # the last notices (why the session ended)
                                 await ws.send_text(json.dumps(outbox.get_nowait()))
+                            if session.handoff is not None:  # migrated: after its last frame, where it goes on
+                                await ws.send_text(json.dumps(session.handoff))
                             return session.close_reason or "closed"
                         data = await loop.run_in_executor(executor, encode, out)
                         await ws.send_bytes(data)
@@ -135,7 +144,8 @@ def ws_router(manager: SessionManager, executor: Executor) -> APIRouter:
             await asyncio.gather(*tasks, return_exceptions=True)
             if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
                 with contextlib.suppress(Exception):
-                    code = {"disconnected": 1000, "idle": 1000, "server shutdown": 1001}.get(reason, 1011)
+                    code = {"disconnected": 1000, "idle": 1000, "migrated": 1000,
+                            "server shutdown": 1001}.get(reason, 1011)
                     await ws.close(code, reason[:100])
             session.manager.worker.memory_released()     # the connection's buffers are free now
 

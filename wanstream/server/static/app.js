@@ -50,7 +50,16 @@
     $("stats").textContent =
       `in ${fmt(s.fps_in)} fps · out ${fmt(s.fps_out)} fps (shown ${fmt(S.fpsShown)}) · ` +
       `latency p50 ${fmt(lat.p50, 0)} / p95 ${fmt(lat.p95, 0)} ms · TTFF ${fmt(ttff, 2)} s · ` +
-      `dropped ${s.frames_dropped ?? "–"}`;
+      `dropped ${s.frames_dropped ?? "–"}` + servingText(s.serving || {});
+  }
+
+  // degradation rung, viewer stalls, drift watchdog (docs/deploy.md)
+  function servingText(v) {
+    let t = "";
+    if (v.rung) t += ` · degraded: ${v.steps_now} step${v.steps_now > 1 ? "s" : ""}${v.decoder_now === "taehv" ? ", TAEHV" : ""}`;
+    if (v.stalls) t += ` · stalls ${v.stalls}`;
+    if (v.drift) t += ` · drift ${fmt(v.drift.score, 2)}${v.drift.refreshes ? ` (refreshed ${v.drift.refreshes}×)` : ""}`;
+    return t;
   }
 
   function renderRecordings(list) {
@@ -247,8 +256,9 @@
   function startWebSocket() {
     return new Promise((resolve, reject) => {
       const proto = location.protocol === "https:" ? "wss" : "ws";
-      const ws = new WebSocket(`${proto}://${location.host}${api("/api/ws")}`);
-      ws.binaryType = "blob";
+      let ws = null;
+      let paused = false;        // the stream is moving to another server: hold the frames
+      let redirect = null;       // where it goes on ({url}: /api/ws?resume=...)
       const input = $("input");
       const out = $("output-canvas");
       const octx = out.getContext("2d");
@@ -268,7 +278,7 @@
       function tick() {
         schedule();
         const now = performance.now();
-        if (ws.readyState !== WebSocket.OPEN || encoding || now - lastSend < 30) return;
+        if (!ws || paused || ws.readyState !== WebSocket.OPEN || encoding || now - lastSend < 30) return;
         if (ws.bufferedAmount > 2 * lastSize + 16384) return;      // the network is behind: skip this frame
         if (input.readyState < 2 || !input.videoWidth) return;
         const vw = input.videoWidth, vh = input.videoHeight;
@@ -281,12 +291,21 @@
         }, "image/jpeg", 0.85);
       }
 
+      function open(path) {
+      ws = new WebSocket(`${proto}://${location.host}${api(path)}`);
+      ws.binaryType = "blob";
       ws.onmessage = async (ev) => {
         if (typeof ev.data === "string") {
           let msg;
           try { msg = JSON.parse(ev.data); } catch { return; }
           if (msg.type === "error" || msg.type === "closed") lastError = msg;
           handleMessage(msg);
+          if (msg.type === "migrate") {                // docs/deploy.md: live migration
+            paused = msg.state === "start";
+            banner(msg.state === "start" ? "Moving this stream to another server…" : msg.message, "info");
+          }
+          if (msg.type === "redirect") { redirect = msg; S.migrations = (S.migrations || 0) + 1; }
+          if (msg.type === "ready" && paused) { paused = false; clearBanner(); }
           if (msg.type === "ready" && !ready) {
             ready = true;
             cap.width = msg.width; cap.height = msg.height;
@@ -310,6 +329,12 @@
         } catch (err) { /* a broken frame: skip it */ } finally { drawing -= 1; }
       };
       ws.onclose = (ev) => {
+        if (redirect) {                                 // the stream goes on elsewhere: follow it
+          const url = new URL(redirect.url, location.href);
+          redirect = null;
+          open(url.pathname + url.search);
+          return;
+        }
         running = false;
         if (!ready) {
           reject(lastError ? new UserError(errorText(lastError), lastError.code)
@@ -320,6 +345,8 @@
           ? lastError.message : `WebSocket closed, code ${ev.code}${ev.reason ? `: ${ev.reason}` : ""}`;
         disconnected(why);
       };
+      }
+      open("/api/ws");
     });
   }
 
