@@ -71,3 +71,51 @@ def reference_refresh_sinks(cache_k, cache_v, k, v, eligible, step) -> None:
     pick = pick[:, :, None, None, None]
     sink_k.copy_(torch.where(pick, k[:, None], sink_k))
     sink_v.copy_(torch.where(pick, v[:, None], sink_v))
+
+
+# ------------------------------------------------------------------------------------- other backbones
+BACKBONE_GOLDENS = {"longlive": "longlive_t2v_lora_15f.pt", "self-forcing": "selfforcing_t2v_9f.pt"}
+
+
+def backbone_kit_dir() -> Path:
+    return kit_dir() / "backbones"
+
+
+def load_backbone_kit(name: str):
+    return torch.load(backbone_kit_dir() / name, weights_only=False)
+
+
+def backbone_context(label: str) -> torch.Tensor:
+    """The kit's stand-ins for UMT5 output: A (seed 777, 7 rows) and B (seed 778, 11 rows)."""
+    seed, rows = {"A": (777, 7), "B": (778, 11)}[label]
+    return torch.randn(1, rows, 4096, generator=torch.Generator().manual_seed(seed))
+
+
+def backbone_model_root(backbone: str, root: Path) -> Path:
+    """A model root in ``backbone``'s released layout made of the kit's tiny weights: the Wan folder (config and
+    VAE; the DiT comes from the generator) and the generator (+ LoRA) file — copied from the shared kit, or rebuilt
+    from ``model.pt`` and the vendored pieces."""
+    import json
+    import shutil
+    from wanstream.core.backbones import backbone as get_backbone
+    ck = get_backbone(backbone).checkpoint
+    wan = root / "wan_models" / "Wan2.1-T2V-tiny"
+    wan.mkdir(parents=True, exist_ok=True)
+    (wan / "config.json").write_text(json.dumps(json.loads((kit_dir() / "tiny_config.json").read_text())["dit"]))
+    shutil.copyfile(kit_dir() / "Wan2.1_VAE_tiny.pth", wan / "Wan2.1_VAE.pth")
+    gen = root / ck.generator
+    gen.parent.mkdir(parents=True, exist_ok=True)
+    shared = SHARED_KIT / "backbones"
+    released = {"longlive": "longlive_base_tiny.pt", "self-forcing": "self_forcing_dmd_tiny.pt"}[backbone]
+    if (shared / released).is_file():
+        shutil.copyfile(shared / released, gen)
+    else:
+        ema = load_kit("model.pt")["generator"]
+        if backbone == "self-forcing":
+            head = load_backbone_kit("selfforcing_generator_head.pt")
+            torch.save({"generator": {**ema, **head}, "generator_ema": ema}, gen)
+        else:
+            torch.save({"generator": ema}, gen)
+    if ck.lora is not None:
+        shutil.copyfile(backbone_kit_dir() / "longlive_lora_tiny.pt", root / ck.lora)
+    return root

@@ -25,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Hashable, Mapping, Sequence
 
-from wanstream.core.chunking import CHUNK_LATENTS, FIRST_CHUNK_LATENTS, ChunkBuffer
+from wanstream.core.backbones import Backbone, backbone as get_backbone
+from wanstream.core.chunking import ChunkBuffer
 from wanstream.core.config import CacheConfig, StreamSettings
 from wanstream.core.plan import Entry, Plan, StreamPlan
 from wanstream.core.schedule import Stage, StreamSchedule, compose
@@ -76,10 +77,12 @@ class PlannedStream:
 class Planner:
     """Host decisions of one group of streams, one :class:`Plan` per tick (see the module docstring)."""
 
-    def __init__(self, policy: Scheduler | None = None, *, cache: CacheConfig = CacheConfig(), lag: int = 1):
+    def __init__(self, policy: Scheduler | None = None, *, cache: CacheConfig = CacheConfig(), lag: int = 1,
+                 backbone: Backbone | str | None = None):
         self.policy = policy or Scheduler()
         self.cache = cache
         self.lag = lag                   # calls in flight on the runner (a pipeline of W ranks: W)
+        self.backbone = get_backbone(backbone)   # the model's: step lists, context pass, stream batch or not
         self.streams: dict[Hashable, PlannedStream] = {}
         self.ticks = 0
 
@@ -118,7 +121,7 @@ class Planner:
 
     def _schedule(self, stream: Hashable, settings: StreamSettings) -> StreamSchedule:
         return StreamSchedule(stream, settings.steps, mode=settings.mode, batch=settings.batch, cache=settings.cache,
-                              lag=self.lag)
+                              lag=self.lag, backbone=self.backbone)
 
     # ------------------------------------------------------------------------------------------ the tick
     def plan(self, now: float, updates: Mapping[Hashable, Sequence[tuple[str, object]]] | None = None,
@@ -184,7 +187,7 @@ class Planner:
             views.append(StreamView(
                 rec.id, arrivals, n, rows=sch.rows if sch.prepared and sch.batch else 1,
                 calls_to_output=sch.calls_to_output if sch.prepared else 1, sequential=not sch.batch,
-                can_batch=sch.prepared and rec.settings.batch, deferred=rec.deferred_run,
+                can_batch=sch.can_batch and rec.settings.batch, deferred=rec.deferred_run,
                 since_switch=rec.since_switch, target_latency_s=rec.target_latency_s, levels=sch.levels))
         return self.policy.plan(views, now, running_rows)
 
@@ -217,9 +220,11 @@ class Planner:
         """A chunk taken from the queue enters the stream's schedule: numbered, then prepared or pushed."""
         frames, info = chunk
         first = not rec.schedule.prepared
-        latent_frames = FIRST_CHUNK_LATENTS if info.first else CHUNK_LATENTS
+        latent_frames = rec.buffer.rule.latent_frames(info.first)
         cid = rec.next_chunk
         rec.next_chunk += 1
         rec.stats.chunks += 1
         sp.entry = Entry(cid, frames, info, latent_frames, first)
-        return rec.schedule.prepare(cid, latent_frames) if first else rec.schedule.push(cid, latent_frames)
+        if first and rec.settings.mode == "v2v":               # text-to-video blocks start from noise: no prepare
+            return rec.schedule.prepare(cid, latent_frames)
+        return rec.schedule.push(cid, latent_frames)

@@ -6,7 +6,11 @@ clean. It also knows prepare (the first chunk: every level in turn on cache row 
 rows), the sequential no-batch mode (every level of one chunk in turn on row 0), draining (shift without a new
 chunk, so every in-flight chunk leaves), step changes (drain, then re-lay the rows), the pipelined schedule
 (``lag`` = W batches in flight), and each chunk's cache frame index and RoPE position (RoPE refresh:
-``rope_wrap_at`` → ``rope_wrap_to``). Each operation returns :class:`Stage` s: the rows this stream puts into
+``rope_wrap_at`` → ``rope_wrap_to``). What differs between backbones is read from their description
+(:class:`~wanstream.core.backbones.Backbone`): the step list (integer or warped float timesteps), whether the levels
+share a call (the stream batch) or a block runs its levels in turn, and whether a clean *context pass* follows a
+block's last level (Self-Forcing, LongLive: a row at ``context_t`` over the block's clean x0, whose output is
+discarded — only the K/V it writes count). Each operation returns :class:`Stage` s: the rows this stream puts into
 successive DiT calls. :func:`compose` merges the stages of many streams into :class:`Call` s (the k-th stages of
 all streams with the same latent frame count run as one call).
 
@@ -21,18 +25,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Sequence
 
-from wanstream.core.config import T2V_STEPS, V2V_STEPS, CacheConfig
+from wanstream.core.backbones import Backbone, backbone as get_backbone
+from wanstream.core.config import CacheConfig
 
 
-def step_list(steps: int, mode: str = "v2v") -> list[int]:
-    """Denoising timesteps per stream-batch slot: v2v ``[700, 500, 400, 200][:n]``; t2v ``[...][:n] + [0]``."""
-    if not 1 <= int(steps) <= 4:
-        raise ValueError(f"steps must be in 1..4, got {steps}")
-    if mode == "v2v":
-        return list(V2V_STEPS[:steps])
-    if mode == "t2v":
-        return list(T2V_STEPS[:steps]) + [0]
-    raise ValueError(f"mode must be 'v2v' or 't2v', got {mode!r}")
+def step_list(steps: int, mode: str = "v2v", backbone: Backbone | str | None = None) -> list[float]:
+    """Denoising timesteps per level (StreamDiffusionV2: v2v ``[700, 500, 400, 200][:n]``; t2v ``[...][:n] + [0]``;
+    the others: :meth:`Backbone.step_list`)."""
+    return get_backbone(backbone).step_list(steps, mode)
 
 
 # ============================================================================================ plans
@@ -48,8 +48,15 @@ class Row:
     rope: int           # temporal RoPE position of the chunk's first latent frame
     final: bool         # after the call the row's x0 leaves clean; otherwise it is re-noised to level + 1
     enters: bool        # the chunk enters the stream batch with this row (its noised input is taken)
-    t: int = 0          # timestep of the level (a level-0 row of a chunk with its own timestep uses that one)
-    t_next: int = -1    # timestep the row is re-noised to (-1: final)
+    t: float = 0        # timestep of the level (a level-0 row of a chunk with its own timestep uses that one)
+    t_next: float = -1  # timestep the row is re-noised to (-1: final, or a context row)
+    hold: bool = False      # a final row whose clean x0 also stays as the input of the chunk's context row
+    context: bool = False   # a context pass: the chunk's clean x0 in, only the K/V it writes count (output dropped)
+
+    @property
+    def renoised(self) -> bool:
+        """After the call the row's x0 is re-noised to ``t_next`` for the chunk's next level."""
+        return not self.final and not self.context
 
 
 @dataclass
@@ -133,11 +140,12 @@ class StreamSchedule:
     """The stream-batch schedule of one stream (see the module docstring). Host integers only."""
 
     def __init__(self, stream: Hashable, steps: int = 2, *, mode: str = "v2v", batch: bool = True,
-                 cache: CacheConfig = CacheConfig(), lag: int = 1):
+                 cache: CacheConfig = CacheConfig(), lag: int = 1, backbone: Backbone | str | None = None):
         if lag < 1:
             raise ValueError(f"lag must be >= 1, got {lag}")
         self.stream = stream
         self.mode = mode
+        self.backbone = get_backbone(backbone)
         self.cache = cache
         self.lag = lag
         self.next_frame = 0
@@ -146,16 +154,20 @@ class StreamSchedule:
         self._configure(steps, batch)
 
     def _configure(self, steps: int, batch: bool) -> None:
-        self.steps_list = step_list(steps, self.mode)
+        self.steps_list = self.backbone.step_list(steps, self.mode)
         self.steps = int(steps)
-        self.batch = bool(batch)
+        self.batch = bool(batch) and self.backbone.stream_batch
         self.rows = self.rows_for(steps, batch)
         self.batches: deque[list[Slot | None]] = deque([None] * self.levels for _ in range(self.lag))
 
     def rows_for(self, steps: int, batch: bool) -> int:
         """Cache rows of this stream with ``steps`` steps in the stream batch (``batch``) or sequentially."""
-        return len(step_list(steps, self.mode)) if batch else 1
+        return len(self.backbone.step_list(steps, self.mode)) if batch and self.backbone.stream_batch else 1
 
+    @property
+    def can_batch(self) -> bool:
+        """The stream batch is possible: the backbone shares levels across chunks and the stream is prepared."""
+        return self.prepared and self.backbone.stream_batch
     @property
     def levels(self) -> int:
         """Denoising levels a chunk goes through (the step list's length)."""
@@ -216,8 +228,8 @@ class StreamSchedule:
     def reconfigure(self, steps: int, batch: bool | None = None, frames: int = 1) -> list[Stage]:
         """Change the step count (and the mode) between chunks: drain stages, then the re-layout of the cache
         rows (a new level starts from the closest existing level). Empty when nothing changes."""
-        batch = self.batch if batch is None else bool(batch)
-        step_list(steps, self.mode)                    # validates before anything changes
+        batch = self.batch if batch is None else bool(batch) and self.backbone.stream_batch
+        self.backbone.step_list(steps, self.mode)      # validates before anything changes
         if int(steps) == self.steps and batch == self.batch:
             return []
         stages = self.drain(frames)
@@ -229,13 +241,18 @@ class StreamSchedule:
 
     # ------------------------------------------------------------------------------------------ internal
     def _sequential(self, chunk: Hashable, frames: int) -> list[Stage]:
+        """Every level of one chunk in turn on cache row 0; with a context pass, one more stage over its clean x0."""
         frame, rope = self.take_position(frames)
-        return [Stage(self.stream, [self._row(chunk, i, 0, frame, rope, i == 0)], frames) for i in range(self.levels)]
+        stages = [Stage(self.stream, [self._row(chunk, i, 0, frame, rope, i == 0)], frames) for i in range(self.levels)]
+        if self.backbone.context_pass:
+            stages.append(Stage(self.stream, [Row(self.stream, chunk, self.levels, 0, frame, rope, False, False,
+                                                  self.backbone.context_t, -1, context=True)], frames))
+        return stages
 
     def _row(self, chunk: Hashable, level: int, cache_row: int, frame: int, rope: int, enters: bool) -> Row:
         final = level == self.levels - 1
         return Row(self.stream, chunk, level, cache_row, frame, rope, final, enters, self.steps_list[level],
-                   -1 if final else self.steps_list[level + 1])
+                   -1 if final else self.steps_list[level + 1], hold=final and self.backbone.context_pass)
 
     def _advance(self, new: Slot | None, frames: int) -> Stage:
         """One call: the batch that left ``lag`` calls ago shifts and takes ``new`` at slot 0."""

@@ -29,7 +29,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from wanstream.core.chunking import ChunkBuffer
+from wanstream.core.backbones import SDV2
+from wanstream.core.chunking import BlockRequests, ChunkBuffer
 from wanstream.core.config import CacheConfig, StreamSettings, check_seed
 from wanstream.core.geometry import check_fit, check_resolution
 from wanstream.core.plan import Plan
@@ -69,6 +70,7 @@ class Engine:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.model = model
+        self.backbone = getattr(model, "backbone", SDV2)   # every stream of an engine runs the model's backbone
         self.slo = slo
         self.policy = policy
         self.clock = clock
@@ -101,10 +103,15 @@ class Engine:
              noise_scale: float = 0.8, noise_controller: bool = True, batch: bool = True, seed: int = 0,
              cache: CacheConfig | None = None, decoder: str = "vae", max_queue_chunks: int | None = None,
              target_latency_s: float | None = None, buffer: ChunkBuffer | None = None, fit: str = "crop",
-             lora: Mapping[str, float] | None = None) -> EngineStream:
+             lora: Mapping[str, float] | None = None, mode: str = "v2v",
+             frames: int | None = None) -> EngineStream:
         """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here). ``buffer``: an
         input queue the caller already fills (the server's session), else a new one; ``fit``: how frames of
-        another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults)."""
+        another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults).
+
+        ``mode="t2v"``: a text-to-video stream — no input frames; its blocks start from the stream's noise.
+        ``frames``: the clip's output frames (its blocks are asked for at once and the stream finishes after them);
+        ``None``: blocks are asked for with :meth:`generate`. ``cache`` defaults to the backbone's for the mode."""
         check_resolution(width, height)
         if decoder not in ("vae", "taehv"):
             raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
@@ -112,10 +119,19 @@ class Engine:
             raise ValueError("decoder='taehv' needs a model loaded with taehv=True")
         check_fit(fit)
         settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
-                                  batch=batch, seed=seed, cache=cache or CacheConfig(),
-                                  lora=self.lora_strengths(lora))
+                                  batch=batch, seed=seed, cache=cache or self.backbone.cache(mode),
+                                  lora=self.lora_strengths(lora), mode=mode)
         embedding = self.pad_prompt(prompt_embeds)
-        buffer = buffer if buffer is not None else ChunkBuffer(max_chunks=max_queue_chunks)
+        rule = self.backbone.chunk_rule(mode)
+        if mode == "t2v":
+            if buffer is not None:
+                raise ValueError("a text-to-video stream has no input queue")
+            buffer = BlockRequests(rule, total_frames=frames)
+            if frames is not None:
+                buffer.request(buffer.blocks_for(frames), self.clock())
+        else:
+            buffer = buffer if buffer is not None else ChunkBuffer(max_chunks=max_queue_chunks)
+            buffer.rule = rule
         m = self.model
         with self._tick, self._registry, torch.inference_mode():
             group = self._group(width, height, settings.cache)
@@ -134,7 +150,15 @@ class Engine:
                 raise
             group.streams.append(s)
             self.streams[sid] = s
+            if mode == "t2v" and frames is not None:
+                group.planner.finish(sid)            # the clip's blocks are all asked for
         return s
+
+    def generate(self, stream: EngineStream, blocks: int = 1) -> None:
+        """Ask a text-to-video stream for ``blocks`` more blocks (any thread)."""
+        if not isinstance(stream.buffer, BlockRequests):
+            raise ValueError("generate() is for text-to-video streams")
+        stream.buffer.request(blocks, self.clock())
 
     def lora_strengths(self, lora: Mapping[str, float] | None) -> tuple[float, ...] | None:
         """A validated LoRA strength vector from strengths by name (``None``: the loaded defaults)."""
@@ -176,7 +200,8 @@ class Engine:
                     pool.reserve(self.reserve_rows)
                 runner = Runner(dit, m.sampler, pool, CachePolicy(cache), tpf, timer=self.timer, compile=self.compile)
             policy = RoundRobin() if self.policy == "round_robin" else Scheduler(self.slo)
-            g = self.groups[key] = Group(key, runner, Planner(policy, cache=cache, lag=runner.lag), tpf)
+            g = self.groups[key] = Group(key, runner, Planner(policy, cache=cache, lag=runner.lag,
+                                                              backbone=self.backbone), tpf)
         return g
 
     def feed(self, stream: EngineStream, frames, timestamps: Sequence[float] | None = None,
@@ -383,9 +408,14 @@ class Engine:
         m = self.model
         pixels = {}
         joining = []
+        latents = {}
         for sid, entry in plan.entries:
             s = self.streams.get(sid)
             if s is None or s.closed:
+                continue
+            if s.settings.mode == "t2v":               # a block from pure noise: zero latents mixed at scale 1
+                latents[sid] = torch.zeros((1, entry.latent_frames, m.vae.z_dim, s.height // m.vae_spatial,
+                                            s.width // m.vae_spatial), device=m.device, dtype=m.dtype)
                 continue
             try:
                 pixels[sid] = upload_frames(entry.frames, m.device, m.dtype)
@@ -393,7 +423,15 @@ class Engine:
             except Exception as exc:  # noqa: BLE001
                 self._stream_error(s, "frames", exc)
         with self.timer.section("encode"), g.runner.encoding():
-            latents = self.codec.encode(joining, pixels)
+            latents.update(self.codec.encode(joining, pixels))
+        for sid, _ in plan.entries:
+            s = self.streams.get(sid)
+            if s is not None and s.settings.mode == "t2v" and sid in latents:
+                entry = plan.streams[sid].entry
+                s.chunks[entry.chunk] = entry.info
+                self.chunks += 1
+                self._advance_transition(g, s)
+                g.runner.enter(sid, entry.chunk, ChunkInput(latents[sid], 1.0))
         for s in joining:
             entry = plan.streams[s.id].entry
             if s.id not in latents:

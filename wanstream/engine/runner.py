@@ -40,7 +40,7 @@ class ChunkInput:
 
     z: torch.Tensor                          # [1, T, C, h, w]
     s: float | torch.Tensor                  # noise scale (float or 0-d device tensor)
-    t0: torch.Tensor | None = None           # level-0 timestep (int64, 0-d or [1]); None: the step list's first
+    t0: torch.Tensor | None = None           # level-0 timestep (0-d or [1]); None: the step list's first
 
 
 @dataclass
@@ -110,9 +110,9 @@ def gather_rows(rows: Sequence[Row], streams: dict, wait_latent: Callable[[], No
 
 
 def row_timesteps(rows: Sequence[Row], own_t0: dict, device) -> torch.Tensor:
-    """Per-row int64 timesteps ``[B]``: each row's level timestep, or the chunk's own timestep where it has one
-    (``own_t0[(stream, chunk)]``, level-0 rows)."""
-    ts = torch.tensor([r.t for r in rows], dtype=torch.long).to(device, non_blocking=True)
+    """Per-row float64 timesteps ``[B]`` (integer or warped float values): each row's level timestep, or the
+    chunk's own timestep where it has one (``own_t0[(stream, chunk)]``, level-0 rows)."""
+    ts = torch.tensor([r.t for r in rows], dtype=torch.float64).to(device, non_blocking=True)
     return own_timesteps(ts, rows, own_t0)
 
 
@@ -129,8 +129,10 @@ def settle(sampler: FlowMatchSampler, x: torch.Tensor, flow: torch.Tensor, ts: t
            renoise: Callable[[Hashable], NoiseSource], t_next: torch.Tensor | None = None,
            ) -> tuple[list[tuple[Row, torch.Tensor]], list[tuple[Row, torch.Tensor]]]:
     """The outcome of a call: x0 of every row (float64 math, as released); each stream's rows that stay are
-    re-noised to their next level with ONE draw of that stream's re-noising source, the final rows leave clean.
-    ``t_next`` (``[B]`` on the device, each row's ``Row.t_next``) saves building the re-noise timesteps here.
+    re-noised to their next level with ONE draw of that stream's re-noising source, the final rows leave clean (and a
+    final row that ``hold`` s also stays, clean, as the input of its chunk's context pass); a context row's output is
+    dropped (only the K/V it wrote count). ``t_next`` (``[B]`` on the device, each row's ``Row.t_next``) saves
+    building the re-noise timesteps here.
 
     Returns ``(kept, finished)``: ``[(row, latent [1, T, C, h, w])]`` each, in row order."""
     x0 = sampler.to_x0(x, flow, ts)
@@ -140,7 +142,7 @@ def settle(sampler: FlowMatchSampler, x: torch.Tensor, flow: torch.Tensor, ts: t
         e = b
         while e < len(rows) and rows[e].stream == rows[b].stream:
             e += 1
-        stay = [i for i in range(b, e) if not rows[i].final]
+        stay = [i for i in range(b, e) if rows[i].renoised]
         if stay:
             lo, hi = stay[0], stay[-1] + 1
             if stay != list(range(lo, hi)):
@@ -149,12 +151,13 @@ def settle(sampler: FlowMatchSampler, x: torch.Tensor, flow: torch.Tensor, ts: t
             if t_next is not None:
                 targets = t_next[lo:hi]
             else:
-                targets = torch.tensor([rows[i].t_next for i in stay], dtype=torch.long).to(x.device,
-                                                                                            non_blocking=True)
+                targets = torch.tensor([rows[i].t_next for i in stay], dtype=torch.float64).to(x.device,
+                                                                                               non_blocking=True)
             eps = renoise(rows[b].stream)(sub.shape).to(sub.dtype)
             renoised = sampler.add_noise(sub, eps, targets)
             kept += [(rows[i], renoised[i - lo: i - lo + 1]) for i in stay]
         finished += [(rows[i], x0[i: i + 1]) for i in range(b, e) if rows[i].final]
+        kept += [(rows[i], x0[i: i + 1]) for i in range(b, e) if rows[i].hold]
         b = e
     return kept, finished
 

@@ -51,6 +51,25 @@ class CachePolicy:
         """Number of valid slots once frames ``frame .. frame+frames-1`` are written."""
         return min(frame + frames, self.capacity)
 
+    def occupant(self, slot: int, written: int) -> int | None:
+        """The frame a slot holds once ``written`` frames were written to the row (None: never written; adaptive
+        sink refreshes aside)."""
+        if slot >= written:
+            return None
+        if slot < self.sink:
+            return slot
+        return slot + (written - 1 - slot) // self.ring * self.ring
+
+    def evicted(self, frame: int, frames: int, written: int) -> list[int]:
+        """Older frames that writing frames ``frame .. frame+frames-1`` overwrites (a row that has written
+        ``written`` frames): LongLive's roll-left evicts the same frames, oldest non-sink first."""
+        out = []
+        for f in range(frame, frame + frames):
+            held = self.occupant(self.slot(f), written)
+            if held is not None and held < f:
+                out.append(held)
+        return out
+
     def refresh_eligible(self, frame: int, frames: int = 1) -> bool:
         """Adaptive refresh compares a single new frame against sinks that all hold data."""
         return self.config.sink_threshold > -1 and self.sink > 0 and frames == 1 and frame >= self.sink
@@ -338,7 +357,7 @@ class CacheStep:
 class StepBuffers:
     """The device tensors of the :class:`CacheStep` s of one call layout (frames per row, the rows' cache rows and
     prompt slots), allocated once and refilled in place: each call uploads its host integers (slots, valid
-    lengths, refresh eligibility, RoPE starts and ``row_values`` more int64 values per row, e.g. timesteps) with
+    lengths, refresh eligibility, RoPE starts and ``row_values`` more float64 values per row, e.g. timesteps) with
     ONE copy from a host staging buffer (pinned on CUDA, two in turn so a copy still in flight is never
     overwritten) and derives the write indices and the mask on the device. The tensors keep their addresses, so
     a compiled call or a captured CUDA graph reads the new values.
@@ -372,7 +391,7 @@ class StepBuffers:
         self.valid_tokens = self.ints[bt: bt + b]
         self.eligible = self.ints[bt + b: bt + 2 * b]
         self.rope_starts = self.ints[bt + 2 * b: bt + 3 * b]
-        self.values = self.ints[bt + 3 * b:].view(row_values, b)
+        self.values = self.ints[bt + 3 * b:].view(torch.float64).view(row_values, b)   # e.g. timesteps (float)
         self.cache_row = torch.tensor(list(cache_rows), dtype=torch.long).to(device)
         self.row_index = self.cache_row[:, None].expand(b, num_frames * tokens_per_frame)
         self.token_offsets = torch.arange(tokens_per_frame, device=device)
@@ -402,8 +421,8 @@ class StepBuffers:
         host[bt: bt + b] = np.asarray(valid) * self.f_tok
         host[bt + b: bt + 2 * b] = eligible
         host[bt + 2 * b: bt + 3 * b] = rope_starts
-        for j, v in enumerate(values):
-            host[bt + (3 + j) * b: bt + (4 + j) * b] = v
+        if values:
+            host.view(np.float64)[bt + 3 * b:] = np.asarray(values, dtype=np.float64).reshape(-1)
         self.ints.copy_(self._host[self._turn], non_blocking=True)
         if self.ints.is_cuda:
             if event is None:

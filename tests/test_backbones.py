@@ -1,0 +1,173 @@
+"""Self-Forcing and LongLive on the engine: backbones as data, their released layouts, and text-to-video against the
+golden traces recorded from the official code (``tests/data/conformance/backbones``): every DiT call, cache counters
+and attended keys, final latents and decoded video, teacher-forced and free-running from the recorded noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kit import BACKBONE_GOLDENS, backbone_context, backbone_model_root, load_backbone_kit
+
+from wanstream.core.backbones import BACKBONES, LONGLIVE, SDV2, SELF_FORCING, backbone
+from wanstream.core.errors import CheckpointError
+from wanstream.engine.loop import Engine
+from wanstream.engine.noise import ReplayNoise
+from wanstream.models.kv_cache import CachePolicy
+from wanstream.models.loader import load_model
+from wanstream.models.sampling import FlowMatchSampler
+
+TOL = 1e-4
+W, H, TPF = 80, 48, 15
+
+
+@pytest.fixture(scope="module")
+def golden_models(tmp_path_factory):
+    """Each backbone's kit model loaded through ``load_model`` from its released layout."""
+    out = {}
+    for name in BACKBONE_GOLDENS:
+        root = backbone_model_root(name, tmp_path_factory.mktemp(name))
+        out[name] = load_model(root, device="cpu", text_encoder=False)
+    return out
+
+
+# ============================================================================================ data
+def test_backbones_are_data():
+    assert set(BACKBONES) == {"streamdiffusionv2", "self-forcing", "longlive"}
+    assert backbone(None) is SDV2 and backbone("longlive") is LONGLIVE
+    with pytest.raises(ValueError, match="unknown backbone 'wan'"):
+        backbone("wan")
+    assert SDV2.step_list(2) == [700, 500] and SDV2.step_list(2, "t2v") == [1000, 750, 0]
+    assert not SELF_FORCING.stream_batch and SELF_FORCING.context_pass and SELF_FORCING.cache("t2v").capacity == 21
+    assert (LONGLIVE.cache("t2v").capacity, LONGLIVE.cache("t2v").sink) == (12, 3)
+    assert LONGLIVE.chunk_rule("v2v").first_frames == 9 and LONGLIVE.chunk_rule("v2v").frames == 12
+
+
+@pytest.mark.parametrize("name", ["self-forcing", "longlive"])
+def test_warped_float_timesteps_equal_the_official_scheduler(name):
+    """``cat(t_grid, [0])[1000 - steps]`` of the shift-5 grid, as float32 values (the trace's list)."""
+    bb = BACKBONES[name]
+    grid = FlowMatchSampler(bb.shift).grid_timesteps
+    official = torch.cat([grid, torch.zeros(1)])[1000 - torch.tensor(bb.t2v_steps)]
+    assert bb.step_list(4, "t2v") == official.tolist()
+    assert bb.step_list(4, "t2v") == load_backbone_kit(BACKBONE_GOLDENS[name])["denoising_step_list"].tolist()
+    assert bb.step_list(2, "t2v") == official[:2].tolist()
+
+
+# ============================================================================================ loading
+def test_layouts_load_strictly(golden_models, tmp_path):
+    sf, ll = golden_models["self-forcing"], golden_models["longlive"]
+    assert sf.backbone is SELF_FORCING and ll.backbone is LONGLIVE
+    assert sf.sampler.shift == 5.0 and sf.dit.lora is None
+    assert ll.dit.lora.names == ("longlive",) and len(ll.dit.lora.adapters) == 20
+    # Self-Forcing loads generator_ema (its head differs from generator's)
+    ema = load_backbone_kit("selfforcing_generator_head.pt")
+    assert not torch.equal(sf.dit.transformer.proj_out.weight, ema["model.head.head.weight"])
+    # a Self-Forcing file without generator_ema: the error names the key and what is there
+    root = backbone_model_root("self-forcing", tmp_path / "sf")
+    path = root / SELF_FORCING.checkpoint.generator
+    torch.save({"generator": torch.load(path)["generator"]}, path)
+    with pytest.raises(CheckpointError, match="'generator_ema'.*found: 'generator'"):
+        load_model(root, device="cpu", text_encoder=False)
+    # a LongLive root without its LoRA
+    root = backbone_model_root("longlive", tmp_path / "ll")
+    (root / LONGLIVE.checkpoint.lora).unlink()
+    with pytest.raises(CheckpointError, match="needs its LoRA"):
+        load_model(root, device="cpu", text_encoder=False)
+
+
+def test_several_generators_need_a_backbone(tmp_path):
+    root = backbone_model_root("self-forcing", tmp_path)
+    backbone_model_root("longlive", tmp_path)
+    with pytest.raises(CheckpointError, match="several backbones.*--backbone"):
+        load_model(root, device="cpu", text_encoder=False)
+    assert load_model(root, device="cpu", text_encoder=False, backbone="longlive").backbone is LONGLIVE
+
+
+@pytest.mark.parametrize("name", ["self-forcing", "longlive"])
+def test_init_random_writes_each_layout(tmp_path, name):
+    from wanstream.models.random_init import init_random
+    init_random(tmp_path, "tiny", backbone=name, log=lambda *_: None)
+    m = load_model(tmp_path, device="cpu", text_encoder=False)
+    assert m.backbone.name == name
+    assert (m.dit.lora is not None) == (name == "longlive")
+
+
+# ============================================================================================ goldens
+class Recorder:
+    """Every DiT call of a runner: its input, timesteps, attended key count, flow; ``force`` replaces the inputs
+    with the trace's (teacher-forced)."""
+
+    def __init__(self, runner, force=None):
+        self.calls, self.finished, self.force = [], [], force
+        self._dit, self._run = runner._dit, runner.run
+        runner._dit, runner.run = self.dit, self.run
+        self.capacity = runner.policy.capacity
+
+    def dit(self, x, ts, step):
+        if self.force is not None:
+            x = self.force[len(self.calls)]["x_t"].to(x)
+        flow = self._dit(x, ts, step)
+        keys = int(step.attn_mask[0].sum()) if step.attn_mask is not None else self.capacity * TPF
+        self.calls.append(dict(x=x.clone(), t=ts.clone(), flow=flow.clone(), keys=keys))
+        return flow
+
+    def run(self, call):
+        done = self._run(call)
+        self.finished += done
+        return done
+
+
+def run_golden(model, g, force=False):
+    """Text-to-video of the trace's frames through the engine, its noise replayed: the first draws of each block
+    are the trace's initial noise of that block, the re-noise draws the trace's own."""
+    engine = Engine(model)
+    frames = g["video"].shape[1]
+    s = engine.open(prompt_embeds=backbone_context("A"), width=W, height=H, steps=4, mode="t2v", frames=frames)
+    noise = g["noise_log"][0]["value"]
+    rs = s.group.runner.streams[s.id]
+    rs.noise = ReplayNoise([noise[:, f: f + 3] for f in range(0, noise.shape[1], 3)])
+    rs.renoise_source = ReplayNoise([e["value"] for e in g["noise_log"][1:]])
+    rec = Recorder(s.group.runner, g["calls"] if force else None)
+    engine.run_until_idle()
+    return s, rec, rs
+
+
+@pytest.mark.parametrize("name", list(BACKBONE_GOLDENS))
+@pytest.mark.parametrize("force", [True, False], ids=["teacher-forced", "free-running"])
+def test_t2v_golden_through_the_engine(golden_models, name, force):
+    model, g = golden_models[name], load_backbone_kit(BACKBONE_GOLDENS[name])
+    s, rec, rs = run_golden(model, g, force)
+    assert len(rec.calls) == len(g["calls"]) == 5 * g["num_blocks"]
+    assert rs.noise.used == g["num_blocks"] and rs.renoise_source.used == len(g["noise_log"]) - 1
+    policy = CachePolicy(model.backbone.cache("t2v"))
+    err = {}
+    for got, want in zip(rec.calls, g["calls"]):
+        assert got["t"].tolist() == [want["timestep"][0, 0].item()]                       # float timesteps
+        err["x_t"] = max(err.get("x_t", 0), (got["x"] - want["x_t"]).abs().max().item())
+        err["flow"] = max(err.get("flow", 0), (got["flow"] - want["flow_pred"]).abs().max().item())
+        x0 = model.sampler.to_x0(got["x"], got["flow"], got["t"])
+        err["x0"] = max(err.get("x0", 0), (x0 - want["x0"]).abs().max().item())
+        # attended keys and the cache counters the official code reports (tokens)
+        q, k = want["attn_q_k_len"][0]
+        assert (3 * TPF, got["keys"]) == (q, k)
+        f0 = want["start_frame"]
+        assert policy.valid_after(f0, 3) * TPF == want["cache_after"]["local_end"][0]
+        assert (f0 + 3) * TPF <= want["cache_after"]["global_end"][0]
+        if name == "longlive":                      # a roll-and-insert evicts the frames our ring overwrites
+            up = want["cache_updates"][0]
+            evicted = policy.evicted(f0, 3, want["cache_before"]["global_end"][0] // TPF)
+            assert len(evicted) * TPF == up.get("num_evicted_tokens", 0)
+            assert (up["action"] == "roll_and_insert") == bool(evicted)
+    assert max(err.values()) <= TOL, err
+    latents = torch.cat([d.latent for d in sorted(rec.finished, key=lambda d: d.row.chunk)], dim=1)
+    assert (latents - g["latents"]).abs().max().item() <= TOL
+    # decoded video: our streaming decode of the blocks against the official one-shot decode (float), and the
+    # engine's uint8 frames within one level of it
+    state = model.vae.new_state()
+    video = torch.cat([model.vae.decode(state, latents[:, f: f + 3]) for f in range(0, latents.shape[1], 3)], 1)
+    video = video.clamp(-1, 1) * 0.5 + 0.5
+    assert (video - g["video"]).abs().max().item() <= TOL
+    frames = s.take_outputs()
+    assert [f.index for f in frames] == list(range(g["video"].shape[1]))
+    ours = torch.stack([torch.from_numpy(f.image) for f in frames]).permute(0, 3, 1, 2).float()
+    assert (ours - g["video"][0] * 255).abs().max().item() <= 1.0 + 1e-3
