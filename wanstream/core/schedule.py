@@ -151,6 +151,7 @@ class StreamSchedule:
         self.next_frame = 0
         self.next_rope = 0
         self.prepared = False
+        self.block = 1                  # latent frames of the chunks pushed last (what draining rows carry)
         self._configure(steps, batch)
 
     def _configure(self, steps: int, batch: bool) -> None:
@@ -211,13 +212,15 @@ class StreamSchedule:
     def push(self, chunk: Hashable, frames: int = 1) -> list[Stage]:
         """A new chunk: one stage in the stream batch, or one stage per level in the sequential mode."""
         self.prepared = True                           # (text-to-video streams start without a prepare)
+        self.block = frames
         if not self.batch:
             return self._sequential(chunk, frames)
         frame, rope = self.take_position(frames)
         return [self._advance(Slot(chunk, frame, rope), frames)]
 
-    def drain(self, frames: int = 1) -> list[Stage]:
+    def drain(self, frames: int | None = None) -> list[Stage]:
         """Stages that finish every in-flight chunk without adding one (end of stream, or before a change)."""
+        frames = frames or self.block
         out = []
         while any(s is not None for b in self.batches for s in b[:-1]):
             stage = self._advance(None, frames)
@@ -225,13 +228,14 @@ class StreamSchedule:
                 out.append(stage)
         return out
 
-    def reconfigure(self, steps: int, batch: bool | None = None, frames: int = 1) -> list[Stage]:
+    def reconfigure(self, steps: int, batch: bool | None = None, frames: int | None = None) -> list[Stage]:
         """Change the step count (and the mode) between chunks: drain stages, then the re-layout of the cache
         rows (a new level starts from the closest existing level). Empty when nothing changes."""
         batch = self.batch if batch is None else bool(batch) and self.backbone.stream_batch
         self.backbone.step_list(steps, self.mode)      # validates before anything changes
         if int(steps) == self.steps and batch == self.batch:
             return []
+        frames = frames or self.block
         stages = self.drain(frames)
         old_rows = self.rows
         self._configure(steps, batch)

@@ -307,7 +307,7 @@ class Engine:
     def admit(self, width: int, height: int, steps: int, input_fps: float | None,
               cache: CacheConfig | None = None) -> tuple[bool, str]:
         """Whether another stream keeps every stream at its input rate (from the measured tick latency)."""
-        cache = cache or CacheConfig()
+        cache = cache or self.backbone.cache("v2v")
         with self._registry:
             g = self.groups.get((width, height, cache))
             if g is None:

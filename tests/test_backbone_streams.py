@@ -1,0 +1,103 @@
+"""Streams of Self-Forcing and LongLive on one engine: batched together each gives what it gives alone (latents
+≤ 1e-5, frames within one level), for text-to-video and video-to-video, with a prompt switch in one of them; every
+input frame gets one output frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wanstream.engine.loop import Engine
+from wanstream.io.video import make_motion_clip
+
+W, H = 80, 48
+LATENT_TOL = 1e-5
+
+
+def _prompt(i: int) -> torch.Tensor:
+    return torch.randn(1, 9, 4096, generator=torch.Generator().manual_seed(200 + i)) * 0.1
+
+
+def _tap(engine: Engine, sink: dict) -> None:
+    """Every finished chunk's latent, by stream and chunk (the engine's decode receives them)."""
+    original = engine.codec.decode
+
+    def tap(finished):
+        for sid, items in finished.items():
+            for _, d in items:
+                sink.setdefault(sid, {})[d.row.chunk] = d.latent.clone()
+        return original(finished)
+    engine.codec.decode = tap
+
+
+# t2v: three clips; B joins two ticks late with 2 steps; C switches prompt at its 3rd block
+T2V = {"A": dict(frames=45, steps=4, seed=1, start=0), "B": dict(frames=33, steps=2, seed=2, start=2),
+       "C": dict(frames=57, steps=4, seed=3, start=0, switch=2)}
+# v2v: three clips of input frames; B joins late, C switches prompt at tick 3
+V2V = {"A": dict(frames=45, steps=2, seed=1, start=0), "B": dict(frames=33, steps=3, seed=2, start=1),
+       "C": dict(frames=44, steps=2, seed=3, start=0, switch=3)}
+
+
+def _run(model, mode: str, plan: dict, shared: bool, clips=None, recache: bool = False):
+    one = Engine(model) if shared else None
+    engines, streams, taps, fed = {}, {}, {}, {}
+    out = {n: [] for n in plan}
+    for tick in range(40):
+        for i, (n, p) in enumerate(plan.items()):
+            if tick == p["start"]:
+                eng = engines[n] = one or Engine(model)
+                if id(eng) not in taps:
+                    _tap(eng, taps.setdefault(id(eng), {}))
+                streams[n] = eng.open(prompt_embeds=_prompt(i), width=W, height=H, steps=p["steps"], seed=p["seed"],
+                                      mode=mode, frames=p["frames"] if mode == "t2v" else None)
+                fed[n] = 0
+            s = streams.get(n)
+            if s is None:
+                continue
+            if tick == p["start"] + p.get("switch", -1):
+                engines[n].set_prompt_embedding(s, _prompt(9))
+            if mode == "v2v" and fed[n] < p["frames"]:
+                k = min(9 if fed[n] == 0 else 12, p["frames"] - fed[n])
+                engines[n].feed(s, clips[i][fed[n]: fed[n] + k])
+                fed[n] += k
+                if fed[n] == p["frames"]:
+                    engines[n].finish(s)
+        for eng in {id(e): e for e in engines.values()}.values():
+            eng.step()
+        for n, s in streams.items():
+            out[n] += [o for o in s.take_outputs()]
+        all_fed = mode == "t2v" or all(fed[n] == p["frames"] for n, p in plan.items() if n in fed)
+        if len(streams) == len(plan) and all_fed and not any(e.has_work() for e in engines.values()):
+            break
+    latents = {n: taps[id(engines[n])].get(streams[n].id, {}) for n in plan}
+    return out, latents, engines, streams
+
+
+def _compare(model, mode, plan, clips=None, recache=False):
+    shared, shared_lat, engines, streams = _run(model, mode, plan, True, clips, recache)
+    alone, alone_lat, alone_engines, _ = _run(model, mode, plan, False, clips, recache)
+    for n, p in plan.items():
+        assert not streams[n].error, streams[n].error
+        assert [o.index for o in shared[n]] == list(range(p["frames"])) == [o.index for o in alone[n]], n
+        assert sorted(shared_lat[n]) == sorted(alone_lat[n])
+        worst = max((shared_lat[n][c] - alone_lat[n][c]).abs().max().item() for c in alone_lat[n])
+        assert worst <= LATENT_TOL, (n, worst)
+        diff = np.abs(np.stack([o.image for o in shared[n]]).astype(int)
+                      - np.stack([o.image for o in alone[n]]).astype(int)).max()
+        assert diff <= 1, (n, diff)
+    engine = engines["A"]
+    alone_calls = sum(e.dit_calls for e in {id(e): e for e in alone_engines.values()}.values())
+    assert engine.dit_calls < 0.75 * alone_calls, (engine.dit_calls, alone_calls)      # they shared calls
+    return shared, streams
+
+
+@pytest.mark.parametrize("name", ["longlive", "self-forcing"])
+def test_t2v_streams_batched_equal_each_alone(backbone_models, name):
+    _compare(backbone_models[name], "t2v", T2V)
+
+
+@pytest.mark.parametrize("name", ["longlive", "self-forcing"])
+def test_v2v_streams_batched_equal_each_alone(backbone_models, name):
+    clips = [make_motion_clip(60, W, H, seed=30 + i) for i in range(3)]
+    _compare(backbone_models[name], "v2v", V2V, clips)
