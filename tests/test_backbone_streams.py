@@ -56,7 +56,7 @@ def _run(model, mode: str, plan: dict, shared: bool, clips=None, recache: bool =
             if s is None:
                 continue
             if tick == p["start"] + p.get("switch", -1):
-                engines[n].set_prompt_embedding(s, _prompt(9))
+                engines[n].set_prompt_embedding(s, _prompt(9), recache=recache)
             if mode == "v2v" and fed[n] < p["frames"]:
                 k = min(9 if fed[n] == 0 else 12, p["frames"] - fed[n])
                 engines[n].feed(s, clips[i][fed[n]: fed[n] + k])
@@ -101,3 +101,18 @@ def test_t2v_streams_batched_equal_each_alone(backbone_models, name):
 def test_v2v_streams_batched_equal_each_alone(backbone_models, name):
     clips = [make_motion_clip(60, W, H, seed=30 + i) for i in range(3)]
     _compare(backbone_models[name], "v2v", V2V, clips)
+
+
+@pytest.mark.parametrize("name", ["longlive", "self-forcing", "streamdiffusionv2"])
+def test_streams_with_a_recache_batched_equal_each_alone(backbone_models, tiny_model, name):
+    """C switches prompt with a KV re-cache: the re-cache runs in its own call after the tick's outputs, is counted,
+    and the streams still equal each alone; t2v and v2v (StreamDiffusionV2: v2v, its cache rows re-encoded at their
+    levels after the stream batch drained)."""
+    model = tiny_model if name == "streamdiffusionv2" else backbone_models[name]
+    if name != "streamdiffusionv2":
+        _, streams = _compare(model, "t2v", T2V, recache=True)
+        assert streams["C"].stats.recaches == 1 and streams["A"].stats.recaches == 0
+        assert streams["C"].stats.recache_frames == 6           # switch at block 2: frames 0..5 (window not full)
+    clips = [make_motion_clip(60, W, H, seed=30 + i) for i in range(3)]
+    _, streams = _compare(model, "v2v", V2V, clips, recache=True)
+    assert streams["C"].stats.recaches == 1 and streams["B"].stats.recaches == 0

@@ -171,3 +171,140 @@ def test_t2v_golden_through_the_engine(golden_models, name, force):
     assert [f.index for f in frames] == list(range(g["video"].shape[1]))
     ours = torch.stack([torch.from_numpy(f.image) for f in frames]).permute(0, 3, 1, 2).float()
     assert (ours - g["video"][0] * 255).abs().max().item() <= 1.0 + 1e-3
+
+
+# ============================================================================================ re-cache
+class OfficialLongLive:
+    """LongLive's cache rules as the spec states them (``spec/backbones.md`` §7–8), over our DiT: a
+    chronological window with physical roll-left eviction, the recompute rule (no counter advance, the sink
+    protected), and the prompt-switch re-cache over ``min(12, cur)`` clean frames (bidirectional, new prompt, t = 0,
+    ``global_sink`` true: writes kept out of the sink once not at frame 0; false: K/V zeroed, the whole window
+    written from slot 0). Writes the official code does not keep go to scratch slots no query sees."""
+
+    def __init__(self, dit, prompt, cap=12, sink=3):
+        self.dit, self.prompt, self.cap, self.sink = dit, prompt, cap * TPF, sink * TPF
+        self.cache = dit.new_cache(1, 2 * cap, TPF)           # [0, cap): the window; [cap, 2 cap): scratch
+        self.global_end = self.local_end = 0
+
+    def call(self, x, t, f0, recache=False, keep_sink=True):
+        from wanstream.models.kv_cache import CacheStep
+        n = x.shape[1]
+        cs, N = f0 * TPF, n * TPF
+        end = cs + N
+        k, v = self.cache.k, self.cache.v
+        if recache and not keep_sink:
+            for store in (k, v):
+                for t_ in store.values():
+                    t_.zero_()
+        local_end = self.local_end + end - self.global_end
+        if end > self.global_end and N + self.local_end > self.cap:           # roll-left
+            evict = N + self.local_end - self.cap
+            roll = self.local_end - evict - self.sink
+            for store in (k, v):
+                for t_ in store.values():
+                    t_[:, self.sink: self.sink + roll] = t_[:, self.sink + evict: self.sink + evict + roll].clone()
+            local_end -= evict
+        local_start = local_end - N
+        write_start = local_start
+        if end <= self.global_end and cs > 0 and not (recache and not keep_sink):
+            write_start = max(local_start, self.sink)                          # the recompute rule
+        target = [local_start + j if local_start + j >= write_start else self.cap + j for j in range(N)]
+        tokens = torch.arange(2 * self.cap)
+        step = CacheStep(torch.tensor([target]), torch.zeros(1, N, dtype=torch.long),
+                         (tokens < local_end)[None, None, None], None, torch.tensor([f0]), [(0, 1, 0)], self.sink,
+                         -1.0, torch.zeros(1, dtype=torch.long), torch.zeros(1, n, dtype=torch.long),
+                         torch.arange(TPF), False)
+        flow = self.dit(x, t.expand(1, n), self.prompt, self.cache, step)
+        self.global_end, self.local_end = max(self.global_end, end), local_end
+        return flow
+
+
+def official_longlive_t2v(model, g_noise, renoise, blocks, switch_at, prompt_b, keep_sink, recache=True):
+    """LongLive interactive inference (blocks of 3, 4 warped steps, context pass, one switch at block
+    ``switch_at`` with re-cache) over :class:`OfficialLongLive`; returns the latents."""
+    dit, sampler = model.dit, model.sampler
+    steps = torch.tensor(LONGLIVE.step_list(4, "t2v"))
+    off = OfficialLongLive(dit, dit.lora.embed_prompt(dit, backbone_context("A")))
+    draws = iter(renoise)
+    out = []
+    for b in range(blocks):
+        f0 = 3 * b
+        if b == switch_at:
+            off.prompt = dit.lora.embed_prompt(dit, prompt_b)
+            n = min(12, f0)
+            if recache:
+                off.call(torch.cat(out, 1)[:, f0 - n: f0], torch.zeros(1), f0 - n, recache=True, keep_sink=keep_sink)
+        x = g_noise[:, f0: f0 + 3]
+        for i, t in enumerate(steps):
+            flow = off.call(x, t.reshape(1), f0)
+            x0 = sampler.to_x0(x, flow, t.expand(1, 3))
+            if i < 3:
+                x = sampler.add_noise(x0, next(draws).reshape(x0.shape), steps[i + 1].reshape(1))
+        off.call(x0, torch.zeros(1), f0)
+        out.append(x0)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("switch_at,keep_sink", [(6, True), (2, True), (6, False)],
+                         ids=["window-full", "before-the-roll", "global-sink-off"])
+def test_longlive_prompt_switch_recache_equals_the_official_rules(golden_models, switch_at, keep_sink):
+    """A LongLive stream switching prompt with a KV re-cache, through the engine (ring cache, the re-cache of the
+    non-sink window after the tick's outputs), equals the official algorithm (roll-left window, 12 query frames,
+    sink protection) to ≤ 1e-4 over 8 blocks (the window rolls from block 4 on)."""
+    model, blocks = golden_models["longlive"], 8
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(1, 3 * blocks, 16, 6, 10, generator=g)
+    renoise = [torch.randn(1, 3, 16, 6, 10, generator=g) for _ in range(3 * blocks)]
+    prompt_b = backbone_context("B")
+    want = official_longlive_t2v(model, noise, renoise, blocks, switch_at, prompt_b, keep_sink)
+    engine = Engine(model)
+    s = engine.open(prompt_embeds=backbone_context("A"), width=W, height=H, steps=4, mode="t2v",
+                    frames=9 + 12 * (blocks - 1))
+    rs = s.group.runner.streams[s.id]
+    rs.noise = ReplayNoise([noise[:, f: f + 3] for f in range(0, 3 * blocks, 3)])
+    rs.renoise_source = ReplayNoise(renoise)
+    rec = Recorder(s.group.runner)
+    for _ in range(switch_at):
+        engine.step()
+    engine.set_prompt_embedding(s, prompt_b, recache=True, keep_sink=keep_sink)
+    engine.run_until_idle()
+    got = torch.cat([d.latent for d in sorted(rec.finished, key=lambda d: d.row.chunk)], dim=1)
+    assert s.stats.recaches == 1
+    assert s.stats.recache_frames == (9 if switch_at * 3 > 12 and keep_sink else min(12, 3 * switch_at))
+    assert len(rec.calls) == 5 * blocks + 1
+    assert (got - want).abs().max().item() <= TOL
+    # the re-cache matters: a plain switch (new prompt, old K/V) gives other frames
+    plain = official_longlive_t2v(model, noise, renoise, blocks, switch_at, prompt_b, keep_sink, recache=False)
+    assert (got[:, 3 * switch_at:] - plain[:, 3 * switch_at:]).abs().max() > 1e-3
+
+
+def test_recache_plan_per_backbone():
+    """What a re-cache re-encodes, as host rows: StreamDiffusionV2 drains its stream batch, then one row per cache
+    row at that level's timestep over the ring frames; LongLive one clean row over the non-sink window (the whole
+    window written so far before it is full); Self-Forcing its whole 21-frame window."""
+    from wanstream.core.schedule import StreamSchedule
+    s = StreamSchedule("a", 3, backbone=SDV2)
+    s.prepare("p", 2)
+    for c in range(6):
+        s.push(c, 1)
+    drain, stage = s.recache()
+    assert len(drain) == 2 and s.in_flight == 0
+    assert [(r.cache_row, r.t, r.frame, r.rope) for r in stage.rows] == [(0, 700, 5, 5), (1, 500, 5, 5), (2, 400, 5, 5)]
+    assert stage.frames == 3 and all(r.recache and r.context and r.enters and not r.resink for r in stage.rows)
+    ll = StreamSchedule("b", 4, mode="t2v", backbone=LONGLIVE)
+    for c in range(2):
+        ll.push(c, 3)
+    _, stage = ll.recache()
+    assert (stage.frames, stage.rows[0].frame, stage.rows[0].t) == (6, 0, 0.0)
+    for c in range(2, 6):
+        ll.push(c, 3)
+    _, stage = ll.recache()
+    assert (stage.frames, stage.rows[0].frame, stage.rows[0].rope) == (9, 9, 9)
+    _, stage = ll.recache(keep_sink=False)
+    assert (stage.frames, stage.rows[0].frame, stage.rows[0].resink) == (12, 6, True)
+    sf = StreamSchedule("c", 4, mode="t2v", backbone=SELF_FORCING)
+    for c in range(9):
+        sf.push(c, 3)
+    _, stage = sf.recache()
+    assert (stage.frames, stage.rows[0].frame) == (21, 6)
+    assert StreamSchedule("d", 2, backbone=LONGLIVE).recache() == ([], None)

@@ -32,7 +32,7 @@ from wanstream.core.plan import Entry, Plan, StreamPlan
 from wanstream.core.schedule import Stage, StreamSchedule, compose
 from wanstream.core.scheduler import Decision, Scheduler, StreamView
 
-SCHEDULE_UPDATES = ("reset", "steps")        # live changes with a schedule side; the others pass through
+SCHEDULE_UPDATES = ("reset", "steps", "recache")   # live changes with a schedule side; the others pass through
 
 
 @dataclass
@@ -47,6 +47,8 @@ class StreamStats:
     deferred: int = 0              # ticks the stream was held back to keep others within their deadline
     sequential_switches: int = 0
     batch_switches: int = 0
+    recaches: int = 0              # prompt switches with KV re-cache
+    recache_frames: int = 0        # latent frames re-encoded by them (each cache row)
     last_reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -67,6 +69,7 @@ class PlannedStream:
     deferred_run: int = 0            # consecutive ticks held back
     since_switch: int = 10 ** 9      # ticks since the last mode switch
     finishing: bool = False          # end of input: pad the last chunk, then drain
+    recache: Stage | None = None     # a KV re-cache asked for this tick: runs after the tick's outputs
 
     @property
     def rows(self) -> int:
@@ -137,12 +140,14 @@ class Planner:
             sp = plan.streams[rec.id] = StreamPlan(rec.id)
             stages[rec.id] = self._updates(rec, updates.get(rec.id, ()), sp)
         running = sum(len(st.rows) for v in stages.values() for st in v)
-        decision = self._decide(order, now, running)
+        decision = self._decide([rec for rec in order if rec.recache is None], now, running)
         plan.predicted_s = decision.predicted_tick_s
         for rec in order:
             self._apply(rec, decision, plan.streams[rec.id], stages[rec.id])
         for rec in order:
             sp = plan.streams[rec.id]
+            if rec.recache is not None:
+                continue                                # re-caching: its next chunk waits for the next tick
             if rec.id in decision.join:
                 chunk = rec.buffer.take()
             elif rec.finishing and not rec.buffer.ready():
@@ -157,6 +162,9 @@ class Planner:
                 sp.drains = plan.collect = True         # end of input: every call in flight comes back
                 stages[rec.id] += rec.schedule.drain()
         plan.calls = compose([stages[rec.id] for rec in order if stages[rec.id]])
+        plan.late_calls = compose([[rec.recache] for rec in order if rec.recache is not None])
+        for rec in order:
+            rec.recache = None
         return plan
 
     def _updates(self, rec: PlannedStream, updates: Sequence[tuple[str, object]], sp: StreamPlan) -> list[Stage]:
@@ -171,6 +179,12 @@ class Planner:
             elif kind == "steps":
                 rec.settings.steps = int(value)
                 stages += rec.schedule.reconfigure(int(value))
+            elif kind == "recache":
+                drain, rec.recache = rec.schedule.recache(keep_sink=bool(value))
+                stages += drain
+                if rec.recache is not None:
+                    rec.stats.recaches += 1
+                    rec.stats.recache_frames += rec.recache.frames * len(rec.recache.rows)
             sp.updates.append((kind, value))
         return stages
 

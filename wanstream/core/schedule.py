@@ -52,6 +52,8 @@ class Row:
     t_next: float = -1  # timestep the row is re-noised to (-1: final, or a context row)
     hold: bool = False      # a final row whose clean x0 also stays as the input of the chunk's context row
     context: bool = False   # a context pass: the chunk's clean x0 in, only the K/V it writes count (output dropped)
+    recache: bool = False   # a KV re-cache: the stream's recent clean frames in (noised to ``t`` when t > 0)
+    resink: bool = False    # (a re-cache) its first frames become the sink: written to the sink slots
 
     @property
     def renoised(self) -> bool:
@@ -140,13 +142,13 @@ class StreamSchedule:
     """The stream-batch schedule of one stream (see the module docstring). Host integers only."""
 
     def __init__(self, stream: Hashable, steps: int = 2, *, mode: str = "v2v", batch: bool = True,
-                 cache: CacheConfig = CacheConfig(), lag: int = 1, backbone: Backbone | str | None = None):
+                 cache: CacheConfig | None = None, lag: int = 1, backbone: Backbone | str | None = None):
         if lag < 1:
             raise ValueError(f"lag must be >= 1, got {lag}")
         self.stream = stream
         self.mode = mode
         self.backbone = get_backbone(backbone)
-        self.cache = cache
+        self.cache = cache or self.backbone.cache(mode)
         self.lag = lag
         self.next_frame = 0
         self.next_rope = 0
@@ -242,6 +244,35 @@ class StreamSchedule:
         if self.rows != old_rows:
             stages.append(Stage(self.stream, [], frames, resize=self.rows))
         return stages
+
+    def recache(self, keep_sink: bool = True) -> tuple[list[Stage], Stage | None]:
+        """A prompt switch with KV re-cache (LongLive's mechanism, here for every backbone): the stages that drain
+        the chunks in flight (so every cached frame has its clean latent), then ONE stage that re-encodes the
+        stream's recent clean frames under the new prompt into every cache row — row r at its level's timestep
+        (noised to it; Self-Forcing / LongLive: one row at the context timestep, clean) — its output dropped.
+
+        Which frames, as LongLive: while the cache is not full, every frame written so far (the sink too); once full,
+        with ``keep_sink`` (LongLive's ``global_sink: true``, shipped) the frames of the non-sink window (the sink
+        keeps its K/V), without it the whole window, its oldest frames written into the sink slots (``global_sink:
+        false``: they become the sink). The others keep their cache slots; their RoPE positions are the ones just
+        before the stream's next (their own, unless a RoPE wrap lies inside the window: then contiguous positions
+        ending at the current one). ``None``: nothing cached yet."""
+        stages = self.drain()
+        written, cfg = self.next_frame, self.cache
+        if written == 0:
+            return stages, None
+        full = written > cfg.capacity
+        m = cfg.capacity - cfg.sink if full and keep_sink else min(written, cfg.capacity)
+        first, rope = written - m, max(0, self.next_rope - m)
+        if self.backbone.context_pass:
+            levels = [(0, self.backbone.context_t)]
+        elif self.batch:
+            levels = [(r, self.steps_list[r]) for r in range(self.rows)]
+        else:                                          # one row, written last by a chunk's last level
+            levels = [(0, self.steps_list[-1])]
+        rows = [Row(self.stream, ("recache", level), level, level, first, rope, False, True, t, -1, context=True,
+                    recache=True, resink=full and not keep_sink) for level, t in levels]
+        return stages, Stage(self.stream, rows, m)
 
     # ------------------------------------------------------------------------------------------ internal
     def _sequential(self, chunk: Hashable, frames: int) -> list[Stage]:

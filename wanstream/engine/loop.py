@@ -35,6 +35,7 @@ from wanstream.core.config import CacheConfig, StreamSettings, check_seed
 from wanstream.core.geometry import check_fit, check_resolution
 from wanstream.core.plan import Plan
 from wanstream.core.planner import Planner
+from wanstream.core.schedule import Call
 from wanstream.core.scheduler import RoundRobin, Scheduler, SLOConfig
 from wanstream.engine.codec import StreamCodec
 from wanstream.engine.runner import ChunkInput, Done, Runner, RunnerProtocol, RunnerStream
@@ -59,6 +60,7 @@ class Group:
     planner: Planner
     tokens_per_frame: int
     streams: list[EngineStream] = field(default_factory=list)
+    late: list = field(default_factory=list)     # calls after the tick's outputs (KV re-caches)
 
 
 class Engine:
@@ -249,10 +251,19 @@ class Engine:
         if lora is not None:
             stream.queue_update("lora", self.lora_strengths(lora))
 
-    def set_prompt_embedding(self, stream: EngineStream, embedding: torch.Tensor, transition_chunks: int = 0) -> None:
+    def set_prompt_embedding(self, stream: EngineStream, embedding: torch.Tensor, transition_chunks: int = 0,
+                             recache: bool = False, keep_sink: bool = True) -> None:
         """New prompt from the stream's next DiT call; with ``transition_chunks`` = K > 0 the embedding moves
-        linearly from the current one over the next K chunks."""
+        linearly from the current one over the next K chunks. ``recache``: LongLive's prompt switch — the stream's
+        recent frames are re-encoded under the new prompt into its KV cache (chunks in flight finish first, the
+        re-cache runs after the tick's outputs, the stream's next chunk waits one tick; ``StreamStats.recaches``).
+        ``keep_sink``: once the cache is full the sink keeps its K/V (LongLive's ``global_sink: true``); else the
+        window's oldest frames become the new sink."""
+        if recache and transition_chunks:
+            raise ValueError("a prompt switch re-caches or transitions over chunks, not both")
         stream.queue_update("prompt", (self.pad_prompt(embedding), int(transition_chunks)))
+        if recache:
+            stream.queue_update("recache", bool(keep_sink))
 
     def reset(self, stream: EngineStream, discard_queued: bool = True) -> None:
         """Start over on the next frame: queued frames are discarded, in-flight chunks dropped, fresh state.
@@ -321,12 +332,35 @@ class Engine:
             closed = bool(self._closed)
         return closed or any(s.has_work() for s in streams)
 
-    def step(self) -> None:
-        """One tick over every group (see the module docstring); output frames go to each stream's ``outbox``."""
+    def step(self, late: bool = True) -> None:
+        """One tick over every group (see the module docstring); output frames go to each stream's ``outbox``.
+        ``late=False``: the tick's late calls (KV re-caches) wait for :meth:`run_late` (the server delivers the
+        tick's frames first); the next tick runs them first in any case."""
         with self._tick, torch.inference_mode():
             self._release_closed()
             for g in list(self.groups.values()):
                 self._tick_group(g)
+        if late:
+            self.run_late()
+
+    def run_late(self) -> None:
+        """The KV re-caches the last tick asked for (prompt switches), after its outputs."""
+        with self._tick, torch.inference_mode():
+            for g in list(self.groups.values()):
+                self._run_late(g)
+
+    def _run_late(self, g: Group) -> None:
+        calls, g.late = g.late, []
+        for call in calls:
+            call = Call(call.frames, [r for r in call.rows if r.stream in g.runner.streams])   # closed meanwhile
+            if not call.rows:
+                continue
+            try:
+                g.runner.run(call)
+            except Exception as exc:  # noqa: BLE001 - a failed re-cache ends its streams, the engine goes on
+                log.exception("KV re-cache failed")
+                for sid in {r.stream for r in call.rows}:
+                    self._stream_error(self.streams.get(sid), "recache", exc)
 
     def run_until_idle(self, max_ticks: int = 10 ** 6) -> None:
         for _ in range(max_ticks):
@@ -335,6 +369,7 @@ class Engine:
             self.step()
 
     def _tick_group(self, g: Group) -> None:
+        self._run_late(g)                            # a re-cache asked for last tick comes before anything else
         streams = [s for s in g.streams if not s.closed]
         if not streams:
             return
@@ -358,6 +393,7 @@ class Engine:
             self._finished(g.runner.pending(), finished)
         with self.timer.section("decode"):
             self._outputs(self.codec.decode(finished))
+        g.late += plan.late_calls
         self.dit_calls += plan.dit_calls
         self.rows_run += plan.rows
         self.ticks += 1

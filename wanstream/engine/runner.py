@@ -65,6 +65,7 @@ class RunnerStream:
     lora: tuple[float, ...] | None = None          # LoRA strength vector (models/lora.py); None: the defaults
     prompt: object = None                          # the last prompt given (embedding or PromptKV)
     seed: int | None = None                        # the seed of its sources (None: injected sources)
+    history: dict = field(default_factory=dict)    # frame → its clean latent [1, C, h, w] (the last cache window)
 
     @classmethod
     def seeded(cls, stream: Hashable, seed: int, device, lora: tuple[float, ...] | None = None) -> "RunnerStream":
@@ -85,9 +86,27 @@ class RunnerStream:
         return self.renoise_source or self.noise
 
     def noised(self, inp: ChunkInput) -> torch.Tensor:
-        """``eps * s + z * (1 - s)`` with a fresh draw."""
+        """``eps * s + z * (1 - s)`` with a fresh draw (none for ``s == 0``: the clean latents as they are)."""
+        if isinstance(inp.s, float) and inp.s == 0.0:
+            return inp.z
         eps = self.noise(inp.z.shape).to(inp.z.dtype)
         return eps * inp.s + inp.z * (1 - inp.s)
+
+    def remember(self, frame: int, x0: torch.Tensor, window: int) -> None:
+        """Keep the clean latents of frames ``frame ..`` (``x0 [1, T, C, h, w]``) and forget frames older than the
+        last ``window`` (what a KV re-cache re-encodes)."""
+        for i in range(x0.shape[1]):
+            self.history[frame + i] = x0[:, i]
+        newest = frame + x0.shape[1]
+        for f in [f for f in self.history if f < newest - window]:
+            del self.history[f]
+
+    def recalled(self, frame: int, frames: int) -> torch.Tensor:
+        """Clean latents ``[1, frames, C, h, w]`` of frames ``frame ..`` (kept by :meth:`remember`)."""
+        missing = [f for f in range(frame, frame + frames) if f not in self.history]
+        if missing:
+            raise RuntimeError(f"stream {self.id!r}: no clean latent of frames {missing} to re-cache")
+        return torch.stack([self.history[f] for f in range(frame, frame + frames)], dim=1)
 
 
 def gather_rows(rows: Sequence[Row], streams: dict, wait_latent: Callable[[], None] | None = None
@@ -251,6 +270,7 @@ class Runner:
         st = self.streams[stream_id]
         st.inputs.clear()
         st.latents.clear()
+        st.history.clear()
         if st.seed is not None:
             st.reseed(st.seed, self.device)
         lease = self.pool.leases[stream_id]
@@ -316,13 +336,19 @@ class Runner:
 
     def _dit_call(self, call: Call) -> list[Done]:
         rows = call.rows
+        for r in rows:
+            if r.recache:                           # a KV re-cache: the stream's clean frames, noised to the level
+                sigma = 0.0 if r.t == 0 else float(self.sampler.sigma(torch.tensor([float(r.t)]))[0])
+                st = self.streams[r.stream]
+                st.inputs[r.chunk] = ChunkInput(st.recalled(r.frame, call.frames), sigma)
         xs, own_t0 = gather_rows(rows, self.streams)
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         leases = self.pool.leases
         lay = self._layout(call.frames, tuple(leases[r.stream].row + r.cache_row for r in rows),
                            tuple(leases[r.stream].slot for r in rows), tuple(r.stream for r in rows))
         step = lay.buffers.fill([r.frame for r in rows], [r.rope for r in rows],
-                                ([r.t for r in rows], [r.t_next for r in rows]))
+                                ([r.t for r in rows], [r.t_next for r in rows]),
+                                [r.resink for r in rows] if any(r.resink for r in rows) else None)
         ts, t_next = lay.buffers.values
         own_timesteps(ts, rows, own_t0)
         lay.steady = lay.steady + 1 if step.attn_mask is None else 0
@@ -334,6 +360,8 @@ class Runner:
             kept, finished = settle(self.sampler, x, flow, ts, rows, lambda sid: self.streams[sid].renoise, t_next)
         for r, latent in kept:
             self.streams[r.stream].latents[r.chunk] = latent
+        for r, x0 in finished:
+            self.streams[r.stream].remember(r.frame, x0, self.policy.capacity)
         self.calls += 1
         self.rows_run += len(rows)
         return [Done(r, x0) for r, x0 in finished]

@@ -401,15 +401,18 @@ class StepBuffers:
         self.refresh = torch.zeros(b, dtype=torch.bool, device=device)
 
     def fill(self, frames: Sequence[int], rope_starts: Sequence[int],
-             values: Sequence[Sequence[int]] = ()) -> CacheStep:
-        """The step of a call whose batch row r has written ``frames[r]`` frames so far and starts at RoPE position
-        ``rope_starts[r]``; ``values[j][r]`` go to ``self.values[j, r]``."""
+             values: Sequence[Sequence[float]] = (), resink: Sequence[bool] | None = None) -> CacheStep:
+        """The step of a call whose batch row r writes frames ``frames[r] ..`` and starts at RoPE position
+        ``rope_starts[r]``; ``values[j][r]`` go to ``self.values[j, r]``. ``resink[r]``: the row's first frames go
+        to the sink slots (a KV re-cache that makes them the new sink)."""
         b, nf, pol = self.b, self.frames, self.policy
         if len(frames) != b or len(rope_starts) != b:
             raise ValueError("frames and rope_starts must have one entry per batch row")
         if len(values) != self.row_values or any(len(v) != b for v in values):
             raise ValueError(f"expected {self.row_values} value lists of {b} entries")
-        slots = [pol.slot(f + i) for f in frames for i in range(nf)]
+        resink = resink or [False] * b
+        slots = [i if again and i < pol.sink else pol.slot(f + i) for f, again in zip(frames, resink)
+                 for i in range(nf)]
         valid = [pol.valid_after(f, nf) for f in frames]
         eligible = [pol.refresh_eligible(f, nf) for f in frames]
         host = self._host_np[self._turn]
