@@ -116,3 +116,24 @@ def test_streams_with_a_recache_batched_equal_each_alone(backbone_models, tiny_m
     clips = [make_motion_clip(60, W, H, seed=30 + i) for i in range(3)]
     _, streams = _compare(model, "v2v", V2V, clips, recache=True)
     assert streams["C"].stats.recaches == 1 and streams["B"].stats.recaches == 0
+
+
+def test_streamdiffusionv2_ten_times_its_window_with_recaches(tiny_model):
+    """StreamDiffusionV2 v2v over 10× its 6-frame window: RoPE wraps (50 → 5) as released, two re-caches; every
+    input frame gets one output frame."""
+    engine = Engine(tiny_model)
+    frames = 5 + 4 * 59
+    clip = make_motion_clip(frames, W, H, seed=5)
+    s = engine.open(prompt_embeds=_prompt(0), width=W, height=H, steps=2)
+    out = []
+    for i in range(0, frames, 4):
+        engine.feed(s, clip[i: i + 4])
+        if i in (100, 200):
+            engine.set_prompt_embedding(s, _prompt(i), recache=True)
+        engine.step()
+        out += s.take_outputs()
+    engine.finish(s)
+    engine.run_until_idle()
+    out += s.take_outputs()
+    assert not s.error and [o.index for o in out] == list(range(frames))
+    assert s.stats.recaches == 2 and s.record.schedule.next_rope < 50

@@ -4,6 +4,7 @@ and attended keys, final latents and decoded video, teacher-forced and free-runn
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from kit import BACKBONE_GOLDENS, backbone_context, backbone_model_root, load_backbone_kit
@@ -32,7 +33,7 @@ def golden_models(tmp_path_factory):
 
 # ============================================================================================ data
 def test_backbones_are_data():
-    assert set(BACKBONES) == {"streamdiffusionv2", "self-forcing", "longlive"}
+    assert set(BACKBONES) == {"streamdiffusionv2", "self-forcing", "longlive", "longlive-infinite"}
     assert backbone(None) is SDV2 and backbone("longlive") is LONGLIVE
     with pytest.raises(ValueError, match="unknown backbone 'wan'"):
         backbone("wan")
@@ -181,8 +182,8 @@ class OfficialLongLive:
     ``global_sink`` true: writes kept out of the sink once not at frame 0; false: K/V zeroed, the whole window
     written from slot 0). Writes the official code does not keep go to scratch slots no query sees."""
 
-    def __init__(self, dit, prompt, cap=12, sink=3):
-        self.dit, self.prompt, self.cap, self.sink = dit, prompt, cap * TPF, sink * TPF
+    def __init__(self, dit, prompt, cap=12, sink=3, infinite=False):
+        self.dit, self.prompt, self.cap, self.sink, self.infinite = dit, prompt, cap * TPF, sink * TPF, infinite
         self.cache = dit.new_cache(1, 2 * cap, TPF)           # [0, cap): the window; [cap, 2 cap): scratch
         self.global_end = self.local_end = 0
 
@@ -210,21 +211,26 @@ class OfficialLongLive:
             write_start = max(local_start, self.sink)                          # the recompute rule
         target = [local_start + j if local_start + j >= write_start else self.cap + j for j in range(N)]
         tokens = torch.arange(2 * self.cap)
+        # infinite mode (causal_model_infinity.py): keys stored without RoPE, the window rotated by slot index,
+        # the new frames at their slots' positions
+        start = local_start // TPF if self.infinite else f0
+        keys = torch.arange(2 * self.cap // TPF)[None] if self.infinite else None
         step = CacheStep(torch.tensor([target]), torch.zeros(1, N, dtype=torch.long),
-                         (tokens < local_end)[None, None, None], None, torch.tensor([f0]), [(0, 1, 0)], self.sink,
+                         (tokens < local_end)[None, None, None], None, torch.tensor([start]), [(0, 1, 0)], self.sink,
                          -1.0, torch.zeros(1, dtype=torch.long), torch.zeros(1, n, dtype=torch.long),
-                         torch.arange(TPF), False)
+                         torch.arange(TPF), False, key_positions=keys)
         flow = self.dit(x, t.expand(1, n), self.prompt, self.cache, step)
         self.global_end, self.local_end = max(self.global_end, end), local_end
         return flow
 
 
-def official_longlive_t2v(model, g_noise, renoise, blocks, switch_at, prompt_b, keep_sink, recache=True):
+def official_longlive_t2v(model, g_noise, renoise, blocks, switch_at, prompt_b, keep_sink, recache=True,
+                          infinite=False):
     """LongLive interactive inference (blocks of 3, 4 warped steps, context pass, one switch at block
     ``switch_at`` with re-cache) over :class:`OfficialLongLive`; returns the latents."""
     dit, sampler = model.dit, model.sampler
     steps = torch.tensor(LONGLIVE.step_list(4, "t2v"))
-    off = OfficialLongLive(dit, dit.lora.embed_prompt(dit, backbone_context("A")))
+    off = OfficialLongLive(dit, dit.lora.embed_prompt(dit, backbone_context("A")), infinite=infinite)
     draws = iter(renoise)
     out = []
     for b in range(blocks):
@@ -308,3 +314,88 @@ def test_recache_plan_per_backbone():
     _, stage = sf.recache()
     assert (stage.frames, stage.rows[0].frame) == (21, 6)
     assert StreamSchedule("d", 2, backbone=LONGLIVE).recache() == ([], None)
+
+
+# ============================================================================================ long runs
+def _seeded_t2v(model, frames, cache=None, seed=3):
+    engine = Engine(model)
+    s = engine.open(prompt_embeds=backbone_context("A"), width=W, height=H, steps=4, mode="t2v", frames=frames,
+                    seed=seed, cache=cache)
+    rec = Recorder(s.group.runner)
+    engine.run_until_idle()
+    assert not s.error, s.error
+    out = s.take_outputs()
+    assert [o.index for o in out] == list(range(frames))
+    return torch.cat([d.latent for d in sorted(rec.finished, key=lambda d: d.row.chunk)], dim=1), rec
+
+
+def test_rope_rebase_keeps_every_relative_position(golden_models):
+    """Past the RoPE table a LongLive / Self-Forcing stream turns its cached keys back instead of failing or
+    jumping: with the table cut to 30 positions (a rebase every few blocks) the stream equals the uncut one."""
+    from dataclasses import replace
+    model = golden_models["longlive"]
+    frames = 9 + 12 * 15                                       # 16 blocks, 48 latent frames
+    want, _ = _seeded_t2v(model, frames)
+    short = replace(LONGLIVE.t2v_cache, rope_wrap_at=30, rope_wrap_to=12)
+    got, rec = _seeded_t2v(model, frames, cache=short)
+    assert (got - want).abs().max().item() <= TOL
+    wrapped, _ = _seeded_t2v(model, frames, cache=replace(short, rope_rebase=False))     # a plain wrap jumps
+    assert (wrapped - want).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["longlive-infinite", pytest.param("longlive", marks=pytest.mark.slow),
+                                  pytest.param("self-forcing", marks=pytest.mark.slow)])
+def test_a_run_ten_times_longer_than_the_window(backbone_models, name):
+    """No stream fails after N minutes: 10× the cache window of latent frames (LongLive 120, Self-Forcing 210),
+    the RoPE table cut short so positions pass its end several times (rebase / window slots), a re-cache
+    midway; every frame comes out, finite."""
+    from dataclasses import replace
+    model = backbone_models[name.removesuffix("-infinite")]
+    bb = BACKBONES[name]
+    cache = replace(bb.t2v_cache, rope_wrap_at=40)
+    latents = 10 * cache.capacity
+    frames = 1 + 4 * (latents - 1)
+    engine = Engine(model)
+    s = engine.open(prompt_embeds=backbone_context("A"), width=W, height=H, steps=2, mode="t2v", frames=frames,
+                    cache=cache)
+    for _ in range(latents // 6):
+        engine.step()
+    engine.set_prompt_embedding(s, backbone_context("B"), recache=True)
+    engine.run_until_idle()
+    out = s.take_outputs()
+    assert not s.error and [o.index for o in out] == list(range(frames))
+    assert s.stats.recaches == 1 and s.stats.chunks == latents // 3
+    assert all(np.isfinite(o.image).all() for o in out)
+
+
+@pytest.mark.parametrize("switch_at", [None, 6])
+def test_longlive_infinite_mode_equals_the_official_rules(golden_models, switch_at):
+    """LongLive's infinite mode (keys without RoPE, the window rotated by slot order) over our ring equals the
+    official chronological window: 8 blocks (the window rolls from block 4), with and without a re-cache; and it
+    equals the standard mode until the first roll."""
+    from wanstream.core.backbones import LONGLIVE_INFINITE
+    model, blocks = golden_models["longlive"], 8
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(1, 3 * blocks, 16, 6, 10, generator=g)
+    renoise = [torch.randn(1, 3, 16, 6, 10, generator=g) for _ in range(3 * blocks)]
+    at = switch_at if switch_at is not None else blocks + 1
+    want = official_longlive_t2v(model, noise, renoise, blocks, at, backbone_context("B"), True,
+                                 recache=switch_at is not None, infinite=True)
+    standard = official_longlive_t2v(model, noise, renoise, blocks, at, backbone_context("B"), True,
+                                     recache=switch_at is not None)
+    engine = Engine(model)
+    s = engine.open(prompt_embeds=backbone_context("A"), width=W, height=H, steps=4, mode="t2v",
+                    frames=9 + 12 * (blocks - 1), cache=LONGLIVE_INFINITE.t2v_cache)
+    rs = s.group.runner.streams[s.id]
+    rs.noise = ReplayNoise([noise[:, f: f + 3] for f in range(0, 3 * blocks, 3)])
+    rs.renoise_source = ReplayNoise(renoise)
+    rec = Recorder(s.group.runner)
+    if switch_at is not None:
+        for _ in range(switch_at):
+            engine.step()
+        engine.set_prompt_embedding(s, backbone_context("B"), recache=True)
+    engine.run_until_idle()
+    got = torch.cat([d.latent for d in sorted(rec.finished, key=lambda d: d.row.chunk)], dim=1)
+    assert (got - want).abs().max().item() <= TOL
+    assert (got[:, :12] - standard[:, :12]).abs().max().item() <= TOL           # the same until the roll
+    assert (got[:, 12:] - standard[:, 12:]).abs().max().item() > 1e-3           # then the positions differ

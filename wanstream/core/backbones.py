@@ -9,8 +9,10 @@ them from a :class:`Backbone` instead of asking which model it runs:
   steps in turn followed by a clean **context pass** (Self-Forcing, LongLive: one more call at t = 0 whose only
   effect is the block's clean K/V);
 * the sampler (``models.sampling``): the shift of the sigma grid;
-* the KV storage (``models.kv_cache``): window, sink, adaptive sink refresh, RoPE positions (absolute, wrapped, or
-  LongLive's window slots) — a :class:`~wanstream.core.config.CacheConfig` per mode;
+* the KV storage (``models.kv_cache``): window, sink, adaptive sink refresh, RoPE positions (absolute: wrapped as
+  released by StreamDiffusionV2, or *rebased* past the 1024-entry table by turning the cached keys back —
+  Self-Forcing, LongLive; or LongLive's infinite mode, window slots) — a
+  :class:`~wanstream.core.config.CacheConfig` per mode;
 * the chunk rule (``core.chunking``): input frames per chunk;
 * loading (``models.loader`` / ``models.checkpoints``): where the generator and its LoRA live under a model root,
   which top-level key holds them, the hub repository (``wanstream download``).
@@ -23,7 +25,7 @@ is the same set of keys (the order only changes float rounding, far below the go
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from wanstream.core.chunking import BLOCK3_RULE, SDV2_RULE, ChunkRule
 from wanstream.core.config import T2V_CACHE, T2V_STEPS, V2V_CACHE, V2V_STEPS, CacheConfig
@@ -89,7 +91,7 @@ class Backbone:
     licence: str = ""
     speed: str = ""
     good_for: str = ""
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    variant_of: str | None = None         # the same weights as another backbone, another policy (named explicitly)
 
     # ------------------------------------------------------------------------------------------ schedule
     def step_list(self, steps: int, mode: str = "v2v") -> list[float]:
@@ -131,7 +133,8 @@ SDV2 = Backbone(
 
 # Self-Forcing: 21-frame global cache, no sink (configs/self_forcing_dmd.yaml: no local_attn_size / sink_size).
 # Past 21 frames the released code fails; here the window rolls (ring, no sink) — a documented choice.
-SF_CACHE = CacheConfig(capacity=21, sink=0, sink_threshold=-1.0, rope_wrap_at=ROPE_TABLE, rope_wrap_to=21)
+SF_CACHE = CacheConfig(capacity=21, sink=0, sink_threshold=-1.0, rope_wrap_at=ROPE_TABLE, rope_wrap_to=21,
+                       rope_rebase=True)
 SELF_FORCING = Backbone(
     name="self-forcing", title="Self-Forcing", shift=5.0, t2v_steps=T2V_STEPS, warp=True, v2v_steps=V2V_STEPS,
     t2v_block=3, v2v_rule=BLOCK3_RULE, stream_batch=False, context_pass=True, t2v_cache=SF_CACHE, v2v_cache=SF_CACHE,
@@ -144,7 +147,9 @@ SELF_FORCING = Backbone(
 
 # LongLive v1.0: 12-frame window with a 3-frame sink, roll-left eviction, absolute RoPE (window slots in the
 # infinite mode: CacheConfig.rope_window), peft LoRA rank 256 unmerged.
-LL_CACHE = CacheConfig(capacity=12, sink=3, sink_threshold=-1.0, rope_wrap_at=ROPE_TABLE, rope_wrap_to=12)
+LL_CACHE = CacheConfig(capacity=12, sink=3, sink_threshold=-1.0, rope_wrap_at=ROPE_TABLE, rope_wrap_to=12,
+                       rope_rebase=True)
+LL_INFINITE_CACHE = replace(LL_CACHE, rope_rebase=False, rope_window=True)
 LONGLIVE = Backbone(
     name="longlive", title="LongLive", shift=5.0, t2v_steps=T2V_STEPS, warp=True, v2v_steps=V2V_STEPS,
     t2v_block=3, v2v_rule=BLOCK3_RULE, stream_batch=False, context_pass=True, t2v_cache=LL_CACHE, v2v_cache=LL_CACHE,
@@ -159,7 +164,13 @@ LONGLIVE = Backbone(
     good_for="long text-to-video (minutes) and interactive prompt switches: KV re-cache of the recent frames "
              "under the new prompt; infinite mode with window-slot RoPE positions")
 
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (SDV2, SELF_FORCING, LONGLIVE)}
+LONGLIVE_INFINITE = replace(
+    LONGLIVE, name="longlive-infinite", title="LongLive (infinite)", t2v_cache=LL_INFINITE_CACHE,
+    v2v_cache=LL_INFINITE_CACHE, variant_of="longlive",
+    good_for="LongLive for unbounded runs: keys stored without RoPE, the window rotated by slot order every call "
+             "(positions never pass 11); equal to LongLive until the window first rolls")
+
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (SDV2, SELF_FORCING, LONGLIVE, LONGLIVE_INFINITE)}
 DEFAULT = SDV2.name
 
 

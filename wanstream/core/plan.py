@@ -89,6 +89,7 @@ def _without(calls: list[Call], stream: Hashable) -> list[Call]:
         rows = [r for r in c.rows if r.stream != stream]
         resize = [(s, n) for s, n in c.resize if s != stream]
         copy = [s for s in c.copy_row0 if s != stream]
-        if rows or resize or copy:
-            out.append(Call(c.frames, rows, resize, copy))
+        rebase = [(s, n) for s, n in c.rebase if s != stream]
+        if rows or resize or copy or rebase:
+            out.append(Call(c.frames, rows, resize, copy, rebase))
     return out

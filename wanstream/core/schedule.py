@@ -70,6 +70,7 @@ class Stage:
     frames: int = 1                 # latent frames per row
     resize: int | None = None       # before the call: the stream's cache becomes this many rows (step change)
     copy_row0: bool = False         # after the call: cache row 0 is copied to every other row (end of prepare)
+    rebase: int = 0                 # before the call: the stream's cached keys are turned back this many positions
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Call:
     rows: list[Row] = field(default_factory=list)
     resize: list[tuple[Hashable, int]] = field(default_factory=list)
     copy_row0: list[Hashable] = field(default_factory=list)
+    rebase: list[tuple[Hashable, int]] = field(default_factory=list)
 
     @property
     def streams(self) -> list[Hashable]:
@@ -111,21 +113,25 @@ def compose(stage_lists: Iterable[Sequence[Stage]]) -> list[Call]:
                 continue
             call = round_calls.setdefault(st.frames, Call(st.frames))
             call.rows += st.rows
-            if st.resize is not None:
-                call.resize.append((st.stream, st.resize))
-            if st.copy_row0:
-                call.copy_row0.append(st.stream)
+            _carry(call, st)
         if bare:
             host = next(iter(round_calls.values()), None)
             if host is None:
                 host = round_calls.setdefault(0, Call(0))
             for st in bare:
-                if st.resize is not None:
-                    host.resize.append((st.stream, st.resize))
-                if st.copy_row0:
-                    host.copy_row0.append(st.stream)
+                _carry(host, st)
         calls += list(round_calls.values())
     return calls
+
+
+def _carry(call: Call, st: Stage) -> None:
+    """A stage's cache re-layouts ride on the call of its round."""
+    if st.resize is not None:
+        call.resize.append((st.stream, st.resize))
+    if st.copy_row0:
+        call.copy_row0.append(st.stream)
+    if st.rebase:
+        call.rebase.append((st.stream, st.rebase))
 
 
 # ============================================================================================ one stream
@@ -154,6 +160,7 @@ class StreamSchedule:
         self.next_rope = 0
         self.prepared = False
         self.block = 1                  # latent frames of the chunks pushed last (what draining rows carry)
+        self._rebase = 0                # positions the cached keys turn back before the next chunk
         self._configure(steps, batch)
 
     def _configure(self, steps: int, batch: bool) -> None:
@@ -196,6 +203,8 @@ class StreamSchedule:
         """Cache frame index and RoPE position of the next chunk of ``frames`` latent frames (RoPE refresh)."""
         frame, rope = self.next_frame, self.next_rope
         if rope + frames > self.cache.rope_wrap_at:
+            if self.cache.rope_rebase:
+                self._rebase += rope - self.cache.rope_wrap_to
             rope = self.cache.rope_wrap_to
         self.next_frame = frame + frames
         self.next_rope = rope + frames
@@ -279,6 +288,7 @@ class StreamSchedule:
         """Every level of one chunk in turn on cache row 0; with a context pass, one more stage over its clean x0."""
         frame, rope = self.take_position(frames)
         stages = [Stage(self.stream, [self._row(chunk, i, 0, frame, rope, i == 0)], frames) for i in range(self.levels)]
+        stages[0].rebase, self._rebase = self._rebase, 0
         if self.backbone.context_pass:
             stages.append(Stage(self.stream, [Row(self.stream, chunk, self.levels, 0, frame, rope, False, False,
                                                   self.backbone.context_t, -1, context=True)], frames))

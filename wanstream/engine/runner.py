@@ -325,6 +325,8 @@ class Runner:
     # ------------------------------------------------------------------------------------------ calls
     def run(self, call: Call) -> list[Done]:
         """Execute one call; returns the chunks that left clean."""
+        for sid, delta in call.rebase:
+            self.pool.rebase(sid, delta, self.dit.rope)
         for sid, rows in call.resize:
             self.pool.resize(sid, rows)
         finished: list = []

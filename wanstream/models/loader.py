@@ -82,12 +82,12 @@ class ModelPaths:
         if len(wans) > 1:
             raise CheckpointError(f"{root}: several Wan models found ({', '.join(p.name for p in wans)}); "
                                   f"pass one of those folders as --model")
-        found = {b.name: g for b in BACKBONES.values() if (g := generator_files(root, b))}
+        found = {b.name: g for b in BACKBONES.values() if b.variant_of is None and (g := generator_files(root, b))}
         if named is None and len(found) > 1:
             raise CheckpointError(f"{root}: generators of several backbones found ({', '.join(sorted(found))}); "
                                   f"pass --backbone to pick one")
         bb = named or (BACKBONES[next(iter(found))] if found else SDV2)
-        gens = found.get(bb.name, [])
+        gens = generator_files(root, bb)
         if len(gens) > 1:
             raise CheckpointError(f"{root}: several causal checkpoints found ({', '.join(str(p) for p in gens)})")
         if not gens and bb.checkpoint.generator is not None:
