@@ -137,3 +137,38 @@ def test_streamdiffusionv2_ten_times_its_window_with_recaches(tiny_model):
     out += s.take_outputs()
     assert not s.error and [o.index for o in out] == list(range(frames))
     assert s.stats.recaches == 2 and s.record.schedule.next_rope < 50
+
+
+def test_cli_takes_every_backbone(tmp_path, capsys):
+    """init-random / t2v (with a prompt switch) / v2v / bench on a LongLive folder; --backbone picks between two
+    generators in one folder; download knows the repositories (offline: a clear error)."""
+    import json
+
+    from wanstream.cli.main import main
+    from wanstream.io.video import probe_video, write_motion_clip
+    root = tmp_path / "m"
+    assert main(["init-random", str(root), "--backbone", "longlive"]) == 0
+    out = tmp_path / "t2v.mp4"
+    assert main(["t2v", "--model", str(root), "--prompt", "a fox", "--frames", "33", "--resolution", "80x48",
+                 "-o", str(out), "--switch", "21:a cat"]) == 0
+    assert probe_video(out).frames == 33
+    clip = tmp_path / "in.mp4"
+    write_motion_clip(clip, 30, 80, 48, fps=16)
+    assert main(["v2v", str(clip), "--model", str(root), "--prompt", "a fox", "-o", str(tmp_path / "v.mp4")]) == 0
+    assert probe_video(tmp_path / "v.mp4").frames == 30
+    assert main(["bench", "--model", str(root), "--resolution", "80x48", "--frames", "57", "--warmup", "2",
+                 "--no-peak", "--quiet", "--json", str(tmp_path / "b.json")]) == 0
+    row = json.loads((tmp_path / "b.json").read_text())
+    assert row["backbone"] == "longlive" and row["meta"]["backbone"] == "longlive"
+    assert main(["init-random", str(root), "--backbone", "self-forcing"]) == 0
+    capsys.readouterr()
+    assert main(["t2v", "--model", str(root), "--prompt", "a", "--frames", "9", "--resolution", "80x48",
+                 "-o", str(tmp_path / "x.mp4")]) == 2
+    assert "several backbones" in capsys.readouterr().err
+    assert main(["t2v", "--model", str(root), "--backbone", "self-forcing", "--prompt", "a", "--frames", "9",
+                 "--resolution", "80x48", "-o", str(tmp_path / "x.mp4")]) == 0
+    with pytest.raises(SystemExit):
+        main(["t2v", "--model", str(root), "--backbone", "wan", "--prompt", "a", "-o", str(out)])
+    capsys.readouterr()
+    assert main(["download", "longlive-1.3b", "--dir", str(tmp_path / "dl")]) == 2
+    assert "longlive_models/models/longlive_base.pt" in capsys.readouterr().err

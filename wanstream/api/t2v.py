@@ -30,12 +30,23 @@ def latent_frames_for(num_frames: int, block: int = FRAMES_PER_BLOCK) -> int:
 
 @dataclass
 class Clip:
-    """One text-to-video clip: a prompt embedding, its length and seed; ``stream`` once it runs."""
+    """One text-to-video clip: a prompt embedding, its length and seed; ``stream`` once it runs. ``switches``:
+    ``(output frame, embedding)`` prompt switches with a KV re-cache (LongLive's interactive mode), each at the
+    start of the block the frame falls in (a frame of the first block: from the second block)."""
 
     prompt_embeds: torch.Tensor
     frames: int
     seed: int = 0
+    switches: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     stream: EngineStream | None = field(default=None, repr=False)
+
+
+def parse_switch(text: str) -> tuple[int, str]:
+    """``FRAME:PROMPT`` → ``(frame, prompt)`` (``wanstream t2v --switch``)."""
+    frame, sep, prompt = str(text).partition(":")
+    if not sep or not frame.strip().isdigit() or not prompt.strip():
+        raise ValueError(f"a switch is FRAME:PROMPT (e.g. 120:a snowy street), got {text!r}")
+    return int(frame), prompt.strip()
 
 
 def text_to_videos(model: ModelBundle, clips: Sequence[Clip], *, width: int = 832, height: int = 480,
@@ -50,8 +61,13 @@ def text_to_videos(model: ModelBundle, clips: Sequence[Clip], *, width: int = 83
             raise ValueError(f"frames must be >= 1, got {clip.frames}")
         clip.stream = engine.open(prompt_embeds=clip.prompt_embeds, width=width, height=height, steps=steps,
                                   seed=clip.seed, batch=batch, mode="t2v", frames=clip.frames)
+    pending = {i: sorted(((max(1, c.stream.buffer.blocks_for(f + 1) - 1), e) for f, e in c.switches),
+                         key=lambda s: s[0]) for i, c in enumerate(clips)}
     try:
         while engine.has_work():
+            for i, clip in enumerate(clips):
+                while pending[i] and clip.stream.record.next_chunk >= pending[i][0][0]:
+                    engine.set_prompt_embedding(clip.stream, pending[i].pop(0)[1], recache=True)
             engine.step()
             for i, clip in enumerate(clips):
                 if clip.stream.error:

@@ -42,7 +42,7 @@ import torch
 
 from wanstream.bench import roofline
 from wanstream.core.chunking import CHUNK_FRAMES as CHUNK
-from wanstream.core.chunking import chunks_in, frames_for
+from wanstream.core.chunking import SDV2_RULE, ChunkRule
 from wanstream.core.config import DTYPE_NAMES
 
 SCHEMA = "wanstream-bench/2"
@@ -66,6 +66,7 @@ class BenchConfig:
     decoder: str = "vae"
     prime_chunks: int | None = None     # chunks of the throw-away priming stream (default: steps + 2)
     sessions: int = 1                   # streams of the engine, fed together (own prompt and seed each)
+    rule: ChunkRule = SDV2_RULE         # the backbone's chunk rule (set from the loaded model)
 
     @property
     def mode(self) -> str:
@@ -77,7 +78,7 @@ class BenchConfig:
 
     def chunks(self) -> int:
         """Chunks the pushes of ``frames`` input frames process (the end-of-stream remainder is not measured)."""
-        return chunks_in(self.frames)
+        return self.rule.chunks_in(self.frames)
 
     def validate(self) -> None:
         if not 1 <= self.steps <= 4:
@@ -87,7 +88,7 @@ class BenchConfig:
         # the first measured chunk must leave the stream batch (``steps`` calls later) before the input ends
         need_chunks = self.warmup + max(2, self.steps if self.batch else 1)
         if self.chunks() < need_chunks:
-            need = frames_for(need_chunks)
+            need = self.rule.frames_for(need_chunks)
             raise ValueError(f"--frames {self.frames} gives {self.chunks()} chunks; with --warmup {self.warmup} and "
                              f"{self.steps} steps ({self.mode}) at least {need} frames are needed")
         if self.input_fps is not None and self.input_fps <= 0:
@@ -213,7 +214,7 @@ def _prime(model, cfg: BenchConfig, prompts: list[torch.Tensor], clip: LiveClip,
         return 0.0
     engine = Engine(model, policy=policy, compile=compile)
     streams = _open(engine, cfg, prompts)
-    for i in range(frames_for(chunks)):
+    for i in range(cfg.rule.frames_for(chunks)):
         for k, s in enumerate(streams):
             engine.feed(s, _source(clip, k, i))
         engine.run_until_idle()
@@ -274,7 +275,7 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
     t_ref = None
     order_ok = True
     next_index = [0] * n
-    warm_frames = frames_for(cfg.warmup)
+    warm_frames = cfg.rule.frames_for(cfg.warmup)
     samples = 0
     t_start = time.perf_counter()
     for i in range(cfg.frames):
@@ -476,6 +477,7 @@ class BenchRun:
     compare_eager: bool = False
     base: BenchConfig = field(default_factory=BenchConfig)
     lora: list = field(default_factory=list)      # LoRASpec s attached to the DiT
+    backbone: str | None = None                   # which generator of the model folder (default: its layout's)
 
     def configs(self) -> list[BenchConfig]:
         if not self.sweep:
@@ -488,7 +490,7 @@ def _warmup_statement(cfg: BenchConfig) -> str:
     primed = ("model cold (no priming stream)" if cfg.prime_chunks == 0 else
               f"model warm (a throw-away stream of {prime} chunks runs before each row)")
     return (f"{primed}; the measured streams start cold, TTFF is the worst stream's first output; the first "
-            f"{cfg.warmup} chunks of every stream ({frames_for(cfg.warmup)} frames) are excluded from every "
+            f"{cfg.warmup} chunks of every stream ({cfg.rule.frames_for(cfg.warmup)} frames) are excluded from every "
             f"steady-state figure")
 
 
@@ -498,7 +500,10 @@ def run(spec: BenchRun, log=print) -> dict:
     dtype = getattr(torch, DTYPE_NAMES[spec.dtype]) if spec.dtype else None
     t0 = time.perf_counter()
     model = load_model(spec.model_dir, device=spec.device, dtype=dtype, text_encoder=False,
-                       taehv=spec.base.decoder == "taehv", lora=spec.lora, quantize=spec.quantize)
+                       taehv=spec.base.decoder == "taehv", lora=spec.lora, quantize=spec.quantize,
+                       backbone=spec.backbone)
+    spec.base = replace(spec.base, rule=model.backbone.chunk_rule("v2v"))
+    spec.base.validate()
     eager_model = None
     if spec.compare_eager:                   # the reference path: diffusers' own VAE modules, nothing compiled
         from wanstream.models.vae import StreamingVAE
@@ -511,7 +516,8 @@ def run(spec: BenchRun, log=print) -> dict:
     meta = {"schema": SCHEMA, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "commit": commit, "dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
             **device_info(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-            "model": str(spec.model_dir), "load_s": load_s, "host_load_start": _loadavg(),
+            "model": str(spec.model_dir), "backbone": model.backbone.name, "load_s": load_s,
+            "host_load_start": _loadavg(),
             "prompt": "synthetic embedding (speed does not depend on the prompt)",
             "lora": [f"{s.path}:{s.strength:g}" for s in spec.lora],
             "compile": spec.compile, "quantize": spec.quantize,
@@ -521,7 +527,7 @@ def run(spec: BenchRun, log=print) -> dict:
         meta["peaks"] = peaks
         configs = spec.configs()
         cfg0 = configs[0]
-        costs = model_costs(model, cfg0.width, cfg0.height, cache_frames=6)
+        costs = model_costs(model, cfg0.width, cfg0.height, cache_frames=model.backbone.cache("v2v").capacity)
         meta["model_dims"] = costs["dims"]
         meta["tokens_per_frame"] = costs["tokens_per_frame"]
         prompts = [synthetic_prompt(model.dit.transformer.config.text_dim, cfg0.seed + k)
@@ -544,7 +550,8 @@ def run(spec: BenchRun, log=print) -> dict:
                 rr = run_stream(model, cfg, prompts, clip, costs, peaks, policy="round_robin")
                 row["round_robin"] = {k: rr[k] for k in COMPARED}
                 row["round_robin"]["stage_ms"] = rr["stage_ms"]
-            rows.append({**{k: meta[k] for k in ("device", "device_type", "dtype", "torch", "commit", "date")},
+            rows.append({**{k: meta[k] for k in ("device", "device_type", "dtype", "torch", "commit", "date",
+                                                 "backbone")},
                          **row, "peak_flops_per_s": peaks["matmul_flops_per_s"] if peaks else None})
     meta["host_load_end"] = _loadavg()
     return {"meta": meta, "rows": rows}
