@@ -119,3 +119,70 @@ def backbone_model_root(backbone: str, root: Path) -> Path:
     if ck.lora is not None:
         shutil.copyfile(backbone_kit_dir() / "longlive_lora_tiny.pt", root / ck.lora)
     return root
+
+
+class Recorder:
+    """Every DiT call of a runner: its input, timesteps, attended key count, flow; the chunks that came back clean;
+    ``force`` replaces the inputs with a trace's (teacher-forced)."""
+
+    def __init__(self, runner, force=None):
+        self.calls, self.finished, self.force = [], [], force
+        self._dit, self._run = runner._dit, runner.run
+        runner._dit, runner.run = self.dit, self.run
+        self.capacity = runner.policy.capacity
+        self.tpf = runner.tokens_per_frame
+
+    def dit(self, x, ts, step):
+        if self.force is not None:
+            x = self.force[len(self.calls)]["x_t"].to(x)
+        flow = self._dit(x, ts, step)
+        keys = int(step.attn_mask[0].sum()) if step.attn_mask is not None else self.capacity * self.tpf
+        self.calls.append(dict(x=x.clone(), t=ts.clone(), flow=flow.clone(), keys=keys))
+        return flow
+
+    def run(self, call):
+        done = self._run(call)
+        self.finished += done
+        return done
+
+
+def run_golden(model, g, force=False):
+    """Text-to-video of a backbone trace's frames through the engine, its noise replayed: the first draws of each
+    block are the trace's initial noise of that block, the re-noise draws the trace's own. Returns the engine
+    stream, the :class:`Recorder` and the runner's stream."""
+    from wanstream.engine.loop import Engine
+    from wanstream.engine.noise import ReplayNoise
+    engine = Engine(model)
+    frames = g["video"].shape[1]
+    h, w = g["pixel_hw"]
+    s = engine.open(prompt_embeds=backbone_context("A"), width=w, height=h, steps=4, mode="t2v", frames=frames)
+    dev = model.device
+    noise = g["noise_log"][0]["value"].to(dev, model.dtype)
+    rs = s.group.runner.streams[s.id]
+    rs.noise = ReplayNoise([noise[:, f: f + 3] for f in range(0, noise.shape[1], 3)])
+    rs.renoise_source = ReplayNoise([e["value"].to(dev, model.dtype) for e in g["noise_log"][1:]])
+    rec = Recorder(s.group.runner, g["calls"] if force else None)
+    engine.run_until_idle()
+    return s, rec, rs
+
+
+def backbone_golden_errors(name: str, root: Path, device="cpu", dtype=torch.float32) -> dict[str, float]:
+    """A backbone's public golden free-running through the engine on ``device`` / ``dtype``: the largest abs
+    difference of the calls' flow and x0, the final latents and the decoded video (``root``: a scratch folder)."""
+    from wanstream.models.loader import load_model
+    g = load_backbone_kit(BACKBONE_GOLDENS[name])
+    model = load_model(backbone_model_root(name, root), device=device, dtype=dtype, text_encoder=False)
+    _, rec, _ = run_golden(model, g)
+    err = {"flow": 0.0, "x0": 0.0}
+    for got, want in zip(rec.calls, g["calls"]):
+        x0 = model.sampler.to_x0(got["x"], got["flow"], got["t"])
+        err["flow"] = max(err["flow"], (got["flow"].float().cpu() - want["flow_pred"]).abs().max().item())
+        err["x0"] = max(err["x0"], (x0.float().cpu() - want["x0"]).abs().max().item())
+    latents = torch.cat([d.latent for d in sorted(rec.finished, key=lambda d: d.row.chunk)], dim=1)
+    err["latents"] = (latents.float().cpu() - g["latents"]).abs().max().item()
+    state = model.vae.new_state()
+    video = torch.cat([model.vae.decode(state, latents[:, f: f + 3]) for f in range(0, latents.shape[1], 3)], 1)
+    err["video"] = ((video.float().cpu().clamp(-1, 1) * 0.5 + 0.5) - g["video"]).abs().max().item()
+    if len(rec.calls) != len(g["calls"]):
+        err["calls"] = float("inf")
+    return err

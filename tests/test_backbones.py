@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kit import BACKBONE_GOLDENS, backbone_context, backbone_model_root, load_backbone_kit
+from kit import BACKBONE_GOLDENS, Recorder, backbone_context, backbone_model_root, load_backbone_kit, run_golden
 
 from wanstream.core.backbones import BACKBONES, LONGLIVE, SDV2, SELF_FORCING, backbone
 from wanstream.core.errors import CheckpointError
@@ -94,45 +94,6 @@ def test_init_random_writes_each_layout(tmp_path, name):
 
 
 # ============================================================================================ goldens
-class Recorder:
-    """Every DiT call of a runner: its input, timesteps, attended key count, flow; ``force`` replaces the inputs
-    with the trace's (teacher-forced)."""
-
-    def __init__(self, runner, force=None):
-        self.calls, self.finished, self.force = [], [], force
-        self._dit, self._run = runner._dit, runner.run
-        runner._dit, runner.run = self.dit, self.run
-        self.capacity = runner.policy.capacity
-
-    def dit(self, x, ts, step):
-        if self.force is not None:
-            x = self.force[len(self.calls)]["x_t"].to(x)
-        flow = self._dit(x, ts, step)
-        keys = int(step.attn_mask[0].sum()) if step.attn_mask is not None else self.capacity * TPF
-        self.calls.append(dict(x=x.clone(), t=ts.clone(), flow=flow.clone(), keys=keys))
-        return flow
-
-    def run(self, call):
-        done = self._run(call)
-        self.finished += done
-        return done
-
-
-def run_golden(model, g, force=False):
-    """Text-to-video of the trace's frames through the engine, its noise replayed: the first draws of each block
-    are the trace's initial noise of that block, the re-noise draws the trace's own."""
-    engine = Engine(model)
-    frames = g["video"].shape[1]
-    s = engine.open(prompt_embeds=backbone_context("A"), width=W, height=H, steps=4, mode="t2v", frames=frames)
-    noise = g["noise_log"][0]["value"]
-    rs = s.group.runner.streams[s.id]
-    rs.noise = ReplayNoise([noise[:, f: f + 3] for f in range(0, noise.shape[1], 3)])
-    rs.renoise_source = ReplayNoise([e["value"] for e in g["noise_log"][1:]])
-    rec = Recorder(s.group.runner, g["calls"] if force else None)
-    engine.run_until_idle()
-    return s, rec, rs
-
-
 @pytest.mark.parametrize("name", list(BACKBONE_GOLDENS))
 @pytest.mark.parametrize("force", [True, False], ids=["teacher-forced", "free-running"])
 def test_t2v_golden_through_the_engine(golden_models, name, force):

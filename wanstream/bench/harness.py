@@ -41,7 +41,6 @@ import numpy as np
 import torch
 
 from wanstream.bench import roofline
-from wanstream.core.chunking import CHUNK_FRAMES as CHUNK
 from wanstream.core.chunking import SDV2_RULE, ChunkRule
 from wanstream.core.config import DTYPE_NAMES
 
@@ -359,8 +358,8 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
         "fps_e2e": sum(per_stream_out) / window if window > 0 else None,
         "fps_aggregate": sum(per_stream_out) / window if window > 0 else None,
         "fps_per_session_min": min(per_stream_out) / window if window > 0 else None,
-        "fps_capacity": CHUNK * chunks / busy if busy > 0 else None,
-        "fps_denoise": CHUNK * chunks / dit_time if dit_time > 0 else None,
+        "fps_capacity": cfg.rule.frames * chunks / busy if busy > 0 else None,
+        "fps_denoise": cfg.rule.frames * chunks / dit_time if dit_time > 0 else None,
         "stage_ms": stage_ms,
         "dit_calls": calls,
         "dit_calls_per_chunk": calls / chunks if chunks else None,
@@ -478,11 +477,13 @@ class BenchRun:
     base: BenchConfig = field(default_factory=BenchConfig)
     lora: list = field(default_factory=list)      # LoRASpec s attached to the DiT
     backbone: str | None = None                   # which generator of the model folder (default: its layout's)
+    stream_batch: bool = True                     # the loaded backbone has a stream batch (set by ``run``)
 
     def configs(self) -> list[BenchConfig]:
         if not self.sweep:
             return [self.base]
-        return [replace(self.base, steps=s, batch=b) for s in (1, 2, 3, 4) for b in (True, False)]
+        modes = (True, False) if self.stream_batch else (False,)
+        return [replace(self.base, steps=s, batch=b) for s in (1, 2, 3, 4) for b in modes]
 
 
 def _warmup_statement(cfg: BenchConfig) -> str:
@@ -502,7 +503,9 @@ def run(spec: BenchRun, log=print) -> dict:
     model = load_model(spec.model_dir, device=spec.device, dtype=dtype, text_encoder=False,
                        taehv=spec.base.decoder == "taehv", lora=spec.lora, quantize=spec.quantize,
                        backbone=spec.backbone)
-    spec.base = replace(spec.base, rule=model.backbone.chunk_rule("v2v"))
+    spec.base = replace(spec.base, rule=model.backbone.chunk_rule("v2v"),           # a backbone without a stream
+                        batch=spec.base.batch and model.backbone.stream_batch)    # batch runs its steps in turn
+    spec.stream_batch = model.backbone.stream_batch
     spec.base.validate()
     eager_model = None
     if spec.compare_eager:                   # the reference path: diffusers' own VAE modules, nothing compiled
