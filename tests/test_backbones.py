@@ -360,3 +360,20 @@ def test_longlive_infinite_mode_equals_the_official_rules(golden_models, switch_
     assert (got - want).abs().max().item() <= TOL
     assert (got[:, :12] - standard[:, :12]).abs().max().item() <= TOL           # the same until the roll
     assert (got[:, 12:] - standard[:, 12:]).abs().max().item() > 1e-3           # then the positions differ
+
+
+def test_admission_counts_a_backbones_rows_and_frames_per_tick():
+    """Admission predicts per-stream FPS from the rows a stream adds to a tick (LongLive 2 steps: 2 levels + the
+    context pass = 3 rows) and the frames a tick gives it (12 per LongLive chunk, 4 for StreamDiffusionV2)."""
+    from wanstream.core.chunking import ChunkBuffer
+    from wanstream.core.config import StreamSettings
+    from wanstream.core.planner import Planner
+    for bb, rows, frames in ((LONGLIVE, 3, 12), (SDV2, 2, 4)):
+        planner = Planner(backbone=bb)
+        planner.add("a", StreamSettings(steps=2, cache=bb.cache("v2v")), ChunkBuffer())
+        assert planner.streams["a"].schedule.rows_per_tick == rows
+        planner.latency.observe(2 * rows, 0.5)                  # two streams' rows: 0.5 s a tick
+        ok, why = planner.admit(2, [frames / 0.5 - 1])
+        assert ok, why
+        ok, why = planner.admit(2, [frames / 0.5 + 1])
+        assert not ok and f"{frames / 0.5:.1f} frames/s" in why

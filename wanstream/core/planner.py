@@ -114,9 +114,12 @@ class Planner:
         """Cache rows of every stream of the group."""
         return sum(rec.rows for rec in self.streams.values())
 
-    def admit(self, steps: int, input_fps: Sequence[float]) -> tuple[bool, str]:
-        """Whether one more stream with ``steps`` (one cache row per step) keeps every stream at its input rate."""
-        return self.policy.admit(self.rows(), steps, input_fps)
+    def admit(self, steps: int, input_fps: Sequence[float], mode: str = "v2v") -> tuple[bool, str]:
+        """Whether one more stream with ``steps`` keeps every stream at its input rate (from the rows each stream
+        adds to a tick and the frames a tick gives it: the backbone's chunk)."""
+        new = StreamSchedule("new", steps, mode=mode, backbone=self.backbone).rows_per_tick
+        now = sum(rec.schedule.rows_per_tick for rec in self.streams.values())
+        return self.policy.admit(now, new, input_fps, self.backbone.chunk_rule(mode).frames)
 
     def observe(self, rows: int, seconds: float) -> None:
         """A tick with ``rows`` batch rows took ``seconds`` (feeds the latency model)."""

@@ -175,6 +175,12 @@ class StreamSchedule:
         return len(self.backbone.step_list(steps, self.mode)) if batch and self.backbone.stream_batch else 1
 
     @property
+    def rows_per_tick(self) -> int:
+        """Batch rows this stream adds to a tick's calls in the steady state (the stream batch: one per level in
+        one call; in turn: one per level, plus the context pass)."""
+        return self.rows if self.batch else self.levels + int(self.backbone.context_pass)
+
+    @property
     def can_batch(self) -> bool:
         """The stream batch is possible: the backbone shares levels across chunks and the stream is prepared."""
         return self.prepared and self.backbone.stream_batch
