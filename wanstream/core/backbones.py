@@ -116,10 +116,6 @@ class Backbone:
             return ChunkRule.blocks(self.t2v_block)
         return self.v2v_rule
 
-    def block(self, mode: str) -> int:
-        """Latent frames per DiT call row in the steady state."""
-        return self.chunk_rule(mode).latents
-
 
 SDV2 = Backbone(
     name="streamdiffusionv2", title="StreamDiffusionV2", shift=8.0, t2v_steps=T2V_STEPS, warp=False,
@@ -171,7 +167,6 @@ LONGLIVE_INFINITE = replace(
              "(positions never pass 11); equal to LongLive until the window first rolls")
 
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (SDV2, SELF_FORCING, LONGLIVE, LONGLIVE_INFINITE)}
-DEFAULT = SDV2.name
 
 
 def backbone(name: str | Backbone | None) -> Backbone:

@@ -2,13 +2,14 @@
 
 A stream's input frames are cut into chunks by its backbone's :class:`ChunkRule`. StreamDiffusionV2's: the first
 chunk has 5 frames (the Wan VAE encodes the first frame alone, so 5 frames → 2 latent frames), every later chunk 4
-frames (→ 1 latent frame); the 3-latent blocks of Self-Forcing and LongLive: 9 frames, then 12 (→ 3 latent frames). Each input frame has an
-*index* (its position in the stream's input, 0, 1, 2, …), the caller's *frame id* (what the output frame that
-restyles it reports; the index unless the caller gives its own) and a *timestamp* (its capture or arrival time,
-carried to the output). :class:`ChunkBuffer` holds frames until a chunk is full and hands out whole chunks with
-their :class:`ChunkInfo`; at the end of a stream :meth:`ChunkBuffer.take_padded` pads the last partial chunk
-by repeating its last frame (the padding frames produce no output). A text-to-video stream has no input frames:
-:class:`BlockRequests` stands in for its queue (blocks asked for; each block's output frames numbered the same way).
+frames (→ 1 latent frame); the 3-latent blocks of Self-Forcing and LongLive: 9 frames, then 12 (→ 3 latent
+frames). Each input frame has an *index* (its position in the stream's input, 0, 1, 2, …), the caller's *frame
+id* (what the output frame that restyles it reports; the index unless the caller gives its own) and a *timestamp*
+(its capture or arrival time, carried to the output). :class:`ChunkBuffer` holds frames until a chunk is full and
+hands out whole chunks with their :class:`ChunkInfo`; at the end of a stream :meth:`ChunkBuffer.take_padded` pads
+the last partial chunk by repeating its last frame (the padding frames produce no output). A text-to-video stream
+has no input frames: :class:`BlockRequests` stands in for its queue (blocks asked for; each block's output frames
+numbered the same way).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class ChunkRule:
 
     @classmethod
     def blocks(cls, latents: int) -> "ChunkRule":
-        """Chunks of ``latents`` latent frames from the start: ``4·latents − 3`` frames first, then ``4·latents``."""
+        """Chunks of ``latents`` latent frames: ``4·latents − 3`` frames first, then ``4·latents``."""
         return cls(4 * latents - 3, latents, 4 * latents, latents)
 
     def chunk_frames(self, prepared: bool) -> int:
