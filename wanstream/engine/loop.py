@@ -460,31 +460,25 @@ class Engine:
                 self._stream_error(s, "frames", exc)
         with self.timer.section("encode"), g.runner.encoding():
             latents.update(self.codec.encode(joining, pixels))
-        for sid, _ in plan.entries:
+        for sid, entry in plan.entries:
             s = self.streams.get(sid)
-            if s is not None and s.settings.mode == "t2v" and sid in latents:
-                entry = plan.streams[sid].entry
-                s.chunks[entry.chunk] = entry.info
-                self.chunks += 1
-                self._advance_transition(g, s)
-                g.runner.enter(sid, entry.chunk, ChunkInput(latents[sid], 1.0))
-        for s in joining:
-            entry = plan.streams[s.id].entry
-            if s.id not in latents:
+            if s is None or sid not in latents:
                 continue
-            z = latents[s.id]
+            z = latents[sid]
             s.chunks[entry.chunk] = entry.info
             self.chunks += 1
             self._advance_transition(g, s)
-            frames = pixels[s.id]
-            if entry.first:
+            if sid not in pixels:                          # text-to-video: all noise
+                inp = ChunkInput(z, 1.0)
+            elif entry.first:
                 inp = ChunkInput(z, s.settings.noise_scale)
                 s.controller.reset()
             else:
-                sc, t = s.controller(s.prev_frame[None], frames[None])
+                sc, t = s.controller(s.prev_frame[None], pixels[sid][None])
                 inp = ChunkInput(z, sc, t)
-            g.runner.enter(s.id, entry.chunk, inp)
-            s.prev_frame = frames[-1]
+            g.runner.enter(sid, entry.chunk, inp)
+            if sid in pixels:
+                s.prev_frame = pixels[sid][-1]
         for sid, sp in plan.streams.items():
             s = self.streams.get(sid)
             if (sp.entry is not None and sid not in latents) or s is None or s.closed:
