@@ -149,7 +149,7 @@ LL_INFINITE_CACHE = replace(LL_CACHE, rope_rebase=False, rope_window=True)
 LONGLIVE = Backbone(
     name="longlive", title="LongLive", shift=5.0, t2v_steps=T2V_STEPS, warp=True, v2v_steps=V2V_STEPS,
     t2v_block=3, v2v_rule=BLOCK3_RULE, stream_batch=False, context_pass=True, t2v_cache=LL_CACHE, v2v_cache=LL_CACHE,
-    checkpoint=Checkpoint("longlive_models/models/longlive_base.pt", ("generator",),
+    checkpoint=Checkpoint("longlive_models/models/longlive_base.pt", ("generator", "generator_ema", "model"),
                           lora="longlive_models/models/lora.pt", lora_key="generator_lora",
                           hub="Efficient-Large-Model/LongLive-1.3B",
                           hub_files=("models/longlive_base.pt", "models/lora.pt"), hub_dir="longlive_models",

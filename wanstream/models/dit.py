@@ -172,7 +172,8 @@ class CausalWanDiT(nn.Module):
             return t.flatten(1, 2)
 
         y = flat(blk.norm1(per_frame(x)) * (1 + scale1) + shift1).type_as(x)
-        y = self_attention(blk.attn1, y, cos, sin, cache.k[i], cache.v[i], step, cache.km[i], cache.vm[i], key_rope)
+        window = {} if key_rope is None else {"key_rope": key_rope}        # LongLive's infinite mode only
+        y = self_attention(blk.attn1, y, cos, sin, cache.k[i], cache.v[i], step, cache.km[i], cache.vm[i], **window)
         x = flat(per_frame(x) + per_frame(y) * gate1).type_as(x)
         y = blk.norm2(x.float()).type_as(x)
         x = x + cross_attention(blk.attn2, y, prompt.k[i], prompt.v[i], step.prompt_groups)

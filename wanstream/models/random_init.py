@@ -92,7 +92,7 @@ def write_generator(root: Path, backbone: Backbone, preset: str, weights: dict[s
                  else v for k, v in gen.items()}               # shares every other tensor (saved once)
         torch.save({"generator": other, "generator_ema": gen}, path)
     else:
-        torch.save({key: gen for key in ck.generator_keys[:1]}, path)
+        torch.save({ck.generator_keys[0]: gen}, path)
     if ck.lora is not None:
         rank = 8 if preset == "tiny" else ck.lora_rank
         lora = random_peft_lora(diffusers_dit_config({**DIT_COMMON, **DIT_PRESETS[preset]}), rank, seed + 6,
