@@ -7,7 +7,9 @@ Runs, with the tiny conformance weights of ``tests/data/conformance`` (or ``../s
 * ``dit stream batch`` — the free-running stream-batch golden (prepare + 12 calls) through the runner: eager,
   and compiled (with CUDA graphs on CUDA);
 * ``vae stream`` — streaming encode and decode (fast path; compiled too on request);
-* ``noise controller`` — the motion-aware controller's traces.
+* ``noise controller`` — the motion-aware controller's traces;
+* ``t2v <backbone>`` — the Self-Forcing and LongLive goldens (``tests/data/conformance/backbones``) free-running
+  through the engine: every call's flow and x0, the final latents and the decoded video.
 
 Each row has the largest abs difference against the golden and passes at ``--tol`` (default 1e-4 in float32, where
 TF32 is switched off; 0.1 in bfloat16, where the golden is only a sanity bound). The exit status is 1 if a row fails.
@@ -25,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from kit import kit_dir, load_kit, stream_batch_golden_errors  # noqa: E402
+from kit import BACKBONE_GOLDENS, backbone_golden_errors, kit_dir, load_kit, stream_batch_golden_errors  # noqa: E402
 
 from wanstream.core.config import CacheConfig  # noqa: E402
 from wanstream.engine.latent_stream import LatentStream  # noqa: E402
@@ -113,6 +115,18 @@ def controller_rows(device, dtype) -> list[dict]:
                  failed_exact=t_bad if exact else 0)]
 
 
+def backbone_rows(device, dtype) -> list[dict]:
+    import tempfile
+    rows = []
+    for name in BACKBONE_GOLDENS:
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory() as root:
+            errors = backbone_golden_errors(name, Path(root), device, dtype)
+        rows.append(dict(check=f"t2v {name}", max_abs=max(errors.values()), worst=max(errors, key=errors.get),
+                         seconds=time.perf_counter() - t))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -129,6 +143,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     with torch.inference_mode():
         rows = dit_rows(device, dtype) + vae_rows(device, dtype, args.vae_compile) + controller_rows(device, dtype)
+        rows += backbone_rows(device, dtype)
     for r in rows:
         r.update(device=str(device), dtype=args.dtype, tol=tol,
                  passed=r["max_abs"] <= tol and not r.get("failed_exact", 0))

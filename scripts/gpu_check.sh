@@ -13,6 +13,9 @@
 #      fp8       2 steps, fp8 weights, eager and compiled (first resolution only)   (--quantize fp8 [--compile])
 #      taehv     2 steps, TAEHV decoder instead of the Wan VAE (first resolution)   (--taehv)
 #      sessions  2 steps, SESSIONS streams in one engine (first resolution)         (--sessions N)
+#      backbones for each of BACKBONES (self-forcing longlive): a random 1.3B model in its layout, a v2v bench
+#                row (2 steps, first resolution) and t2v speed (scripts/t2v_speed.py: T2V_RES, 4 steps, 1 and
+#                SESSIONS clips); StreamDiffusionV2's t2v speed beside them
 #    each with TTFF, FPS, per-stage times, p50/p95/p99 latency and peak VRAM; JSON and markdown per run;
 # 4. OUT_DIR/gpu_check.md (every table, labelled with GPU, date and commit: paste under "GPU rows" in
 #    docs/benchmarks.md) and OUT_DIR/gpu_check.json (every row, every skip with its reason).
@@ -23,7 +26,9 @@
 # Knobs (environment): PYTHON (python3), PRESET (1.3b), MODEL (OUT_DIR/models/PRESET), DEVICE (cuda),
 # RES ("512x512 832x480"), FRAMES (61), WARMUP (3), COMPILED_STEPS ("2"), PRIME_COMPILED (14: chunks of the
 # throw-away stream before a compiled row, so compilation and graph capture stay out of the figures),
-# SESSIONS (4), BUDGET_S (480), RUNS ("conformance eager compiled fp8 taehv sessions"), WANSTREAM_COMMIT.
+# SESSIONS (4), BUDGET_S (480), RUNS ("conformance eager compiled fp8 taehv sessions backbones"), BACKBONES
+# ("self-forcing longlive"), T2V_RES (832x480), T2V_FRAMES (81), WANSTREAM_COMMIT. The backbone rows alone:
+#   RUNS="conformance backbones" scripts/gpu_check.sh
 # A CPU smoke run of the whole script (tiny model, small clips):
 #   DEVICE=cpu PRESET=tiny RES=64x64 FRAMES=29 WARMUP=2 PRIME_COMPILED=8 scripts/gpu_check.sh /tmp/gc
 set -euo pipefail
@@ -44,7 +49,10 @@ COMPILED_STEPS=${COMPILED_STEPS:-2}
 PRIME_COMPILED=${PRIME_COMPILED:-14}
 SESSIONS=${SESSIONS:-4}
 BUDGET_S=${BUDGET_S:-480}
-RUNS=${RUNS:-"conformance eager compiled fp8 taehv sessions"}
+RUNS=${RUNS:-"conformance eager compiled fp8 taehv sessions backbones"}
+BACKBONES=${BACKBONES:-"self-forcing longlive"}
+T2V_RES=${T2V_RES:-832x480}
+T2V_FRAMES=${T2V_FRAMES:-81}
 PY=${PYTHON:-python3}
 FIRST_RES=${RES%% *}
 cd "$REPO"
@@ -70,7 +78,7 @@ run() {
 # ------------------------------------------------------------------------------------------------ 1. install
 if [ "$DRY_RUN" = 1 ]; then
     WANSTREAM_COMMIT=${WANSTREAM_COMMIT:-dry-run}
-    ensure_model() { echo "ensure_model $1 $2"; }
+    ensure_model() { echo "ensure_model $1 $2 ${3:-}"; }
     BENCH_HELP="--compile --quantize --taehv --sessions"
 else
     # shellcheck source=scripts/gpu_env.sh
@@ -134,7 +142,22 @@ for run_name in $RUNS; do
                       bench "$SESSIONS sessions $FIRST_RES" "sessions${SESSIONS}_${FIRST_RES}" \
                           --resolution "$FIRST_RES" --sessions "$SESSIONS"
                   fi ;;
-        *)        echo "gpu_check: unknown run '$run_name' (conformance eager compiled fp8 taehv sessions)" >&2
+        backbones) t2v() {   # NAME MODEL-DIR CLIPS
+                      run "t2v $1 x$3" "$PY" scripts/t2v_speed.py --model "$2" --device "$DEVICE" \
+                          --resolution "$T2V_RES" --frames "$T2V_FRAMES" --steps 4 --clips "$3" \
+                          --json "$OUT/t2v_$1_x$3.json" --markdown "$OUT/t2v_$1_x$3.md"
+                  }
+                  t2v streamdiffusionv2 "$MODEL" 1
+                  for b in $BACKBONES; do
+                      bmodel="$OUT/models/$PRESET-$b"
+                      [ "$DRY_RUN" = 1 ] || ensure_model "$PRESET" "$bmodel" "$b"
+                      run "v2v $b $FIRST_RES" ws --model "$bmodel" --device "$DEVICE" --frames "$FRAMES" \
+                          --warmup "$WARMUP" --quiet --no-peak --resolution "$FIRST_RES" --steps 2 \
+                          --json "$OUT/backbone_${b}_${FIRST_RES}.json" --markdown "$OUT/backbone_${b}_${FIRST_RES}.md"
+                      t2v "$b" "$bmodel" 1
+                      t2v "$b" "$bmodel" "$SESSIONS"
+                  done ;;
+        *)        echo "gpu_check: unknown run '$run_name' (conformance eager compiled fp8 taehv sessions backbones)" >&2
                   exit 2 ;;
     esac
 done
@@ -146,7 +169,7 @@ GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.i
     echo "<!-- scripts/gpu_check.sh on $GPU, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $WANSTREAM_COMMIT," \
          "$((SECONDS - START)) s -->"
     for f in "$OUT"/conformance_*.md "$OUT"/eager_*.md "$OUT"/compiled_*.md "$OUT"/fp8_*.md "$OUT"/taehv_*.md \
-             "$OUT"/sessions*.md; do
+             "$OUT"/sessions*.md "$OUT"/backbone_*.md "$OUT"/t2v_*.md; do
         [ -f "$f" ] || continue
         printf '\n#### %s\n\n' "$(basename "$f" .md)"
         cat "$f"

@@ -5,7 +5,7 @@
 #   (offline machines with a preinstalled CUDA torch); else a fresh venv with `pip install -e .` (PY changes);
 # * checks that torch sees a CUDA device when DEVICE is cuda*, and logs torch's version and the GPU;
 # * exports WANSTREAM_COMMIT (the checkout's short hash, "+dirty" with local changes) unless it is set;
-# * defines `ensure_model PRESET DIR`: writes a random-weight model in the released layout once.
+# * defines `ensure_model PRESET DIR [BACKBONE]`: writes a random-weight model in the released layout once.
 
 if "$PY" -c "import torch, diffusers, av, ftfy, safetensors, transformers" 2>/dev/null; then
     log "using the installed packages of $("$PY" -c 'import sys; print(sys.executable)')"
@@ -34,10 +34,10 @@ if [ -z "${WANSTREAM_COMMIT:-}" ] && git -C "$REPO" rev-parse --short HEAD >/dev
 fi
 export WANSTREAM_COMMIT=${WANSTREAM_COMMIT:-unknown}
 
-ensure_model() {   # PRESET DIR
+ensure_model() {   # PRESET DIR [BACKBONE]
     if [ ! -f "$2/.done" ]; then
-        log "writing a random $1 model to $2"
-        "$PY" -m wanstream.cli init-random --preset "$1" --small-text-encoder "$2"
+        log "writing a random $1 ${3:-streamdiffusionv2} model to $2"
+        "$PY" -m wanstream.cli init-random --preset "$1" --small-text-encoder --backbone "${3:-streamdiffusionv2}" "$2"
         touch "$2/.done"
     fi
 }

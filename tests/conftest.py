@@ -54,3 +54,17 @@ def clip_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("clip") / "in.mp4"
     write_motion_clip(path, 14, 80, 48, fps=12.5)
     return path
+
+
+@pytest.fixture(scope="session")
+def backbone_models(tmp_path_factory):
+    """Tiny random Self-Forcing and LongLive models written by `init-random --backbone` and loaded (no text encoder),
+    by backbone name."""
+    from wanstream.models.loader import load_model
+    from wanstream.models.random_init import init_random
+    out = {}
+    for name in ("self-forcing", "longlive"):
+        root = tmp_path_factory.mktemp(name)
+        init_random(root, "tiny", seed=0, log=lambda *_: None, backbone=name)
+        out[name] = load_model(root, device="cpu", text_encoder=False)
+    return out

@@ -172,3 +172,38 @@ def test_a_blob_is_never_trusted(tiny_model, clip):
     with pytest.raises(StateError, match="another model"):
         check(eng, parked)
     assert not eng.streams
+
+
+def test_a_self_forcing_stream_parks_and_resumes_bit_exact(tmp_path_factory, clip):
+    """Parking carries what the other backbones add: their schedule's block and RoPE rebase, the clean frames a
+    KV re-cache re-encodes; a blob of one backbone does not resume on another."""
+    from kit import backbone_model_root
+
+    from wanstream.models.loader import load_model
+    model = load_model(backbone_model_root("self-forcing", tmp_path_factory.mktemp("sf")), device="cpu",
+                       text_encoder=False)
+    frames = clip[:33]
+    ref_engine = Engine(model)
+    ref = ref_engine.open(prompt_embeds=_prompt(0), width=W, height=H, seed=3)
+    ref_engine.feed(ref, frames)
+    ref_engine.finish(ref)
+    ref_engine.run_until_idle()
+    expect = ref.take_outputs()
+    engine = Engine(model)
+    s = engine.open(prompt_embeds=_prompt(0), width=W, height=H, seed=3)
+    engine.feed(s, frames[:21])
+    engine.run_until_idle()
+    out = s.take_outputs()
+    parked = engine.park(s)
+    assert parked.host["runner"]["history"]                     # the re-cache window travels with it
+    s = engine.resume(parked)
+    engine.feed(s, frames[21:])
+    engine.finish(s)
+    engine.run_until_idle()
+    out += s.take_outputs()
+    assert [o.index for o in out] == [o.index for o in expect]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(out, expect))
+    longlive = load_model(backbone_model_root("longlive", tmp_path_factory.mktemp("ll")), device="cpu",
+                          text_encoder=False)
+    with pytest.raises(StateError, match="another model|backbone"):
+        Engine(longlive).resume(engine.park(s))

@@ -139,6 +139,21 @@ def run_transport(browser, base: str, transport: str, server_pid: int, shot: Pat
     r["params_roundtrip"] = (server_view["steps"] == 3 and server_view["seed"] == 7
                              and server_view["noise_scale"] == 0.5 and server_view["fit"] == "pad"
                              and server_view["prompt"] == "a pencil sketch of a harbour")
+    # a prompt switch with KV re-cache through the page's checkbox
+    page.check("#recache")
+    wait_js(page, "wanstream.params && wanstream.params.recache === true", 30, f"{transport}: recache on")
+    page.fill("#prompt", "a watercolor of a harbour")
+    page.click("#apply-prompt")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stats = get_json(f"{base}/api/sessions/{session_id}?secret={secret}")["stats"]
+        if stats.get("recaches"):
+            break
+        time.sleep(0.2)
+    r["recache"] = {"transition_disabled": page.evaluate("document.getElementById('transition').disabled"),
+                    "recaches": stats.get("recaches")}
+    page.uncheck("#recache")
+    wait_js(page, "wanstream.params && wanstream.params.recache === false", 30, f"{transport}: recache off")
     r["presets"] = check_presets(page, base, transport, session_id, secret)
     r["osc"] = check_osc(page, transport)
     before = page.evaluate("wanstream.framesOut")

@@ -231,9 +231,9 @@ def test_a_stuck_model_call_is_reported_on_health(tiny_model, tmp_path, clip):
     with LiveServer(tiny_model, server_settings(tmp_path, stuck_after_s=0.5)) as s:
         original = s.manager.engine.step
 
-        def hung():
+        def hung(*args, **kwargs):
             release.wait(20)                    # bounded: the test releases it
-            return original()
+            return original(*args, **kwargs)
         s.manager.engine.step = hung
         try:
             c = WSClient(s.ws_url)

@@ -64,6 +64,7 @@ def test_browser_stream_params_and_stats(browser_run, transport):
     assert "steps:" in p["error_banner"] and p["applied"] and p["page_steps"] == 1, p
     d = r["download"]                                                    # the page's link carries the secret
     assert d["status"] == 200 and d["ftyp"] == "ftyp" and d["bytes"] > 0 and d["has_secret"], d
+    assert r["recache"] == {"transition_disabled": True, "recaches": 1}, r["recache"]   # the page's re-cache switch
     assert r["page_errors"] == []
     assert "frame-ancestors 'none'" in r["csp"] and r["csp_violations"] == [], (r["csp"], r["csp_violations"])
     if browser_run["netns"]:

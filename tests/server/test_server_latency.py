@@ -38,8 +38,8 @@ def slow_down(manager, delay, clock=None):
     """Every engine tick (one chunk per stream) takes ``delay`` more seconds (virtual when a clock is given)."""
     step = manager.engine.step
 
-    def slow_step():
-        out = step()
+    def slow_step(*args, **kwargs):
+        out = step(*args, **kwargs)
         if clock is not None:
             clock.t += delay
         else:

@@ -45,6 +45,8 @@ class ParamsUpdate(BaseModel):
                                                   description="weighted prompts, blended linearly")
     transition_chunks: int | None = Field(None, ge=0, le=MAX_TRANSITION_CHUNKS,
                                           description="interpolate prompt changes over this many chunks")
+    recache: bool | None = Field(None, description="prompt changes re-encode the recent frames under the new prompt "
+                                                   "(LongLive's KV re-cache; excludes a transition)")
     steps: int | None = Field(None, ge=1, le=4)
     noise_scale: float | None = Field(None, gt=0.0, le=1.0)
     noise_controller: bool | None = None
@@ -75,6 +77,7 @@ class SessionParams(BaseModel):
     prompt: str
     prompts: list[WeightedPrompt] | None = None
     transition_chunks: int = 0
+    recache: bool = False
     steps: int = 2
     noise_scale: float = 0.8
     noise_controller: bool = True
@@ -93,6 +96,9 @@ class SessionParams(BaseModel):
             new.prompts = [p.model_copy() for p in update.prompts]
         if update.lora is not None:
             new.lora = {**self.lora, **update.lora}
+        if new.recache and new.transition_chunks:
+            raise ValueError("a prompt change re-caches or transitions over chunks, not both: set transition_chunks "
+                             "to 0 with recache")
         changed = {k for k in type(self).model_fields if getattr(new, k) != getattr(self, k)}
         return new, changed
 

@@ -140,13 +140,14 @@ class StreamSession:
     def update(self, *, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
                transition_chunks: int = 0, steps: int | None = None, noise_scale: float | None = None,
                noise_controller: bool | None = None, seed: int | None = None,
-               lora: Mapping[str, float] | None = None) -> None:
+               lora: Mapping[str, float] | None = None, recache: bool = False) -> None:
         """Change knobs live; they apply from the next chunk. Frames a change finishes (a step change drains the
-        chunks in flight) come out of the next :meth:`push` or :meth:`flush`, never lost."""
+        chunks in flight) come out of the next :meth:`push` or :meth:`flush`, never lost. ``recache``: a new prompt
+        re-encodes the recent frames into the KV cache (LongLive's prompt switch, docs/backbones.md)."""
         self._check_open()
         if prompt is not None or prompt_embeds is not None:
             self.engine.set_prompt_embedding(self.stream, self._resolve_prompt(prompt, prompt_embeds),
-                                             transition_chunks)
+                                             transition_chunks, recache=recache)
         self.engine.update(self.stream, steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
                            seed=seed, lora=lora)
         self._tick()

@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 from wanstream.bench import roofline
-from wanstream.core.chunking import CHUNK_FRAMES as CHUNK
-from wanstream.core.chunking import chunks_in, frames_for
+from wanstream.core.chunking import SDV2_RULE, ChunkRule
 from wanstream.core.config import DTYPE_NAMES
 
 SCHEMA = "wanstream-bench/2"
@@ -67,6 +66,7 @@ class BenchConfig:
     prime_chunks: int | None = None     # chunks of the throw-away priming stream (default: steps + 2)
     sessions: int = 1                   # streams of the engine, fed together (own prompt and seed each)
     drift_watchdog: bool = False        # the drift watchdog on every measured stream (its cost: drift_ms_per_chunk)
+    rule: ChunkRule = SDV2_RULE         # the backbone's chunk rule (set from the loaded model)
 
     @property
     def mode(self) -> str:
@@ -78,7 +78,7 @@ class BenchConfig:
 
     def chunks(self) -> int:
         """Chunks the pushes of ``frames`` input frames process (the end-of-stream remainder is not measured)."""
-        return chunks_in(self.frames)
+        return self.rule.chunks_in(self.frames)
 
     def validate(self) -> None:
         if not 1 <= self.steps <= 4:
@@ -88,7 +88,7 @@ class BenchConfig:
         # the first measured chunk must leave the stream batch (``steps`` calls later) before the input ends
         need_chunks = self.warmup + max(2, self.steps if self.batch else 1)
         if self.chunks() < need_chunks:
-            need = frames_for(need_chunks)
+            need = self.rule.frames_for(need_chunks)
             raise ValueError(f"--frames {self.frames} gives {self.chunks()} chunks; with --warmup {self.warmup} and "
                              f"{self.steps} steps ({self.mode}) at least {need} frames are needed")
         if self.input_fps is not None and self.input_fps <= 0:
@@ -214,7 +214,7 @@ def _prime(model, cfg: BenchConfig, prompts: list[torch.Tensor], clip: LiveClip,
         return 0.0
     engine = Engine(model, policy=policy, compile=compile)
     streams = _open(engine, cfg, prompts)
-    for i in range(frames_for(chunks)):
+    for i in range(cfg.rule.frames_for(chunks)):
         for k, s in enumerate(streams):
             engine.feed(s, _source(clip, k, i))
         engine.run_until_idle()
@@ -276,7 +276,7 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
     t_ref = None
     order_ok = True
     next_index = [0] * n
-    warm_frames = frames_for(cfg.warmup)
+    warm_frames = cfg.rule.frames_for(cfg.warmup)
     samples = 0
     t_start = time.perf_counter()
     for i in range(cfg.frames):
@@ -360,8 +360,8 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
         "fps_e2e": sum(per_stream_out) / window if window > 0 else None,
         "fps_aggregate": sum(per_stream_out) / window if window > 0 else None,
         "fps_per_session_min": min(per_stream_out) / window if window > 0 else None,
-        "fps_capacity": CHUNK * chunks / busy if busy > 0 else None,
-        "fps_denoise": CHUNK * chunks / dit_time if dit_time > 0 else None,
+        "fps_capacity": cfg.rule.frames * chunks / busy if busy > 0 else None,
+        "fps_denoise": cfg.rule.frames * chunks / dit_time if dit_time > 0 else None,
         "stage_ms": stage_ms,
         "dit_calls": calls,
         "dit_calls_per_chunk": calls / chunks if chunks else None,
@@ -484,11 +484,14 @@ class BenchRun:
     overload: float | None = None       # also both policies at this many times the measured per-stream capacity
     base: BenchConfig = field(default_factory=BenchConfig)
     lora: list = field(default_factory=list)      # LoRASpec s attached to the DiT
+    backbone: str | None = None                   # which generator of the model folder (default: its layout's)
+    stream_batch: bool = True                     # the loaded backbone has a stream batch (set by ``run``)
 
     def configs(self) -> list[BenchConfig]:
         if not self.sweep:
             return [self.base]
-        return [replace(self.base, steps=s, batch=b) for s in (1, 2, 3, 4) for b in (True, False)]
+        modes = (True, False) if self.stream_batch else (False,)
+        return [replace(self.base, steps=s, batch=b) for s in (1, 2, 3, 4) for b in modes]
 
 
 def _warmup_statement(cfg: BenchConfig) -> str:
@@ -496,7 +499,7 @@ def _warmup_statement(cfg: BenchConfig) -> str:
     primed = ("model cold (no priming stream)" if cfg.prime_chunks == 0 else
               f"model warm (a throw-away stream of {prime} chunks runs before each row)")
     return (f"{primed}; the measured streams start cold, TTFF is the worst stream's first output; the first "
-            f"{cfg.warmup} chunks of every stream ({frames_for(cfg.warmup)} frames) are excluded from every "
+            f"{cfg.warmup} chunks of every stream ({cfg.rule.frames_for(cfg.warmup)} frames) are excluded from every "
             f"steady-state figure")
 
 
@@ -506,7 +509,12 @@ def run(spec: BenchRun, log=print) -> dict:
     dtype = getattr(torch, DTYPE_NAMES[spec.dtype]) if spec.dtype else None
     t0 = time.perf_counter()
     model = load_model(spec.model_dir, device=spec.device, dtype=dtype, text_encoder=False,
-                       taehv=spec.base.decoder == "taehv", lora=spec.lora, quantize=spec.quantize)
+                       taehv=spec.base.decoder == "taehv", lora=spec.lora, quantize=spec.quantize,
+                       backbone=spec.backbone)
+    spec.base = replace(spec.base, rule=model.backbone.chunk_rule("v2v"),           # a backbone without a stream
+                        batch=spec.base.batch and model.backbone.stream_batch)    # batch runs its steps in turn
+    spec.stream_batch = model.backbone.stream_batch
+    spec.base.validate()
     eager_model = None
     if spec.compare_eager:                   # the reference path: diffusers' own VAE modules, nothing compiled
         from wanstream.models.vae import StreamingVAE
@@ -519,7 +527,8 @@ def run(spec: BenchRun, log=print) -> dict:
     meta = {"schema": SCHEMA, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "commit": commit, "dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
             **device_info(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-            "model": str(spec.model_dir), "load_s": load_s, "host_load_start": _loadavg(),
+            "model": str(spec.model_dir), "backbone": model.backbone.name, "load_s": load_s,
+            "host_load_start": _loadavg(),
             "prompt": "synthetic embedding (speed does not depend on the prompt)",
             "lora": [f"{s.path}:{s.strength:g}" for s in spec.lora],
             "compile": spec.compile, "quantize": spec.quantize,
@@ -529,7 +538,7 @@ def run(spec: BenchRun, log=print) -> dict:
         meta["peaks"] = peaks
         configs = spec.configs()
         cfg0 = configs[0]
-        costs = model_costs(model, cfg0.width, cfg0.height, cache_frames=6)
+        costs = model_costs(model, cfg0.width, cfg0.height, cache_frames=model.backbone.cache("v2v").capacity)
         meta["model_dims"] = costs["dims"]
         meta["tokens_per_frame"] = costs["tokens_per_frame"]
         prompts = [synthetic_prompt(model.dit.transformer.config.text_dim, cfg0.seed + k)
@@ -556,7 +565,8 @@ def run(spec: BenchRun, log=print) -> dict:
                 from wanstream.bench.overload import run_overload
                 row["overload"] = run_overload(model, cfg, prompts, clip, spec.overload, row["fps_per_session_min"],
                                                log)
-            rows.append({**{k: meta[k] for k in ("device", "device_type", "dtype", "torch", "commit", "date")},
+            rows.append({**{k: meta[k] for k in ("device", "device_type", "dtype", "torch", "commit", "date",
+                                                 "backbone")},
                          **row, "peak_flops_per_s": peaks["matmul_flops_per_s"] if peaks else None})
     meta["host_load_end"] = _loadavg()
     return {"meta": meta, "rows": rows}

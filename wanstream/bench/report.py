@@ -153,7 +153,8 @@ def tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def _header(meta: dict) -> list[str]:
-    title = (f"wanstream bench — {meta['device']} | {meta['dtype']} | torch {meta['torch']} | commit "
+    title = (f"wanstream bench — {meta.get('backbone', 'streamdiffusionv2')} | {meta['device']} | {meta['dtype']} | "
+             f"torch {meta['torch']} | commit "
              f"{meta['commit']}{' (dirty)' if meta.get('dirty') else ''} | {meta['date']}")
     lines = [title, f"warm-up: {meta['warmup']}",
              f"host load average (1 min): {meta.get('host_load_start')} at start, {meta.get('host_load_end')} at end"]
@@ -190,7 +191,8 @@ def print_table(result: dict, file=None) -> None:
 def render_markdown(result: dict) -> str:
     """Markdown tables of the rows, labelled with device, dtype, torch, commit and date (for docs/benchmarks.md)."""
     meta = result["meta"]
-    head = (f"**{meta['device']}**, {meta['dtype']}, torch {meta['torch']}, commit `{meta['commit']}`"
+    head = (f"**{meta.get('backbone', 'streamdiffusionv2')}** on **{meta['device']}**, {meta['dtype']}, torch "
+            f"{meta['torch']}, commit `{meta['commit']}`"
             f"{' (dirty tree)' if meta.get('dirty') else ''}, {meta['date'][:10]}, host load average "
             f"{meta.get('host_load_start')} → {meta.get('host_load_end')}; {meta['warmup']}.")
     if meta.get("peaks"):

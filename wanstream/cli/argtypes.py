@@ -71,3 +71,11 @@ def resolution(text: str) -> tuple[int, int]:
         return parse_resolution(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_backbone_arg(p) -> None:
+    """``--backbone``: which causal model of a folder to load (core/backbones.py; the layout names one)."""
+    from wanstream.core.backbones import BACKBONES
+    p.add_argument("--backbone", choices=list(BACKBONES), default=None,
+                   help="which generator of the model folder to run (default: the one its layout holds; "
+                        "longlive-infinite: LongLive with window-slot RoPE positions for unbounded runs)")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from wanstream.cli.argtypes import int_in, resolution, seed
+from wanstream.cli.argtypes import add_backbone_arg, int_in, resolution, seed
 from wanstream.core.chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
 from wanstream.core.config import DTYPE_NAMES, QUANTIZE_MODES
 
@@ -33,6 +33,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                                           "deadline misses, peak memory and roofline figures "
                                           "(definitions: docs/benchmarks.md).")
     p.add_argument("--model", required=True, type=Path, help="model folder (see `wanstream init-random`)")
+    add_backbone_arg(p)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                    help="weights/compute dtype (default: bf16 on CUDA, fp32 on the CPU)")
@@ -96,7 +97,7 @@ def spec_from_args(args):
     return BenchRun(model_dir=args.model, device=args.device, dtype=args.dtype, sweep=args.sweep,
                     measure_peak=not args.no_peak, base=base, lora=lora_specs(args),
                     compare_round_robin=args.compare_round_robin, compile=args.compile, quantize=args.quantize,
-                    compare_eager=args.compare_eager, overload=args.overload)
+                    compare_eager=args.compare_eager, overload=args.overload, backbone=args.backbone)
 
 
 def run_bench(args) -> int:

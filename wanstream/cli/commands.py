@@ -64,7 +64,7 @@ def cmd_v2v(args) -> int:
 
     sources = [open_video(p, fps=args.fps, still_frames=args.still_frames) for p in args.input]
     model = load_model(args.model, device=args.device, taehv=args.taehv, quantize=args.quantize,
-                       lora=lora_specs(args))
+                       lora=lora_specs(args), backbone=args.backbone)
     embeds = prompt_embedding(model, args)
     engine = Engine(model)
     jobs = []
@@ -84,21 +84,24 @@ def cmd_v2v(args) -> int:
 def cmd_t2v(args) -> int:
     from tqdm import tqdm
 
-    from wanstream.api.t2v import text_to_video
+    from wanstream.api.t2v import Clip, parse_switch, text_to_videos
     from wanstream.io.video import VideoWriter, check_output_name
     from wanstream.models.loader import load_model
 
     check_output_name(args.output)
     check_device(args.device)
     width, height = args.resolution
-    model = load_model(args.model, device=args.device, lora=lora_specs(args))
+    switches = [parse_switch(s) for s in args.switch or ()]
+    model = load_model(args.model, device=args.device, lora=lora_specs(args), backbone=args.backbone)
     embeds = prompt_embedding(model, args)
+    clip = Clip(embeds, args.frames, args.seed,
+                switches=[(frame, model.prompt_embedding(text)) for frame, text in switches])
     t0 = time.perf_counter()
     first = None
     with _terminate_as_interrupt(), VideoWriter(args.output, args.fps, width, height) as writer, \
-            tqdm(total=args.frames, unit="frame", desc="t2v", disable=None) as bar:
-        for frame in text_to_video(model, embeds, args.frames, width=width, height=height, steps=args.steps,
-                                   seed=args.seed, batch=not args.no_batch):
+            tqdm(total=args.frames, unit="frame", desc=f"t2v {model.backbone.name}", disable=None) as bar:
+        for _, frame in text_to_videos(model, [clip], width=width, height=height, steps=args.steps,
+                                       batch=not args.no_batch):
             first = first if first is not None else time.perf_counter() - t0
             writer.write(frame)
             bar.update(1)
@@ -111,7 +114,7 @@ def cmd_t2v(args) -> int:
 def cmd_init_random(args) -> int:
     from wanstream.models.random_init import init_random
     init_random(args.dir, args.preset, seed=args.seed,
-                full_text_encoder=False if args.small_text_encoder else None)
+                full_text_encoder=False if args.small_text_encoder else None, backbone=args.backbone)
     return 0
 
 

@@ -4,30 +4,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from wanstream.core.backbones import BACKBONES
 from wanstream.core.config import CAUSAL_FOLDER, HUB_CAUSAL, HUB_WAN, WAN_FOLDER
 
 WAN_FILES = ["config.json", "diffusion_pytorch_model*", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
              "google/umt5-xxl/*"]
+# name → (Wan preset, backbone)
+MODELS = {"sdv2-1.3b": ("1.3b", "streamdiffusionv2"), "sdv2-14b": ("14b", "streamdiffusionv2"),
+          "self-forcing-1.3b": ("1.3b", "self-forcing"), "longlive-1.3b": ("1.3b", "longlive")}
 
 
 def download(name: str, root: Path) -> Path:
-    """``name`` is ``sdv2-1.3b``, ``sdv2-14b`` or an evaluation model (``clip``, ``raft``: into ``root/eval/``).
-    Raises RuntimeError with one line saying what to do when the hub cannot be reached (at once: no retries)."""
+    """``name`` is one of :data:`MODELS` (the Wan 2.1 folder and the backbone's generator, each in its released
+    layout under ``root``) or an evaluation model (``clip``, ``raft``: into ``root/eval/``). Raises RuntimeError with
+    one line saying what to do when the hub cannot be reached (at once: no retries)."""
     if name in ("clip", "raft"):
         from wanstream.eval.models import download_eval_model
         return download_eval_model(name, root)
-    preset = {"sdv2-1.3b": "1.3b", "sdv2-14b": "14b"}[name]
+    preset, backbone = MODELS[name]
+    ck = BACKBONES[backbone].checkpoint
     from huggingface_hub import hf_hub_download, snapshot_download
 
     from wanstream.models.hub import check_hub, hub_failure
     root = Path(root)
-    by_hand = (f"copy the files into {root} by hand (layout: wan_models/{WAN_FOLDER[preset]}/, "
-               f"ckpts/{CAUSAL_FOLDER[preset]}/model.pt)")
+    wan = f"wan_models/{WAN_FOLDER[preset]}/"
+    if ck.generator is None:
+        gen = f"ckpts/{CAUSAL_FOLDER[preset]}/model.pt"
+    else:
+        gen = ", ".join(f"{ck.hub_dir}/{f}" if ck.hub_dir else f for f in ck.hub_files)
+    by_hand = f"copy the files into {root} by hand (layout: {wan}, {gen})"
     check_hub(HUB_WAN[preset], name, by_hand)
     try:
-        snapshot_download(HUB_WAN[preset], local_dir=root / "wan_models" / WAN_FOLDER[preset],
-                          allow_patterns=WAN_FILES)
-        hf_hub_download(HUB_CAUSAL, f"{CAUSAL_FOLDER[preset]}/model.pt", local_dir=root / "ckpts")
+        snapshot_download(HUB_WAN[preset], local_dir=root / wan, allow_patterns=WAN_FILES)
+        if ck.generator is None:
+            hf_hub_download(HUB_CAUSAL, f"{CAUSAL_FOLDER[preset]}/model.pt", local_dir=root / "ckpts")
+        else:
+            for file in ck.hub_files:
+                hf_hub_download(ck.hub, file, local_dir=root / ck.hub_dir if ck.hub_dir else root)
     except Exception as exc:  # noqa: BLE001 - the network went away midway: one line (wanstream.models.hub)
         raise hub_failure(exc, name, by_hand) from None
     return root

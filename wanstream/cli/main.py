@@ -11,7 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from wanstream.cli.argtypes import Parser, float_in, int_in, resolution, seed
+from wanstream.cli.argtypes import Parser, add_backbone_arg, float_in, int_in, resolution, seed
 from wanstream.cli.presets import PRESET_COMMANDS, add_preset_arg
 from wanstream.core.config import QUANTIZE_MODES
 from wanstream.core.geometry import FIT_MODES
@@ -26,11 +26,12 @@ COMMANDS = {"v2v": ("wanstream.cli.commands", "cmd_v2v"), "t2v": ("wanstream.cli
             "clip": ("wanstream.cli.commands", "cmd_clip"), "download": ("wanstream.cli.commands", "cmd_download"),
             "bench": ("wanstream.cli.bench", "run_bench"), "serve": ("wanstream.cli.serve", "run_serve"),
             "eval": ("wanstream.cli.eval", "run_eval")}
-DOWNLOADS = ("sdv2-1.3b", "sdv2-14b", "clip", "raft")
+DOWNLOADS = ("sdv2-1.3b", "sdv2-14b", "self-forcing-1.3b", "longlive-1.3b", "clip", "raft")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="model folder (see `wanstream init-random`)")
+    add_backbone_arg(p)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
 
 
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=resolution, default=(832, 480), help="WxH, multiples of 16")
     p.add_argument("--fps", type=_fps, default=16.0, help="frame rate of the output file")
     p.add_argument("--no-batch", action="store_true", help="run the steps of each block sequentially")
+    p.add_argument("--switch", action="append", default=None, metavar="FRAME:PROMPT",
+                   help="switch to PROMPT at output frame FRAME (the block it falls in) with a KV re-cache of the "
+                        "recent frames (LongLive's interactive mode); repeatable")
 
     p = sub.add_parser("init-random", help="write a random-weight model in the released layout")
     p.add_argument("dir", type=Path, help="folder to write (the layout `--model` reads)")
@@ -106,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _seed_arg(p, "the random weights")
     p.add_argument("--small-text-encoder", action="store_true",
                    help="write a tiny text encoder even for the 1.3b / 14b presets")
+    p.add_argument("--backbone", choices=["streamdiffusionv2", "self-forcing", "longlive"],
+                   default="streamdiffusionv2", help="whose generator to write, in its released layout")
 
     p = sub.add_parser("clip", help="write a synthetic test clip with motion (demo / benchmark input)")
     p.add_argument("output", type=Path, help="output video file (.mp4)")
@@ -123,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", help="fetch the released weights (needs network access to the hub)")
     p.add_argument("name", nargs="+", choices=DOWNLOADS,
-                   help="sdv2-1.3b / sdv2-14b: the StreamDiffusionV2 models; clip / raft: the evaluation models "
-                        "(wanstream eval)")
+                   help="sdv2-1.3b / sdv2-14b: the StreamDiffusionV2 models; self-forcing-1.3b / longlive-1.3b: "
+                        "those generators (+ LongLive's LoRA) beside the Wan 2.1 1.3B folder; clip / raft: the "
+                        "evaluation models (wanstream eval)")
     p.add_argument("--dir", type=Path, default=Path("models"), help="folder to download into")
     return parser
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from wanstream.cli.argtypes import float_in, int_in, resolution
+from wanstream.cli.argtypes import add_backbone_arg, float_in, int_in, resolution
 from wanstream.core.geometry import FIT_MODES
 from wanstream.server.settings import ServerSettings
 
@@ -30,6 +30,7 @@ TOKEN_ENV = {"token": "WANSTREAM_TOKEN", "admin_token": "WANSTREAM_ADMIN_TOKEN"}
 
 def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, help="model folder (see `wanstream init-random`)")
+    add_backbone_arg(p)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
@@ -171,8 +172,9 @@ def load_serving_model(args, settings: ServerSettings):
               f"({', '.join(driver.spec.devices)}) started in {time.perf_counter() - t0:.1f} s", flush=True)
         return driver.model, driver
     taehv = settings.decoder == "taehv" or (settings.policy == "slack" and settings.ladder_taehv)
-    model = load_model(args.model, device=args.device, taehv=taehv, lora=lora_specs(args))
-    print(f"wanstream serve: model {args.model} on {model.device} loaded in {time.perf_counter() - t0:.1f} s"
+    model = load_model(args.model, device=args.device, taehv=taehv, lora=lora_specs(args), backbone=args.backbone)
+    print(f"wanstream serve: {model.backbone.title} model {args.model} on {model.device} loaded in "
+          f"{time.perf_counter() - t0:.1f} s"
           + (f", LoRAs {', '.join(model.dit.lora.names)}" if model.dit.lora is not None else ""), flush=True)
     return model, None
 

@@ -1,12 +1,15 @@
 """The chunk rule and frame numbering of a stream — the one home of both.
 
-A stream's input frames are cut into chunks: the first chunk has 5 frames (the Wan VAE encodes the first frame
-alone, so 5 frames → 2 latent frames), every later chunk 4 frames (→ 1 latent frame). Each input frame has an
-*index* (its position in the stream's input, 0, 1, 2, …), the caller's *frame id* (what the output frame that
-restyles it reports; the index unless the caller gives its own) and a *timestamp* (its capture or arrival time,
-carried to the output). :class:`ChunkBuffer` holds frames until a chunk is full and hands out whole chunks with
-their :class:`ChunkInfo`; at the end of a stream :meth:`ChunkBuffer.take_padded` pads the last partial chunk
-by repeating its last frame (the padding frames produce no output).
+A stream's input frames are cut into chunks by its backbone's :class:`ChunkRule`. StreamDiffusionV2's: the first
+chunk has 5 frames (the Wan VAE encodes the first frame alone, so 5 frames → 2 latent frames), every later chunk 4
+frames (→ 1 latent frame); the 3-latent blocks of Self-Forcing and LongLive: 9 frames, then 12 (→ 3 latent
+frames). Each input frame has an *index* (its position in the stream's input, 0, 1, 2, …), the caller's *frame
+id* (what the output frame that restyles it reports; the index unless the caller gives its own) and a *timestamp*
+(its capture or arrival time, carried to the output). :class:`ChunkBuffer` holds frames until a chunk is full and
+hands out whole chunks with their :class:`ChunkInfo`; at the end of a stream :meth:`ChunkBuffer.take_padded` pads
+the last partial chunk by repeating its last frame (the padding frames produce no output). A text-to-video stream
+has no input frames: :class:`BlockRequests` stands in for its queue (blocks asked for; each block's output frames
+numbered the same way).
 """
 
 from __future__ import annotations
@@ -16,25 +19,57 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-FIRST_CHUNK_FRAMES = 5      # pixel frames of a stream's first chunk (→ 2 latent frames)
+FIRST_CHUNK_FRAMES = 5      # pixel frames of a stream's first chunk (→ 2 latent frames), StreamDiffusionV2
 CHUNK_FRAMES = 4            # pixel frames of every later chunk (→ 1 latent frame)
 FIRST_CHUNK_LATENTS = 2
 CHUNK_LATENTS = 1
 
 
-def chunk_frames(prepared: bool) -> int:
+@dataclass(frozen=True)
+class ChunkRule:
+    """Pixel frames and latent frames of a stream's first chunk and of every later one (the Wan VAE maps
+    ``1 + 4(k - 1)`` frames of a stream's start to k latents, then 4 frames to 1)."""
+
+    first_frames: int
+    first_latents: int
+    frames: int
+    latents: int
+
+    @classmethod
+    def blocks(cls, latents: int) -> "ChunkRule":
+        """Chunks of ``latents`` latent frames: ``4·latents − 3`` frames first, then ``4·latents``."""
+        return cls(4 * latents - 3, latents, 4 * latents, latents)
+
+    def chunk_frames(self, prepared: bool) -> int:
+        return self.frames if prepared else self.first_frames
+
+    def latent_frames(self, first: bool) -> int:
+        return self.first_latents if first else self.latents
+
+    def chunks_in(self, frames: int) -> int:
+        return 0 if frames < self.first_frames else 1 + (frames - self.first_frames) // self.frames
+
+    def frames_for(self, chunks: int) -> int:
+        return 0 if chunks <= 0 else self.first_frames + self.frames * (chunks - 1)
+
+
+SDV2_RULE = ChunkRule(FIRST_CHUNK_FRAMES, FIRST_CHUNK_LATENTS, CHUNK_FRAMES, CHUNK_LATENTS)
+BLOCK3_RULE = ChunkRule.blocks(3)
+
+
+def chunk_frames(prepared: bool, rule: ChunkRule = SDV2_RULE) -> int:
     """Pixel frames of the next chunk of a stream (``prepared``: its first chunk has been taken)."""
-    return CHUNK_FRAMES if prepared else FIRST_CHUNK_FRAMES
+    return rule.chunk_frames(prepared)
 
 
-def chunks_in(frames: int) -> int:
+def chunks_in(frames: int, rule: ChunkRule = SDV2_RULE) -> int:
     """Whole chunks that ``frames`` input frames of a new stream fill."""
-    return 0 if frames < FIRST_CHUNK_FRAMES else 1 + (frames - FIRST_CHUNK_FRAMES) // CHUNK_FRAMES
+    return rule.chunks_in(frames)
 
 
-def frames_for(chunks: int) -> int:
+def frames_for(chunks: int, rule: ChunkRule = SDV2_RULE) -> int:
     """Input frames that fill ``chunks`` whole chunks of a new stream."""
-    return 0 if chunks <= 0 else FIRST_CHUNK_FRAMES + CHUNK_FRAMES * (chunks - 1)
+    return rule.frames_for(chunks)
 
 
 @dataclass
@@ -74,6 +109,7 @@ class ChunkBuffer:
     on_drop: Callable[[int], None] | None = None           # frames were discarded (full queue, clear, late)
     prepared: bool = False
     held: bool = False       # frames wait (e.g. for a prompt still being encoded): not ready, not late-dropped
+    rule: ChunkRule = SDV2_RULE   # the stream's chunk rule (its backbone's; set before the first frame is taken)
     frames_in: int = 0
     dropped: int = 0
     _queue: deque = field(default_factory=deque)
@@ -81,7 +117,7 @@ class ChunkBuffer:
 
     @property
     def next_len(self) -> int:
-        return chunk_frames(self.prepared)
+        return self.rule.chunk_frames(self.prepared)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -212,3 +248,84 @@ class ChunkBuffer:
                          [f.arrival for f in frames], real, first=not self.prepared)
         self.prepared = True
         return [f.image for f in frames], info
+
+
+@dataclass
+class BlockRequests:
+    """The input of a text-to-video stream: the blocks asked for, in the shape of a :class:`ChunkBuffer` (what the
+    planner and the engine read of a queue). Each request is one block of ``rule.latents`` latent frames; its
+    :class:`ChunkInfo` numbers the output frames the block decodes to (``rule.first_frames`` for the first block,
+    ``rule.frames`` after), ``real`` cut at ``total_frames`` (the frames of the clip) when one is set. Thread-safe."""
+
+    rule: ChunkRule = BLOCK3_RULE
+    total_frames: int | None = None       # frames of the whole clip (None: as many blocks as requested)
+    held: bool = False
+    prepared: bool = False
+    frames_in: int = 0                    # output frames planned so far (the requests taken)
+    dropped: int = 0
+    _queue: deque = field(default_factory=deque)      # arrival time of each requested block
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def next_len(self) -> int:
+        return 1
+
+    def blocks_for(self, frames: int) -> int:
+        """Blocks whose decoded frames cover ``frames`` output frames."""
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        return 1 + max(0, -(-(frames - self.rule.first_frames) // self.rule.frames))
+
+    def request(self, blocks: int, now: float = 0.0) -> None:
+        with self._lock:
+            self._queue.extend([float(now)] * int(blocks))
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def ready(self) -> bool:
+        with self._lock:
+            return not self.held and bool(self._queue)
+
+    def arrivals(self) -> list[float]:
+        with self._lock:
+            return list(self._queue)
+
+    def drop_oldest(self, n: int) -> int:
+        with self._lock:
+            k = min(n, max(0, len(self._queue) - 1))       # the newest request stays
+            for _ in range(k):
+                self._queue.popleft()
+            self.dropped += k
+        return k
+
+    def clear(self) -> int:
+        with self._lock:
+            k = len(self._queue)
+            self._queue.clear()
+            self.dropped += k
+        return k
+
+    def restart(self) -> int:
+        """A reset: the clip starts over (requests kept: the new start is generated)."""
+        with self._lock:
+            self.prepared = False
+            self.frames_in = 0
+        return 0
+
+    def take(self) -> tuple[list, ChunkInfo] | None:
+        with self._lock:
+            if not self._queue:
+                return None
+            arrival = self._queue.popleft()
+            n = self.rule.chunk_frames(self.prepared)
+            start = self.frames_in
+            real = n if self.total_frames is None else max(0, min(n, self.total_frames - start))
+            ids = list(range(start, start + n))
+            info = ChunkInfo(ids, ids, [arrival] * n, [arrival] * n, real, first=not self.prepared)
+            self.frames_in += n
+            self.prepared = True
+        return [], info
+
+    def take_padded(self) -> tuple[list, ChunkInfo] | None:
+        return self.take()

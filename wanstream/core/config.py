@@ -50,6 +50,10 @@ class CacheConfig:
     sink_threshold: float = 0.2  # adaptive sink refresh threshold tau; <= -1 disables it
     rope_wrap_at: int = 50      # temporal RoPE position that triggers the refresh ...
     rope_wrap_to: int = 5       # ... and the position it restarts from
+    rope_rebase: bool = False   # at the wrap the cached keys are turned back by the same distance (relative
+                                # positions kept: no limit, no jump); False: they keep theirs (the released refresh)
+    rope_window: bool = False   # keys stored without RoPE; every call rotates the window by slot order (LongLive's
+                                # infinite mode: positions 0 .. capacity-1, no limit)
 
     def __post_init__(self) -> None:
         if not 0 <= self.sink < self.capacity:

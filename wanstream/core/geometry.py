@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+VAE_STRIDE = 8          # the Wan VAE downsamples 8x in space (the DiT then takes 2x2 latent patches)
 PIXEL_MULTIPLE = 16
 FIT_MODES = ("crop", "pad", "stretch")
 _RESOLUTION = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")

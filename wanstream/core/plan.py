@@ -9,6 +9,7 @@ A :class:`Plan` covers the streams of one group (same size and cache settings) f
   whether the stream reached the end of its input and drains;
 * the DiT calls (:class:`~wanstream.core.schedule.Call`, usually one) over the rows of every stream, with the cache
   re-layouts they carry (``resize``, ``copy_row0``);
+* ``late_calls``: KV re-caches of prompt switches, run after the tick's outputs left (off the other streams' path);
 * ``collect``: after the calls, bring back every call still in flight (a pipeline of ranks keeps calls in flight;
   the first output of a stream and the end of a stream want them now).
 
@@ -58,6 +59,7 @@ class Plan:
     now: float
     streams: dict[Hashable, StreamPlan] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
+    late_calls: list[Call] = field(default_factory=list)   # after the tick's outputs: KV re-caches (prompt switches)
     collect: bool = False
     predicted_s: float | None = None     # the latency model's prediction for the tick's rows
 
@@ -68,7 +70,7 @@ class Plan:
 
     @property
     def dit_calls(self) -> int:
-        return sum(bool(c.rows) for c in self.calls)
+        return sum(bool(c.rows) for c in self.calls) + sum(bool(c.rows) for c in self.late_calls)
 
     @property
     def entries(self) -> list[tuple[Hashable, Entry]]:
@@ -77,11 +79,17 @@ class Plan:
     def without(self, stream: Hashable) -> None:
         """Take a stream out of the tick's calls (its own work failed while the plan ran); calls left with nothing
         to do are dropped."""
-        calls = []
-        for c in self.calls:
-            rows = [r for r in c.rows if r.stream != stream]
-            resize = [(s, n) for s, n in c.resize if s != stream]
-            copy = [s for s in c.copy_row0 if s != stream]
-            if rows or resize or copy:
-                calls.append(Call(c.frames, rows, resize, copy))
-        self.calls = calls
+        self.calls = _without(self.calls, stream)
+        self.late_calls = _without(self.late_calls, stream)
+
+
+def _without(calls: list[Call], stream: Hashable) -> list[Call]:
+    out = []
+    for c in calls:
+        rows = [r for r in c.rows if r.stream != stream]
+        resize = [(s, n) for s, n in c.resize if s != stream]
+        copy = [s for s in c.copy_row0 if s != stream]
+        rebase = [(s, n) for s, n in c.rebase if s != stream]
+        if rows or resize or copy or rebase:
+            out.append(Call(c.frames, rows, resize, copy, rebase))
+    return out

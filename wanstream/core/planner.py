@@ -25,7 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Hashable, Mapping, Sequence
 
-from wanstream.core.chunking import CHUNK_LATENTS, FIRST_CHUNK_LATENTS, ChunkBuffer
+from wanstream.core.backbones import Backbone
+from wanstream.core.backbones import backbone as get_backbone
+from wanstream.core.chunking import ChunkBuffer
 from wanstream.core.config import CacheConfig, StreamSettings
 from wanstream.core.plan import Entry, Plan, StreamPlan
 from wanstream.core.playout import PlayoutBuffer
@@ -33,7 +35,7 @@ from wanstream.core.schedule import Stage, StreamSchedule, compose
 from wanstream.core.scheduler import Decision, Scheduler, StreamView
 from wanstream.core.slack import ladder
 
-SCHEDULE_UPDATES = ("reset", "steps")        # live changes with a schedule side; the others pass through
+SCHEDULE_UPDATES = ("reset", "steps", "recache")   # live changes with a schedule side; the others pass through
 
 
 @dataclass
@@ -52,6 +54,8 @@ class StreamStats:
     degraded_chunks: int = 0       # chunks that entered on a lower rung
     degradations: int = 0
     restorations: int = 0
+    recaches: int = 0              # prompt switches with KV re-cache
+    recache_frames: int = 0        # latent frames re-encoded by them (each cache row)
     last_reasons: list[str] = field(default_factory=list)
     ladder_events: list[str] = field(default_factory=list)   # the last rung moves, each with its reason
 
@@ -80,6 +84,7 @@ class PlannedStream:
     since_rung: int = 10 ** 9        # chunks since the last rung change
     decoder: str = "own"             # the decoder of its rung ("own" | "taehv")
     cheap_decoder: bool = False      # a TAEHV rung exists (the engine sets it: TAEHV loaded, the stream on the VAE)
+    recache: Stage | None = None     # a KV re-cache asked for this tick: runs after the tick's outputs
 
     @property
     def rows(self) -> int:
@@ -95,10 +100,12 @@ class PlannedStream:
 class Planner:
     """Host decisions of one group of streams, one :class:`Plan` per tick (see the module docstring)."""
 
-    def __init__(self, policy: Scheduler | None = None, *, cache: CacheConfig = CacheConfig(), lag: int = 1):
+    def __init__(self, policy: Scheduler | None = None, *, cache: CacheConfig = CacheConfig(), lag: int = 1,
+                 backbone: Backbone | str | None = None):
         self.policy = policy or Scheduler()
         self.cache = cache
         self.lag = lag                   # calls in flight on the runner (a pipeline of W ranks: W)
+        self.backbone = get_backbone(backbone)   # the model's: step lists, context pass, stream batch or not
         self.streams: dict[Hashable, PlannedStream] = {}
         self.ticks = 0
 
@@ -127,9 +134,12 @@ class Planner:
         """Cache rows of every stream of the group."""
         return sum(rec.rows for rec in self.streams.values())
 
-    def admit(self, steps: int, input_fps: Sequence[float]) -> tuple[bool, str]:
-        """Whether one more stream with ``steps`` (one cache row per step) keeps every stream at its input rate."""
-        return self.policy.admit(self.rows(), steps, input_fps)
+    def admit(self, steps: int, input_fps: Sequence[float], mode: str = "v2v") -> tuple[bool, str]:
+        """Whether one more stream with ``steps`` keeps every stream at its input rate (from the rows each stream
+        adds to a tick and the frames a tick gives it: the backbone's chunk)."""
+        new = StreamSchedule("new", steps, mode=mode, backbone=self.backbone).rows_per_tick
+        now = sum(rec.schedule.rows_per_tick for rec in self.streams.values())
+        return self.policy.admit(now, new, input_fps, self.backbone.chunk_rule(mode).frames)
 
     def observe(self, rows: int, seconds: float) -> None:
         """A tick with ``rows`` batch rows took ``seconds`` (feeds the latency model)."""
@@ -137,7 +147,7 @@ class Planner:
 
     def _schedule(self, stream: Hashable, settings: StreamSettings) -> StreamSchedule:
         return StreamSchedule(stream, settings.steps, mode=settings.mode, batch=settings.batch, cache=settings.cache,
-                              lag=self.lag)
+                              lag=self.lag, backbone=self.backbone)
 
     # ------------------------------------------------------------------------------------------ the tick
     def plan(self, now: float, updates: Mapping[Hashable, Sequence[tuple[str, object]]] | None = None,
@@ -153,12 +163,14 @@ class Planner:
             sp = plan.streams[rec.id] = StreamPlan(rec.id)
             stages[rec.id] = self._updates(rec, updates.get(rec.id, ()), sp)
         running = sum(len(st.rows) for v in stages.values() for st in v)
-        decision = self._decide(order, now, running)
+        decision = self._decide([rec for rec in order if rec.recache is None], now, running)
         plan.predicted_s = decision.predicted_tick_s
         for rec in order:
             self._apply(rec, decision, plan.streams[rec.id], stages[rec.id])
         for rec in order:
             sp = plan.streams[rec.id]
+            if rec.recache is not None:
+                continue                                # re-caching: its next chunk waits for the next tick
             if rec.id in decision.join:
                 chunk = rec.buffer.take()
             elif rec.finishing and not rec.buffer.ready():
@@ -173,6 +185,9 @@ class Planner:
                 sp.drains = plan.collect = True         # end of input: every call in flight comes back
                 stages[rec.id] += rec.schedule.drain()
         plan.calls = compose([stages[rec.id] for rec in order if stages[rec.id]])
+        plan.late_calls = compose([[rec.recache] for rec in order if rec.recache is not None])
+        for rec in order:
+            rec.recache = None
         return plan
 
     def _updates(self, rec: PlannedStream, updates: Sequence[tuple[str, object]], sp: StreamPlan) -> list[Stage]:
@@ -190,6 +205,12 @@ class Planner:
                 rec.settings.steps = int(value)
                 stages += rec.schedule.reconfigure(int(value))
                 self._set_rung(rec, 0, "restored: the steps were changed", sp)
+            elif kind == "recache":
+                drain, rec.recache = rec.schedule.recache(keep_sink=bool(value))
+                stages += drain
+                if rec.recache is not None:
+                    rec.stats.recaches += 1
+                    rec.stats.recache_frames += rec.recache.frames * len(rec.recache.rows)
             sp.updates.append((kind, value))
         return stages
 
@@ -206,7 +227,7 @@ class Planner:
             views.append(StreamView(
                 rec.id, arrivals, n, rows=sch.rows if sch.prepared and sch.batch else 1,
                 calls_to_output=sch.calls_to_output if sch.prepared else 1, sequential=not sch.batch,
-                can_batch=sch.prepared and rec.settings.batch, deferred=rec.deferred_run,
+                can_batch=sch.can_batch and rec.settings.batch, deferred=rec.deferred_run,
                 since_switch=rec.since_switch, target_latency_s=rec.target_latency_s, levels=sch.levels,
                 slack_s=rec.playout.slack(now), interval_s=rec.playout.interval, ladder=rec.ladder, rung=rec.rung,
                 since_rung=rec.since_rung))
@@ -267,7 +288,7 @@ class Planner:
         """A chunk taken from the queue enters the stream's schedule: numbered, then prepared or pushed."""
         frames, info = chunk
         first = not rec.schedule.prepared
-        latent_frames = FIRST_CHUNK_LATENTS if info.first else CHUNK_LATENTS
+        latent_frames = rec.buffer.rule.latent_frames(info.first)
         cid = rec.next_chunk
         rec.next_chunk += 1
         rec.stats.chunks += 1
@@ -276,4 +297,6 @@ class Planner:
         if rec.rung:
             rec.stats.degraded_chunks += 1
         sp.entry = Entry(cid, frames, info, latent_frames, first)
-        return rec.schedule.prepare(cid, latent_frames) if first else rec.schedule.push(cid, latent_frames)
+        if first and rec.settings.mode == "v2v":               # text-to-video blocks start from noise: no prepare
+            return rec.schedule.prepare(cid, latent_frames)
+        return rec.schedule.push(cid, latent_frames)

@@ -148,13 +148,15 @@ class Scheduler:
         d.predicted_tick_s = self.latency.predict(running_rows + sum(rows[s.id] for s in join))
         return d
 
-    def admit(self, rows_now: int, rows_new: int, input_fps: Sequence[float]) -> tuple[bool, str]:
-        """Whether a new stream fits: each stream gets one chunk (4 frames) per tick, so the per-stream rate with
-        the new stream's rows is ``4 / L(rows)``; it must not fall below any stream's input rate."""
+    def admit(self, rows_now: int, rows_new: int, input_fps: Sequence[float],
+              chunk_frames: int = CHUNK_FRAMES) -> tuple[bool, str]:
+        """Whether a new stream fits: each stream gets one chunk (``chunk_frames``: 4 for StreamDiffusionV2) per
+        tick, so the per-stream rate with the new stream's rows is ``chunk_frames / L(rows)``; it must not fall
+        below any stream's input rate."""
         tick = self.latency.predict(rows_now + rows_new)
         if tick is None or tick <= 0:
             return True, "no latency measured yet"
-        rate = CHUNK_FRAMES / tick
+        rate = chunk_frames / tick
         need = max(input_fps, default=0.0)
         if rate < need:
             return False, (f"the server would fall behind: with another stream each stream would get about "

@@ -29,11 +29,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from wanstream.core.chunking import ChunkBuffer
+from wanstream.core.backbones import SDV2
+from wanstream.core.chunking import BlockRequests, ChunkBuffer
 from wanstream.core.config import CacheConfig, StreamSettings, check_seed
-from wanstream.core.geometry import check_fit, check_resolution
+from wanstream.core.geometry import VAE_STRIDE, check_fit, check_resolution
 from wanstream.core.plan import Plan
 from wanstream.core.planner import Planner
+from wanstream.core.schedule import Call
 from wanstream.core.scheduler import RoundRobin, Scheduler, SLOConfig
 from wanstream.core.slack import SlackPolicy
 from wanstream.engine.codec import StreamCodec
@@ -60,6 +62,7 @@ class Group:
     planner: Planner
     tokens_per_frame: int
     streams: list[EngineStream] = field(default_factory=list)
+    late: list = field(default_factory=list)     # calls after the tick's outputs (KV re-caches)
 
 
 class Engine:
@@ -71,6 +74,7 @@ class Engine:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.model = model
+        self.backbone = getattr(model, "backbone", SDV2)   # every stream of an engine runs the model's backbone
         self.slo = slo
         self.policy = policy
         self.clock = clock
@@ -105,10 +109,15 @@ class Engine:
              noise_scale: float = 0.8, noise_controller: bool = True, batch: bool = True, seed: int = 0,
              cache: CacheConfig | None = None, decoder: str = "vae", max_queue_chunks: int | None = None,
              target_latency_s: float | None = None, buffer: ChunkBuffer | None = None, fit: str = "crop",
-             lora: Mapping[str, float] | None = None) -> EngineStream:
+             lora: Mapping[str, float] | None = None, mode: str = "v2v",
+             frames: int | None = None) -> EngineStream:
         """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here). ``buffer``: an
         input queue the caller already fills (the server's session), else a new one; ``fit``: how frames of
-        another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults)."""
+        another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults).
+
+        ``mode="t2v"``: a text-to-video stream — no input frames; its blocks start from the stream's noise.
+        ``frames``: the clip's output frames (its blocks are asked for at once and the stream finishes after them);
+        ``None``: blocks are asked for with :meth:`generate`. ``cache`` defaults to the backbone's for the mode."""
         check_resolution(width, height)
         if decoder not in ("vae", "taehv"):
             raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
@@ -116,10 +125,19 @@ class Engine:
             raise ValueError("decoder='taehv' needs a model loaded with taehv=True")
         check_fit(fit)
         settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
-                                  batch=batch, seed=seed, cache=cache or CacheConfig(),
-                                  lora=self.lora_strengths(lora))
+                                  batch=batch, seed=seed, cache=cache or self.backbone.cache(mode),
+                                  lora=self.lora_strengths(lora), mode=mode)
         embedding = self.pad_prompt(prompt_embeds)
-        buffer = buffer if buffer is not None else ChunkBuffer(max_chunks=max_queue_chunks)
+        rule = self.backbone.chunk_rule(mode)
+        if mode == "t2v":
+            if buffer is not None:
+                raise ValueError("a text-to-video stream has no input queue")
+            buffer = BlockRequests(rule, total_frames=frames)
+            if frames is not None:
+                buffer.request(buffer.blocks_for(frames), self.clock())
+        else:
+            buffer = buffer if buffer is not None else ChunkBuffer(max_chunks=max_queue_chunks)
+            buffer.rule = rule
         m = self.model
         with self._tick, self._registry, torch.inference_mode():
             group = self._group(width, height, settings.cache)
@@ -140,7 +158,15 @@ class Engine:
                 raise
             group.streams.append(s)
             self.streams[sid] = s
+            if mode == "t2v" and frames is not None:
+                group.planner.finish(sid)            # the clip's blocks are all asked for
         return s
+
+    def generate(self, stream: EngineStream, blocks: int = 1) -> None:
+        """Ask a text-to-video stream for ``blocks`` more blocks (any thread)."""
+        if not isinstance(stream.buffer, BlockRequests):
+            raise ValueError("generate() is for text-to-video streams")
+        stream.buffer.request(blocks, self.clock())
 
     def lora_strengths(self, lora: Mapping[str, float] | None) -> tuple[float, ...] | None:
         """A validated LoRA strength vector from strengths by name (``None``: the loaded defaults)."""
@@ -183,7 +209,8 @@ class Engine:
                 runner = Runner(dit, m.sampler, pool, CachePolicy(cache), tpf, timer=self.timer, compile=self.compile)
             policy = RoundRobin() if self.policy == "round_robin" else \
                 (SlackPolicy if self.policy == "slack" else Scheduler)(self.slo)
-            g = self.groups[key] = Group(key, runner, Planner(policy, cache=cache, lag=runner.lag), tpf)
+            g = self.groups[key] = Group(key, runner, Planner(policy, cache=cache, lag=runner.lag,
+                                                              backbone=self.backbone), tpf)
         return g
 
     def feed(self, stream: EngineStream, frames, timestamps: Sequence[float] | None = None,
@@ -231,10 +258,19 @@ class Engine:
         if lora is not None:
             stream.queue_update("lora", self.lora_strengths(lora))
 
-    def set_prompt_embedding(self, stream: EngineStream, embedding: torch.Tensor, transition_chunks: int = 0) -> None:
+    def set_prompt_embedding(self, stream: EngineStream, embedding: torch.Tensor, transition_chunks: int = 0,
+                             recache: bool = False, keep_sink: bool = True) -> None:
         """New prompt from the stream's next DiT call; with ``transition_chunks`` = K > 0 the embedding moves
-        linearly from the current one over the next K chunks."""
+        linearly from the current one over the next K chunks. ``recache``: LongLive's prompt switch — the stream's
+        recent frames are re-encoded under the new prompt into its KV cache (chunks in flight finish first, the
+        re-cache runs after the tick's outputs, the stream's next chunk waits one tick; ``StreamStats.recaches``).
+        ``keep_sink``: once the cache is full the sink keeps its K/V (LongLive's ``global_sink: true``); else the
+        window's oldest frames become the new sink."""
+        if recache and transition_chunks:
+            raise ValueError("a prompt switch re-caches or transitions over chunks, not both")
         stream.queue_update("prompt", (self.pad_prompt(embedding), int(transition_chunks)))
+        if recache:
+            stream.queue_update("recache", bool(keep_sink))
 
     def reset(self, stream: EngineStream, discard_queued: bool = True) -> None:
         """Start over on the next frame: queued frames are discarded, in-flight chunks dropped, fresh state.
@@ -305,7 +341,7 @@ class Engine:
     def admit(self, width: int, height: int, steps: int, input_fps: float | None,
               cache: CacheConfig | None = None) -> tuple[bool, str]:
         """Whether another stream keeps every stream at its input rate (from the measured tick latency)."""
-        cache = cache or CacheConfig()
+        cache = cache or self.backbone.cache("v2v")
         with self._registry:
             g = self.groups.get((width, height, cache))
             if g is None:
@@ -319,12 +355,35 @@ class Engine:
             closed = bool(self._closed)
         return closed or any(s.has_work() for s in streams)
 
-    def step(self) -> None:
-        """One tick over every group (see the module docstring); output frames go to each stream's ``outbox``."""
+    def step(self, late: bool = True) -> None:
+        """One tick over every group (see the module docstring); output frames go to each stream's ``outbox``.
+        ``late=False``: the tick's late calls (KV re-caches) wait for :meth:`run_late` (the server delivers the
+        tick's frames first); the next tick runs them first in any case."""
         with self._tick, torch.inference_mode():
             self._release_closed()
             for g in list(self.groups.values()):
                 self._tick_group(g)
+        if late:
+            self.run_late()
+
+    def run_late(self) -> None:
+        """The KV re-caches the last tick asked for (prompt switches), after its outputs."""
+        with self._tick, torch.inference_mode():
+            for g in list(self.groups.values()):
+                self._run_late(g)
+
+    def _run_late(self, g: Group) -> None:
+        calls, g.late = g.late, []
+        for call in calls:
+            call = Call(call.frames, [r for r in call.rows if r.stream in g.runner.streams])   # closed meanwhile
+            if not call.rows:
+                continue
+            try:
+                g.runner.run(call)
+            except Exception as exc:  # noqa: BLE001 - a failed re-cache ends its streams, the engine goes on
+                log.exception("KV re-cache failed")
+                for sid in {r.stream for r in call.rows}:
+                    self._stream_error(self.streams.get(sid), "recache", exc)
 
     def run_until_idle(self, max_ticks: int = 10 ** 6) -> None:
         for _ in range(max_ticks):
@@ -333,6 +392,7 @@ class Engine:
             self.step()
 
     def _tick_group(self, g: Group) -> None:
+        self._run_late(g)                            # a re-cache asked for last tick comes before anything else
         streams = [s for s in g.streams if not s.closed]
         if not streams:
             return
@@ -359,6 +419,7 @@ class Engine:
                 watch(self, g, plan, finished)
         with self.timer.section("decode"):
             self._outputs(self.codec.decode(finished))
+        g.late += plan.late_calls
         self.dit_calls += plan.dit_calls
         self.rows_run += plan.rows
         self.ticks += 1
@@ -411,9 +472,14 @@ class Engine:
         m = self.model
         pixels = {}
         joining = []
+        latents = {}
         for sid, entry in plan.entries:
             s = self.streams.get(sid)
             if s is None or s.closed:
+                continue
+            if s.settings.mode == "t2v":               # a block from pure noise: zero latents mixed at scale 1
+                latents[sid] = torch.zeros((1, entry.latent_frames, m.vae.z_dim, s.height // VAE_STRIDE,
+                                            s.width // VAE_STRIDE), device=m.device, dtype=m.dtype)
                 continue
             try:
                 pixels[sid] = upload_frames(entry.frames, m.device, m.dtype)
@@ -421,24 +487,26 @@ class Engine:
             except Exception as exc:  # noqa: BLE001
                 self._stream_error(s, "frames", exc)
         with self.timer.section("encode"), g.runner.encoding():
-            latents = self.codec.encode(joining, pixels)
-        for s in joining:
-            entry = plan.streams[s.id].entry
-            if s.id not in latents:
+            latents.update(self.codec.encode(joining, pixels))
+        for sid, entry in plan.entries:
+            s = self.streams.get(sid)
+            if s is None or sid not in latents:
                 continue
-            z = latents[s.id]
+            z = latents[sid]
             s.chunks[entry.chunk] = entry.info
             self.chunks += 1
             self._advance_transition(g, s)
-            frames = pixels[s.id]
-            if entry.first:
+            if sid not in pixels:                          # text-to-video: all noise
+                inp = ChunkInput(z, 1.0)
+            elif entry.first:
                 inp = ChunkInput(z, s.settings.noise_scale)
                 s.controller.reset()
             else:
-                sc, t = s.controller(s.prev_frame[None], frames[None])
+                sc, t = s.controller(s.prev_frame[None], pixels[sid][None])
                 inp = ChunkInput(z, sc, t)
-            g.runner.enter(s.id, entry.chunk, inp)
-            s.prev_frame = frames[-1]
+            g.runner.enter(sid, entry.chunk, inp)
+            if sid in pixels:
+                s.prev_frame = pixels[sid][-1]
         for sid, sp in plan.streams.items():
             s = self.streams.get(sid)
             if (sp.entry is not None and sid not in latents) or s is None or s.closed:

@@ -236,13 +236,14 @@ class MetricsRegistry:
             "frames_dropped": CounterMetricFamily(f"{p}_stream_dropped_frames", "Input frames dropped",
                                                   labels=label),
             "frames_out": CounterMetricFamily(f"{p}_stream_output_frames", "Output frames", labels=label),
+            "recaches": CounterMetricFamily(f"{p}_stream_recaches", "Prompt switches with KV re-cache", labels=label),
         }
         latency = GaugeMetricFamily(f"{p}_stream_latency_seconds", "Per-frame latency percentiles (recent frames)",
                                     labels=["session", "quantile"])
         for session_id, metrics in streams:
             summary = metrics.summary()
             for key, family in families.items():
-                if summary[key] is not None:
+                if summary.get(key) is not None:
                     family.add_metric([session_id], summary[key])
             for key, quantile in (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99")):
                 if summary["latency_ms"][key] is not None:

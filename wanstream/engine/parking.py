@@ -118,6 +118,8 @@ def park(engine: "Engine", s: EngineStream) -> ParkedStream:
     rs = runner.streams[s.id]
     if rs.inputs:
         raise NotParkable("a chunk is entering the model")
+    if s.record.recache is not None:
+        raise NotParkable("a prompt switch with KV re-cache is pending")
     if rs.seed is None or not isinstance(rs.noise, SeededNoise) or not isinstance(rs.renoise_source, SeededNoise):
         raise NotParkable("streams with injected noise sources cannot be parked")
     if not isinstance(rs.prompt, torch.Tensor):
@@ -140,7 +142,7 @@ def park(engine: "Engine", s: EngineStream) -> ParkedStream:
                                   "lam": s.controller.lam, "enabled": bool(s.controller.enabled)},
                    "own_decoder": s.own_decoder},
         "runner": {"seed": rs.seed, "lora": None if rs.lora is None else list(rs.lora),
-                   "latents": sorted(int(c) for c in rs.latents)},
+                   "latents": sorted(int(c) for c in rs.latents), "history": sorted(int(f) for f in rs.history)},
         "drift": None if s.drift is None else s.drift.state(tensors),
         "vae": {"enc": _vae_state("enc", s.enc_state, tensors), "dec": _vae_state("dec", s.dec_state, tensors),
                 "dec_alt": None if s.alt_dec_state is None else _vae_state("dec_alt", s.alt_dec_state, tensors)},
@@ -158,6 +160,8 @@ def park(engine: "Engine", s: EngineStream) -> ParkedStream:
         tensors["runner.prompt"] = rs.prompt
     for c, lat in rs.latents.items():
         tensors[f"latent.{int(c)}"] = lat
+    for f, lat in rs.history.items():                 # the clean frames a KV re-cache would re-encode
+        tensors[f"history.{int(f)}"] = lat
     tensors.update({f"kv.{k}": v for k, v in pool.export_rows(s.id).items()})
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     # out of the engine: rows and slot back to the pool, the record out of the planner
@@ -193,7 +197,7 @@ def resume(engine: "Engine", parked: ParkedStream, buffer: ChunkBuffer | None = 
     engine._next_id += 1
     rec = g.planner.add(sid, settings, buffer, host["record"]["target_latency_s"])
     try:
-        rec.schedule = _schedule_from(sid, host["schedule"], settings, cache, g.planner.lag)
+        rec.schedule = _schedule_from(sid, host["schedule"], settings, cache, g.planner.lag, engine.backbone)
         r = host["record"]
         rec.next_chunk, rec.deferred_run, rec.since_switch = r["next_chunk"], r["deferred_run"], r["since_switch"]
         rec.stats = _stats_from(r["stats"])
@@ -227,6 +231,7 @@ def resume(engine: "Engine", parked: ParkedStream, buffer: ChunkBuffer | None = 
         rs.renoise_source.generator.set_state(t["noise.renoise"])
         rs.prompt = t["runner.prompt"].to(dev) if "runner.prompt" in t else s.embedding
         rs.latents = {int(cid): t[f"latent.{int(cid)}"].to(dev) for cid in run["latents"]}
+        rs.history = {int(f): t[f"history.{int(f)}"].to(dev) for f in run.get("history", [])}
         g.runner.add(rs, rows)
         pool.import_rows(sid, {name: t[f"kv.{name}"] for name in layout})
     except BaseException:
@@ -275,7 +280,7 @@ def _check(engine: "Engine", host: dict, t: dict[str, torch.Tensor]) -> dict:
         raise StateError("the stream decodes with TAEHV, which this engine has not loaded")
     settings = _settings_from(host["settings"], engine)
     cache = settings.cache
-    sch = _schedule_from(0, host["schedule"], settings, cache, 1)      # validates registers
+    sch = _schedule_from(0, host["schedule"], settings, cache, 1, engine.backbone)      # validates registers
     rows = sch.rows
     dit = m.dit
     text_dim = dit.transformer.config.text_dim
@@ -367,7 +372,8 @@ def _settings_state(st: StreamSettings) -> dict:
 
 def _settings_from(d: dict, engine: "Engine") -> StreamSettings:
     cache = CacheConfig(**{k: d["cache"][k] for k in ("capacity", "sink", "sink_threshold", "rope_wrap_at",
-                                                     "rope_wrap_to")})
+                                                     "rope_wrap_to")},
+                        **{k: bool(d["cache"].get(k, False)) for k in ("rope_rebase", "rope_window")})
     lora = None if d["lora"] is None else tuple(float(x) for x in d["lora"])
     lora_set = engine.model.dit.lora
     if lora is not None and (lora_set is None or len(lora) != len(lora_set.names)):
@@ -380,19 +386,25 @@ def _settings_from(d: dict, engine: "Engine") -> StreamSettings:
 
 
 def _schedule_state(sch: StreamSchedule) -> dict:
-    return {"steps": sch.steps, "batch": sch.batch, "lag": sch.lag, "next_frame": sch.next_frame,
-            "next_rope": sch.next_rope, "prepared": sch.prepared,
+    return {"backbone": sch.backbone.name, "steps": sch.steps, "batch": sch.batch, "lag": sch.lag,
+            "next_frame": sch.next_frame, "next_rope": sch.next_rope, "prepared": sch.prepared, "block": sch.block,
+            "rebase": sch._rebase,
             "batches": [[None if sl is None else [sl.chunk, sl.frame, sl.rope] for sl in b] for b in sch.batches]}
 
 
-def _schedule_from(sid, d: dict, settings: StreamSettings, cache: CacheConfig, lag: int) -> StreamSchedule:
+def _schedule_from(sid, d: dict, settings: StreamSettings, cache: CacheConfig, lag: int,
+                   backbone) -> StreamSchedule:
     if d["lag"] != lag:
         raise StateError(f"the stream's schedule has {d['lag']} calls in flight, this engine {lag}")
+    if d.get("backbone") != backbone.name:
+        raise StateError(f"the stream ran the {d.get('backbone')!r} backbone, this engine runs {backbone.name!r}")
     sch = StreamSchedule(sid, _int(d["steps"], 1, 4), mode=settings.mode, batch=bool(d["batch"]), cache=cache,
-                         lag=lag)
+                         lag=lag, backbone=backbone)
     sch.next_frame = _int(d["next_frame"], 0, 1 << 40)
     sch.next_rope = _int(d["next_rope"], 0, cache.rope_wrap_at)
     sch.prepared = bool(d["prepared"])
+    sch.block = _int(d["block"], 1, 64)
+    sch._rebase = _int(d["rebase"], 0, 1 << 40)
     batches = d["batches"]
     if len(batches) != lag or any(len(b) != sch.levels for b in batches):
         raise StateError("the schedule's registers do not match its step count")

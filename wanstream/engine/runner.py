@@ -40,7 +40,7 @@ class ChunkInput:
 
     z: torch.Tensor                          # [1, T, C, h, w]
     s: float | torch.Tensor                  # noise scale (float or 0-d device tensor)
-    t0: torch.Tensor | None = None           # level-0 timestep (int64, 0-d or [1]); None: the step list's first
+    t0: torch.Tensor | None = None           # level-0 timestep (0-d or [1]); None: the step list's first
 
 
 @dataclass
@@ -65,6 +65,7 @@ class RunnerStream:
     lora: tuple[float, ...] | None = None          # LoRA strength vector (models/lora.py); None: the defaults
     prompt: object = None                          # the last prompt given (embedding or PromptKV)
     seed: int | None = None                        # the seed of its sources (None: injected sources)
+    history: dict = field(default_factory=dict)    # frame → its clean latent [1, C, h, w] (the last cache window)
 
     @classmethod
     def seeded(cls, stream: Hashable, seed: int, device, lora: tuple[float, ...] | None = None) -> "RunnerStream":
@@ -85,9 +86,27 @@ class RunnerStream:
         return self.renoise_source or self.noise
 
     def noised(self, inp: ChunkInput) -> torch.Tensor:
-        """``eps * s + z * (1 - s)`` with a fresh draw."""
+        """``eps * s + z * (1 - s)`` with a fresh draw (none for ``s == 0``: the clean latents as they are)."""
+        if isinstance(inp.s, float) and inp.s == 0.0:
+            return inp.z
         eps = self.noise(inp.z.shape).to(inp.z.dtype)
         return eps * inp.s + inp.z * (1 - inp.s)
+
+    def remember(self, frame: int, x0: torch.Tensor, window: int) -> None:
+        """Keep the clean latents of frames ``frame ..`` (``x0 [1, T, C, h, w]``) and forget frames older than the
+        last ``window`` (what a KV re-cache re-encodes)."""
+        for i in range(x0.shape[1]):
+            self.history[frame + i] = x0[:, i]
+        newest = frame + x0.shape[1]
+        for f in [f for f in self.history if f < newest - window]:
+            del self.history[f]
+
+    def recalled(self, frame: int, frames: int) -> torch.Tensor:
+        """Clean latents ``[1, frames, C, h, w]`` of frames ``frame ..`` (kept by :meth:`remember`)."""
+        missing = [f for f in range(frame, frame + frames) if f not in self.history]
+        if missing:
+            raise RuntimeError(f"stream {self.id!r}: no clean latent of frames {missing} to re-cache")
+        return torch.stack([self.history[f] for f in range(frame, frame + frames)], dim=1)
 
 
 def gather_rows(rows: Sequence[Row], streams: dict, wait_latent: Callable[[], None] | None = None
@@ -110,9 +129,9 @@ def gather_rows(rows: Sequence[Row], streams: dict, wait_latent: Callable[[], No
 
 
 def row_timesteps(rows: Sequence[Row], own_t0: dict, device) -> torch.Tensor:
-    """Per-row int64 timesteps ``[B]``: each row's level timestep, or the chunk's own timestep where it has one
-    (``own_t0[(stream, chunk)]``, level-0 rows)."""
-    ts = torch.tensor([r.t for r in rows], dtype=torch.long).to(device, non_blocking=True)
+    """Per-row float64 timesteps ``[B]`` (integer or warped float values): each row's level timestep, or the
+    chunk's own timestep where it has one (``own_t0[(stream, chunk)]``, level-0 rows)."""
+    ts = torch.tensor([r.t for r in rows], dtype=torch.float64).to(device, non_blocking=True)
     return own_timesteps(ts, rows, own_t0)
 
 
@@ -129,8 +148,10 @@ def settle(sampler: FlowMatchSampler, x: torch.Tensor, flow: torch.Tensor, ts: t
            renoise: Callable[[Hashable], NoiseSource], t_next: torch.Tensor | None = None,
            ) -> tuple[list[tuple[Row, torch.Tensor]], list[tuple[Row, torch.Tensor]]]:
     """The outcome of a call: x0 of every row (float64 math, as released); each stream's rows that stay are
-    re-noised to their next level with ONE draw of that stream's re-noising source, the final rows leave clean.
-    ``t_next`` (``[B]`` on the device, each row's ``Row.t_next``) saves building the re-noise timesteps here.
+    re-noised to their next level with ONE draw of that stream's re-noising source, the final rows leave clean (and a
+    final row that ``hold`` s also stays, clean, as the input of its chunk's context pass); a context row's output is
+    dropped (only the K/V it wrote count). ``t_next`` (``[B]`` on the device, each row's ``Row.t_next``) saves
+    building the re-noise timesteps here.
 
     Returns ``(kept, finished)``: ``[(row, latent [1, T, C, h, w])]`` each, in row order."""
     x0 = sampler.to_x0(x, flow, ts)
@@ -140,7 +161,7 @@ def settle(sampler: FlowMatchSampler, x: torch.Tensor, flow: torch.Tensor, ts: t
         e = b
         while e < len(rows) and rows[e].stream == rows[b].stream:
             e += 1
-        stay = [i for i in range(b, e) if not rows[i].final]
+        stay = [i for i in range(b, e) if rows[i].renoised]
         if stay:
             lo, hi = stay[0], stay[-1] + 1
             if stay != list(range(lo, hi)):
@@ -149,12 +170,13 @@ def settle(sampler: FlowMatchSampler, x: torch.Tensor, flow: torch.Tensor, ts: t
             if t_next is not None:
                 targets = t_next[lo:hi]
             else:
-                targets = torch.tensor([rows[i].t_next for i in stay], dtype=torch.long).to(x.device,
-                                                                                            non_blocking=True)
+                targets = torch.tensor([rows[i].t_next for i in stay], dtype=torch.float64).to(x.device,
+                                                                                               non_blocking=True)
             eps = renoise(rows[b].stream)(sub.shape).to(sub.dtype)
             renoised = sampler.add_noise(sub, eps, targets)
             kept += [(rows[i], renoised[i - lo: i - lo + 1]) for i in stay]
         finished += [(rows[i], x0[i: i + 1]) for i in range(b, e) if rows[i].final]
+        kept += [(rows[i], x0[i: i + 1]) for i in range(b, e) if rows[i].hold]
         b = e
     return kept, finished
 
@@ -248,6 +270,7 @@ class Runner:
         st = self.streams[stream_id]
         st.inputs.clear()
         st.latents.clear()
+        st.history.clear()
         if st.seed is not None:
             st.reseed(st.seed, self.device)
         lease = self.pool.leases[stream_id]
@@ -302,6 +325,8 @@ class Runner:
     # ------------------------------------------------------------------------------------------ calls
     def run(self, call: Call) -> list[Done]:
         """Execute one call; returns the chunks that left clean."""
+        for sid, delta in call.rebase:
+            self.pool.rebase(sid, delta, self.dit.rope)
         for sid, rows in call.resize:
             self.pool.resize(sid, rows)
         finished: list = []
@@ -313,13 +338,19 @@ class Runner:
 
     def _dit_call(self, call: Call) -> list[Done]:
         rows = call.rows
+        for r in rows:
+            if r.recache:                           # a KV re-cache: the stream's clean frames, noised to the level
+                sigma = 0.0 if r.t == 0 else float(self.sampler.sigma(torch.tensor([float(r.t)]))[0])
+                st = self.streams[r.stream]
+                st.inputs[r.chunk] = ChunkInput(st.recalled(r.frame, call.frames), sigma)
         xs, own_t0 = gather_rows(rows, self.streams)
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         leases = self.pool.leases
         lay = self._layout(call.frames, tuple(leases[r.stream].row + r.cache_row for r in rows),
                            tuple(leases[r.stream].slot for r in rows), tuple(r.stream for r in rows))
         step = lay.buffers.fill([r.frame for r in rows], [r.rope for r in rows],
-                                ([r.t for r in rows], [r.t_next for r in rows]))
+                                ([r.t for r in rows], [r.t_next for r in rows]),
+                                [r.resink for r in rows] if any(r.resink for r in rows) else None)
         ts, t_next = lay.buffers.values
         own_timesteps(ts, rows, own_t0)
         lay.steady = lay.steady + 1 if step.attn_mask is None else 0
@@ -331,6 +362,8 @@ class Runner:
             kept, finished = settle(self.sampler, x, flow, ts, rows, lambda sid: self.streams[sid].renoise, t_next)
         for r, latent in kept:
             self.streams[r.stream].latents[r.chunk] = latent
+        for r, x0 in finished:
+            self.streams[r.stream].remember(r.frame, x0, self.policy.capacity)
         self.calls += 1
         self.rows_run += len(rows)
         return [Done(r, x0) for r, x0 in finished]

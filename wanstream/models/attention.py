@@ -21,15 +21,19 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def self_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                    cache_v: torch.Tensor, step: CacheStep, cache_km: torch.Tensor,
-                   cache_vm: torch.Tensor) -> torch.Tensor:
+                   cache_vm: torch.Tensor, key_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x [B, L, dim]`` → attention output ``[B, L, dim]``; writes this call's K/V into the cache rows.
 
     ``cache_k/v`` are the storage of one block, ``[R, S, heads, head_dim]``, and ``cache_km/vm`` its slot means
     ``[R, capacity, heads*head_dim]``; each run of batch rows with consecutive cache rows (``step.segments``)
-    attends to its rows' storage in place (no copy of the cache).
+    attends to its rows' storage in place (no copy of the cache). With ``key_rope`` (cos/sin ``[B, capacity*F, 1,
+    head_dim/2]``: LongLive's infinite mode) keys are written without RoPE and the rows' cache is rotated by each
+    slot's position for the attention (a copy).
     """
     q = apply_rope(_heads(attn.norm_q(attn.to_q(x)), attn.heads), cos, sin)
-    k = apply_rope(_heads(attn.norm_k(attn.to_k(x)), attn.heads), cos, sin)
+    k = _heads(attn.norm_k(attn.to_k(x)), attn.heads)
+    if key_rope is None:
+        k = apply_rope(k, cos, sin)
     v = _heads(attn.to_v(x), attn.heads)
     frames = step.slot_index.shape[1]
     if step.write_means or step.refresh_rows is not None:
@@ -46,7 +50,10 @@ def self_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     for j, (b0, b1, r0) in enumerate(step.segments):
         use_mask = step.attn_mask is not None and (step.masked is None or step.masked[j])
         mask = step.attn_mask[b0:b1] if use_mask else None
-        outs.append(attend(q[b0:b1], cache_k[r0: r0 + b1 - b0], cache_v[r0: r0 + b1 - b0], mask))
+        keys = cache_k[r0: r0 + b1 - b0]
+        if key_rope is not None:
+            keys = apply_rope(keys, key_rope[0][b0:b1], key_rope[1][b0:b1])
+        outs.append(attend(q[b0:b1], keys, cache_v[r0: r0 + b1 - b0], mask))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return attn.to_out[0](out.flatten(2).type_as(x))
 

@@ -148,17 +148,25 @@ def read_wan_config(folder: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
 
 
-def causal_state_dict(path: Path, wanted=None) -> dict[str, torch.Tensor]:
-    """Wan-named DiT tensors of a StreamDiffusionV2 ``model.pt`` (the ``model.`` prefix stripped); with
-    ``wanted(key)``, only those tensors are read (the file is memory-mapped)."""
+def causal_state_dict(path: Path, wanted=None, keys: tuple[str, ...] = CAUSAL_KEYS,
+                      strict_key: bool = False) -> dict[str, torch.Tensor]:
+    """Wan-named DiT tensors of a causal generator checkpoint (the ``model.`` prefix stripped): the first of
+    ``keys`` present (StreamDiffusionV2's ``model.pt``: ``generator`` / ``generator_ema`` / ``state_dict`` or a bare
+    state dict; Self-Forcing: ``generator_ema``; LongLive: ``generator``). ``strict_key``: one of ``keys`` must be
+    there (the error names it and the keys found). With ``wanted(key)``, only those tensors are read (the file is
+    memory-mapped)."""
     obj = read_torch_file(path, mmap=wanted is not None)
+    found = None
     if isinstance(obj, dict):
-        for key in CAUSAL_KEYS:
+        for key in keys:
             if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
+                obj, found = obj[key], key
                 break
+    if strict_key and found is None:
+        top = ", ".join(map(repr, list(obj)[:10])) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: no generator under the key {' / '.join(map(repr, keys))} (found: {top})")
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict (or a dict with one of {CAUSAL_KEYS})")
+        raise CheckpointError(f"{path}: expected a state dict (or a dict with one of {keys})")
     out = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in obj.items()}
     if wanted is not None:
         out = {k: v.clone() for k, v in out.items() if wanted(k)}      # detached from the mapped file

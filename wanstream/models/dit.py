@@ -134,7 +134,9 @@ class CausalWanDiT(nn.Module):
 
         - ``x``: latents ``[B, T, C, H, W]`` when ``a == 0`` (patch embedding runs), else hidden ``[B, L, dim]``
           (then ``grid`` = ``(T, h, w)`` of the token grid is required).
-        - ``timesteps``: int64 ``[B, T]`` (one integer timestep per latent frame) or ``[B]``.
+        - ``timesteps``: ``[B, T]`` (one timestep per latent frame: integer or warped float values) or ``[B]``.
+        - ``step.key_positions`` (LongLive's infinite mode): keys are cached without RoPE and the window is rotated
+          by each slot's position in every call.
         - Returns the flow prediction ``[B, T, C, H, W]`` when ``b == num_layers`` (head runs), else hidden.
         """
         a, b_end = (0, self.num_layers) if blocks is None else blocks
@@ -150,14 +152,15 @@ class CausalWanDiT(nn.Module):
             timesteps = timesteps[:, None].expand(bsz, f)
         e, e0 = self.time_embedding(timesteps)
         cos, sin = self.rope.for_grid(step.rope_starts, f, h, w)
+        key_rope = None if step.key_positions is None else self.rope.for_positions(step.key_positions, h, w)
         for i in range(a, b_end):
-            x = self._block(i, x, e0, f, cos, sin, prompt, cache, step)
+            x = self._block(i, x, e0, f, cos, sin, prompt, cache, step, key_rope)
         if b_end < self.num_layers:
             return x
         return self._head(x, e, grid)
 
     def _block(self, i: int, x: torch.Tensor, e0: torch.Tensor, frames: int, cos, sin, prompt: PromptKV,
-               cache: KVCache, step: CacheStep) -> torch.Tensor:
+               cache: KVCache, step: CacheStep, key_rope=None) -> torch.Tensor:
         blk = self.transformer.blocks[i]
         mod = (blk.scale_shift_table[:, None] + e0.float()).chunk(6, dim=2)  # each [B, T, 1, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
@@ -169,7 +172,8 @@ class CausalWanDiT(nn.Module):
             return t.flatten(1, 2)
 
         y = flat(blk.norm1(per_frame(x)) * (1 + scale1) + shift1).type_as(x)
-        y = self_attention(blk.attn1, y, cos, sin, cache.k[i], cache.v[i], step, cache.km[i], cache.vm[i])
+        window = {} if key_rope is None else {"key_rope": key_rope}        # LongLive's infinite mode only
+        y = self_attention(blk.attn1, y, cos, sin, cache.k[i], cache.v[i], step, cache.km[i], cache.vm[i], **window)
         x = flat(per_frame(x) + per_frame(y) * gate1).type_as(x)
         y = blk.norm2(x.float()).type_as(x)
         x = x + cross_attention(blk.attn2, y, prompt.k[i], prompt.v[i], step.prompt_groups)

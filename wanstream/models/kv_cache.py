@@ -51,6 +51,42 @@ class CachePolicy:
         """Number of valid slots once frames ``frame .. frame+frames-1`` are written."""
         return min(frame + frames, self.capacity)
 
+    def occupant(self, slot: int, written: int) -> int | None:
+        """The frame a slot holds once ``written`` frames were written to the row (None: never written; adaptive
+        sink refreshes aside)."""
+        if slot >= written:
+            return None
+        if slot < self.sink:
+            return slot
+        return slot + (written - 1 - slot) // self.ring * self.ring
+
+    def evicted(self, frame: int, frames: int, written: int) -> list[int]:
+        """Older frames that writing frames ``frame .. frame+frames-1`` overwrites (a row that has written
+        ``written`` frames): LongLive's roll-left evicts the same frames, oldest non-sink first."""
+        out = []
+        for f in range(frame, frame + frames):
+            held = self.occupant(self.slot(f), written)
+            if held is not None and held < f:
+                out.append(held)
+        return out
+
+    def window_index(self, frame: int, written: int) -> int:
+        """LongLive's infinite mode: the RoPE position of a cached frame is its place in the window, in time order
+        (sinks 0 .. sink-1, then the ring's frames oldest first), once ``written`` frames were written."""
+        if frame < self.sink or written <= self.capacity:
+            return frame
+        return self.sink + frame - (written - self.ring)
+
+    def window_positions(self, frame: int, frames: int) -> tuple[int, list[int]]:
+        """Infinite mode, a row writing frames ``frame .. frame+frames-1`` (the newest, or a re-cache of the
+        window): the RoPE position of its first new frame, and of every cache slot's frame after the write."""
+        written = frame + frames
+        keys = []
+        for slot in range(self.capacity):
+            held = self.occupant(slot, written)
+            keys.append(0 if held is None else self.window_index(held, written))
+        return self.window_index(frame, written), keys
+
     def refresh_eligible(self, frame: int, frames: int = 1) -> bool:
         """Adaptive refresh compares a single new frame against sinks that all hold data."""
         return self.config.sink_threshold > -1 and self.sink > 0 and frames == 1 and frame >= self.sink
@@ -182,6 +218,15 @@ class KVPool(KVCache):
         self._apply(self.leases.resize(stream, rows))
         for t, o in zip(self.row_tensors(), old):
             t[lease.row: lease.row + rows] = o[src]
+
+    def rebase(self, stream: Hashable, delta: int, tables) -> None:
+        """Turn a stream's cached keys back by ``delta`` RoPE positions (``models.rope.turn_back``): its next
+        frames take positions ``delta`` lower and see every cached key at the same relative position."""
+        from wanstream.models.rope import turn_back
+        lease = self.leases[stream]
+        rows = slice(lease.row, lease.row + lease.rows)
+        for k in self.k.values():
+            k[rows] = turn_back(k[rows], delta, tables)
 
     def copy_row0(self, stream: Hashable) -> None:
         """Every row of a stream becomes a copy of its row 0 (end of prepare)."""
@@ -331,6 +376,7 @@ class CacheStep:
     write_means: bool                  # some new frame lands in a sink slot: its token means are written too
     prompt_groups: list[tuple[int, int, int, int]] | None = None
     masked: list[bool] | None = None   # per segment: attend with the mask (its streams still fill their cache)
+    key_positions: torch.Tensor | None = None   # [B, capacity] RoPE position of each slot (keys stored un-rotated)
 
     @property
     def rows(self) -> slice:
@@ -365,7 +411,7 @@ class CacheStep:
 class StepBuffers:
     """The device tensors of the :class:`CacheStep` s of one call layout (frames per row, the rows' cache rows and
     prompt slots), allocated once and refilled in place: each call uploads its host integers (slots, valid
-    lengths, refresh eligibility, RoPE starts and ``row_values`` more int64 values per row, e.g. timesteps) with
+    lengths, refresh eligibility, RoPE starts and ``row_values`` more float64 values per row, e.g. timesteps) with
     ONE copy from a host staging buffer (pinned on CUDA, two in turn so a copy still in flight is never
     overwritten) and derives the write indices and the mask on the device. The tensors keep their addresses, so
     a compiled call or a captured CUDA graph reads the new values.
@@ -387,7 +433,8 @@ class StepBuffers:
         self.row_values = row_values
         self.row_runs = runs(cache_rows)
         self.groups = prompt_groups(prompts) if prompts is not None else None
-        n = b * (num_frames + 3 + row_values)
+        window = policy.config.rope_window
+        n = b * (num_frames + 3 + row_values + (policy.capacity if window else 0))
         pinned = device.type == "cuda"
         self._host = [torch.zeros(n, dtype=torch.long, pin_memory=pinned) for _ in range(2 if pinned else 1)]
         self._host_np = [h.numpy() for h in self._host]
@@ -399,7 +446,9 @@ class StepBuffers:
         self.valid_tokens = self.ints[bt: bt + b]
         self.eligible = self.ints[bt + b: bt + 2 * b]
         self.rope_starts = self.ints[bt + 2 * b: bt + 3 * b]
-        self.values = self.ints[bt + 3 * b:].view(row_values, b)
+        vend = bt + (3 + row_values) * b
+        self.values = self.ints[bt + 3 * b: vend].view(torch.float64).view(row_values, b)   # e.g. timesteps
+        self.key_positions = self.ints[vend:].view(b, policy.capacity) if window else None
         self.cache_row = torch.tensor(list(cache_rows), dtype=torch.long).to(device)
         self.row_index = self.cache_row[:, None].expand(b, num_frames * tokens_per_frame)
         self.token_offsets = torch.arange(tokens_per_frame, device=device)
@@ -409,15 +458,18 @@ class StepBuffers:
         self.refresh = torch.zeros(b, dtype=torch.bool, device=device)
 
     def fill(self, frames: Sequence[int], rope_starts: Sequence[int],
-             values: Sequence[Sequence[int]] = ()) -> CacheStep:
-        """The step of a call whose batch row r has written ``frames[r]`` frames so far and starts at RoPE position
-        ``rope_starts[r]``; ``values[j][r]`` go to ``self.values[j, r]``."""
+             values: Sequence[Sequence[float]] = (), resink: Sequence[bool] | None = None) -> CacheStep:
+        """The step of a call whose batch row r writes frames ``frames[r] ..`` and starts at RoPE position
+        ``rope_starts[r]``; ``values[j][r]`` go to ``self.values[j, r]``. ``resink[r]``: the row's first frames go
+        to the sink slots (a KV re-cache that makes them the new sink)."""
         b, nf, pol = self.b, self.frames, self.policy
         if len(frames) != b or len(rope_starts) != b:
             raise ValueError("frames and rope_starts must have one entry per batch row")
         if len(values) != self.row_values or any(len(v) != b for v in values):
             raise ValueError(f"expected {self.row_values} value lists of {b} entries")
-        slots = [pol.slot(f + i) for f in frames for i in range(nf)]
+        resink = resink or [False] * b
+        slots = [i if again and i < pol.sink else pol.slot(f + i) for f, again in zip(frames, resink)
+                 for i in range(nf)]
         valid = [pol.valid_after(f, nf) for f in frames]
         eligible = [pol.refresh_eligible(f, nf) for f in frames]
         host = self._host_np[self._turn]
@@ -429,8 +481,13 @@ class StepBuffers:
         host[bt: bt + b] = np.asarray(valid) * self.f_tok
         host[bt + b: bt + 2 * b] = eligible
         host[bt + 2 * b: bt + 3 * b] = rope_starts
-        for j, v in enumerate(values):
-            host[bt + (3 + j) * b: bt + (4 + j) * b] = v
+        if values:
+            host.view(np.float64)[bt + 3 * b: bt + (3 + self.row_values) * b] = \
+                np.asarray(values, dtype=np.float64).reshape(-1)
+        if self.key_positions is not None:          # infinite mode: positions by place in the window
+            placed = [pol.window_positions(f, nf) for f in frames]
+            host[bt + 2 * b: bt + 3 * b] = [q for q, _ in placed]
+            host[bt + (3 + self.row_values) * b:] = [p for _, keys in placed for p in keys]
         self.ints.copy_(self._host[self._turn], non_blocking=True)
         if self.ints.is_cuda:
             if event is None:
@@ -449,7 +506,7 @@ class StepBuffers:
         write_means = pol.sink > 0 and min(slots) < pol.sink
         return CacheStep(self.write_index, self.row_index, mask, refresh, self.rope_starts, segments,
                          pol.sink * self.f_tok, pol.config.sink_threshold, self.cache_row, self.slot_index,
-                         self.token_offsets, write_means, self.groups, masked)
+                         self.token_offsets, write_means, self.groups, masked, self.key_positions)
 
     @staticmethod
     def _split(row_runs, row_masked: list[bool]) -> tuple[list[tuple[int, int, int]], list[bool]]:

@@ -1,8 +1,12 @@
 """Find and load a whole model (DiT + VAE + text encoder, optional TAEHV) from a folder.
 
 Accepted roots:
-* the StreamDiffusionV2 layout: ``ROOT/wan_models/Wan2.1-T2V-*/`` (Wan folder) and
-  ``ROOT/ckpts/wan_causal_dmd_v2v*/model.pt`` (causal checkpoint), optional ``ROOT/ckpts/taew2_1.pth``;
+* the released layouts of the three backbones (``core/backbones.py``), each with ``ROOT/wan_models/Wan2.1-T2V-*/``
+  (Wan folder: config, VAE, text encoder) and its generator: StreamDiffusionV2 ``ROOT/ckpts/wan_causal_dmd_v2v*/
+  model.pt``; Self-Forcing ``ROOT/checkpoints/self_forcing_dmd.pt`` (``generator_ema``); LongLive
+  ``ROOT/longlive_models/models/longlive_base.pt`` (``generator``) + ``lora.pt`` (``generator_lora``, attached as
+  an unmerged run-time LoRA); optional ``ROOT/ckpts/taew2_1.pth``. The layout found names the backbone; a root
+  holding several generators needs ``backbone=`` (``--backbone``);
 * a Wan 2.1 folder itself (``config.json`` + weights), with an optional ``model.pt`` beside it;
 * a diffusers-layout repo (``transformer/``, ``vae/``), loaded with ``from_pretrained``.
 When a causal ``model.pt`` is present it provides every DiT weight; the Wan folder then only gives
@@ -21,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from wanstream.core.backbones import BACKBONES, SDV2, Backbone
+from wanstream.core.backbones import backbone as get_backbone
 from wanstream.core.errors import CheckpointError
 from wanstream.models.checkpoints import (
     T5_FILE,
@@ -38,7 +44,7 @@ from wanstream.models.checkpoints import (
     read_wan_config,
 )
 from wanstream.models.dit import CausalWanDiT
-from wanstream.models.lora import LoRAError, LoRASet, LoRASpec
+from wanstream.models.lora import LoRAError, LoRASet, LoRASpec, read_lora
 from wanstream.models.quantize import check_quantize, quantize_dit
 from wanstream.models.sampling import FlowMatchSampler
 from wanstream.models.vae import StreamingVAE
@@ -51,19 +57,24 @@ class ModelPaths:
     causal: Path | None
     diffusers: bool = False
     taehv: Path | None = None
+    backbone: Backbone = SDV2
+    lora: Path | None = None                 # the backbone's own LoRA (LongLive)
 
     @classmethod
-    def discover(cls, root: str | Path) -> "ModelPaths":
+    def discover(cls, root: str | Path, backbone: str | Backbone | None = None) -> "ModelPaths":
+        """The files of a model root; ``backbone`` names which generator to load where the layout does not say (or
+        says several)."""
         root = Path(root)
+        named = None if backbone is None else get_backbone(backbone)
         if not root.is_dir():
             raise CheckpointError(f"{root}: model folder not found (run `wanstream download` or "
                                   f"`wanstream init-random`)")
         if (root / "transformer" / "config.json").is_file():
-            return cls(root, None, None, diffusers=True)
+            return cls(root, None, None, diffusers=True, backbone=named or SDV2)
         taehv = next((p for p in (root / "ckpts" / TAEHV_FILE, root / TAEHV_FILE) if p.is_file()), None)
         if (root / "config.json").is_file():
             causal = root / "model.pt"
-            return cls(root, root, causal if causal.is_file() else None, taehv=taehv)
+            return cls(root, root, causal if causal.is_file() else None, taehv=taehv, backbone=named or SDV2)
         wans = sorted(p for p in (root / "wan_models").glob("Wan2.1-T2V-*") if (p / "config.json").is_file())
         if not wans:
             raise CheckpointError(f"{root}: no Wan 2.1 model found (expected wan_models/Wan2.1-T2V-*/config.json, "
@@ -71,10 +82,33 @@ class ModelPaths:
         if len(wans) > 1:
             raise CheckpointError(f"{root}: several Wan models found ({', '.join(p.name for p in wans)}); "
                                   f"pass one of those folders as --model")
-        causals = sorted((root / "ckpts").glob("wan_causal_dmd_*/model.pt"))
-        if len(causals) > 1:
-            raise CheckpointError(f"{root}: several causal checkpoints found ({', '.join(str(p) for p in causals)})")
-        return cls(root, wans[0], causals[0] if causals else None, taehv=taehv)
+        found = {b.name: g for b in BACKBONES.values() if b.variant_of is None and (g := generator_files(root, b))}
+        if named is None and len(found) > 1:
+            raise CheckpointError(f"{root}: generators of several backbones found ({', '.join(sorted(found))}); "
+                                  f"pass --backbone to pick one")
+        bb = named or (BACKBONES[next(iter(found))] if found else SDV2)
+        gens = generator_files(root, bb)
+        if len(gens) > 1:
+            raise CheckpointError(f"{root}: several causal checkpoints found ({', '.join(str(p) for p in gens)})")
+        if not gens and bb.checkpoint.generator is not None:
+            raise CheckpointError(f"{root}: no {bb.title} generator (expected {root / bb.checkpoint.generator}; "
+                                  f"`wanstream download {bb.name}-1.3b` or `wanstream init-random --backbone "
+                                  f"{bb.name}`)")
+        lora = None
+        if bb.checkpoint.lora is not None:
+            lora = root / bb.checkpoint.lora
+            if not lora.is_file():
+                raise CheckpointError(f"{root}: {bb.title} needs its LoRA {lora} (file not found)")
+        return cls(root, wans[0], gens[0] if gens else None, taehv=taehv, backbone=bb, lora=lora)
+
+
+def generator_files(root: Path, backbone: Backbone) -> list[Path]:
+    """The generator checkpoints of ``backbone`` under a model root (StreamDiffusionV2: ``ckpts/wan_causal_dmd_*/
+    model.pt``, one per preset; the others: their one released path)."""
+    if backbone.checkpoint.generator is None:
+        return sorted((root / "ckpts").glob("wan_causal_dmd_*/model.pt"))
+    path = root / backbone.checkpoint.generator
+    return [path] if path.is_file() else []
 
 
 @dataclass
@@ -89,6 +123,7 @@ class ModelBundle:
     dtype: torch.dtype
     paths: ModelPaths
     taehv: object | None = None
+    backbone: Backbone = SDV2                # what the model is: step lists, context pass, cache policy, LoRA
 
     def prompt_embedding(self, prompt: str) -> torch.Tensor:
         """``[1, 512, 4096]`` embedding of a text prompt (cached per prompt by the encoder)."""
@@ -114,9 +149,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def num_layers_of(root: str | Path) -> int:
+def num_layers_of(root: str | Path, backbone: str | Backbone | None = None) -> int:
     """DiT blocks of a model folder (from its config, nothing loaded)."""
-    paths = ModelPaths.discover(root)
+    paths = ModelPaths.discover(root, backbone)
     if paths.diffusers:
         import json
         return int(json.loads((paths.root / "transformer" / "config.json").read_text())["num_layers"])
@@ -125,8 +160,13 @@ def num_layers_of(root: str | Path) -> int:
 
 def load_model(root: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                text_encoder: bool = True, taehv: bool = False, quantize: str | None = None,
-               lora: Sequence[LoRASpec | str] = (), *, vae: bool = True, part: DitPart | None = None) -> ModelBundle:
+               lora: Sequence[LoRASpec | str] = (), *, vae: bool = True, part: DitPart | None = None,
+               backbone: str | Backbone | None = None) -> ModelBundle:
     """Load a model folder strictly (errors name the file and the culprit).
+
+    ``backbone``: which generator of the root to load (default: the one its layout holds, ``ModelPaths.discover``);
+    the bundle's ``backbone`` and sampler (the backbone's shift) follow it. LongLive's own LoRA is attached first,
+    unmerged, at strength 1, named ``longlive``.
 
     ``quantize`` (``"int8"`` | ``"fp8"``, see :mod:`.quantize`) quantises the DiT's block linears after loading.
     ``lora``: LoRA files (``PATH[:strength]`` or :class:`~.lora.LoRASpec`) attached as run-time adapters
@@ -135,9 +175,9 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
     read and materialised, the rest stays on the meta device (a pipeline stage); ``vae``, ``text_encoder`` and
     ``taehv`` say which of the others to load.
     """
-    paths = ModelPaths.discover(root)
+    paths = ModelPaths.discover(root, backbone)
     lora = [s if isinstance(s, LoRASpec) else LoRASpec.parse(s) for s in lora]
-    if part is not None and (quantize is not None or lora):
+    if part is not None and (quantize is not None or lora or paths.lora is not None):
         raise ValueError("a part of the DiT loads without quantisation or LoRAs")
     missing = [str(s.path) for s in lora if not s.path.exists()]
     if missing:
@@ -162,10 +202,13 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
     dit = CausalWanDiT(transformer)
     if quantize is not None:
         quantize_dit(dit, quantize)
-    if lora:
-        LoRASet.load(lora, dit)
-    return ModelBundle(dit, StreamingVAE(vae_model) if vae_model is not None else None, encoder, FlowMatchSampler(),
-                       device, dtype, paths, tae)
+    if lora or paths.lora is not None:
+        own = [] if paths.lora is None else [(read_lora(paths.lora, dit, name=paths.backbone.name), 1.0)]
+        specs = [s if isinstance(s, LoRASpec) else LoRASpec.parse(s) for s in lora]
+        weights = own + [(read_lora(s.path, dit), s.strength) for s in specs]
+        LoRASet([w for w, _ in weights], [d for _, d in weights]).attach(dit)
+    return ModelBundle(dit, StreamingVAE(vae_model) if vae_model is not None else None, encoder,
+                       FlowMatchSampler(paths.backbone.shift), device, dtype, paths, tae, paths.backbone)
 
 
 def load_dit(paths: ModelPaths, device: torch.device, dtype: torch.dtype, part: DitPart | None = None):
@@ -175,7 +218,9 @@ def load_dit(paths: ModelPaths, device: torch.device, dtype: torch.dtype, part: 
     config = diffusers_dit_config(read_wan_config(paths.wan_dir))
     wanted = None if part is None else part.wants
     if paths.causal is not None:
-        sd, source = causal_state_dict(paths.causal, wanted), str(paths.causal)
+        ck = paths.backbone.checkpoint
+        sd = causal_state_dict(paths.causal, wanted, ck.generator_keys, strict_key=ck.generator is not None)
+        source = str(paths.causal)
     else:
         sd, source = read_dit_safetensors(paths.wan_dir, wanted), str(paths.wan_dir)
     return build_transformer(config, sd, source, device, dtype, part=part)

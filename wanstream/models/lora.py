@@ -16,7 +16,10 @@ Files (strict: every tensor must land on a layer of the model, or the error name
   diffusers writes or a PEFT folder's ``adapter_config.json`` (none: scale 1, the diffusers convention);
 * **original Wan** (ComfyUI and most trainers): ``diffusion_model.blocks.N.self_attn.q.lora_A.weight`` /
   ``lora_B`` or ``lora_down`` / ``lora_up`` (+ ``.alpha``, ``.diff_b``);
-* **kohya / musubi-tuner**: ``lora_unet_blocks_N_self_attn_q.lora_down.weight`` / ``lora_up`` + ``.alpha``.
+* **kohya / musubi-tuner**: ``lora_unet_blocks_N_self_attn_q.lora_down.weight`` / ``lora_up`` + ``.alpha``;
+* **PEFT over the original Wan module names** (LongLive's ``lora.pt``: ``{"generator_lora": {...}}`` with
+  ``base_model.model.blocks.N.self_attn.q.lora_A.weight``; scale ``alpha / r`` = 1 as released): read as original
+  Wan names.
 
 Original-Wan names go through diffusers' own Wan LoRA converter (``WanLoraLoaderMixin.lora_state_dict``); kohya
 names are first renamed to the original-Wan names, so LoRAs that adapt only some layers load too (diffusers'
@@ -106,6 +109,8 @@ _KOHYA_KEY = re.compile(r"lora_unet_(blocks_(\d+)_(self_attn|cross_attn)_([qkvo]
 _DIFFUSERS_KEY = re.compile(r"(?:transformer\.|base_model\.model\.)?(.+?)\.(lora_A(?:\.default)?\.weight"
                             r"|lora_B(?:\.default)?\.weight|lora_B(?:\.default)?\.bias|alpha)")
 _UP = {"lora_up.weight": "lora_down.weight", "lora_B.weight": "lora_A.weight"}
+_PEFT_WAN_KEY = re.compile(r"base_model\.model\.blocks\.\d+\.(?:self_attn|cross_attn|ffn)\..+")
+TRAINER_KEY = "generator_lora"      # a trainer checkpoint's adapter of the generator (LongLive's lora.pt)
 
 
 def _problem(source: str, what: str, keys: Sequence[str]) -> LoRAError:
@@ -134,6 +139,8 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Pat
             meta = json.loads(raw) if raw else {}
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(sd, dict) and isinstance(sd.get(TRAINER_KEY), dict):
+                sd = sd[TRAINER_KEY]                # a trainer's checkpoint: the generator's adapter (LongLive)
     except Exception as exc:  # noqa: BLE001 - truncated files, bad headers, pickles, bad JSON
         raise LoRAError(f"{path}: cannot read LoRA file ({type(exc).__name__}: {exc})") from exc
     config = path.parent / "adapter_config.json"
@@ -149,11 +156,14 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Pat
 
 
 def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
-    """``"wan"`` (original Wan names), ``"kohya"`` or ``"diffusers"`` (diffusers / PEFT names)."""
+    """``"wan"`` (original Wan names), ``"peft-wan"`` (PEFT prefix over original Wan names, LongLive), ``"kohya"``
+    or ``"diffusers"`` (diffusers / PEFT names)."""
     if any(k.startswith("diffusion_model.") for k in sd):
         return "wan"
     if any(k.startswith("lora_unet_") for k in sd):
         return "kohya"
+    if sd and all(_PEFT_WAN_KEY.fullmatch(k) for k in sd):
+        return "peft-wan"
     return "diffusers"
 
 
@@ -300,6 +310,9 @@ def read_lora(path: str | Path, transformer: nn.Module, name: str | None = None)
         sd = _wan_to_diffusers(_kohya_to_wan(sd, source), source)
     elif layout == "wan":
         sd = _wan_to_diffusers(sd, source)
+    elif layout == "peft-wan":
+        sd = _wan_to_diffusers({"diffusion_model." + k.removeprefix("base_model.model."): v for k, v in sd.items()},
+                               source)
     else:
         sd = _diffusers_names(sd, meta, source)
     modules = dict(transformer.named_modules())

@@ -66,14 +66,33 @@ class RopeTables:
 
         ``starts`` is a device int64 tensor ``[B]`` of temporal positions of each row's first frame.
         """
-        b = starts.shape[0]
-        steps, cos_hw, sin_hw = self._grid(frames, height, width)
-        t_idx = starts[:, None] + steps[None]
+        steps = self._grid(frames, height, width)[0]
+        return self.for_positions(starts[:, None] + steps[None], height, width)
+
+    def for_positions(self, t_idx: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[B, F*height*width, 1, head_dim/2]`` for frames at temporal positions ``t_idx [B, F]`` (any
+        order: LongLive's infinite mode rotates a cache window whose slots are not in time order)."""
+        b, frames = t_idx.shape
+        _, cos_hw, sin_hw = self._grid(frames, height, width)
         out = []
         for tt, hw in ((self.cos[0], cos_hw), (self.sin[0], sin_hw)):
             ft = tt[t_idx][:, :, None, :].expand(b, frames, height * width, -1).reshape(b, hw.shape[1], -1)
             out.append(torch.cat([ft, hw.expand(b, -1, -1)], dim=-1)[:, :, None])
         return out[0], out[1]
+
+
+def turn_back(k: torch.Tensor, delta: int, tables: RopeTables) -> torch.Tensor:
+    """Keys ``[..., H, D]`` stored after RoPE, their temporal rotation turned back by ``delta`` positions (height
+    and width untouched): attention against them from positions ``delta`` lower sees the same relative positions."""
+    if not 0 < delta < tables.max_positions:
+        raise ValueError(f"a RoPE rebase turns back 1..{tables.max_positions - 1} positions, got {delta}")
+    pairs = k.shape[-1] // 2
+    t_pairs = tables.cos[0].shape[1]
+    cos = torch.ones(pairs, device=k.device)
+    sin = torch.zeros(pairs, device=k.device)
+    cos[:t_pairs] = tables.cos[0][delta]
+    sin[:t_pairs] = -tables.sin[0][delta]
+    return apply_rope(k, cos, sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

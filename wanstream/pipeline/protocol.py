@@ -171,7 +171,7 @@ class PipeConfig:
         return cls(m[0], cache, m[6])
 
 
-ROW_INTS = 8     # per row in a STEP: stream, level, cache row, frame, rope, final, t, t_next
+ROW_INTS = 8     # per row in a STEP: stream, level, cache row, frame, rope, final, t, t_next (float bits)
 
 
 @dataclass
@@ -192,7 +192,7 @@ class StepMeta:
         out = [self.epoch, len(self.rows), *self.grid, int(self.copy_row0), self.keep, self.finished,
                int(self.decoded), len(self.timings)]
         for r in self.rows:
-            out += [int(r.stream), r.level, r.cache_row, r.frame, r.rope, int(r.final), r.t, r.t_next]
+            out += [int(r.stream), r.level, r.cache_row, r.frame, r.rope, int(r.final), f2i(r.t), f2i(r.t_next)]
         for t in self.timings:
             out += list(t)
         return out
@@ -206,7 +206,7 @@ class StepMeta:
         rows = []
         for i in range(n):
             sid, level, crow, frame, rope, final, t, t_next = body[ROW_INTS * i: ROW_INTS * (i + 1)]
-            rows.append(Row(sid, None, level, crow, frame, rope, bool(final), False, t, t_next))
+            rows.append(Row(sid, None, level, crow, frame, rope, bool(final), False, i2f(t), i2f(t_next)))
         tail = body[ROW_INTS * n:]
         timings = [tuple(tail[3 * i: 3 * i + 3]) for i in range(nt)]
         return cls(epoch, rows, (f, h, w), bool(copy), keep, fin, bool(dec), timings)

@@ -43,6 +43,9 @@ class PipelineRunner:
 
     def __init__(self, driver: PipelineDriver, engine: Engine, decoder: str, tokens_per_frame: int,
                  cache: CacheConfig):
+        if not engine.backbone.stream_batch:
+            raise ValueError(f"the multi-GPU ring runs the stream batch (StreamDiffusionV2); {engine.backbone.title} "
+                             f"runs its blocks in turn with a context pass — serve it on one GPU")
         self.driver = driver
         self.engine = engine                          # a failed ring ends every stream of this engine
         self.decoder = decoder

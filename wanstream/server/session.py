@@ -110,6 +110,7 @@ class Session:
         self.stats.queued = lambda: len(self.buffer)
         self.live = LiveControl(self)           # modulation, MIDI slots and learn, quantised changes, audio
         self.pushes = SessionPushes(self)       # RTMP / SRT pushes of the output (server/outputs.py)
+        self.stats.engine = lambda: None if self.stream is None else self.stream.stats
         if encode:
             self._encode_prompt(self.params, 0)
 
@@ -183,7 +184,7 @@ class Session:
                 self.buffer.held = True             # the next frames wait for the worker to hand over the change
         if changed & PROMPT_FIELDS:
             self.buffer.clear()                     # frames from before the change (counted as dropped)
-            self._encode_prompt(new, new.transition_chunks)
+            self._encode_prompt(new, new.transition_chunks, new.recache)
         if "recording" in changed:
             try:
                 self._set_recording(new.recording)
@@ -195,7 +196,7 @@ class Session:
             self.manager.worker.notify()
         return self.params
 
-    def _encode_prompt(self, params: SessionParams, transition_chunks: int) -> None:
+    def _encode_prompt(self, params: SessionParams, transition_chunks: int, recache: bool = False) -> None:
         """Encode the conditioning of ``params`` on the prompt thread; the worker gives it to the stream.
 
         Until then the session's queue is held: the frames after the change wait for their prompt."""
@@ -219,7 +220,7 @@ class Session:
             with self._lock:
                 if self.closed or (self._encoded is not None and gen < self._encoded[0]):
                     return                          # a newer prompt is encoded already
-                self._encoded = (gen, embedding, transition_chunks)
+                self._encoded = (gen, embedding, transition_chunks, recache)
             self.manager.worker.notify()
         self.manager.encode_prompt(params).add_done_callback(done)
 
@@ -312,7 +313,7 @@ class Session:
             self.deliver([], stream.in_flight_frames)   # the frames in flight will never come out
             engine.reset(stream, discard_queued=False)
         if encoded is not None and encoded[0] > given:
-            engine.set_prompt_embedding(stream, encoded[1], encoded[2])
+            engine.set_prompt_embedding(stream, encoded[1], encoded[2], recache=encoded[3])
             given = encoded[0]
         knobs = {k: getattr(params, k) for k in KNOBS if k in dirty}
         if knobs:

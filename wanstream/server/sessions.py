@@ -278,13 +278,15 @@ class SessionManager:
     def predicted_stream_fps(self) -> float | None:
         """Frames per second each stream would get with one more stream at the default steps, from the engine's
         measured tick latency (the scheduler's latency model); None before any tick at this resolution."""
-        from wanstream.core.chunking import CHUNK_FRAMES
-        group = self.engine.groups.get((self.settings.width, self.settings.height, CacheConfig()))
+        from wanstream.core.schedule import StreamSchedule
+        backbone = self.engine.backbone
+        group = self.engine.groups.get((self.settings.width, self.settings.height, backbone.cache("v2v")))
         if group is None:
             return None
-        rows = sum(st.schedule.rows for st in list(group.streams) if not st.closed)
-        tick = group.planner.latency.predict(rows + self.settings.steps)
-        return CHUNK_FRAMES / tick if tick else None
+        rows = sum(st.schedule.rows_per_tick for st in list(group.streams) if not st.closed)
+        new = StreamSchedule("new", self.settings.steps, backbone=backbone).rows_per_tick
+        tick = group.planner.latency.predict(rows + new)
+        return backbone.chunk_rule("v2v").frames / tick if tick else None
 
     def capacity(self) -> dict:
         """Load and capacity for autoscalers and load balancers (``/api/sessions``, ``/api/ready``)."""

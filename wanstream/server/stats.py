@@ -62,6 +62,7 @@ class SessionStats:
         self.bad_messages = 0        # malformed or refused control messages
         self.dropped_messages = 0    # control messages over the rate limit
         self.queued: Callable[[], int] = lambda: 0
+        self.engine: Callable[[], object] = lambda: None     # the engine stream's StreamStats, once there is one
 
     def on_received(self, t: float) -> None:
         with self._lock:
@@ -79,6 +80,9 @@ class SessionStats:
     def summary(self) -> dict:
         s = self.model.summary()
         queued = self.queued()
+        engine = self.engine()
+        s["recaches"] = 0 if engine is None else engine.recaches
+        s["recache_frames"] = 0 if engine is None else engine.recache_frames
         with self._lock:
             s["frames_to_model"] = s["frames_in"]
             s["frames_in"] = self.received

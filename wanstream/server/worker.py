@@ -2,7 +2,8 @@
 
 Each turn: every session hands its pending changes to its engine stream (creating the stream once its first
 prompt is encoded), one engine tick runs — the chunks of all sessions that have one ready go through ONE DiT call
-(see ``wanstream/engine/loop.py``) — and each session receives its new output frames. Sessions feed frames from the
+(see ``wanstream/engine/loop.py``) — and each session receives its new output frames; a prompt switch's KV re-cache
+runs after that, so the frames of the others are on their way first. Sessions feed frames from the
 transports' threads; the worker sleeps until a session has a chunk ready or a change pending. A failure in one
 stream's work ends that session with an error (the engine's fault callback); the worker and the others go on.
 ``stuck_for`` tells ``/api/health`` when a model tick has been running for too long.
@@ -123,18 +124,19 @@ class ModelWorker:
         t0 = time.perf_counter()
         self._busy_since = time.monotonic()
         try:
-            self.engine.step()
+            self.engine.step(late=False)
+            self.ticks += 1
+            for s in sessions:
+                stream = s.stream
+                if stream is None:
+                    continue
+                outputs = stream.take_outputs()
+                if outputs:
+                    s.deliver(outputs)
+            self.engine.run_late()              # KV re-caches of prompt switches: after the others' frames left
         finally:
             self._busy_since = None
             self.busy_s += time.perf_counter() - t0
-        self.ticks += 1
-        for s in sessions:
-            stream = s.stream
-            if stream is None:
-                continue
-            outputs = stream.take_outputs()
-            if outputs:
-                s.deliver(outputs)
         return True
 
     @property

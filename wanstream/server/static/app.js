@@ -118,7 +118,8 @@
       noise_scale: Number($("noise").value),
       noise_controller: $("controller").checked,
       seed: Math.max(0, Math.min(4294967295, Math.floor(Number($("seed").value) || 0))),
-      transition_chunks: Number($("transition").value),
+      transition_chunks: $("recache").checked ? 0 : Number($("transition").value),
+      recache: $("recache").checked,
       fit: $("fit").value,
     };
     const prompt = $("prompt").value.trim();
@@ -142,6 +143,7 @@
     if (p.fit) { $("fit").value = p.fit; showFit(); }
     $("seed").value = p.seed;
     $("transition").value = p.transition_chunks;
+    $("recache").checked = !!p.recache;
     showTransition();
     $("record").classList.toggle("on", p.recording);
     $("record").textContent = p.recording ? "■ Stop recording" : "● Record";
@@ -468,7 +470,13 @@
 
   // ------------------------------------------------------------------ controls
   function countPrompt() { $("prompt-count").textContent = `${$("prompt").value.length} / 2000`; }
+  function promptChange() {
+    // a re-cache and a transition exclude each other: the checkbox wins
+    return $("recache").checked ? { transition_chunks: 0, recache: true }
+      : { transition_chunks: Number($("transition").value), recache: false };
+  }
   function showTransition() {
+    $("transition").disabled = $("recache").checked;
     const k = Number($("transition").value);
     $("transition-value").textContent = k ? `${k} ch` : "off";
     $("transition").title = k ? `blend into a new prompt over ${k} chunks (4 frames each)` : "switch prompts at once";
@@ -481,10 +489,11 @@
   $("prompt").onkeydown = (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); $("apply-prompt").click(); } };
   $("apply-prompt").onclick = () => {
     const prompt = $("prompt").value.trim();
-    if (prompt) sendParams(timed({ prompt, transition_chunks: Number($("transition").value) }));
+    if (prompt) sendParams(timed({ prompt, ...promptChange() }));
   };
   $("transition").oninput = showTransition;
-  $("transition").onchange = () => sendParams({ transition_chunks: Number($("transition").value) });
+  $("transition").onchange = () => sendParams(promptChange());
+  $("recache").onchange = () => { showTransition(); sendParams(promptChange()); };
   for (const b of $("steps").querySelectorAll("button")) {
     b.onclick = () => {
       for (const o of $("steps").querySelectorAll("button")) o.classList.toggle("active", o === b);
@@ -519,7 +528,7 @@
       .filter((p) => p.text);
     if (!prompts.length) { banner("Add at least one prompt to blend.", "info"); return; }
     if (prompts.every((p) => p.weight <= 0)) { banner("Give at least one prompt a weight above 0.", "info"); return; }
-    sendParams({ prompts, transition_chunks: Number($("transition").value) });
+    sendParams({ prompts, ...promptChange() });
   };
   addBlendRow("", 0.5);
   addBlendRow("", 0.5);
