@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from . import roofline
-from .argtypes import int_in, resolution
+from .argtypes import add_taehv_arg, autoencoders, int_in, resolution, taehv_argv
 from .chunking import CHUNK_FRAMES as CHUNK
 from .chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
 from .chunking import chunks_in, frames_for
@@ -67,6 +67,7 @@ class BenchConfig:
     target_latency_s: float = 1.0
     seed: int = 0
     decoder: str = "vae"
+    encoder: str = "vae"                # vae | taehv (``--taehv encode|both``)
     prime_chunks: int | None = None     # chunks of the throw-away priming stream (default: steps + 2)
     sessions: int = 1                   # streams of the engine, fed together (own prompt and seed each)
 
@@ -198,7 +199,7 @@ class LiveClip:
 # ------------------------------------------------------------------------------------------------ one row
 def _open(engine, cfg: BenchConfig, prompts: list[torch.Tensor]) -> list:
     return [engine.open(prompt_embeds=p, width=cfg.width, height=cfg.height, steps=cfg.steps, batch=cfg.batch,
-                        seed=cfg.seed + k, decoder=cfg.decoder) for k, p in enumerate(prompts)]
+                        seed=cfg.seed + k, decoder=cfg.decoder, encoder=cfg.encoder) for k, p in enumerate(prompts)]
 
 
 def _source(clip: "LiveClip", k: int, i: int) -> np.ndarray:
@@ -352,7 +353,7 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
     n_samples = sum(len(m._latencies) for m in metrics)
     row = {
         "resolution": cfg.resolution, "width": cfg.width, "height": cfg.height, "steps": cfg.steps,
-        "mode": cfg.mode, "decoder": cfg.decoder, "sessions": n, "policy": policy,
+        "mode": cfg.mode, "encoder": cfg.encoder, "decoder": cfg.decoder, "sessions": n, "policy": policy,
         "input_fps": "max" if cfg.input_fps is None else cfg.input_fps,
         "frames": cfg.frames * n, "frames_in": total_in, "frames_out": total_out, "output_order_ok": bool(order_ok),
         "warmup_chunks": cfg.warmup, "measured_chunks": chunks, "measured_frames": sum(per_stream_out),
@@ -433,8 +434,9 @@ def _roofline_row(row: dict, cfg: BenchConfig, costs: dict, peaks: dict | None) 
     calls_per_tick = row["dit_calls"] / max(1, row["measured_chunks"] / row["sessions"])
     per_tick = row["sessions"] if row["policy"] == "continuous" else 1
     out = {}
-    entries = {"dit": (dit, calls_per_tick, row["stage_ms"]["dit"]),
-               "vae_encode": (costs["vae"]["encode"], per_tick, row["stage_ms"]["encode"])}
+    entries = {"dit": (dit, calls_per_tick, row["stage_ms"]["dit"])}
+    if cfg.encoder == "vae":
+        entries["vae_encode"] = (costs["vae"]["encode"], per_tick, row["stage_ms"]["encode"])
     if cfg.decoder == "vae":
         entries["vae_decode"] = (costs["vae"]["decode"], per_tick, row["stage_ms"]["decode"])
     for name, (cost, calls, ms) in entries.items():
@@ -505,7 +507,8 @@ def run(spec: BenchRun, log=print) -> dict:
     dtype = _DTYPES[spec.dtype] if spec.dtype else None
     t0 = time.perf_counter()
     model = load_model(spec.model_dir, device=spec.device, dtype=dtype, text_encoder=False,
-                       taehv=spec.base.decoder == "taehv", lora=spec.lora, quantize=spec.quantize)
+                       taehv="taehv" in (spec.base.encoder, spec.base.decoder), lora=spec.lora,
+                       quantize=spec.quantize)
     eager_model = None
     if spec.compare_eager:                   # the reference path: diffusers' own VAE modules, nothing compiled
         from .models.vae import StreamingVAE
@@ -574,9 +577,15 @@ def _mib(x) -> str:
     return "—" if x is None else f"{x / 2 ** 20:,.0f}"
 
 
+def _mode(r: dict) -> str:
+    """``batch`` / ``no-batch``, with the TAEHV ends when used (``batch, taehv both``)."""
+    mode = "batch" if r["mode"] == "stream_batch" else "no-batch"
+    ends = [e for e, k in (("encode", "encoder"), ("decode", "decoder")) if r.get(k, "vae") == "taehv"]
+    return mode if not ends else f"{mode}, taehv {'both' if len(ends) == 2 else ends[0]}"
+
+
 def _row_key(r: dict) -> list[str]:
-    return [r["resolution"], str(r["steps"]), "batch" if r["mode"] == "stream_batch" else "no-batch",
-            str(r["input_fps"])]
+    return [r["resolution"], str(r["steps"]), _mode(r), str(r["input_fps"])]
 
 
 MAIN_COLUMNS = ["res", "steps", "mode", "input fps", "TTFF s", "FPS e2e", "FPS cap", "FPS DiT", "enc ms",
@@ -628,8 +637,8 @@ def eager_rows(rows: list[dict]) -> list[list[str]]:
         v = r.get("vs_eager")
         if not v:
             continue
-        out.append([r["resolution"], str(r["steps"]), "batch" if r["mode"] == "stream_batch" else "no-batch",
-                    _f(r["stage_ms"]["chunk"], ".1f"), _f(r["eager"]["stage_ms"]["chunk"], ".1f"),
+        out.append([r["resolution"], str(r["steps"]), _mode(r), _f(r["stage_ms"]["chunk"], ".1f"),
+                    _f(r["eager"]["stage_ms"]["chunk"], ".1f"),
                     _f(v["chunk_ratio"], ".2f"), _f(v["vae_ratio"], ".2f"), _f(r["stage_ms"]["dit"], ".1f"),
                     _f(r["eager"]["stage_ms"]["dit"], ".1f")])
     return out
@@ -641,16 +650,16 @@ def roofline_rows(rows: list[dict]) -> list[list[str]]:
         rl = r.get("roofline")
         if not rl:
             continue
-        dit, enc, dec = rl["dit"], rl["vae_encode"], rl.get("vae_decode", {})
-        vae_flops = enc["flops_per_call"] + dec.get("flops_per_call", 0)
-        vae_s = (r["stage_ms"]["encode"] + (r["stage_ms"]["decode"] if dec else 0.0)) / 1e3
+        dit, enc, dec = rl["dit"], rl.get("vae_encode", {}), rl.get("vae_decode", {})
+        vae_flops = enc.get("flops_per_call", 0) + dec.get("flops_per_call", 0)
+        vae_s = ((r["stage_ms"]["encode"] if enc else 0.0) + (r["stage_ms"]["decode"] if dec else 0.0)) / 1e3
         peak = r.get("peak_flops_per_s")
         vae_frac = vae_flops / vae_s / peak if peak and vae_s > 0 else None
         out.append(_row_key(r) + [
             _f(dit["flops_per_call"], ",.1f", 1e-9), _f(dit["bytes_per_call"], ",.1f", 2 ** -20),
             _f(dit["intensity"], ",.0f"), _f(dit.get("achieved_flops_per_s"), ".3f", 1e-12),
             _f(dit.get("fraction_of_peak_flops"), ".1f", 100.0),
-            _f(enc["flops_per_call"], ",.1f", 1e-9), _f(enc.get("achieved_flops_per_s"), ".3f", 1e-12),
+            _f(enc.get("flops_per_call"), ",.1f", 1e-9), _f(enc.get("achieved_flops_per_s"), ".3f", 1e-12),
             _f(dec.get("flops_per_call"), ",.1f", 1e-9), _f(dec.get("achieved_flops_per_s"), ".3f", 1e-12),
             _f(vae_frac, ".1f", 100.0)])
     return out
@@ -774,7 +783,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="chunks at the start of the stream left out of steady-state figures")
     p.add_argument("--target-latency", type=float, default=1.0, help="deadline for the miss rate, seconds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    add_taehv_arg(p)
     p.add_argument("--prime-chunks", type=int_in(0), default=None,
                    help="chunks of the throw-away stream that warms the model before each row (default: steps + 2; "
                         "0: none, TTFF then includes one-off initialisation)")
@@ -806,7 +815,8 @@ def spec_from_args(args) -> BenchRun:
     base = BenchConfig(width=width, height=height, steps=args.steps, batch=not args.no_batch,
                        input_fps=args.input_fps, frames=args.frames, warmup=args.warmup,
                        target_latency_s=args.target_latency, seed=args.seed,
-                       decoder="taehv" if args.taehv else "vae", prime_chunks=args.prime_chunks,
+                       encoder=autoencoders(args.taehv)[0], decoder=autoencoders(args.taehv)[1],
+                       prime_chunks=args.prime_chunks,
                        sessions=args.sessions)
     base.validate()
     from .presets import lora_specs
@@ -837,6 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wanstream")
     sub = parser.add_subparsers(dest="command", required=True)
     add_bench_parser(sub)
+    argv = taehv_argv(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.preset_file is not None:
         from .presets import apply_preset

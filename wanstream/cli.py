@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .argtypes import float_in, int_in, resolution
+from .argtypes import add_taehv_arg, autoencoders, float_in, int_in, resolution, taehv_argv
 from .errors import CheckpointError
 from .io.video import FIT_MODES
 from .presets import PRESET_COMMANDS, add_preset_arg, apply_preset, lora_specs, prompt_embedding
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-batch", action="store_true", help="run the steps of each chunk sequentially")
     p.add_argument("--noise-scale", type=float_in(0.0, 1.0, "noise scale"), default=0.8)
     p.add_argument("--no-noise-controller", action="store_true")
-    p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    add_taehv_arg(p)
     p.add_argument("--crf", type=int_in(0, 51, "crf"), default=18,
                    help="H.264 quality of the output: 0 lossless, 18 visually lossless (default), 51 worst")
     p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = taehv_argv(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     from .io.video import VideoError
     try:
@@ -126,7 +127,8 @@ def cmd_v2v(args) -> int:
 
     outputs = output_paths(args.input, args.output)
     infos = [probe_video(p) for p in args.input]
-    model = load_model(args.model, device=args.device, taehv=args.taehv, quantize=args.quantize,
+    encoder, decoder = autoencoders(args.taehv)
+    model = load_model(args.model, device=args.device, taehv=bool(args.taehv), quantize=args.quantize,
                        lora=lora_specs(args))
     embeds = prompt_embedding(model, args)
     engine = Engine(model)
@@ -135,7 +137,7 @@ def cmd_v2v(args) -> int:
         width, height = args.resolution or fit_resolution(info.width, info.height)
         stream = engine.open(prompt_embeds=embeds, width=width, height=height, steps=args.steps,
                              noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
-                             batch=not args.no_batch, seed=args.seed, decoder="taehv" if args.taehv else "vae",
+                             batch=not args.no_batch, seed=args.seed, encoder=encoder, decoder=decoder,
                              fit=args.fit)
         jobs.append(FileJob(path, out, stream, info.fps, info.frames, crf=args.crf))
     elapsed = restyle(engine, jobs, desc="v2v" if len(jobs) == 1 else f"v2v x{len(jobs)}")

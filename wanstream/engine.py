@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .chunking import ChunkBuffer, ChunkInfo
-from .config import CacheConfig, StreamSettings
+from .config import LATENT_MEAN, LATENT_STD, CacheConfig, StreamSettings
 from .io.video import FIT_MODES, fit_frames
 from .kv_cache import CachePolicy, KVPool
 from .noise import NoiseSource, SeededNoise, renoise_seed
@@ -82,7 +82,7 @@ class EngineStream:
     def __init__(self, engine: "Engine", sid: int, group: "Group", *, settings: StreamSettings, width: int,
                  height: int, decoder: str, embedding: torch.Tensor, noise: NoiseSource | None,
                  max_queue_chunks: int | None, target_latency_s: float | None, buffer: ChunkBuffer | None = None,
-                 fit: str = "crop"):
+                 fit: str = "crop", encoder: str = "vae"):
         self.engine = engine
         self.id = sid
         self.group = group
@@ -90,6 +90,7 @@ class EngineStream:
         self.width, self.height = width, height
         self.fit = fit                 # framing of input frames of another aspect (io.video.fit_frames)
         self.decoder = decoder
+        self.encoder = encoder         # "vae" | "taehv" (streams of any encoder / decoder mix share DiT calls)
         self.target_latency_s = target_latency_s
         self.buffer = buffer if buffer is not None else ChunkBuffer(max_chunks=max_queue_chunks)
         self.stats = StreamStats()
@@ -123,7 +124,12 @@ class EngineStream:
         self.renoise = None if self._injected_noise is not None else SeededNoise(renoise_seed(st.seed), m.device)
         self.controller = NoiseController(st.noise_scale, enabled=st.noise_controller)
         self.prev_frame: torch.Tensor | None = None
-        self.enc_state = m.vae.new_state()
+        if self.encoder == "vae":
+            self.enc_state = m.vae.new_state()
+        else:
+            from .models.taehv import TAEHVStreamEncoder
+            # TAEHV latents mapped to the Wan encoder's un-normalised mean: the DiT's input convention here
+            self.enc_state = TAEHVStreamEncoder(m.taehv, LATENT_MEAN, LATENT_STD)
         if self.decoder == "vae":
             self.dec_state = m.vae.new_state()
         else:
@@ -218,19 +224,23 @@ class Engine:
     # ------------------------------------------------------------------------------------------ streams
     def open(self, *, prompt_embeds: torch.Tensor, width: int, height: int, steps: int = 2,
              noise_scale: float = 0.8, noise_controller: bool = True, batch: bool = True, seed: int = 0,
-             cache: CacheConfig | None = None, decoder: str = "vae", noise: NoiseSource | None = None,
+             cache: CacheConfig | None = None, decoder: str = "vae", encoder: str = "vae",
+             noise: NoiseSource | None = None,
              max_queue_chunks: int | None = None, target_latency_s: float | None = None,
              buffer: ChunkBuffer | None = None, fit: str = "crop",
              lora: Mapping[str, float] | None = None) -> EngineStream:
         """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here). ``buffer``: an
         input queue the caller already fills (the server's session), else a new one; ``fit``: how frames of
-        another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults)."""
+        another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults); ``encoder`` /
+        ``decoder``: ``vae`` (Wan VAE) or ``taehv`` (the tiny autoencoder) at each end: streams with any mix share
+        DiT calls."""
         if width % 16 or height % 16 or width <= 0 or height <= 0:
             raise ValueError(f"resolution must be positive multiples of 16, got {width}x{height}")
-        if decoder not in ("vae", "taehv"):
-            raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
-        if decoder == "taehv" and getattr(self.model, "taehv", None) is None:
-            raise ValueError("decoder='taehv' needs a model loaded with taehv=True")
+        for name, value in (("decoder", decoder), ("encoder", encoder)):
+            if value not in ("vae", "taehv"):
+                raise ValueError(f"{name} must be 'vae' or 'taehv', got {value!r}")
+            if value == "taehv" and getattr(self.model, "taehv", None) is None:
+                raise ValueError(f"{name}='taehv' needs a model loaded with taehv=True")
         if fit not in FIT_MODES:
             raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
         settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
@@ -242,6 +252,7 @@ class Engine:
             sid = self._next_id
             self._next_id += 1
             s = EngineStream(self, sid, group, settings=settings, width=width, height=height, decoder=decoder,
+                             encoder=encoder,
                              embedding=embedding, noise=noise, max_queue_chunks=max_queue_chunks,
                              target_latency_s=target_latency_s, buffer=buffer, fit=fit)
             group.runner.add(RunnerStream(sid, s.noise, lora=settings.lora, renoise_source=s.renoise),
@@ -631,29 +642,36 @@ class Engine:
             stages[s.id] += new
 
     def _encode(self, streams: list[EngineStream], pixels: dict) -> dict[int, torch.Tensor]:
-        """VAE-encode the new chunks: one call per group of streams at the same phase (first chunk or steady)
-        when VAE batching is on, else one call per stream. A failing batched call is retried stream by stream,
-        so only the stream at fault ends."""
-        vae = self.model.vae
+        """Encode the new chunks (Wan VAE or TAEHV, per stream): one call per group of streams with the same encoder
+        at the same phase (first chunk or steady) when VAE batching is on, else one call per stream. A failing
+        batched call is retried stream by stream, so only the stream at fault ends."""
         groups: dict[tuple, list[EngineStream]] = {}
         for s in streams:
-            key = (s.enc_state.first_encode, tuple(pixels[s.id].shape)) if self.batch_vae else (s.id,)
+            key = (s.encoder, s.enc_state.first_encode, tuple(pixels[s.id].shape)) if self.batch_vae else (s.id,)
             groups.setdefault(key, []).append(s)
         out = {}
         for members in groups.values():
             if len(members) > 1:
                 try:
-                    z = vae.encode_many([s.enc_state for s in members], torch.stack([pixels[s.id] for s in members]))
+                    z = self._encode_many(members, torch.stack([pixels[s.id] for s in members]))
                     out.update({s.id: z[i: i + 1] for i, s in enumerate(members)})
                     continue
                 except Exception:  # noqa: BLE001 - find the stream at fault below
                     log.exception("batched encode failed; encoding stream by stream")
             for s in members:
                 try:
-                    out[s.id] = vae.encode(s.enc_state, pixels[s.id][None])
+                    frames = pixels[s.id][None]
+                    out[s.id] = (self.model.vae.encode(s.enc_state, frames) if s.encoder == "vae"
+                                 else s.enc_state.encode(frames))
                 except Exception as exc:  # noqa: BLE001
                     self._stream_error(s, "encode", exc)
         return out
+
+    def _encode_many(self, members: list[EngineStream], frames: torch.Tensor) -> torch.Tensor:
+        if members[0].encoder == "vae":
+            return self.model.vae.encode_many([s.enc_state for s in members], frames)
+        from .models.taehv import TAEHVStreamEncoder
+        return TAEHVStreamEncoder.encode_many([s.enc_state for s in members], frames)
 
     def _advance_transition(self, s: EngineStream) -> None:
         if s._transition is None:

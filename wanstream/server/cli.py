@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..argtypes import float_in, int_in, resolution
+from ..argtypes import add_taehv_arg, autoencoders, float_in, int_in, resolution, taehv_argv
 from .settings import ServerSettings
 
 log = logging.getLogger("wanstream.server")
@@ -41,7 +41,7 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "stream's secret (see docs/integrations.md); off by default")
     p.add_argument("--resolution", type=resolution, default=(512, 512), help="WxH, multiples of 16")
     p.add_argument("--steps", type=int_in(1, 4, "steps"), default=2, help="default denoising steps (1-4)")
-    p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder (needs taew2_1.pth)")
+    add_taehv_arg(p)
     p.add_argument("--record-dir", type=Path, default=Path("recordings"), help="where recordings go")
     p.add_argument("--idle-timeout", type=float_in(0.0, None, "idle timeout"), default=60.0,
                    help="close a session after this many seconds without frames (default 60)")
@@ -83,7 +83,8 @@ def load_serving_model(args, settings: ServerSettings):
         print(f"wanstream serve: model {args.model} on a pipeline of {driver.world} ranks "
               f"({', '.join(driver.spec.devices)}) started in {time.perf_counter() - t0:.1f} s", flush=True)
         return driver.model, driver
-    model = load_model(args.model, device=args.device, taehv=settings.decoder == "taehv", lora=lora_specs(args))
+    model = load_model(args.model, device=args.device, taehv="taehv" in (settings.encoder, settings.decoder),
+                       lora=lora_specs(args))
     print(f"wanstream serve: model {args.model} on {model.device} loaded in {time.perf_counter() - t0:.1f} s"
           + (f", LoRAs {', '.join(model.dit.lora.names)}" if model.dit.lora is not None else ""), flush=True)
     return model, None
@@ -137,7 +138,8 @@ def settings_from_args(args) -> ServerSettings:
                           max_recording_bytes=int(args.max_recording_gb * 2**30),
                           prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), max_connections=args.max_connections,
                           ice_servers=list(args.ice_server), webrtc_loopback_candidates=args.webrtc_loopback_candidates,
-                          decoder="taehv" if args.taehv else "vae", whep_max_viewers=args.whep_max_viewers,
+                          encoder=autoencoders(args.taehv)[0], decoder=autoencoders(args.taehv)[1],
+                          whep_max_viewers=args.whep_max_viewers,
                           osc_port=args.osc_port, drain_grace_s=args.drain_grace)
 
 
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import CheckpointError
     parser = configure_serve_parser(argparse.ArgumentParser(prog="wanstream serve",
                                                             description="wanstream live server"))
-    args = parser.parse_args(argv)
+    args = parser.parse_args(taehv_argv(sys.argv[1:] if argv is None else argv))
     try:
         return run_serve(args)
     except (CheckpointError, ValueError, RuntimeError, OSError) as exc:

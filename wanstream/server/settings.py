@@ -19,6 +19,7 @@ class ServerSettings:
     steps: int = 2                          # default steps of a new session (1..4; live-changeable)
     noise_scale: float = 0.8
     decoder: str = "vae"                    # "vae" | "taehv" (the model must be loaded with taehv=True)
+    encoder: str = "vae"                    # "vae" | "taehv" (likewise)
     prompt: str = "a watercolor painting, soft brush strokes, vivid colours"
     record_dir: Path = Path("recordings")
     idle_timeout_s: float = 60.0            # a session without input frames for this long is closed
@@ -72,8 +73,9 @@ class ServerSettings:
             raise ValueError(f"resolution must be positive multiples of 16, got {self.width}x{self.height}")
         if not 1 <= self.steps <= 4:
             raise ValueError(f"steps must be in 1..4, got {self.steps}")
-        if self.decoder not in ("vae", "taehv"):
-            raise ValueError(f"decoder must be 'vae' or 'taehv', got {self.decoder!r}")
+        for name in ("decoder", "encoder"):
+            if getattr(self, name) not in ("vae", "taehv"):
+                raise ValueError(f"{name} must be 'vae' or 'taehv', got {getattr(self, name)!r}")
         for name in ("token", "admin_token"):
             value = getattr(self, name)
             if value is not None and not value:
