@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -206,3 +208,34 @@ def test_compiled_conformance_and_no_recompiles_in_the_steady_state(vae):
         for i in range(50):
             svae.encode(enc, _video(5 + i, t=4, h=48, w=80))
             svae.decode(dec, _latents(5 + i, t=1, h=6, w=10))
+
+
+def test_compare_vae_paths_counts_flops_on_a_random_released_layout_vae(capsys):
+    """The released-width rows: a random VAE in the released layout (narrow here, for speed), FLOP/s per path."""
+    from wanstream.models.vae_compare import main, random_vae_state_dict
+    sd = random_vae_state_dict(8, seed=1)
+    assert sd["encoder.conv1.weight"].shape == (8, 3, 3, 3, 3) and len(sd) == 194
+    assert main(["--width", "8", "--resolution", "32x32", "--rounds", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["base_width"] == 8 and out["gflop"]["encode"] > 0 and out["peak_fraction"] is None
+    assert all(out["tflops"][p][part] > 0 for p in ("fast", "eager") for part in ("encode", "decode"))
+
+
+def test_gpu_default_is_bf16_conv3d_on_channels_last_3d(vae, monkeypatch):
+    """What GPUs run by default, checked for dispatch on the CPU: bf16 weights (the loader's dtype on CUDA), the
+    conv3d implementation, and every 3-D conv fed a channels-last-3d input (cuDNN's NDHWC kernels)."""
+    from wanstream.models.loader import default_dtype
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16
+    assert vae_fast.default_conv_impl(torch.device("cuda"), 96) == "conv3d"
+    seen = []
+    conv3d = torch.nn.functional.conv3d
+
+    def spy(x, *a, **k):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last_3d))
+        return conv3d(x, *a, **k)
+    monkeypatch.setattr(vae_fast.F, "conv3d", spy)
+    svae = StreamingVAE(vae, conv_impl="conv3d")
+    s = svae.new_state()
+    svae.encode(s, _video(0, t=5))
+    svae.encode(s, _video(1, t=4))
+    assert seen and all(seen)

@@ -430,8 +430,8 @@ class FastWanVAE:
         ctx = _Ctx(caches, first)
         if self.channels_first:
             b, t, zc, h, w = z.shape
-            x = torch.baddbmm(self.post_b.view(1, -1, 1), self.post_w.expand(b * t, -1, -1), z.reshape(b * t, zc, h * w))
-            x = x.view(b, t, -1, h, w)
+            x = torch.baddbmm(self.post_b.view(1, -1, 1), self.post_w.expand(b * t, -1, -1),
+                              z.reshape(b * t, zc, h * w)).view(b, t, -1, h, w)
             return self._run(x, ctx, self.dec_in, self.dec_layers, self.dec_norm, self.dec_out), ctx.hist_out
         x = F.linear(z.permute(0, 1, 3, 4, 2), self.post_w, self.post_b)
         y = self._run(x, ctx, self.dec_in, self.dec_layers, self.dec_norm, self.dec_out)
