@@ -33,6 +33,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -165,25 +166,33 @@ def inputs(n, h, w, device, seed=0):
 @torch.no_grad()
 def paired(paths: list[StepPath], frames, latents, rounds: int, device) -> dict:
     """Prime every path, then ``rounds`` rounds, the order reversed every other round. Per path: encode / decode
-    seconds per round and the outputs of the last round."""
+    seconds per round, the minor page faults of each call (fresh memory touched: load-independent) and the outputs
+    of the last round."""
     for p in paths:
         p.prime(frames, latents)
     t = {p.name: {"encode": [], "decode": []} for p in paths}
+    faults = {p.name: {"encode": [], "decode": []} for p in paths}
     outs = {}
     for r in range(rounds):
         for p in (paths if r % 2 == 0 else paths[::-1]):
             sync(device)
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             mu = p.encode(frames[:, 5:9])
             sync(device)
-            t1 = time.perf_counter()
+            f1, t1 = minor_faults(), time.perf_counter()
             px = p.decode(latents[:, 2:3])
             sync(device)
-            t2 = time.perf_counter()
+            f2, t2 = minor_faults(), time.perf_counter()
             t[p.name]["encode"].append(t1 - t0)
             t[p.name]["decode"].append(t2 - t1)
+            faults[p.name]["encode"].append(f1 - f0)
+            faults[p.name]["decode"].append(f2 - f1)
             outs[p.name] = (mu.float(), px.float())
-    return {"times": t, "outs": outs}
+    return {"times": t, "faults": faults, "outs": outs}
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def ratios(t: dict, a: str, b: str, part: str) -> dict:
@@ -209,6 +218,8 @@ def sec_official(args, ctx) -> list[dict]:
             ms_o, ms_w = 1e3 * median(t["official"][part]), 1e3 * median(t["wanstream"][part])
             flops = costs[part]["flops"]
             row[part] = {"official_ms": ms_o, "wanstream_ms": ms_w, "ratio": ratios(t, "wanstream", "official", part),
+                         "official_faults": median(res["faults"]["official"][part]),
+                         "wanstream_faults": median(res["faults"]["wanstream"][part]),
                          "gflop": flops / 1e9, "wanstream_tflops": flops / ms_w / 1e9,
                          "official_tflops": flops / ms_o / 1e9,
                          "wanstream_peak_fraction": flops / (ms_w / 1e3) / ctx["peak"],
@@ -397,7 +408,8 @@ def markdown(result: dict) -> str:
         out += [f"Official streaming VAE (stand-in) vs wanstream's default path, fp32, base width {m['width']}, "
                 "median of paired rounds:", "",
                 "| size | part | official ms | wanstream ms | ratio (min–max) | GFLOP | wanstream TFLOP/s | % peak | "
-                "official % peak | max diff | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "official % peak | page faults official / wanstream | max diff | load |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sec:
             for part in ("encode", "decode"):
                 p = r[part]
@@ -405,7 +417,9 @@ def markdown(result: dict) -> str:
                            f"**{p['ratio']['median']:.2f}** ({p['ratio']['min']:.2f}–{p['ratio']['max']:.2f}) | "
                            f"{p['gflop']:,.0f} | {p['wanstream_tflops']:.3f} | "
                            f"{100 * p['wanstream_peak_fraction']:.0f} | "
-                           f"{100 * p['official_peak_fraction']:.0f} | {r['max_abs_diff'][part]:.1e} | "
+                           f"{100 * p['official_peak_fraction']:.0f} | "
+                           f"{p['official_faults'] / 1e3:,.0f}k / {p['wanstream_faults'] / 1e3:,.0f}k | "
+                           f"{r['max_abs_diff'][part]:.1e} | "
                            f"{r['load'][0]}→{r['load'][1]} |")
         out.append("")
     sec = [r for r in rows if r["section"] == "compare"]

@@ -315,15 +315,25 @@ class Resample:
         if self.mode.startswith("up"):     # nearest 2× in space (one copy, also interleaving time-up frames)
             if self.mode == "upsample3d":
                 x = self._time_up(x, ctx)
-            if self.cf:
+            if self.cf:              # into a reused buffer: the conv reads it once
                 b, t, c, h, w = x.shape
-                x = x[:, :, :, :, None, :, None].expand(b, t, c, h, 2, w, 2).reshape(b, t, c, 2 * h, 2 * w)
+                up = SCRATCH.get((b, t, c, 2 * h, 2 * w), x)
+                up.view(b, t, c, h, 2, w, 2).copy_(x[:, :, :, :, None, :, None].expand(b, t, c, h, 2, w, 2))
+                x = up
             else:
                 b, t, h, w, c = x.shape
                 x = x[:, :, :, None, :, None].expand(b, t, h, 2, w, 2, c).reshape(b, t, 2 * h, 2 * w, c)
             return self.conv(x)[0]
         # ZeroPad2d((0, 1, 0, 1)), then stride 2
-        x = self.conv(F.pad(x, (0, 1, 0, 1) if self.cf else (0, 0, 0, 1, 0, 1)))[0]
+        if self.cf:                  # into a reused buffer: the conv reads it once
+            b, t, c, h, w = x.shape
+            padded = SCRATCH.get((b, t, c, h + 1, w + 1), x)
+            padded[..., h, :].zero_()
+            padded[..., :h, w].zero_()
+            padded[..., :h, :w].copy_(x)
+            x = self.conv(padded)[0]
+        else:
+            x = self.conv(F.pad(x, (0, 0, 0, 1, 0, 1)))[0]
         if self.mode == "downsample3d":
             if ctx.first:            # the first frame passes; it becomes the history
                 ctx.hist_out.append(x)
