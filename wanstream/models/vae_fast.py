@@ -63,14 +63,17 @@ def default_conv_impl(device: torch.device, width: int | None = None) -> str:
 
 
 class _Buffers(threading.local):
-    """Reusable scratch tensors by (shape, dtype, device), one set per thread, the ``MAX`` last used kept: the
-    ``[history ‖ new]`` input of a causal conv lives only during the conv, so convs of the same shape share one
-    buffer, call after call. A fresh large CPU tensor costs page faults on first touch (tens of ms per 100 MB)."""
+    """Reusable scratch tensors by (shape, dtype, device), one set per thread, the most recently used kept up to
+    ``BUDGET`` bytes: the ``[history ‖ new]`` input of a causal conv (and a resampler's padded or 2x input) lives
+    only during one op, so ops of the same shape share one buffer, within a call and, when the working set fits
+    the budget (a 256² stream's does), call after call. A fresh large CPU tensor costs page faults on first
+    touch, tens of ms per 100 MB; a buffer larger than the budget is not kept."""
 
-    MAX = 32
+    BUDGET = 1 << 30
 
     def __init__(self):
         self.free: dict[tuple, Tensor] = {}
+        self.nbytes = 0
 
     def get(self, shape: tuple, like: Tensor) -> Tensor:
         if torch.compiler.is_compiling():        # inductor plans its own buffers
@@ -79,13 +82,14 @@ class _Buffers(threading.local):
         buf = self.free.pop(key, None)
         if buf is None:
             buf = like.new_empty(shape)
-            while len(self.free) >= self.MAX:
-                self.free.pop(next(iter(self.free)))
-        self.free[key] = buf                     # most recently used last
+            self.nbytes += buf.nbytes
+        while self.free and self.nbytes > self.BUDGET:            # least recently used first
+            self.nbytes -= self.free.pop(next(iter(self.free))).nbytes
+        if self.nbytes > self.BUDGET:                               # alone larger than the budget: not kept
+            self.nbytes -= buf.nbytes
+        else:
+            self.free[key] = buf                                    # most recently used last
         return buf
-
-    def clear(self) -> None:
-        self.free.clear()
 
 
 SCRATCH = _Buffers()
@@ -243,10 +247,16 @@ class CausalConv:
             return y.view(b, t, self.co, h, w), new_hist
         if self.nnpack and h * w >= NNPACK_MIN_AREA:  # one frame per call (NNPACK's fast inference mode)
             pad = [self.pad, self.pad]
-            ys = [torch._nnpack_spatial_convolution(seq[i, j * st: j * st + kt].reshape(1, kt * c, h, w),
-                                                    self.w, self.bias, pad)
-                  for i in range(b) for j in range(t)]
-            y = ys[0] if len(ys) == 1 else torch.cat(ys)
+            y = None
+            for i in range(b):
+                for j in range(t):
+                    yj = torch._nnpack_spatial_convolution(seq[i, j * st: j * st + kt].reshape(1, kt * c, h, w),
+                                                           self.w, self.bias, pad)
+                    if b * t == 1:
+                        y = yj
+                    else:                             # frame by frame into the output: one frame in flight
+                        y = yj.new_empty(b * t, *yj.shape[1:]) if y is None else y
+                        y[i * t + j].copy_(yj[0])
         else:
             taps = seq.reshape(b * s, c, h, w) if kt == 1 else \
                 torch.stack([seq[:, j * st: j * st + kt] for j in range(t)], 1).reshape(b * t, kt * c, h, w)
