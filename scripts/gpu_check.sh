@@ -11,12 +11,17 @@
 #      eager     steps 1..4 x {stream batch, no-batch}, Wan VAE                     (--sweep)
 #      compiled  steps COMPILED_STEPS, compiled + CUDA graphs, Wan VAE              (--compile)
 #      fp8       2 steps, fp8 weights, eager and compiled (first resolution only)   (--quantize fp8 [--compile])
-#      taehv     2 steps, TAEHV decoder instead of the Wan VAE (first resolution)   (--taehv)
+#      taehv     2 steps, TAEHV instead of the Wan VAE at the decode end, the encode end and both
+#                (first resolution)                                                 (--taehv [encode|both])
 #      sessions  2 steps, SESSIONS streams in one engine (first resolution)         (--sessions N)
 #      backbones for each of BACKBONES (self-forcing longlive): a random 1.3B model in its layout, a v2v bench
 #                row (2 steps, first resolution) and t2v speed (scripts/t2v_speed.py: T2V_RES, 4 steps, 1 and
 #                SESSIONS clips); StreamDiffusionV2's t2v speed beside them
 #    each with TTFF, FPS, per-stage times, p50/p95/p99 latency and peak VRAM; JSON and markdown per run;
+#    vae       the VAE alone at VAE_SIZES (scripts/vae_real_size.py, random base-VAE_WIDTH VAE): the official
+#              streaming VAE (stand-in) vs the default path, diffusers' eager modules vs the default path, bf16
+#              (the GPU default, channels-last-3d conv3d) vs fp32, 2 and 4 streams in one call vs one call each,
+#              TAEHV vs the Wan VAE; paired rounds, VAE_ROUNDS each;
 # 4. OUT_DIR/gpu_check.md (every table, labelled with GPU, date and commit: paste under "GPU rows" in
 #    docs/benchmarks.md) and OUT_DIR/gpu_check.json (every row, every skip with its reason).
 #
@@ -26,11 +31,13 @@
 # Knobs (environment): PYTHON (python3), PRESET (1.3b), MODEL (OUT_DIR/models/PRESET), DEVICE (cuda),
 # RES ("512x512 832x480"), FRAMES (61), WARMUP (3), COMPILED_STEPS ("2"), PRIME_COMPILED (14: chunks of the
 # throw-away stream before a compiled row, so compilation and graph capture stay out of the figures),
-# SESSIONS (4), BUDGET_S (480), RUNS ("conformance eager compiled fp8 taehv sessions backbones"), BACKBONES
-# ("self-forcing longlive"), T2V_RES (832x480), T2V_FRAMES (81), WANSTREAM_COMMIT. The backbone rows alone:
+# SESSIONS (4), BUDGET_S (480), RUNS ("conformance eager compiled fp8 taehv sessions vae backbones"), VAE_SIZES
+# ("256,512"), VAE_WIDTH (96), VAE_ROUNDS (6), BACKBONES ("self-forcing longlive"), T2V_RES (832x480),
+# T2V_FRAMES (81), WANSTREAM_COMMIT. The backbone rows alone:
 #   RUNS="conformance backbones" scripts/gpu_check.sh
 # A CPU smoke run of the whole script (tiny model, small clips):
-#   DEVICE=cpu PRESET=tiny RES=64x64 FRAMES=29 WARMUP=2 PRIME_COMPILED=8 scripts/gpu_check.sh /tmp/gc
+#   DEVICE=cpu PRESET=tiny RES=64x64 FRAMES=29 WARMUP=2 PRIME_COMPILED=8 VAE_SIZES=64 VAE_WIDTH=8 \
+#     scripts/gpu_check.sh /tmp/gc
 set -euo pipefail
 
 DRY_RUN=0
@@ -49,7 +56,10 @@ COMPILED_STEPS=${COMPILED_STEPS:-2}
 PRIME_COMPILED=${PRIME_COMPILED:-14}
 SESSIONS=${SESSIONS:-4}
 BUDGET_S=${BUDGET_S:-480}
-RUNS=${RUNS:-"conformance eager compiled fp8 taehv sessions backbones"}
+RUNS=${RUNS:-"conformance eager compiled fp8 taehv sessions vae backbones"}
+VAE_SIZES=${VAE_SIZES:-"256,512"}
+VAE_WIDTH=${VAE_WIDTH:-96}
+VAE_ROUNDS=${VAE_ROUNDS:-6}
 BACKBONES=${BACKBONES:-"self-forcing longlive"}
 T2V_RES=${T2V_RES:-832x480}
 T2V_FRAMES=${T2V_FRAMES:-81}
@@ -79,7 +89,7 @@ run() {
 if [ "$DRY_RUN" = 1 ]; then
     WANSTREAM_COMMIT=${WANSTREAM_COMMIT:-dry-run}
     ensure_model() { echo "ensure_model $1 $2 ${3:-}"; }
-    BENCH_HELP="--compile --quantize --taehv --sessions"
+    BENCH_HELP="--compile --quantize --taehv {encode,decode,both} --sessions"
 else
     # shellcheck source=scripts/gpu_env.sh
     source "$REPO/scripts/gpu_env.sh"
@@ -137,7 +147,16 @@ for run_name in $RUNS; do
                               --quantize fp8 "${compiled[@]}"
                       fi
                   fi ;;
-        taehv)    bench "taehv $FIRST_RES" "taehv_${FIRST_RES}" --resolution "$FIRST_RES" --taehv ;;
+        taehv)    bench "taehv $FIRST_RES" "taehv_${FIRST_RES}" --resolution "$FIRST_RES" --taehv
+                  if has_flag "encode,decode,both" "taehv encode / both"; then
+                      for ends in encode both; do
+                          bench "taehv $ends $FIRST_RES" "taehv_${ends}_${FIRST_RES}" --resolution "$FIRST_RES" \
+                              --taehv "$ends"
+                      done
+                  fi ;;
+        vae)      run "vae at $VAE_SIZES" "$PY" scripts/vae_real_size.py --device "$DEVICE" --out "$OUT" \
+                      --width "$VAE_WIDTH" --sizes "$VAE_SIZES" --bf16-sizes "$VAE_SIZES" \
+                      --batch-sizes "${VAE_SIZES##*,}" --rounds "$VAE_ROUNDS" --only official,compare,bf16,batch,taehv ;;
         sessions) if has_flag --sessions "sessions"; then
                       bench "$SESSIONS sessions $FIRST_RES" "sessions${SESSIONS}_${FIRST_RES}" \
                           --resolution "$FIRST_RES" --sessions "$SESSIONS"
@@ -157,7 +176,7 @@ for run_name in $RUNS; do
                       t2v "$b" "$bmodel" 1
                       t2v "$b" "$bmodel" "$SESSIONS"
                   done ;;
-        *)        echo "gpu_check: unknown run '$run_name' (conformance eager compiled fp8 taehv sessions backbones)" >&2
+        *)        echo "gpu_check: unknown run '$run_name' (conformance eager compiled fp8 taehv sessions vae backbones)" >&2
                   exit 2 ;;
     esac
 done
@@ -169,7 +188,7 @@ GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.i
     echo "<!-- scripts/gpu_check.sh on $GPU, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $WANSTREAM_COMMIT," \
          "$((SECONDS - START)) s -->"
     for f in "$OUT"/conformance_*.md "$OUT"/eager_*.md "$OUT"/compiled_*.md "$OUT"/fp8_*.md "$OUT"/taehv_*.md \
-             "$OUT"/sessions*.md "$OUT"/backbone_*.md "$OUT"/t2v_*.md; do
+             "$OUT"/sessions*.md "$OUT"/vae_real_size.md "$OUT"/backbone_*.md "$OUT"/t2v_*.md; do
         [ -f "$f" ] || continue
         printf '\n#### %s\n\n' "$(basename "$f" .md)"
         cat "$f"

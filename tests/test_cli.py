@@ -292,3 +292,28 @@ def test_v2v_refuses_what_the_pipeline_does_not_run(tiny_model_dir, clip_path, t
     err = capsys.readouterr().err
     assert code == 2 and f"{named} cannot be combined with --pipeline / --gpus" in err, err
     assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize("flags,ends", [([], ("vae", "vae")), (["--taehv"], ("vae", "taehv")),
+                                        (["--taehv", "decode"], ("vae", "taehv")),
+                                        (["--taehv", "encode"], ("taehv", "vae")),
+                                        (["--taehv=both"], ("taehv", "taehv"))])
+def test_taehv_flag_picks_the_ends(flags, ends):
+    """``--taehv`` alone still means decode, also right before the input file (which stays the input)."""
+    from wanstream.cli.argtypes import autoencoders, taehv_argv
+    from wanstream.cli.main import build_parser
+    for argv in (["v2v", *flags, "in.mp4", "-o", "o.mp4", "--model", "m"],
+                 ["v2v", "in.mp4", "-o", "o.mp4", *flags, "--model", "m"]):
+        args = build_parser().parse_args(taehv_argv(argv))
+        assert [str(p) for p in args.input] == ["in.mp4"] and autoencoders(args.taehv) == ends
+
+
+def test_v2v_with_taehv_at_both_ends(tiny_model_dir, clip_path, tmp_path):
+    """The tiny autoencoder at both ends (random weights): every frame out, at the input's size."""
+    out = tmp_path / "t.mp4"
+    assert main(["v2v", "--taehv", "both", str(clip_path), "-o", str(out), "--model", str(tiny_model_dir),
+                 "--prompt", "x", "--device", "cpu"]) == 0
+    frames, _ = read_video(out)
+    assert frames.shape == (14, 48, 80, 3)
+    with pytest.raises(SystemExit):
+        main(["v2v", str(clip_path), "-o", str(out), "--model", str(tiny_model_dir), "--taehv", "nope"])

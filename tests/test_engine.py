@@ -220,3 +220,44 @@ def test_vae_work_of_several_streams_shares_calls_and_equals_each_alone(tiny_mod
     for i in shared:
         assert shared[i].shape == alone[i].shape
         assert np.abs(shared[i].astype(int) - alone[i].astype(int)).max() <= 1
+
+
+def test_streams_with_different_autoencoders_share_dit_calls_and_equal_each_alone(tiny_model_dir, clips):
+    """Wan VAE or TAEHV at either end, per stream: the four mixes share DiT calls on one engine (the VAE work runs
+    per autoencoder) and each stream gives what it gives alone."""
+    from wanstream.models.loader import load_model
+    model = load_model(tiny_model_dir, device="cpu", text_encoder=False, taehv=True)
+    mixes = [("vae", "vae"), ("taehv", "vae"), ("vae", "taehv"), ("taehv", "taehv")]
+
+    def run(shared: bool):
+        one = Engine(model, batch_vae=True)
+        streams = []
+        for i, (enc, dec) in enumerate(mixes):
+            eng = one if shared else Engine(model, batch_vae=True)
+            streams.append((eng, eng.open(prompt_embeds=_prompt(i), width=W, height=H, steps=2, seed=i,
+                                          encoder=enc, decoder=dec)))
+        for k in range(4):
+            for i, (eng, s) in enumerate(streams):
+                eng.feed(s, clips[i][0 if k == 0 else 1 + 4 * k: 5 + 4 * k])
+            for eng in {id(e): e for e, _ in streams}.values():
+                eng.step()
+        outs = []
+        for eng, s in streams:
+            eng.finish(s)
+            eng.run_until_idle(50)
+            outs.append(np.stack([o.image for o in s.take_outputs()]))
+        return outs, {id(e): e for e, _ in streams}.values()
+    shared, (engine,) = run(True)
+    alone, engines = run(False)
+    alone_calls = sum(e.dit_calls for e in engines)       # the four streams' rows ran in shared calls
+    assert engine.dit_calls < 0.5 * alone_calls and engine.rows_run == sum(e.rows_run for e in engines)
+    for (enc, dec), a, b in zip(mixes, shared, alone):
+        assert a.shape == b.shape and a.shape[0] == 17, (enc, dec)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, (enc, dec)
+    taehv_out, vae_out = shared[1], shared[0]               # the encoder changes what the DiT sees
+    assert np.abs(taehv_out.astype(int) - vae_out.astype(int)).max() > 8
+    with pytest.raises(ValueError, match="encoder='taehv' needs a model loaded with taehv=True"):
+        Engine(load_model(tiny_model_dir, device="cpu", text_encoder=False)).open(
+            prompt_embeds=_prompt(0), width=W, height=H, encoder="taehv")
+    with pytest.raises(ValueError, match="encoder must be 'vae' or 'taehv'"):
+        engine.open(prompt_embeds=_prompt(0), width=W, height=H, encoder="vqgan")

@@ -53,7 +53,8 @@ def sweep(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("sweep")
     clip = work / "motion.mp4"
     assert main(["clip", str(clip), "--frames", str(FRAMES), "--resolution", "64x64"]) == 0
-    write_config(work / "sweep.toml", tiny_model_dir, clip, '\n[[settings]]\nname = "taehv"\ndecoder = "taehv"\n')
+    write_config(work / "sweep.toml", tiny_model_dir, clip,
+                 '\n[[settings]]\nname = "taehv"\nencoder = "taehv"\ndecoder = "taehv"\n')
     out = work / "out"
     rc = main(["eval", "--sweep", str(work / "sweep.toml"), "--out", str(out), "--device", "cpu",
                "--clip", str(write_random_clip(work / "clip")), "--raft", str(write_random_raft(work)),
@@ -94,7 +95,7 @@ def test_sweep_rows_carry_quality_fps_and_their_settings(sweep):
     assert rows["1 step"]["steps"] == 1 and rows["SDV2 2 steps"]["steps"] == 2
     nosink = rows["no sink, fixed noise"]
     assert not nosink["sink_refresh"] and not nosink["noise_controller"] and nosink["cache"] == "4/2"
-    assert rows["taehv"]["decoder"] == "taehv"
+    assert rows["taehv"]["decoder"] == rows["taehv"]["encoder"] == "taehv"                 # TAEHV at both ends
     # the settings really ran differently: different outputs, different scores
     assert len({round(r["metrics"]["warp_error"], 6) for r in ran}) == len(ran)
     # the flow of the input is computed once per clip and shared; the table matches the JSON
@@ -107,6 +108,7 @@ def test_sweep_rows_carry_quality_fps_and_their_settings(sweep):
     ('[[settings]]\nname = "x"\ncache = {capacity = 3, sink = 3}\n', "cache sink frames must be in [0, capacity=3)"),
     ('[[settings]]\nname = "x"\ncache = {size = 3}\n', "cache: unknown key(s) 'size'"),
     ('[[settings]]\nname = "x"\ndecoder = "vqgan"\n', "decoder must be 'vae' or 'taehv'"),
+    ('[[settings]]\nname = "x"\nencoder = "vqgan"\n', "encoder must be 'vae' or 'taehv'"),
     ('[[settings]]\nname = "1 step"\n', "setting names must be unique as file names, clashing: 1 step"),
     ('[[settings]]\nname = "1/step"\n', "clashing: 1 step, 1/step"),
     ('[[settings]]\nsteps = 2\n', "needs a non-empty 'name'"),

@@ -207,3 +207,41 @@ def test_a_self_forcing_stream_parks_and_resumes_bit_exact(tmp_path_factory, cli
                           text_encoder=False)
     with pytest.raises(StateError, match="another model|backbone"):
         Engine(longlive).resume(engine.park(s))
+
+
+def test_a_stream_with_taehv_at_both_ends_parks_and_resumes_bit_exact(tiny_model_dir, clip):
+    """The tiny autoencoder's encoder and decoder memories travel with a parked stream; its encoder state does not
+    resume as another encoder's."""
+    from wanstream.engine.parking import check
+    from wanstream.models.loader import load_model
+    model = load_model(tiny_model_dir, device="cpu", text_encoder=False, taehv=True)
+
+    def run(park: bool):
+        eng = Engine(model)
+        s = eng.open(prompt_embeds=_prompt(0), width=W, height=H, seed=4, encoder="taehv", decoder="taehv")
+        out = []
+        for a, b in ((0, 13), (13, 21), (21, 33)):
+            eng.feed(s, clip[a:b])
+            eng.run_until_idle()
+            out += s.take_outputs()
+            if park and a == 0:
+                parked = eng.park(s)
+                assert parked.host["vae"]["enc"]["kind"] == "taehv_enc"
+                s = eng.resume(parked)
+        eng.finish(s)
+        eng.run_until_idle()
+        return out + s.take_outputs(), eng, s
+
+    ref, _, _ = run(False)
+    got, eng, s = run(True)
+    assert len(got) == len(ref) == 33 and all(np.array_equal(a.image, b.image) for a, b in zip(got, ref))
+    s2 = eng.open(prompt_embeds=_prompt(0), width=W, height=H, seed=4, encoder="taehv")
+    eng.feed(s2, clip[:5])
+    eng.run_until_idle()
+    s2.take_outputs()
+    parked = eng.park(s2)
+    parked.host["stream"]["encoder"] = "vae"
+    with pytest.raises(StateError, match="encoder state"):
+        eng.resume(parked)
+    parked.host["stream"]["encoder"] = "taehv"
+    assert check(eng, parked) == (W, H)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wanstream.core.errors import CheckpointError
-from wanstream.models.taehv import TAEHV, TAEHVStreamDecoder, load_taehv, write_random_taehv
+from wanstream.models.taehv import TAEHV, TAEHVStreamDecoder, TAEHVStreamEncoder, load_taehv, write_random_taehv
 
 N_TENSORS = 128
 N_PARAMS = 11_315_539
@@ -134,3 +134,38 @@ def test_interleaved_streams_independent(model):
         out_b.append(b.decode(zb[:, t]))
     for out, z in ((out_a, za), (out_b, zb)):
         assert (torch.cat(out, 1) - model.decode_video(z)).abs().max() <= 1e-5
+
+
+def _frames(t: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, t, 3, 32, 48, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_stream_encode_has_the_wan_frame_law_and_equals_one_shot(model):
+    """1 + 4k frames → 1 + k latents, chunk by chunk as in one shot over the stream with frame 0 three times in
+    front (latent 0 sees frame 0 alone, latent k frames 4k-3..4k)."""
+    x = _frames(13)
+    enc = TAEHVStreamEncoder(model)
+    parts = [enc.encode(x[:, :5]), enc.encode(x[:, 5:9]), enc.encode(x[:, 9:])]
+    assert [p.shape[1] for p in parts] == [2, 1, 1] and parts[0].shape[2:] == (16, 4, 6)
+    one_shot = model.encode_video(torch.cat([x[:, :1].expand(-1, 3, -1, -1, -1), x], 1))
+    assert (torch.cat(parts, 1) - one_shot).abs().max() <= 1e-5
+    alone = TAEHVStreamEncoder(model).encode(x[:, :1])            # latent 0 depends on frame 0 only
+    assert (alone - parts[0][:, :1]).abs().max() <= 1e-5
+    enc.reset()
+    assert torch.equal(enc.encode(x[:, :5]), parts[0])
+
+
+def test_stream_encode_maps_to_the_wan_mean_and_rejects_bad_chunks(model):
+    mean, std = torch.linspace(-1, 1, 16), torch.linspace(0.5, 2, 16)
+    x = _frames(5, seed=3)
+    raw = TAEHVStreamEncoder(model).encode(x)
+    shifted = TAEHVStreamEncoder(model, mean, std).encode(x)
+    assert (shifted - (raw * std.view(1, 1, -1, 1, 1) + mean.view(1, 1, -1, 1, 1))).abs().max() <= 1e-5
+    enc = TAEHVStreamEncoder(model)
+    with pytest.raises(ValueError, match="1\\+4k"):
+        enc.encode(x[:, :4])
+    enc.encode(x)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        enc.encode(x[:, :3])
+    with pytest.raises(ValueError, match="expected pixels"):
+        enc.encode(x[:, :4, :1])

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from kit import kit_dir
 from test_vae import test_conformance_stream_encode_decode as _run_conformance  # one conformance check
 
 from wanstream.bench.vae_compare import compare_vae_paths
+from wanstream.models import vae_fast
 from wanstream.models.checkpoints import build_vae, read_torch_file
 from wanstream.models.vae import StreamingVAE
 
 EQ = 1e-5        # same math, different kernels / batch
+# NNPACK's convolutions are Winograd F(6x6, 3x3) transforms: a few 1e-5 from the direct ones at the tiny VAE
+NNPACK_EQ = 5e-5
+IMPLS = ["stack2d", "conv3d"] + (["nnpack"] if vae_fast.nnpack_available() else [])
+
+
+@pytest.fixture(params=["auto", "everywhere"])
+def nnpack_area(request, monkeypatch):
+    """NNPACK on the frames it is picked for (``auto``: 48x80 and up) or on every frame, the smallest included."""
+    if not vae_fast.nnpack_available():
+        pytest.skip("NNPACK is not available here")
+    if request.param == "everywhere":
+        monkeypatch.setattr(vae_fast, "NNPACK_MIN_AREA", 0)
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +52,40 @@ def test_fast_path_conformance(vae, conv_impl):
     _run_conformance(StreamingVAE(vae, conv_impl=conv_impl))
 
 
-def test_fast_equals_eager_diffusers_stream(vae):
+def test_nnpack_path_conformance(vae, nnpack_area):
+    svae = StreamingVAE(vae, conv_impl="nnpack")
+    assert svae.fast.channels_first
+    _run_conformance(svae)
+
+
+def test_default_conv_impl_by_device_and_width():
+    assert vae_fast.default_conv_impl(torch.device("cuda"), 96) == "conv3d"
+    assert vae_fast.default_conv_impl(torch.device("cpu"), 8) == "stack2d"          # the tiny preset
+    assert vae_fast.default_conv_impl(torch.device("cpu"), 96) == \
+        ("nnpack" if vae_fast.nnpack_available() else "stack2d")
+    assert StreamingVAE(build_vae(read_torch_file(kit_dir() / "Wan2.1_VAE_tiny.pth"), "tiny")).fast.impl == "stack2d"
+
+
+def _fast_equals_eager(fast: StreamingVAE, eager: StreamingVAE, tol: float) -> None:
     """Chunk by chunk over a stream (first call included), normalised encode too, batch of 2 rows."""
-    fast, eager = StreamingVAE(vae), StreamingVAE(vae, fast=False)
     video = torch.cat([_video(0), _video(1)])
     sf, se = fast.new_state(), eager.new_state()
     for a, b in _chunks(13):
         mf, me = fast.encode(sf, video[:, a:b], normalize=True), eager.encode(se, video[:, a:b], normalize=True)
-        assert mf.shape == me.shape and (mf - me).abs().max() <= EQ
+        assert mf.shape == me.shape and (mf - me).abs().max() <= tol
     z = torch.cat([_latents(0), _latents(1)])
     sf, se = fast.new_state(), eager.new_state()
     for a, b in ((0, 2), (2, 3), (3, 4)):
         pf, pe = fast.decode(sf, z[:, a:b]), eager.decode(se, z[:, a:b])
-        assert pf.shape == pe.shape and pf.dtype == torch.float32 and (pf - pe).abs().max() <= EQ
+        assert pf.shape == pe.shape and pf.dtype == torch.float32 and (pf - pe).abs().max() <= tol
+
+
+def test_fast_equals_eager_diffusers_stream(vae):
+    _fast_equals_eager(StreamingVAE(vae), StreamingVAE(vae, fast=False), EQ)
+
+
+def test_nnpack_equals_eager_diffusers_stream(vae, nnpack_area):
+    _fast_equals_eager(StreamingVAE(vae, conv_impl="nnpack"), StreamingVAE(vae, fast=False), NNPACK_EQ)
 
 
 def test_fast_path_shares_the_module_weights(vae):
@@ -84,7 +120,7 @@ class _Stream:
         self.i = 0
 
 
-def _tick(svae: StreamingVAE, streams: list[_Stream]) -> None:
+def _tick(svae: StreamingVAE, streams: list[_Stream], tol: float = EQ) -> None:
     """Encode + decode the next chunk of every stream, one call per phase group, checking against alone."""
     groups = [[s for s in streams if s.enc.first_encode == first] for first in (True, False)]
     for group in filter(None, groups):
@@ -93,19 +129,23 @@ def _tick(svae: StreamingVAE, streams: list[_Stream]) -> None:
         lat = torch.cat([s.z[:, slice(*s.dec_chunks[s.i])] for s in group])
         px = svae.decode_many([s.dec for s in group], lat)
         for k, s in enumerate(group):
-            assert (mu[k:k + 1] - s.mu_alone[s.i]).abs().max() <= EQ
+            assert (mu[k:k + 1] - s.mu_alone[s.i]).abs().max() <= tol
             assert px[k:k + 1].shape == s.px_alone[s.i].shape
-            assert (px[k:k + 1] - s.px_alone[s.i]).abs().max() <= EQ
+            assert (px[k:k + 1] - s.px_alone[s.i]).abs().max() <= tol
             s.i += 1
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_many_streams_equal_each_stream_alone(vae, fast):
+@pytest.mark.parametrize("path", ["fast", "eager", "nnpack"])
+def test_many_streams_equal_each_stream_alone(vae, path, monkeypatch):
     """Streams join at different ticks, leave, come back reordered: every chunk equals the stream alone."""
-    svae = StreamingVAE(vae, fast=fast)
+    if path == "nnpack":
+        if not vae_fast.nnpack_available():
+            pytest.skip("NNPACK is not available here")
+        monkeypatch.setattr(vae_fast, "NNPACK_MIN_AREA", 0)
+    svae = StreamingVAE(vae, fast=path != "eager", conv_impl="nnpack" if path == "nnpack" else None)
     a, b, c, d = (_Stream(svae, seed, 5) for seed in range(4))
     for live in ([a], [a, b], [a, b, c, d], [d, c, a], [b, c, a]):
-        _tick(svae, live)
+        _tick(svae, live, NNPACK_EQ if path == "nnpack" else EQ)
     assert [s.i for s in (a, b, c, d)] == [5, 3, 3, 2]
 
 
@@ -168,3 +208,35 @@ def test_compiled_conformance_and_no_recompiles_in_the_steady_state(vae):
         for i in range(50):
             svae.encode(enc, _video(5 + i, t=4, h=48, w=80))
             svae.decode(dec, _latents(5 + i, t=1, h=6, w=10))
+
+
+def test_compare_vae_paths_counts_flops_on_a_random_released_layout_vae(capsys):
+    """The released-width rows: a random VAE in the released layout (narrow here, for speed), FLOP/s per path."""
+    from wanstream.bench.vae_compare import random_vae_state_dict
+    from wanstream.cli.vae_compare import main
+    sd = random_vae_state_dict(8, seed=1)
+    assert sd["encoder.conv1.weight"].shape == (8, 3, 3, 3, 3) and len(sd) == 194
+    assert main(["--width", "8", "--resolution", "32x32", "--rounds", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["base_width"] == 8 and out["gflop"]["encode"] > 0 and out["peak_fraction"] is None
+    assert all(out["tflops"][p][part] > 0 for p in ("fast", "eager") for part in ("encode", "decode"))
+
+
+def test_gpu_default_is_bf16_conv3d_on_channels_last_3d(vae, monkeypatch):
+    """What GPUs run by default, checked for dispatch on the CPU: bf16 weights (the loader's dtype on CUDA), the
+    conv3d implementation, and every 3-D conv fed a channels-last-3d input (cuDNN's NDHWC kernels)."""
+    from wanstream.models.loader import default_dtype
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16
+    assert vae_fast.default_conv_impl(torch.device("cuda"), 96) == "conv3d"
+    seen = []
+    conv3d = torch.nn.functional.conv3d
+
+    def spy(x, *a, **k):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last_3d))
+        return conv3d(x, *a, **k)
+    monkeypatch.setattr(vae_fast.F, "conv3d", spy)
+    svae = StreamingVAE(vae, conv_impl="conv3d")
+    s = svae.new_state()
+    svae.encode(s, _video(0, t=5))
+    svae.encode(s, _video(1, t=4))
+    assert seen and all(seen)

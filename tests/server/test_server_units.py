@@ -287,6 +287,9 @@ def test_serve_command_line():
     assert (s.host, s.port, s.max_sessions, s.token, s.width, s.height, s.steps) == \
         ("0.0.0.0", 8000, 2, "t", 64, 48, 4)
     assert s.ice_servers == ["stun:127.0.0.1:3478"] and s.decoder == "taehv" and not s.loopback_only
+    assert s.encoder == "vae"                                   # --taehv alone: the decode end
+    s = settings_from_args(parser.parse_args(["serve", "--model", "m", "--taehv", "both"]))
+    assert (s.encoder, s.decoder) == ("taehv", "taehv")
     for bad in (["--steps", "5"], ["--steps", "x"], ["--resolution", "500x500"], ["--max-sessions", "0"],
                 ["--port", "70000"]):
         with pytest.raises(SystemExit):

@@ -41,21 +41,22 @@ class StreamSession:
     def __init__(self, model: ModelBundle, *, prompt: str | None = None, prompt_embeds: torch.Tensor | None = None,
                  width: int = 512, height: int = 512, steps: int = 2, noise_scale: float = 0.8,
                  noise_controller: bool = True, batch: bool = True, seed: int = 0, cache: CacheConfig | None = None,
-                 decoder: str = "vae", engine: Engine | None = None, fit: str = "crop",
+                 decoder: str = "vae", encoder: str = "vae", engine: Engine | None = None, fit: str = "crop",
                  lora: Mapping[str, float] | None = None):
         check_resolution(width, height)
-        if decoder not in ("vae", "taehv"):
-            raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
+        for name, value in (("decoder", decoder), ("encoder", encoder)):
+            if value not in ("vae", "taehv"):
+                raise ValueError(f"{name} must be 'vae' or 'taehv', got {value!r}")
         StreamSettings(steps=steps, noise_scale=noise_scale)          # validates
         self.model = model
         self.engine = engine or Engine(model)
         self.width, self.height = width, height
-        self.decoder = decoder
+        self.decoder, self.encoder = decoder, encoder
         self.closed = False
         self.stream: EngineStream = self.engine.open(
             prompt_embeds=self._resolve_prompt(prompt, prompt_embeds), width=width, height=height, steps=steps,
             noise_scale=noise_scale, noise_controller=noise_controller, batch=batch, seed=seed, cache=cache,
-            decoder=decoder, fit=fit, lora=lora)
+            decoder=decoder, encoder=encoder, fit=fit, lora=lora)
 
     # ----------------------------------------------------------------- state
     @property

@@ -63,6 +63,7 @@ class BenchConfig:
     target_latency_s: float = 1.0
     seed: int = 0
     decoder: str = "vae"
+    encoder: str = "vae"                # vae | taehv (``--taehv encode|both``)
     prime_chunks: int | None = None     # chunks of the throw-away priming stream (default: steps + 2)
     sessions: int = 1                   # streams of the engine, fed together (own prompt and seed each)
     drift_watchdog: bool = False        # the drift watchdog on every measured stream (its cost: drift_ms_per_chunk)
@@ -196,7 +197,7 @@ class LiveClip:
 # ------------------------------------------------------------------------------------------------ one row
 def _open(engine, cfg: BenchConfig, prompts: list[torch.Tensor]) -> list:
     return [engine.open(prompt_embeds=p, width=cfg.width, height=cfg.height, steps=cfg.steps, batch=cfg.batch,
-                        seed=cfg.seed + k, decoder=cfg.decoder) for k, p in enumerate(prompts)]
+                        seed=cfg.seed + k, decoder=cfg.decoder, encoder=cfg.encoder) for k, p in enumerate(prompts)]
 
 
 def _source(clip: "LiveClip", k: int, i: int) -> np.ndarray:
@@ -351,7 +352,7 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
     n_samples = sum(len(m._latencies) for m in metrics)
     row = {
         "resolution": cfg.resolution, "width": cfg.width, "height": cfg.height, "steps": cfg.steps,
-        "mode": cfg.mode, "decoder": cfg.decoder, "sessions": n, "policy": policy,
+        "mode": cfg.mode, "encoder": cfg.encoder, "decoder": cfg.decoder, "sessions": n, "policy": policy,
         "input_fps": "max" if cfg.input_fps is None else cfg.input_fps,
         "frames": cfg.frames * n, "frames_in": total_in, "frames_out": total_out, "output_order_ok": bool(order_ok),
         "warmup_chunks": cfg.warmup, "measured_chunks": chunks, "measured_frames": sum(per_stream_out),
@@ -437,8 +438,9 @@ def _roofline_row(row: dict, cfg: BenchConfig, costs: dict, peaks: dict | None) 
     calls_per_tick = row["dit_calls"] / max(1, row["measured_chunks"] / row["sessions"])
     per_tick = row["sessions"] if row["policy"] == "continuous" else 1
     out = {}
-    entries = {"dit": (dit, calls_per_tick, row["stage_ms"]["dit"]),
-               "vae_encode": (costs["vae"]["encode"], per_tick, row["stage_ms"]["encode"])}
+    entries = {"dit": (dit, calls_per_tick, row["stage_ms"]["dit"])}
+    if cfg.encoder == "vae":
+        entries["vae_encode"] = (costs["vae"]["encode"], per_tick, row["stage_ms"]["encode"])
     if cfg.decoder == "vae":
         entries["vae_decode"] = (costs["vae"]["decode"], per_tick, row["stage_ms"]["decode"])
     for name, (cost, calls, ms) in entries.items():
@@ -509,7 +511,8 @@ def run(spec: BenchRun, log=print) -> dict:
     dtype = getattr(torch, DTYPE_NAMES[spec.dtype]) if spec.dtype else None
     t0 = time.perf_counter()
     model = load_model(spec.model_dir, device=spec.device, dtype=dtype, text_encoder=False,
-                       taehv=spec.base.decoder == "taehv", lora=spec.lora, quantize=spec.quantize,
+                       taehv="taehv" in (spec.base.encoder, spec.base.decoder), lora=spec.lora,
+                       quantize=spec.quantize,
                        backbone=spec.backbone)
     spec.base = replace(spec.base, rule=model.backbone.chunk_rule("v2v"),           # a backbone without a stream
                         batch=spec.base.batch and model.backbone.stream_batch)    # batch runs its steps in turn

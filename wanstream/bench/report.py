@@ -14,9 +14,15 @@ def _mib(x) -> str:
     return "—" if x is None else f"{x / 2 ** 20:,.0f}"
 
 
+def _mode(r: dict) -> str:
+    """``batch`` / ``no-batch``, with the TAEHV ends when used (``batch, taehv both``)."""
+    mode = "batch" if r["mode"] == "stream_batch" else "no-batch"
+    ends = [e for e, k in (("encode", "encoder"), ("decode", "decoder")) if r.get(k, "vae") == "taehv"]
+    return mode if not ends else f"{mode}, taehv {'both' if len(ends) == 2 else ends[0]}"
+
+
 def _row_key(r: dict) -> list[str]:
-    return [r["resolution"], str(r["steps"]), "batch" if r["mode"] == "stream_batch" else "no-batch",
-            str(r["input_fps"])]
+    return [r["resolution"], str(r["steps"]), _mode(r), str(r["input_fps"])]
 
 
 SPEED_COLUMNS = ["res", "steps", "mode", "input fps", "TTFF s", "FPS e2e", "FPS cap", "FPS DiT", "enc ms",
@@ -95,8 +101,8 @@ def eager_rows(rows: list[dict]) -> list[list[str]]:
         v = r.get("vs_eager")
         if not v:
             continue
-        out.append([r["resolution"], str(r["steps"]), "batch" if r["mode"] == "stream_batch" else "no-batch",
-                    _f(r["stage_ms"]["chunk"], ".1f"), _f(r["eager"]["stage_ms"]["chunk"], ".1f"),
+        out.append([r["resolution"], str(r["steps"]), _mode(r), _f(r["stage_ms"]["chunk"], ".1f"),
+                    _f(r["eager"]["stage_ms"]["chunk"], ".1f"),
                     _f(v["chunk_ratio"], ".2f"), _f(v["vae_ratio"], ".2f"), _f(r["stage_ms"]["dit"], ".1f"),
                     _f(r["eager"]["stage_ms"]["dit"], ".1f")])
     return out
@@ -123,13 +129,13 @@ def roofline_rows(rows: list[dict]) -> list[list[str]]:
 def vae_roofline_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r, rl in _roofs(rows):
-        enc, dec = rl["vae_encode"], rl.get("vae_decode", {})
-        vae_flops = enc["flops_per_call"] + dec.get("flops_per_call", 0)
-        vae_s = (r["stage_ms"]["encode"] + (r["stage_ms"]["decode"] if dec else 0.0)) / 1e3
+        enc, dec = rl.get("vae_encode", {}), rl.get("vae_decode", {})
+        vae_flops = enc.get("flops_per_call", 0) + dec.get("flops_per_call", 0)
+        vae_s = ((r["stage_ms"]["encode"] if enc else 0.0) + (r["stage_ms"]["decode"] if dec else 0.0)) / 1e3
         peak = r.get("peak_flops_per_s")
         vae_frac = vae_flops / vae_s / peak if peak and vae_s > 0 else None
         out.append(_row_key(r) + [
-            _f(enc["flops_per_call"], ",.1f", 1e-9), _f(enc.get("achieved_flops_per_s"), ".3f", 1e-12),
+            _f(enc.get("flops_per_call"), ",.1f", 1e-9), _f(enc.get("achieved_flops_per_s"), ".3f", 1e-12),
             _f(dec.get("flops_per_call"), ",.1f", 1e-9), _f(dec.get("achieved_flops_per_s"), ".3f", 1e-12),
             _f(vae_frac, ".1f", 100.0)])
     return out

@@ -79,3 +79,30 @@ def add_backbone_arg(p) -> None:
     p.add_argument("--backbone", choices=list(BACKBONES), default=None,
                    help="which generator of the model folder to run (default: the one its layout holds; "
                         "longlive-infinite: LongLive with window-slot RoPE positions for unbounded runs)")
+
+
+TAEHV_ENDS = ("encode", "decode", "both")
+
+
+def add_taehv_arg(p: argparse.ArgumentParser) -> None:
+    """``--taehv [encode|decode|both]``: the TAEHV tiny autoencoder at one end of the stream or both (alone:
+    ``decode``, the flag's older meaning). Pass the command line through :func:`taehv_argv` first."""
+    p.add_argument("--taehv", nargs="?", const="decode", choices=TAEHV_ENDS, default=None,
+                   metavar="{encode,decode,both}",
+                   help="the TAEHV tiny autoencoder (ckpts/taew2_1.pth) at the encode end, the decode end or both, "
+                        "instead of the Wan VAE (alone: decode)")
+
+
+def taehv_argv(argv: list[str]) -> list[str]:
+    """``--taehv`` followed by anything but ``encode|decode|both`` (``--taehv in.mp4``) stays the bare flag
+    (``--taehv=decode``) instead of taking that argument as its value."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--taehv" and (i + 1 == len(out) or out[i + 1] not in TAEHV_ENDS):
+            out[i] = "--taehv=decode"
+    return out
+
+
+def autoencoders(taehv: str | None) -> tuple[str, str]:
+    """``(encoder, decoder)``, each ``vae`` or ``taehv``, for a ``--taehv`` value."""
+    return ("taehv" if taehv in ("encode", "both") else "vae", "taehv" if taehv in ("decode", "both") else "vae")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from wanstream.cli.argtypes import add_backbone_arg, int_in, resolution, seed
+from wanstream.cli.argtypes import add_backbone_arg, add_taehv_arg, autoencoders, int_in, resolution, seed
 from wanstream.core.chunking import FIRST_CHUNK_FRAMES as FIRST_CHUNK
 from wanstream.core.config import DTYPE_NAMES, QUANTIZE_MODES
 
@@ -48,7 +48,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-latency", type=float, default=1.0, help="deadline for the miss rate, seconds")
     p.add_argument("--seed", type=seed, default=0, help="seed of the first stream (stream k uses seed + k), "
                                                           "0..2^32-1")
-    p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    add_taehv_arg(p)
     p.add_argument("--prime-chunks", type=int_in(0), default=None,
                    help="chunks of the throw-away stream that warms the model before each row (default: steps + 2; "
                         "0: none, TTFF then includes one-off initialisation)")
@@ -87,7 +87,8 @@ def spec_from_args(args):
     base = BenchConfig(width=width, height=height, steps=args.steps, batch=not args.no_batch,
                        input_fps=args.input_fps, frames=args.frames, warmup=args.warmup,
                        target_latency_s=args.target_latency, seed=args.seed,
-                       decoder="taehv" if args.taehv else "vae", prime_chunks=args.prime_chunks,
+                       encoder=autoencoders(args.taehv)[0], decoder=autoencoders(args.taehv)[1],
+                       prime_chunks=args.prime_chunks,
                        sessions=args.sessions, drift_watchdog=args.drift_watchdog)
     base.validate()
     if args.overload is not None and (not args.overload > 0 or args.input_fps is not None or args.sweep):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+from wanstream.cli.argtypes import autoencoders
 from wanstream.cli.presets import lora_specs, prompt_embedding
 
 
@@ -63,7 +64,8 @@ def cmd_v2v(args) -> int:
     from wanstream.models.loader import load_model
 
     sources = [open_video(p, fps=args.fps, still_frames=args.still_frames) for p in args.input]
-    model = load_model(args.model, device=args.device, taehv=args.taehv, quantize=args.quantize,
+    encoder, decoder = autoencoders(args.taehv)
+    model = load_model(args.model, device=args.device, taehv=bool(args.taehv), quantize=args.quantize,
                        lora=lora_specs(args), backbone=args.backbone)
     embeds = prompt_embedding(model, args)
     engine = Engine(model)
@@ -72,7 +74,7 @@ def cmd_v2v(args) -> int:
         width, height = args.resolution or fit_resolution(source.info.width, source.info.height)
         stream = engine.open(prompt_embeds=embeds, width=width, height=height, steps=args.steps,
                              noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
-                             batch=not args.no_batch, seed=args.seed, decoder="taehv" if args.taehv else "vae",
+                             batch=not args.no_batch, seed=args.seed, encoder=encoder, decoder=decoder,
                              fit=args.fit)
         jobs.append(FileJob(source, out, stream, crf=args.crf, audio=not args.no_audio))
     with _terminate_as_interrupt():

@@ -11,7 +11,16 @@ import importlib
 import sys
 from pathlib import Path
 
-from wanstream.cli.argtypes import Parser, add_backbone_arg, float_in, int_in, resolution, seed
+from wanstream.cli.argtypes import (
+    Parser,
+    add_backbone_arg,
+    add_taehv_arg,
+    float_in,
+    int_in,
+    resolution,
+    seed,
+    taehv_argv,
+)
 from wanstream.cli.presets import PRESET_COMMANDS, add_preset_arg
 from wanstream.core.config import QUANTIZE_MODES
 from wanstream.core.geometry import FIT_MODES
@@ -74,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how much of the input is replaced by noise, (0, 1]: higher follows the prompt more")
     p.add_argument("--no-noise-controller", action="store_true",
                    help="keep the noise scale fixed (the motion-aware controller lowers it on fast motion)")
-    p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder")
+    add_taehv_arg(p)
     p.add_argument("--crf", type=int_in(0, 51, "crf"), default=18,
                    help="H.264 quality of the output: 0 lossless, 18 visually lossless, 51 worst")
     p.add_argument("--no-audio", action="store_true",
@@ -138,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = taehv_argv(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     from wanstream.core.errors import CheckpointError
     try:

@@ -143,7 +143,7 @@ def run_v2v_pipeline(args) -> int:
     devices = pipeline_devices(args, env)
     _log_to_stderr()
     world = len(devices)
-    decoder = "taehv" if args.taehv else "vae"
+    decoder = "vae"                 # check_pipeline_args refused --taehv
     schedule = None if args.no_rebalance else SchedulerConfig()
     split = _split(args, args.model, world)
     threads = _cpu_threads(devices)

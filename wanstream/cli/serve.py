@@ -19,7 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from wanstream.cli.argtypes import add_backbone_arg, float_in, int_in, resolution
+from wanstream.cli.argtypes import (
+    add_backbone_arg,
+    add_taehv_arg,
+    autoencoders,
+    float_in,
+    int_in,
+    resolution,
+    taehv_argv,
+)
 from wanstream.core.geometry import FIT_MODES
 from wanstream.server.settings import ServerSettings
 
@@ -89,7 +97,7 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--preset", dest="preset_file", type=Path, default=None, metavar="FILE",
                    help="a preset JSON: the defaults of new sessions (prompts, knobs, framing) and its LoRAs "
                         "(loaded unless --lora is given); --steps / --fit override its values")
-    p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder (needs taew2_1.pth)")
+    add_taehv_arg(p)
     p.add_argument("--record-dir", type=Path, default=Path("recordings"), help="where recordings go")
     p.add_argument("--idle-timeout", type=float_in(0.0, None, "idle timeout"), default=60.0,
                    help="close a session after this many seconds without frames (default 60)")
@@ -171,7 +179,7 @@ def load_serving_model(args, settings: ServerSettings):
         print(f"wanstream serve: model {args.model} on a pipeline of {driver.world} ranks "
               f"({', '.join(driver.spec.devices)}) started in {time.perf_counter() - t0:.1f} s", flush=True)
         return driver.model, driver
-    taehv = settings.decoder == "taehv" or (settings.policy == "slack" and settings.ladder_taehv)
+    taehv = "taehv" in (settings.encoder, settings.decoder) or (settings.policy == "slack" and settings.ladder_taehv)
     model = load_model(args.model, device=args.device, taehv=taehv, lora=lora_specs(args), backbone=args.backbone)
     print(f"wanstream serve: {model.backbone.title} model {args.model} on {model.device} loaded in "
           f"{time.perf_counter() - t0:.1f} s"
@@ -320,11 +328,13 @@ def settings_from_args(args) -> ServerSettings:
                           max_recording_bytes=int(args.max_recording_gb * 2**30),
                           prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), max_connections=args.max_connections,
                           ice_servers=list(args.ice_server), webrtc_loopback_candidates=args.webrtc_loopback_candidates,
-                          decoder="taehv" if args.taehv else "vae", whep_max_viewers=args.whep_max_viewers,
+                          encoder=autoencoders(args.taehv)[0], decoder=autoencoders(args.taehv)[1],
+                          whep_max_viewers=args.whep_max_viewers,
                           osc_port=args.osc_port, drain_grace_s=args.drain_grace,
                           midi_ports=midi_ports(args), tempo_bpm=args.tempo, beats_per_bar=args.beats_per_bar,
                           link=args.link, beat_latency_s=args.beat_latency, push_allow=list(args.push_allow),
-                          max_pushes=args.max_pushes, policy=args.policy, ladder_taehv=args.ladder_taehv, park_after_s=args.park_after,
+                          max_pushes=args.max_pushes, policy=args.policy, ladder_taehv=args.ladder_taehv,
+                          park_after_s=args.park_after,
                           park_max_bytes=int(args.park_max_gb * 2**30), parked_timeout_s=args.parked_timeout,
                           migrate_to=args.migrate_to, max_blob_bytes=max(1, int(args.max_blob_gb * 2**30)),
                           resume_timeout_s=args.resume_timeout, drift_watchdog=args.drift_watchdog)
@@ -360,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     from wanstream.core.errors import CheckpointError
     parser = configure_serve_parser(argparse.ArgumentParser(prog="wanstream serve",
                                                             description="wanstream live server"))
-    args = parser.parse_args(argv)
+    args = parser.parse_args(taehv_argv(sys.argv[1:] if argv is None else argv))
     try:
         return run_serve(args)
     except (CheckpointError, ValueError, RuntimeError, OSError) as exc:

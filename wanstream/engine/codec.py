@@ -1,4 +1,4 @@
-"""VAE work of a tick across streams: encode the chunks that enter, decode the chunks that left clean.
+"""Autoencoder work of a tick across streams: encode the chunks that enter, decode the chunks that left clean.
 
 Each stream has its own streaming caches (``EngineStream.enc_state`` / ``dec_state``). With ``batch`` on, streams at
 the same phase (first chunk or steady) and shape share one call over their stacked caches (fewer launches; on GPUs
@@ -31,27 +31,35 @@ class StreamCodec:
         self.on_error = on_error
 
     def encode(self, streams: list[EngineStream], pixels: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Latents ``[1, T, C, h, w]`` of each stream's new chunk (``pixels[id]``: ``[T, 3, H, W]``)."""
-        vae = self.model.vae
+        """Latents ``[1, T, C, h, w]`` of each stream's new chunk (``pixels[id]``: ``[T, 3, H, W]``), by the
+        stream's encoder (Wan VAE or TAEHV); shared calls group streams of one encoder."""
         groups: dict[tuple, list[EngineStream]] = {}
         for s in streams:
-            key = (s.enc_state.first_encode, tuple(pixels[s.id].shape)) if self.batch else (s.id,)
+            key = (s.encoder, s.enc_state.first_encode, tuple(pixels[s.id].shape)) if self.batch else (s.id,)
             groups.setdefault(key, []).append(s)
         out = {}
         for members in groups.values():
             if len(members) > 1:
                 try:
-                    z = vae.encode_many([s.enc_state for s in members], torch.stack([pixels[s.id] for s in members]))
+                    z = self._encode_many(members, torch.stack([pixels[s.id] for s in members]))
                     out.update({s.id: z[i: i + 1] for i, s in enumerate(members)})
                     continue
                 except Exception:  # noqa: BLE001 - find the stream at fault below
                     log.exception("batched encode failed; encoding stream by stream")
             for s in members:
                 try:
-                    out[s.id] = vae.encode(s.enc_state, pixels[s.id][None])
+                    out[s.id] = self._encode_many([s], pixels[s.id][None])
                 except Exception as exc:  # noqa: BLE001
                     self.on_error(s, "encode", exc)
         return out
+
+    def _encode_many(self, members: list[EngineStream], frames: torch.Tensor) -> torch.Tensor:
+        if members[0].encoder == "vae":
+            vae = self.model.vae
+            return vae.encode(members[0].enc_state, frames) if len(members) == 1 else \
+                vae.encode_many([s.enc_state for s in members], frames)
+        from wanstream.models.taehv import TAEHVStreamEncoder
+        return TAEHVStreamEncoder.encode_many([s.enc_state for s in members], frames)
 
     def decode(self, finished: dict[int, list[tuple[EngineStream, Done]]]
                ) -> list[tuple[EngineStream, Done, np.ndarray]]:

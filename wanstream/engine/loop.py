@@ -107,22 +107,26 @@ class Engine:
     # ------------------------------------------------------------------------------------------ streams
     def open(self, *, prompt_embeds: torch.Tensor, width: int, height: int, steps: int = 2,
              noise_scale: float = 0.8, noise_controller: bool = True, batch: bool = True, seed: int = 0,
-             cache: CacheConfig | None = None, decoder: str = "vae", max_queue_chunks: int | None = None,
+             cache: CacheConfig | None = None, decoder: str = "vae", encoder: str = "vae",
+             max_queue_chunks: int | None = None,
              target_latency_s: float | None = None, buffer: ChunkBuffer | None = None, fit: str = "crop",
              lora: Mapping[str, float] | None = None, mode: str = "v2v",
              frames: int | None = None) -> EngineStream:
         """A new stream; ``prompt_embeds [1, L, text_dim]`` (zero-padded to the text length here). ``buffer``: an
         input queue the caller already fills (the server's session), else a new one; ``fit``: how frames of
-        another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults).
+        another aspect are framed; ``lora``: strengths by LoRA name (others: the loaded defaults); ``encoder`` /
+        ``decoder``: ``vae`` (Wan VAE) or ``taehv`` (the tiny autoencoder) at each end — streams of any mix share
+        DiT calls.
 
         ``mode="t2v"``: a text-to-video stream — no input frames; its blocks start from the stream's noise.
         ``frames``: the clip's output frames (its blocks are asked for at once and the stream finishes after them);
         ``None``: blocks are asked for with :meth:`generate`. ``cache`` defaults to the backbone's for the mode."""
         check_resolution(width, height)
-        if decoder not in ("vae", "taehv"):
-            raise ValueError(f"decoder must be 'vae' or 'taehv', got {decoder!r}")
-        if decoder == "taehv" and getattr(self.model, "taehv", None) is None:
-            raise ValueError("decoder='taehv' needs a model loaded with taehv=True")
+        for name, value in (("decoder", decoder), ("encoder", encoder)):
+            if value not in ("vae", "taehv"):
+                raise ValueError(f"{name} must be 'vae' or 'taehv', got {value!r}")
+            if value == "taehv" and getattr(self.model, "taehv", None) is None:
+                raise ValueError(f"{name}='taehv' needs a model loaded with taehv=True")
         check_fit(fit)
         settings = StreamSettings(steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
                                   batch=batch, seed=seed, cache=cache or self.backbone.cache(mode),
@@ -145,7 +149,7 @@ class Engine:
             self._next_id += 1
             record = group.planner.add(sid, settings, buffer, target_latency_s)
             s = EngineStream(sid, group, record, width=width, height=height, decoder=decoder, embedding=embedding,
-                             fit=fit)
+                             fit=fit, encoder=encoder)
             s.fresh(m.vae, getattr(m, "taehv", None))
             s.drift = DriftWatch(self.drift) if self.drift is not None else None
             record.cheap_decoder = decoder == "vae" and getattr(m, "taehv", None) is not None

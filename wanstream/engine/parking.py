@@ -140,7 +140,7 @@ def park(engine: "Engine", s: EngineStream) -> ParkedStream:
                    "transition": None if s.transition is None else list(s.transition[2:]),
                    "controller": {"s_init": s.controller.s_init, "sigma": s.controller.sigma,
                                   "lam": s.controller.lam, "enabled": bool(s.controller.enabled)},
-                   "own_decoder": s.own_decoder},
+                   "own_decoder": s.own_decoder, "encoder": s.encoder},
         "runner": {"seed": rs.seed, "lora": None if rs.lora is None else list(rs.lora),
                    "latents": sorted(int(c) for c in rs.latents), "history": sorted(int(f) for f in rs.history)},
         "drift": None if s.drift is None else s.drift.state(tensors),
@@ -206,7 +206,7 @@ def resume(engine: "Engine", parked: ParkedStream, buffer: ChunkBuffer | None = 
         rec.playout.restore(r["playout"])
         dev = m.device
         s = EngineStream(sid, g, rec, width=width, height=height, decoder=sd["decoder"],
-                         embedding=t["embedding"].to(dev), fit=sd["fit"])
+                         embedding=t["embedding"].to(dev), fit=sd["fit"], encoder=sd.get("encoder", "vae"))
         if sd["transition"] is not None:
             k, total = sd["transition"]
             s.transition = (t["transition.from"].to(dev), t["transition.to"].to(dev), int(k), int(total))
@@ -216,6 +216,8 @@ def resume(engine: "Engine", parked: ParkedStream, buffer: ChunkBuffer | None = 
         s.controller.s_prev = t["controller.s_prev"].to(dev) if "controller.s_prev" in t else None
         s.prev_frame = t["prev_frame"].to(dev) if "prev_frame" in t else None
         s.chunks = {int(cid): _info_from(i) for cid, i in sd["chunks"].items()}
+        if (host["vae"]["enc"]["kind"] == "taehv_enc") != (s.encoder == "taehv"):
+            raise StateError(f"the encoder state does not match the stream's encoder {s.encoder!r}")
         s.enc_state = _vae_from("enc", host["vae"]["enc"], t, m, dev)
         s.dec_state = _vae_from("dec", host["vae"]["dec"], t, m, dev)
         s.own_decoder = sd["own_decoder"]
@@ -278,6 +280,10 @@ def _check(engine: "Engine", host: dict, t: dict[str, torch.Tensor]) -> dict:
         raise StateError(f"unknown decoder {sd['decoder']!r}")
     if "taehv" in (sd["decoder"], sd.get("alt_decoder")) and getattr(m, "taehv", None) is None:
         raise StateError("the stream decodes with TAEHV, which this engine has not loaded")
+    if sd.get("encoder", "vae") not in ("vae", "taehv"):
+        raise StateError(f"unknown encoder {sd['encoder']!r}")
+    if sd.get("encoder") == "taehv" and getattr(m, "taehv", None) is None:
+        raise StateError("the stream encodes with TAEHV, which this engine has not loaded")
     settings = _settings_from(host["settings"], engine)
     cache = settings.cache
     sch = _schedule_from(0, host["schedule"], settings, cache, 1, engine.backbone)      # validates registers
@@ -449,12 +455,16 @@ def _info_from(d: dict) -> ChunkInfo:
 # ============================================================================================ VAE states
 def _vae_state(prefix: str, state, tensors: dict) -> dict:
     """A decoder / encoder state as host values + tensors: a :class:`~wanstream.models.vae.VAEStreamState` (field
-    by field) or a :class:`~wanstream.models.taehv.TAEHVStreamDecoder` (its memory)."""
-    from wanstream.models.taehv import TAEHVStreamDecoder
-    if isinstance(state, TAEHVStreamDecoder):
+    by field) or a TAEHV stream's :class:`~wanstream.models.taehv.TAEHVStreamDecoder` /
+    :class:`~wanstream.models.taehv.TAEHVStreamEncoder` (its memory and phase)."""
+    from wanstream.models.taehv import TAEHVStreamDecoder, TAEHVStreamEncoder
+    if isinstance(state, (TAEHVStreamDecoder, TAEHVStreamEncoder)):
         for k, v in state.memory.items():
             tensors[f"{prefix}.memory.{int(k)}"] = v
-        return {"kind": "taehv", "frames_to_drop": state.frames_to_drop, "memory": sorted(int(k) for k in state.memory)}
+        memory = sorted(int(k) for k in state.memory)
+        if isinstance(state, TAEHVStreamEncoder):
+            return {"kind": "taehv_enc", "first_encode": bool(state.first_encode), "memory": memory}
+        return {"kind": "taehv", "frames_to_drop": state.frames_to_drop, "memory": memory}
     out: dict = {"kind": "vae"}
     for f in dataclasses.fields(state):
         v = getattr(state, f.name)
@@ -484,12 +494,17 @@ def _vae_state(prefix: str, state, tensors: dict) -> dict:
 
 
 def _vae_from(prefix: str, d: dict, t: dict, model, device):
-    if d["kind"] == "taehv":
-        from wanstream.models.taehv import TAEHVStreamDecoder
+    if d["kind"] in ("taehv", "taehv_enc"):
+        from wanstream.core.config import LATENT_MEAN, LATENT_STD
+        from wanstream.models.taehv import TAEHVStreamDecoder, TAEHVStreamEncoder
         if model.taehv is None:
-            raise StateError("the stream decodes with TAEHV, which this engine has not loaded")
-        dec = TAEHVStreamDecoder(model.taehv)
-        dec.frames_to_drop = _int(d["frames_to_drop"], 0, 16)
+            raise StateError("the stream runs TAEHV, which this engine has not loaded")
+        if d["kind"] == "taehv":
+            dec = TAEHVStreamDecoder(model.taehv)
+            dec.frames_to_drop = _int(d["frames_to_drop"], 0, 16)
+        else:
+            dec = TAEHVStreamEncoder(model.taehv, LATENT_MEAN, LATENT_STD)
+            dec.first_encode = bool(d["first_encode"])
         dec.memory = {int(k): _tensor(t, f"{prefix}.memory.{int(k)}", None, None).to(device) for k in d["memory"]}
         return dec
     from wanstream.models.vae import _Rows

@@ -39,7 +39,7 @@ class EngineStream:
     """One stream of an :class:`~wanstream.engine.loop.Engine` (see the module docstring)."""
 
     def __init__(self, sid: int, group, record: PlannedStream, *, width: int, height: int, decoder: str,
-                 embedding: torch.Tensor, fit: str = "crop"):
+                 embedding: torch.Tensor, fit: str = "crop", encoder: str = "vae"):
         self.id = sid
         self.group = group
         self.record = record
@@ -47,6 +47,7 @@ class EngineStream:
         self.fit = fit                 # framing of input frames of another aspect (io.video.fit_frames)
         self.decoder = decoder         # the decoder in use: its own, or "taehv" on a degradation rung (core.slack)
         self.own_decoder = decoder
+        self.encoder = encoder         # "vae" | "taehv" (streams of any encoder / decoder mix share DiT calls)
         self.alt_dec_state = None      # its own decoder's state while TAEHV decodes a degraded stretch
         self.outbox: deque[OutputFrame] = deque()
         self.closed = False
@@ -101,11 +102,18 @@ class EngineStream:
 
     # ------------------------------------------------------------------------------------------ tensor state
     def fresh(self, vae, taehv=None) -> None:
-        """A new stream (also a reset): controller, VAE caches (its own decoder), no chunk in the model."""
+        """A new stream (also a reset): controller, encoder and decoder caches (its own decoder), no chunk in the
+        model."""
         self.controller.reset()
         self.prev_frame = None
         self.decoder, self.alt_dec_state = self.own_decoder, None
-        self.enc_state = vae.new_state()
+        if self.encoder == "vae":
+            self.enc_state = vae.new_state()
+        else:
+            from wanstream.core.config import LATENT_MEAN, LATENT_STD
+            from wanstream.models.taehv import TAEHVStreamEncoder
+            # TAEHV latents mapped to the Wan encoder's un-normalised mean: the DiT's input convention here
+            self.enc_state = TAEHVStreamEncoder(taehv, LATENT_MEAN, LATENT_STD)
         if self.decoder == "vae":
             self.dec_state = vae.new_state()
         else:

@@ -24,10 +24,11 @@ The only module of ``wanstream.eval`` that touches the engine, and only through 
     sink_refresh = false
 
 Setting keys: ``name`` (required, unique), ``steps`` 1–4, ``batch``, ``noise_scale``, ``noise_controller``,
-``sink_refresh``, ``cache = {capacity, sink, ...}`` (CacheConfig fields), ``decoder`` vae|taehv, ``quantize``,
-``seed``, ``transition_chunks``, ``drift_watchdog`` (the online drift watchdog, engine/drift.py, with its default
-threshold: compare a setting with it on and off). A setting that cannot run here (``quantize`` while ``load_model`` has no such
-option, ``taehv`` without TAEHV weights) is kept as a row with the reason instead of numbers.
+``sink_refresh``, ``cache = {capacity, sink, ...}`` (CacheConfig fields), ``encoder`` / ``decoder`` vae|taehv
+(the autoencoder at each end), ``quantize``, ``seed``, ``transition_chunks``, ``drift_watchdog`` (the online drift
+watchdog, engine/drift.py, with its default threshold: compare a setting with it on and off). A setting that cannot
+run here (``quantize`` while ``load_model`` has no such option, ``taehv`` without TAEHV weights) is kept as a row
+with the reason instead of numbers.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from wanstream.io.video import VideoWriter, fit_resolution, parse_resolution, pr
 TOP_KEYS = {"model", "device", "resolution", "seed", "prime_frames", "defaults", "clips", "settings"}
 CLIP_KEYS = {"path", "name", "prompt", "prompts", "max_frames"}
 SETTING_KEYS = {"name", "steps", "batch", "noise_scale", "noise_controller", "sink_refresh", "cache", "decoder",
-                "quantize", "seed", "transition_chunks", "drift_watchdog"}
+                "encoder", "quantize", "seed", "transition_chunks", "drift_watchdog"}
 CACHE_KEYS = {f.name for f in dataclasses.fields(CacheConfig)}
 PRIME_FRAMES = 13          # a throw-away stream (first chunk + 2 chunks) warms each loaded model before timing
 METRIC_ROWS = [("clip_consistency", "CLIP Score / Temporal CLIP ↑"), ("warp_error", "Warp Error ↓"),
@@ -80,6 +81,7 @@ class Setting:
     sink_refresh: bool = True
     cache: dict = field(default_factory=dict)
     decoder: str = "vae"
+    encoder: str = "vae"
     quantize: str | None = None
     seed: int | None = None
     transition_chunks: int = 0
@@ -96,8 +98,12 @@ class Setting:
         cc = self.cache_config()
         return {"steps": self.steps, "batch": self.batch, "noise_controller": self.noise_controller,
                 "noise_scale": self.noise_scale, "sink_refresh": cc.sink_threshold > -1,
-                "cache": f"{cc.capacity}/{cc.sink}", "decoder": self.decoder, "quantize": self.quantize,
-                "drift_watchdog": self.drift_watchdog}
+                "cache": f"{cc.capacity}/{cc.sink}", "encoder": self.encoder, "decoder": self.decoder,
+                "quantize": self.quantize, "drift_watchdog": self.drift_watchdog}
+
+    @property
+    def taehv(self) -> bool:
+        return "taehv" in (self.encoder, self.decoder)
 
 
 @dataclass
@@ -134,7 +140,7 @@ def _setting(where: str, raw: dict) -> Setting:
     if not isinstance(raw.get("name"), str) or not raw["name"].strip():
         raise ValueError(f"{where}: every setting needs a non-empty 'name'")
     types = {"steps": int, "batch": bool, "noise_scale": (int, float), "noise_controller": bool,
-             "sink_refresh": bool, "cache": dict, "decoder": str, "quantize": (str, type(None)),
+             "sink_refresh": bool, "cache": dict, "decoder": str, "encoder": str, "quantize": (str, type(None)),
              "seed": (int, type(None)), "transition_chunks": int, "drift_watchdog": bool}
     for key, kind in types.items():
         if key in raw and (not isinstance(raw[key], kind) or (kind is int and isinstance(raw[key], bool))):
@@ -144,8 +150,9 @@ def _setting(where: str, raw: dict) -> Setting:
         raise ValueError(f"{where}: steps must be in 1..4, got {s.steps}")
     if not 0 < s.noise_scale <= 1:
         raise ValueError(f"{where}: noise_scale must be in (0, 1], got {s.noise_scale}")
-    if s.decoder not in ("vae", "taehv"):
-        raise ValueError(f"{where}: decoder must be 'vae' or 'taehv', got {s.decoder!r}")
+    for end in ("decoder", "encoder"):
+        if getattr(s, end) not in ("vae", "taehv"):
+            raise ValueError(f"{where}: {end} must be 'vae' or 'taehv', got {getattr(s, end)!r}")
     if s.transition_chunks < 0:
         raise ValueError(f"{where}: transition_chunks must be >= 0, got {s.transition_chunks}")
     _check_keys(f"{where}: cache", s.cache, CACHE_KEYS)
@@ -220,12 +227,12 @@ def load_config(path: str | Path) -> SweepConfig:
 
 # ---------------------------------------------------------------------------------------------------- run
 class _Models:
-    """Models loaded once per ``quantize`` value (with TAEHV when a setting decodes with it), each primed by a
+    """Models loaded once per ``quantize`` value (with TAEHV when a setting uses it), each primed by a
     throw-away stream before its first timed one."""
 
     def __init__(self, cfg: SweepConfig, log):
         self.cfg, self.log = cfg, log
-        self.taehv = any(s.decoder == "taehv" for s in cfg.settings)
+        self.taehv = any(s.taehv for s in cfg.settings)
         self.loaded: dict[str | None, object] = {}
         self.primed: set[str | None] = set()
 
@@ -251,8 +258,8 @@ class _Models:
                 self.log(f"[sweep] without TAEHV: {exc}")            # TAEHV settings are skipped, not the rest
                 self.loaded[key] = load_model(self.cfg.model, device=self.cfg.device, **kwargs)
         model = self.loaded[key]
-        if setting.decoder == "taehv" and model.taehv is None:
-            return None, f"no TAEHV decoder in {self.cfg.model} (ckpts/taew2_1.pth)"
+        if setting.taehv and model.taehv is None:
+            return None, f"no TAEHV in {self.cfg.model} (ckpts/taew2_1.pth)"
         return model, None
 
 
@@ -266,7 +273,7 @@ def _session(model, setting: Setting, prompt: str, width: int, height: int, seed
     return StreamSession(model, prompt=prompt, width=width, height=height, steps=setting.steps,
                          noise_scale=setting.noise_scale, noise_controller=setting.noise_controller,
                          batch=setting.batch, seed=seed, cache=setting.cache_config(), decoder=setting.decoder,
-                         engine=engine)
+                         encoder=setting.encoder, engine=engine)
 
 
 def stream_clip(model, setting: Setting, clip: ClipSpec, frames: np.ndarray, width: int, height: int, seed: int
@@ -375,6 +382,11 @@ def _yes(v: bool) -> str:
     return "✓" if v else "–"
 
 
+def _autoencoders(r: dict) -> str:
+    """``vae/vae``, ``taehv/vae``, ... (encoder/decoder; rows written before the encoder key: ``vae``)."""
+    return f"{r.get('encoder', 'vae')}/{r['decoder']}"
+
+
 def tables(sweep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """``(title, columns, rows)``: the paper's Table 1 layout (metrics as rows, settings as columns, FPS beside
     quality), then one row per setting with its knobs (the layout of the paper's ablation table)."""
@@ -387,13 +399,13 @@ def tables(sweep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     for r in rows:
         m = r["metrics"]
         knobs = [r["name"], str(r["steps"]), _yes(r["batch"]), _yes(r["sink_refresh"]), _yes(r["noise_controller"]),
-                 r["cache"], r["decoder"], r["quantize"] or "–", _yes(r.get("drift_watchdog", False))]
+                 r["cache"], _autoencoders(r), r["quantize"] or "–", _yes(r.get("drift_watchdog", False))]
         values = ([m["clip_consistency"], m["warp_error"], m["clip_score"], m["drift"], r["fps"]])
         ablation.append(knobs + (["skipped"] * 5 if r["skipped"] is not None else [_cell(v) for v in values]))
     return [("Table 1 layout", ["Metric"] + [r["name"] for r in rows], t1),
             ("Settings", ["Setting", "steps", "batch", "sink refresh", "noise controller", "cache (frames/sinks)",
-                          "decoder", "quantize", "drift watchdog", "Temporal CLIP ↑", "Warp ↓", "Text–Image CLIP ↑",
-                          "Drift ↑",
+                          "autoencoder (enc/dec)", "quantize", "drift watchdog", "Temporal CLIP ↑", "Warp ↓",
+                          "Text–Image CLIP ↑", "Drift ↑",
                           "FPS ↑"], ablation)]
 
 

@@ -1,4 +1,4 @@
-"""TAEHV: the tiny video autoencoder for Wan 2.1 latents (``taew2_1.pth`` layout), used as a fast decoder.
+"""TAEHV: the tiny video autoencoder for Wan 2.1 latents (``taew2_1.pth`` layout), a fast encoder and decoder.
 
 Layout (``nn.Sequential`` indices give the released state-dict keys, 128 tensors, ~11.3M parameters):
 
@@ -9,16 +9,20 @@ Layout (``nn.Sequential`` indices give the released state-dict keys, 128 tensors
 A MemBlock sees its own input at the previous time step (zeros before the first); TPool / TGrow merge /
 split frames through channels. Time runs causally, so a stream is decoded latent by latent with only each
 MemBlock's last input kept as state (:class:`TAEHVStreamDecoder`), matching the one-shot
-:meth:`TAEHV.decode_video` exactly.
+:meth:`TAEHV.decode_video` exactly; encoding streams the same way (:class:`TAEHVStreamEncoder`).
 
 Value conventions: latents are raw DiT latents (no mean/std de-normalisation); pixels are in [-1, 1]
 (the network's [0, 1] output is clamped and mapped with ``x * 2 - 1``). Frame-count law as the Wan VAE:
 over a stream, ``1 + k`` latents give ``1 + 4k`` frames (each latent makes 4 frames; the first 3 frames
-of the stream are dropped).
+of the stream are dropped), and ``1 + 4k`` frames give ``1 + k`` latents (the stream is encoded with 3 copies
+of its first frame in front, so that latent 0 sees frame 0 alone and latent ``k`` frames ``4k - 3 .. 4k``, the
+Wan VAE's alignment and the mirror of the decoder's dropped frames; :meth:`TAEHV.encode_video`, the one-shot
+reference, pads at the end instead).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -166,6 +170,82 @@ class TAEHV(nn.Module):
         return _run(self.encoder, x)
 
 
+def _many(states: list, x: Tensor, rows: list[int] | None, phase: str, run) -> Tensor:
+    """Run ``run(batch_state, x)`` once for several streams of one :class:`TAEHV` at the same phase (attribute
+    ``phase``): their MemBlock memories are stacked along the batch and handed back as per-stream views."""
+    rows = [1] * len(states) if rows is None else list(rows)
+    if not states or len(rows) != len(states) or sum(rows) != x.shape[0]:
+        raise ValueError(f"{len(states)} streams with rows {rows} do not match a batch of {x.shape[0]}")
+    if len({id(d) for d in states}) != len(states) or len({id(d.taehv) for d in states}) != 1:
+        raise ValueError("one call takes distinct streams of one TAEHV")
+    if len({getattr(d, phase) for d in states}) != 1:
+        raise ValueError("streams at their first call and streams in the steady state cannot share a call; "
+                         "group them by phase")
+    batch = copy.copy(states[0])
+    batch.memory = {k: torch.cat([d.memory[k] for d in states]) for k in states[0].memory}
+    out = run(batch, x)
+    a = 0
+    for d, n in zip(states, rows):
+        d.memory = {k: v[a:a + n] for k, v in batch.memory.items()}
+        setattr(d, phase, getattr(batch, phase))
+        a += n
+    return out
+
+
+class TAEHVStreamEncoder:
+    """Causal streaming encode of one stream over a shared :class:`TAEHV`, with the Wan VAE's frame law.
+
+    A stream's first call takes ``1 + 4k`` frames and gives ``1 + k`` latents (3 copies of frame 0 go in front,
+    see the module docstring), later calls ``4k`` frames → ``k`` latents. TPool groups never straddle two calls,
+    so only each MemBlock's last input is kept between calls. Latents are TAEHV's (the DiT's) own; with ``mean``
+    and ``std`` they are mapped to the Wan encoder's un-normalised mean (``z * std + mean``), the DiT input
+    convention of this pipeline (:meth:`~wanstream.models.vae.StreamingVAE.encode` without ``normalize``).
+    """
+
+    def __init__(self, taehv: TAEHV, mean=None, std=None) -> None:
+        self.taehv = taehv
+        p = taehv.encoder[0].weight
+        self.shift = None if mean is None else (
+            torch.as_tensor(mean, dtype=torch.float32).to(p.device, p.dtype).view(1, 1, -1, 1, 1),
+            torch.as_tensor(std, dtype=torch.float32).to(p.device, p.dtype).view(1, 1, -1, 1, 1))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream: the next :meth:`encode` starts a new one."""
+        self.memory: dict[int, Tensor] = {}
+        self.first_encode = True
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """The next frames ``[B, T, 3, H, W]`` in [-1, 1] of the stream → latents ``[B, T', C, H/8, W/8]``."""
+        n = self.taehv.t_downscale
+        if pixels.ndim != 5 or pixels.shape[2] != self.taehv.image_channels:
+            raise ValueError(f"expected pixels [B, T, {self.taehv.image_channels}, H, W], got {tuple(pixels.shape)}")
+        t = pixels.shape[1]
+        if self.first_encode and (t < 1 or (t - 1) % n):
+            raise ValueError(f"the first encode of a stream takes 1+{n}k frames, got {t}")
+        if not self.first_encode and (t == 0 or t % n):
+            raise ValueError(f"encode after the first call takes a multiple of {n} frames, got {t}")
+        p = self.taehv.encoder[0].weight
+        x = (pixels.to(p.device, p.dtype) + 1) / 2
+        if self.first_encode:
+            x = torch.cat([x[:, :1].expand(-1, n - 1, -1, -1, -1), x], 1)
+        z = _run(self.taehv.encoder, x, self.memory)
+        self.first_encode = False
+        if self.shift is not None:
+            z = z * self.shift[1] + self.shift[0]
+        return z
+
+    @staticmethod
+    @torch.no_grad()
+    def encode_many(encoders: list["TAEHVStreamEncoder"], pixels: Tensor, rows: list[int] | None = None) -> Tensor:
+        """Encode the next frames of several streams in one call: ``[N, T, 3, H, W]`` → ``[N, T', C, h, w]``.
+
+        Row ``i`` belongs to ``encoders[i]`` (or ``rows[i]`` rows each); equal to encoding each stream alone. The
+        streams must share one :class:`TAEHV` and a resolution and be at the same phase (``first_encode``)."""
+        return _many(encoders, pixels, rows, "first_encode", lambda batch, x: batch.encode(x))
+
+
 class TAEHVStreamDecoder:
     """Causal streaming decode of one stream over a shared :class:`TAEHV`.
 
@@ -206,25 +286,7 @@ class TAEHVStreamDecoder:
         3 frames, later calls none): group them by ``frames_to_drop`` first. Their MemBlock memories are
         stacked along the batch for the call and handed back as per-stream views.
         """
-        rows = [1] * len(decoders) if rows is None else list(rows)
-        if not decoders or len(rows) != len(decoders) or sum(rows) != latents.shape[0]:
-            raise ValueError(f"{len(decoders)} streams with rows {rows} do not match a batch of {latents.shape[0]}")
-        if len({id(d) for d in decoders}) != len(decoders) or len({id(d.taehv) for d in decoders}) != 1:
-            raise ValueError("decode_many takes distinct streams of one TAEHV")
-        if len({d.frames_to_drop for d in decoders}) != 1:
-            raise ValueError("streams at their first call and streams in the steady state cannot share a call; "
-                             "group them by phase")
-        batch = TAEHVStreamDecoder(decoders[0].taehv)
-        batch.frames_to_drop = decoders[0].frames_to_drop
-        if decoders[0].memory:
-            batch.memory = {k: torch.cat([d.memory[k] for d in decoders]) for k in decoders[0].memory}
-        frames = batch.decode(latents)
-        a = 0
-        for d, n in zip(decoders, rows):
-            d.memory = {k: v[a:a + n] for k, v in batch.memory.items()}
-            d.frames_to_drop = batch.frames_to_drop
-            a += n
-        return frames
+        return _many(decoders, latents, rows, "frames_to_drop", lambda batch, z: batch.decode(z))
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

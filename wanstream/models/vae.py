@@ -6,9 +6,10 @@ encode / decode. Conventions of the released weights: encode returns the *un-nor
 de-normalises per channel (``z / (1/std) + mean``).
 All state of a stream lives in a :class:`VAEStreamState`, so one VAE serves many streams.
 
-Two paths over the same weights: the fast path (default, :mod:`.vae_fast`: fused RMS norm, channels-last
-activations, causal convs over ``[history ‖ new]`` without padding copies, optionally ``torch.compile``-d in the
-steady state) and the eager reference (``fast=False``: diffusers' own modules with their ``feat_cache`` lists).
+Two paths over the same weights: the fast path (default, :mod:`.vae_fast`: lean norms, causal convs over
+``[history ‖ new]`` without padding copies, NNPACK / oneDNN / cuDNN convolutions chosen by device and VAE width,
+optionally ``torch.compile``-d in the steady state) and the eager reference (``fast=False``: diffusers' own modules
+with their ``feat_cache`` lists).
 :meth:`StreamingVAE.encode_many` / :meth:`StreamingVAE.decode_many` run several streams in one call.
 """
 
@@ -99,7 +100,7 @@ class StreamingVAE:
     decode) in ``torch.compile(fullgraph=True, **compile_options)``; the first call of a stream stays eager.
     Each new batch size or resolution compiles again (torch's automatic dynamic shapes apply after the first).
     Build it after the VAE is on its final device and dtype. ``conv_impl`` picks the fast conv implementation
-    (see :data:`~.vae_fast.CONV_IMPLS`; default by device).
+    (see :data:`~.vae_fast.CONV_IMPLS`; default by device and VAE width, :func:`~.vae_fast.default_conv_impl`).
     """
 
     def __init__(self, vae, mean=LATENT_MEAN, std=LATENT_STD, fast: bool = True, compile: bool = False,
@@ -192,7 +193,7 @@ class StreamingVAE:
             outs.append(mu)
         _scatter(states, rows, caches, "enc_rows")
         mu = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-        return mu.permute(0, 4, 1, 2, 3)                          # [B, z, T, h, w]
+        return mu.transpose(1, 2)                                 # [B, z, T, h, w]
 
     def _encode_eager(self, states, rows, x, first):
         x = x.transpose(1, 2)
@@ -248,8 +249,7 @@ class StreamingVAE:
                 y, caches = self._dec_steady(self._static(zi), self._static_list(caches))
             outs.append(y)
         _scatter(states, rows, caches, "dec_rows")
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-        return y.permute(0, 1, 4, 2, 3)                           # [B, T, 3, H, W] (channels-last strides)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)  # [B, T, 3, H, W]
 
     def _decode_eager(self, states, rows, z, first):
         z = z.transpose(1, 2)

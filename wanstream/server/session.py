@@ -297,6 +297,7 @@ class Session:
             stream = engine.open(prompt_embeds=encoded[1], width=self.width, height=self.height, steps=params.steps,
                                  noise_scale=params.noise_scale, noise_controller=params.noise_controller,
                                  seed=params.seed, lora=params.lora or None, decoder=self.settings.decoder,
+                                 encoder=self.settings.encoder,
                                  buffer=self.buffer,
                                  target_latency_s=self.settings.target_latency_s)
             with self._lock:

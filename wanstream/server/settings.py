@@ -24,6 +24,7 @@ class ServerSettings:
     session_defaults: dict = field(default_factory=dict)   # more defaults of a new session: a ParamsUpdate's
     #                                         fields (serve --preset: prompt or prompts, seed, noise ...)
     decoder: str = "vae"                    # "vae" | "taehv" (the model must be loaded with taehv=True)
+    encoder: str = "vae"                    # "vae" | "taehv" (likewise)
     prompt: str = "a watercolor painting, soft brush strokes, vivid colours"
     record_dir: Path = Path("recordings")
     idle_timeout_s: float = 60.0            # a session without input frames for this long is closed
@@ -105,8 +106,9 @@ class ServerSettings:
             raise ValueError(f"steps must be in 1..4, got {self.steps}")
         if self.fit not in ("crop", "pad", "stretch"):
             raise ValueError(f"fit must be crop, pad or stretch, got {self.fit!r}")
-        if self.decoder not in ("vae", "taehv"):
-            raise ValueError(f"decoder must be 'vae' or 'taehv', got {self.decoder!r}")
+        for name in ("decoder", "encoder"):
+            if getattr(self, name) not in ("vae", "taehv"):
+                raise ValueError(f"{name} must be 'vae' or 'taehv', got {getattr(self, name)!r}")
         for name in ("token", "admin_token"):
             value = getattr(self, name)
             if value is not None and not value:
