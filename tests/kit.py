@@ -192,3 +192,16 @@ def backbone_golden_errors(name: str, root: Path, device="cpu", dtype=torch.floa
     if len(rec.calls) != len(g["calls"]):
         err["calls"] = float("inf")
     return err
+
+
+def tap_latents(engine, sink: dict) -> None:
+    """Record every finished chunk's latent, by stream id and chunk id, in ``sink`` (wraps the engine's decode,
+    which receives them)."""
+    original = engine.codec.decode
+
+    def tap(finished):
+        for sid, items in finished.items():
+            for _, d in items:
+                sink.setdefault(sid, {})[d.row.chunk] = d.latent.clone()
+        return original(finished)
+    engine.codec.decode = tap

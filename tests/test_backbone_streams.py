@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from kit import tap_latents
 
 from wanstream.engine.loop import Engine
 from wanstream.io.video import make_motion_clip
@@ -18,17 +19,6 @@ LATENT_TOL = 1e-5
 def _prompt(i: int) -> torch.Tensor:
     return torch.randn(1, 9, 4096, generator=torch.Generator().manual_seed(200 + i)) * 0.1
 
-
-def _tap(engine: Engine, sink: dict) -> None:
-    """Every finished chunk's latent, by stream and chunk (the engine's decode receives them)."""
-    original = engine.codec.decode
-
-    def tap(finished):
-        for sid, items in finished.items():
-            for _, d in items:
-                sink.setdefault(sid, {})[d.row.chunk] = d.latent.clone()
-        return original(finished)
-    engine.codec.decode = tap
 
 
 # t2v: three clips; B joins two ticks late with 2 steps; C switches prompt at its 3rd block
@@ -48,7 +38,7 @@ def _run(model, mode: str, plan: dict, shared: bool, clips=None, recache: bool =
             if tick == p["start"]:
                 eng = engines[n] = one or Engine(model)
                 if id(eng) not in taps:
-                    _tap(eng, taps.setdefault(id(eng), {}))
+                    tap_latents(eng, taps.setdefault(id(eng), {}))
                 streams[n] = eng.open(prompt_embeds=_prompt(i), width=W, height=H, steps=p["steps"], seed=p["seed"],
                                       mode=mode, frames=p["frames"] if mode == "t2v" else None)
                 fed[n] = 0

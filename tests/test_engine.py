@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from kit import tap_latents
 
 from wanstream.engine.loop import Engine
 from wanstream.io.video import make_motion_clip
@@ -36,17 +37,6 @@ PLAN = {
 TICKS = 10
 
 
-def _capture_latents(engine: Engine, sink: dict) -> None:
-    """Record every finished chunk's latent per stream (wraps the engine's decode, which receives them)."""
-    original = engine.codec.decode
-
-    def tap(finished):
-        for sid, items in finished.items():
-            for _, d in items:
-                sink.setdefault(sid, {})[d.row.chunk] = d.latent.clone()
-        return original(finished)
-    engine.codec.decode = tap
-
 
 def _run(model, clips, names, shared: bool):
     """Run the plan; ``shared``: all streams on one engine, else each on its own. Returns frames and latents by
@@ -58,14 +48,14 @@ def _run(model, clips, names, shared: bool):
     fed = {n: 0 for n in names}
     one = Engine(model) if shared else None
     if one is not None:
-        _capture_latents(one, taps.setdefault(id(one), {}))
+        tap_latents(one, taps.setdefault(id(one), {}))
     for tick in range(TICKS + 8):
         for i, n in enumerate(names):
             p = PLAN[n]
             if tick == p["start"]:
                 eng = one or Engine(model)
                 if one is None:
-                    _capture_latents(eng, taps.setdefault(id(eng), {}))
+                    tap_latents(eng, taps.setdefault(id(eng), {}))
                 engines[n] = eng
                 streams[n] = eng.open(prompt_embeds=_prompt(i), width=W, height=H, steps=p["steps"], seed=p["seed"])
             s = streams.get(n)

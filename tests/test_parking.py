@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from kit import tap_latents
 
 from wanstream.engine.loop import Engine
 from wanstream.engine.parking import NotParkable, StateError
@@ -24,17 +25,6 @@ def _prompt(i: int) -> torch.Tensor:
     return torch.randn(1, 7, 4096, generator=g) * 0.1
 
 
-def _tap(engine: Engine, sink: dict) -> None:
-    """Record every finished chunk's latent (keyed by chunk id) as the engine decodes it."""
-    original = engine.codec.decode
-
-    def tap(finished):
-        for sid, items in finished.items():
-            for _, d in items:
-                sink.setdefault(sid, {})[d.row.chunk] = d.latent.clone()
-        return original(finished)
-    engine.codec.decode = tap
-
 
 def _run(model, clip, park_at: int | None, other: bool = True, via_blob: bool = False):
     """One stream (2 steps, noise controller on, a prompt transition running across the park) fed chunk by chunk;
@@ -43,7 +33,7 @@ def _run(model, clip, park_at: int | None, other: bool = True, via_blob: bool = 
     and its input queue. Returns its frames, latents and the engine."""
     eng = Engine(model)
     lat: dict = {}
-    _tap(eng, lat)
+    tap_latents(eng, lat)
     s = eng.open(prompt_embeds=_prompt(0), width=W, height=H, steps=2, seed=7)
     frames, pos = [], 0
     for c in range(12):
@@ -72,7 +62,7 @@ def _run(model, clip, park_at: int | None, other: bool = True, via_blob: bool = 
                 head, images = parked.buffer.snapshot()
                 data = dumps(parked, eng.clock(), {"buffer": head}, images)
                 eng = Engine(model)                         # another engine (another server)
-                _tap(eng, lat)
+                tap_latents(eng, lat)
                 parked, extra, images = loads(data, len(data), eng.clock())
                 buffer = ChunkBuffer()
                 buffer.restore(extra["buffer"], images, extra["_shift"])

@@ -103,7 +103,8 @@ class Session:
         self._reset = False
         self._prompt_gen = 0                    # the newest prompt asked for
         self._given_gen = 0                     # the prompt the stream has (0: no stream yet)
-        self._encoded: tuple[int, torch.Tensor, int] | None = None   # newest encoding: (gen, embedding, transition)
+        # the newest encoding: (gen, embedding, transition chunks, re-cache)
+        self._encoded: tuple[int, torch.Tensor, int, bool] | None = None
         self._listeners: list[Callable[[dict], None]] = []
         self._on_close: list[Callable[[str], None]] = []
         self._wake = asyncio.Event() if loop is not None else None
@@ -257,7 +258,7 @@ class Session:
             old, self.params = self.params, new
             if changed & PROMPT_FIELDS and embedding is not None:
                 self._prompt_gen += 1
-                self._encoded = (self._prompt_gen, embedding, new.transition_chunks)
+                self._encoded = (self._prompt_gen, embedding, new.transition_chunks, new.recache)
         if "recording" in changed:
             try:
                 self._set_recording(new.recording)
