@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 OUT    ?= out
 MODEL  := $(OUT)/models/tiny
 
-.PHONY: demo test env browser clean
+.PHONY: demo test test-slow env browser clean
 
 env: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ browser: $(VENV)/.installed
 
 test: $(VENV)/.installed browser
 	$(BIN)/python -m pytest -q
+
+# The long cases (marked `slow`, each with a fast representative in `make test`).
+test-slow: $(VENV)/.installed browser
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(OUT) $(VENV) .pytest_cache

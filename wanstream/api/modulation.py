@@ -207,6 +207,3 @@ class Modulation(BaseModel):
             if kind == "lora":
                 out.append((i, arg))
         return out
-
-    def weight_targets(self) -> list[int]:
-        return sorted({arg for m in self.mappings for kind, arg in [parse_target(m.target)] if kind == "weight"})
