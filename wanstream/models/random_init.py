@@ -21,7 +21,7 @@ from diffusers import AutoencoderKLWan
 
 from wanstream.core.backbones import Backbone
 from wanstream.core.backbones import backbone as get_backbone
-from wanstream.core.config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VAE_PRESETS, WAN_FOLDER
+from wanstream.core.config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VACE_FOLDER, VAE_PRESETS, WAN_FOLDER
 from wanstream.models.checkpoints import (
     T5_FILE,
     TAEHV_FILE,
@@ -103,9 +103,10 @@ def write_generator(root: Path, backbone: Backbone, preset: str, weights: dict[s
 
 
 def init_random(root: str | Path, preset: str = "tiny", seed: int = 0, full_text_encoder: bool | None = None,
-                log=print, backbone: str | Backbone | None = None) -> Path:
+                log=print, backbone: str | Backbone | None = None, vace: bool = False) -> Path:
     """Write a random model for ``preset`` (tiny | 1.3b | 14b) under ``root`` with the generator of ``backbone``
-    (default StreamDiffusionV2) in its released layout; returns ``root``."""
+    (default StreamDiffusionV2) in its released layout; returns ``root``. ``vace``: also a Wan2.1-VACE model of the
+    same size in its released layout, ``ROOT/wan_models/Wan2.1-VACE-*/`` (``models/vace.py``)."""
     if preset not in DIT_PRESETS:
         raise ValueError(f"preset must be one of {sorted(DIT_PRESETS)}, got {preset!r}")
     bb = get_backbone(backbone)
@@ -118,6 +119,11 @@ def init_random(root: str | Path, preset: str = "tiny", seed: int = 0, full_text
     weights = random_dit_weights(diffusers_dit_config(wan_cfg), seed, dtype)
     save_dit_safetensors(wan, weights, SHARD_BYTES)
     path = write_generator(root, bb, preset, weights, seed, log)
+    if vace:
+        from wanstream.models.vace import write_vace_folder
+        folder = write_vace_folder(root / "wan_models" / VACE_FOLDER[preset], wan_cfg, weights, seed + 7,
+                                   shard_bytes=SHARD_BYTES)
+        log(f"[init-random] VACE modules → {folder}")
     log(f"[init-random] DiT {preset} ({dtype}) → {wan} and {path} ({bb.title})")
     del weights
     log(f"[init-random] VAE (base width {VAE_PRESETS[preset]}) → {wan / VAE_FILE}")
