@@ -202,7 +202,7 @@ class Engine:
             if self.runner_factory is not None:
                 runner = self.runner_factory(self, width, height, cache)
             else:
-                pool = KVPool(range(dit.num_layers), cache.capacity, tpf, dit.heads, dit.head_dim, dit.dtype,
+                pool = KVPool(dit.cache_layers, cache.capacity, tpf, dit.heads, dit.head_dim, dit.dtype,
                               m.device, text_len=dit.text_len)
                 if self.reserve_rows:
                     pool.reserve(self.reserve_rows)
@@ -271,6 +271,14 @@ class Engine:
         stream.queue_update("prompt", (self.pad_prompt(embedding), int(transition_chunks)))
         if recache:
             stream.queue_update("recache", bool(keep_sink))
+
+    def set_conditioning(self, stream: EngineStream, *, reference=..., strength: float | None = None) -> None:
+        """VACE conditioning of a stream (``engine/conditioning.py``), from its next tick: ``reference`` a uint8
+        ``[H, W, 3]`` image (framed like its frames; VAE-encoded here, in the caller's thread), None to clear it,
+        ``...`` unchanged; ``strength`` the hints' scale. The model needs its VACE modules."""
+        from wanstream.engine.conditioning import prepare_update
+        stream.queue_update("vace", prepare_update(self.model, stream.width, stream.height, stream.fit, reference,
+                                                   strength))
 
     def reset(self, stream: EngineStream, discard_queued: bool = True) -> None:
         """Start over on the next frame: queued frames are discarded, in-flight chunks dropped, fresh state.
@@ -463,6 +471,10 @@ class Engine:
                     g.runner.set_lora(s.id, value)
                 elif kind == "decoder":
                     s.switch_decoder(value, getattr(self.model, "taehv", None))
+                elif kind == "vace":
+                    from wanstream.engine.conditioning import apply_update
+                    with self.timer.section("reference"):
+                        apply_update(g.runner, s.id, value)
         except Exception as exc:  # noqa: BLE001 - one stream's failure ends only that stream
             self._stream_error(s, "update", exc)
             plan.without(s.id)
