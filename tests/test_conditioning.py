@@ -160,3 +160,58 @@ def test_reference_prefix_turns_back_with_the_cache_on_rope_rebase(sf_vace_model
     assert (_t2v_with_reference(sf_vace_model, short) - want).abs().max().item() <= 1e-4
     monkeypatch.setattr(runner_module, "rebase_reference", lambda *a: None)
     assert (_t2v_with_reference(sf_vace_model, short) - want).abs().max().item() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def vace_root(tmp_path_factory):
+    from wanstream.models.random_init import init_random
+    root = tmp_path_factory.mktemp("vace_cli")
+    init_random(root, "tiny", seed=0, log=lambda *_: None, vace=True)
+    return root
+
+
+def test_v2v_and_t2v_take_a_reference_and_refuse_bad_images(vace_root, clip_path, tmp_path, capsys):
+    from PIL import Image
+
+    from wanstream.cli.main import main
+    from wanstream.io.reading import open_video
+    img = tmp_path / "ref.png"
+    Image.fromarray(_reference()).save(img)
+    out = tmp_path / "o.mp4"
+    assert main(["v2v", str(clip_path), "-o", str(out), "--model", str(vace_root), "--prompt", "x", "--device",
+                 "cpu", "--reference", str(img), "--reference-strength", "0.5"]) == 0
+    assert open_video(out).info.frames == 14
+    t2v = tmp_path / "t.mp4"
+    assert main(["t2v", "--prompt", "a fox", "--frames", "10", "-o", str(t2v), "--model", str(vace_root),
+                 "--device", "cpu", "--resolution", "64x48", "--steps", "1", "--reference", str(img)]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    assert main(["v2v", str(clip_path), "-o", str(tmp_path / "b.mp4"), "--model", str(vace_root), "--prompt", "x",
+                 "--device", "cpu", "--reference", str(bad)]) == 2
+    assert "is not an image" in capsys.readouterr().err
+    assert not (tmp_path / "b.mp4").exists()
+
+
+def test_reference_images_are_validated():
+    import io
+
+    from PIL import Image
+
+    from wanstream.api.conditioning import ReferenceImageError, decode_reference
+
+    def encoded(fmt, size=(8, 6)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (10, 20, 30)).save(buf, fmt)
+        return buf.getvalue()
+    assert decode_reference(encoded("PNG")).shape == (6, 8, 3)
+    assert decode_reference(encoded("JPEG")).dtype == np.uint8
+    for data, kind in [(b"", "not_an_image"), (b"GIF89a-garbage", "not_an_image"), (encoded("GIF"), "wrong_type"),
+                       (encoded("TIFF"), "wrong_type")]:
+        with pytest.raises(ReferenceImageError) as err:
+            decode_reference(data)
+        assert err.value.kind == kind
+    with pytest.raises(ReferenceImageError, match="too large: .* bytes"):
+        decode_reference(encoded("PNG"), max_bytes=10)
+    with pytest.raises(ReferenceImageError, match="too large: 8x6 pixels"):
+        decode_reference(encoded("PNG"), max_pixels=40)

@@ -42,6 +42,14 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _reference(args):
+    """The ``--reference`` image, read and validated before any model loads (None without)."""
+    if getattr(args, "reference", None) is None:
+        return None
+    from wanstream.api.conditioning import read_reference
+    return read_reference(args.reference)
+
+
 def cmd_v2v(args) -> int:
     from wanstream.api.restyle import plan_outputs
     from wanstream.cli.pipeline import check_pipeline_args, pipeline_requested, run_v2v_pipeline
@@ -62,9 +70,10 @@ def cmd_v2v(args) -> int:
     from wanstream.io.video import fit_resolution, open_video
     from wanstream.models.loader import load_model
 
+    reference = _reference(args)
     sources = [open_video(p, fps=args.fps, still_frames=args.still_frames) for p in args.input]
     model = load_model(args.model, device=args.device, taehv=args.taehv, quantize=args.quantize,
-                       lora=lora_specs(args), backbone=args.backbone)
+                       lora=lora_specs(args), backbone=args.backbone, vace=reference is not None)
     embeds = prompt_embedding(model, args)
     engine = Engine(model)
     jobs = []
@@ -74,6 +83,8 @@ def cmd_v2v(args) -> int:
                              noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
                              batch=not args.no_batch, seed=args.seed, decoder="taehv" if args.taehv else "vae",
                              fit=args.fit)
+        if reference is not None:
+            engine.set_conditioning(stream, reference=reference, strength=args.reference_strength)
         jobs.append(FileJob(source, out, stream, crf=args.crf, audio=not args.no_audio))
     with _terminate_as_interrupt():
         elapsed = restyle(engine, jobs, desc="v2v" if len(jobs) == 1 else f"v2v x{len(jobs)}")
@@ -92,10 +103,13 @@ def cmd_t2v(args) -> int:
     check_device(args.device)
     width, height = args.resolution
     switches = [parse_switch(s) for s in args.switch or ()]
-    model = load_model(args.model, device=args.device, lora=lora_specs(args), backbone=args.backbone)
+    reference = _reference(args)
+    model = load_model(args.model, device=args.device, lora=lora_specs(args), backbone=args.backbone,
+                       vace=reference is not None)
     embeds = prompt_embedding(model, args)
     clip = Clip(embeds, args.frames, args.seed,
-                switches=[(frame, model.prompt_embedding(text)) for frame, text in switches])
+                switches=[(frame, model.prompt_embedding(text)) for frame, text in switches],
+                reference=reference, reference_strength=args.reference_strength)
     t0 = time.perf_counter()
     first = None
     with _terminate_as_interrupt(), VideoWriter(args.output, args.fps, width, height) as writer, \
@@ -114,7 +128,8 @@ def cmd_t2v(args) -> int:
 def cmd_init_random(args) -> int:
     from wanstream.models.random_init import init_random
     init_random(args.dir, args.preset, seed=args.seed,
-                full_text_encoder=False if args.small_text_encoder else None, backbone=args.backbone)
+                full_text_encoder=False if args.small_text_encoder else None, backbone=args.backbone,
+                vace=args.vace)
     return 0
 
 
