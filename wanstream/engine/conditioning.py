@@ -18,6 +18,7 @@ from typing import Hashable, Sequence
 
 import torch
 
+from wanstream.engine.control import StreamControl, check_kind, encode_control
 from wanstream.models.dit import PromptKV
 from wanstream.models.vace import Reference, VaceCall, context_latents, encode_reference
 
@@ -32,10 +33,11 @@ class StreamVace:
     strength: float = 1.0
     reference: Reference | None = None
     contexts: dict = field(default_factory=dict)   # chunk → [1, T, 96, h, w] control context
+    control: StreamControl = field(default_factory=StreamControl)
 
     @property
     def active(self) -> bool:
-        return self.reference is not None or bool(self.contexts)
+        return self.reference is not None or self.control.kind != "none"
 
     def plain(self, frames: int) -> torch.Tensor:
         z = self.base.expand(1, frames, *self.base.shape[2:])
@@ -104,11 +106,14 @@ MAX_STRENGTH = 4.0
 @dataclass
 class VaceUpdate:
     """A live change of a stream's conditioning, prepared in the caller's thread (``prepare_update``) and applied
-    at the stream's next tick (``apply_update``). ``reference``: its latent, None (clear) or ``...`` (unchanged)."""
+    at the stream's next tick (``apply_update``). ``reference``: its latent, None (clear) or ``...`` (unchanged);
+    ``control``: a kind of ``engine/control.py`` (None: unchanged), ``video`` its frames for kind ``video``."""
 
     base: torch.Tensor | None
     reference: object = ...
     strength: float | None = None
+    control: str | None = None
+    video: object = None
 
 
 def check_strength(strength) -> float:
@@ -151,14 +156,22 @@ def base_latent(model, width: int, height: int) -> torch.Tensor:
     return encode_image(model, np.full((height, width, 3), 128, np.uint8), width, height, "stretch")
 
 
-def prepare_update(model, width: int, height: int, fit: str, reference=..., strength=None) -> VaceUpdate:
-    """Validate and VAE-encode a change (the caller's thread: off the engine's tick)."""
+def prepare_update(model, width: int, height: int, fit: str, reference=..., strength=None, control=None,
+                   video=None, preprocessors=None) -> VaceUpdate:
+    """Validate and VAE-encode a change (the caller's thread: off the engine's tick); a control kind whose model
+    is missing is refused here."""
     check_vace(model)
     s = None if strength is None else check_strength(strength)
+    if control is not None:
+        check_kind(control)
+        if control == "video" and video is None:
+            raise ValueError("control 'video' needs the control video's frames")
+        if preprocessors is not None:
+            preprocessors.check(control)
     ref = reference
     if reference is not None and reference is not ...:
         ref = encode_image(model, reference, width, height, fit)
-    return VaceUpdate(base_latent(model, width, height), ref, s)
+    return VaceUpdate(base_latent(model, width, height), ref, s, control, iter(video) if video is not None else None)
 
 
 def apply_update(runner, stream: Hashable, update: VaceUpdate) -> None:
@@ -173,3 +186,48 @@ def apply_update(runner, stream: Hashable, update: VaceUpdate) -> None:
         st.vace.strength = update.strength
     if update.reference is not ...:
         set_reference(runner.dit, runner.pool, stream, st.vace, update.reference)
+    if update.control is not None:
+        st.vace.control.switch(update.control, update.video)
+        st.vace.contexts.clear()
+
+
+def control_contexts(engine, runner, entries: list, pixels: dict) -> None:
+    """The control context of every entering chunk of a controlled stream (``entries``: ``(stream, entry,
+    latent_frames)``; ``pixels``: stream id → its chunk's frames ``[T, 3, H, W]`` on the device): preprocessors
+    batched by kind across streams, then each stream's control VAE encode. Timed as ``control`` and
+    ``control_encode``."""
+    by_kind: dict[str, list] = {}
+    for s, entry, t in entries:
+        v = getattr(runner.streams.get(s.id), "vace", None)
+        if v is not None and v.control.kind != "none" and s.id in pixels:
+            by_kind.setdefault(v.control.kind, []).append((s, entry, t, v))
+    if not by_kind:
+        return
+    model = engine.model
+    frames = {}
+    with engine.timer.section("control"):
+        for kind, members in by_kind.items():
+            if kind == "video":
+                for s, entry, _, v in members:
+                    frames[s.id] = v.control.video_frames(pixels[s.id].shape[0], s.width, s.height, s.fit,
+                                                          model.device, model.dtype)
+                continue
+            try:
+                outs = engine.preprocessors.run(kind, [pixels[s.id] for s, *_ in members],
+                                                [v.control.prev for *_, v in members])
+            except Exception as exc:  # noqa: BLE001 - a failing preprocessor ends the streams that use it
+                for s, *_ in members:
+                    engine._stream_error(s, "control", exc)
+                continue
+            for (s, _, _, v), out in zip(members, outs):
+                frames[s.id] = out
+                v.control.prev = pixels[s.id][-1]
+    with engine.timer.section("control_encode"):
+        for members in by_kind.values():
+            for s, entry, t, v in members:
+                if s.id not in frames:
+                    continue
+                try:
+                    v.add_context(entry.chunk, encode_control(model.vae, v.control, frames[s.id], t))
+                except Exception as exc:  # noqa: BLE001 - one stream's control ends only that stream
+                    engine._stream_error(s, "control", exc)

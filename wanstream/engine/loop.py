@@ -272,13 +272,23 @@ class Engine:
         if recache:
             stream.queue_update("recache", bool(keep_sink))
 
-    def set_conditioning(self, stream: EngineStream, *, reference=..., strength: float | None = None) -> None:
+    def set_conditioning(self, stream: EngineStream, *, reference=..., strength: float | None = None,
+                         control: str | None = None, control_video=None) -> None:
         """VACE conditioning of a stream (``engine/conditioning.py``), from its next tick: ``reference`` a uint8
         ``[H, W, 3]`` image (framed like its frames; VAE-encoded here, in the caller's thread), None to clear it,
-        ``...`` unchanged; ``strength`` the hints' scale. The model needs its VACE modules."""
+        ``...`` unchanged; ``strength`` the hints' scale; ``control`` a kind of ``engine/control.py`` (``none``
+        ends it; ``video``: ``control_video`` an iterable of uint8 frames). The model needs its VACE modules."""
         from wanstream.engine.conditioning import prepare_update
         stream.queue_update("vace", prepare_update(self.model, stream.width, stream.height, stream.fit, reference,
-                                                   strength))
+                                                   strength, control, control_video, self.preprocessors))
+
+    @property
+    def preprocessors(self):
+        """The control preprocessors (``engine/control.py``), models loaded on first use."""
+        if getattr(self, "_preprocessors", None) is None:
+            from wanstream.engine.control import Preprocessors
+            self._preprocessors = Preprocessors(self.model)
+        return self._preprocessors
 
     def reset(self, stream: EngineStream, discard_queued: bool = True) -> None:
         """Start over on the next frame: queued frames are discarded, in-flight chunks dropped, fresh state.
@@ -500,6 +510,10 @@ class Engine:
                 self._stream_error(s, "frames", exc)
         with self.timer.section("encode"), g.runner.encoding():
             latents.update(self.codec.encode(joining, pixels))
+        if getattr(m.dit, "vace", None) is not None:           # VACE control contexts of the entering chunks
+            from wanstream.engine.conditioning import control_contexts
+            control_contexts(self, g.runner, [(self.streams[sid], e, latents[sid].shape[1]) for sid, e in
+                                              plan.entries if sid in pixels and sid in latents], pixels)
         for sid, entry in plan.entries:
             s = self.streams.get(sid)
             if s is None or sid not in latents:
