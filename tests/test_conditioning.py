@@ -215,3 +215,19 @@ def test_reference_images_are_validated():
         decode_reference(encoded("PNG"), max_bytes=10)
     with pytest.raises(ReferenceImageError, match="too large: 8x6 pixels"):
         decode_reference(encoded("PNG"), max_pixels=40)
+
+
+def test_v2v_takes_a_control_kind_or_a_control_video(vace_root, clip_path, tmp_path):
+    from wanstream.cli.main import main
+    from wanstream.io.reading import open_video
+    out = tmp_path / "edges.mp4"
+    assert main(["v2v", str(clip_path), "-o", str(out), "--model", str(vace_root), "--prompt", "x", "--device",
+                 "cpu", "--control", "edges"]) == 0
+    assert open_video(out).info.frames == 14
+    out = tmp_path / "video.mp4"
+    assert main(["v2v", str(clip_path), "-o", str(out), "--model", str(vace_root), "--prompt", "x", "--device",
+                 "cpu", "--control-video", str(clip_path), "--reference-strength", "0.7"]) == 0
+    assert open_video(out).info.frames == 14
+    assert main(["v2v", str(clip_path), "-o", str(tmp_path / "d.mp4"), "--model", str(vace_root), "--prompt", "x",
+                 "--device", "cpu", "--control", "depth"]) == 2                      # no depth model: named
+    assert not (tmp_path / "d.mp4").exists()

@@ -155,15 +155,18 @@ class StreamSession:
                            seed=seed, lora=lora)
         self._tick()
 
-    def set_reference(self, image=..., strength: float | None = None) -> None:
+    def set_reference(self, image=..., strength: float | None = None, control: str | None = None,
+                      control_video=None) -> None:
         """VACE conditioning (the model needs its VACE modules, docs/conditioning.md): ``image`` a reference image
         (uint8 ``[H, W, 3]``, framed like the frames; a path is read and validated), None to clear it, ``...`` to keep
-        it; ``strength`` the hints' scale. Applies from the next chunk."""
+        it; ``strength`` the hints' scale; ``control`` none | edges | depth | flow | video (``control_video``: its
+        uint8 frames). Applies from the next chunk."""
         self._check_open()
         if isinstance(image, (str, Path)):
             from wanstream.api.conditioning import read_reference
             image = read_reference(image)
-        self.engine.set_conditioning(self.stream, reference=image, strength=strength)
+        self.engine.set_conditioning(self.stream, reference=image, strength=strength, control=control,
+                                     control_video=control_video)
         self._tick()
 
     def set_prompt_embedding(self, embedding: torch.Tensor, transition_chunks: int = 0) -> None:

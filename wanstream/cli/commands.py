@@ -71,9 +71,13 @@ def cmd_v2v(args) -> int:
     from wanstream.models.loader import load_model
 
     reference = _reference(args)
+    if args.control and args.control_video:
+        raise ValueError("give --control or --control-video, not both")
+    control = args.control or ("video" if args.control_video else None)
     sources = [open_video(p, fps=args.fps, still_frames=args.still_frames) for p in args.input]
     model = load_model(args.model, device=args.device, taehv=args.taehv, quantize=args.quantize,
-                       lora=lora_specs(args), backbone=args.backbone, vace=reference is not None)
+                       lora=lora_specs(args), backbone=args.backbone,
+                       vace=reference is not None or control is not None)
     embeds = prompt_embedding(model, args)
     engine = Engine(model)
     jobs = []
@@ -83,8 +87,12 @@ def cmd_v2v(args) -> int:
                              noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
                              batch=not args.no_batch, seed=args.seed, decoder="taehv" if args.taehv else "vae",
                              fit=args.fit)
-        if reference is not None:
-            engine.set_conditioning(stream, reference=reference, strength=args.reference_strength)
+        if reference is not None or control is not None:
+            video = None
+            if args.control_video is not None:
+                video = (f.image for f in open_video(args.control_video).frames())
+            engine.set_conditioning(stream, reference=reference if reference is not None else ...,
+                                    strength=args.reference_strength, control=control, control_video=video)
         jobs.append(FileJob(source, out, stream, crf=args.crf, audio=not args.no_audio))
     with _terminate_as_interrupt():
         elapsed = restyle(engine, jobs, desc="v2v" if len(jobs) == 1 else f"v2v x{len(jobs)}")

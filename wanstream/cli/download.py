@@ -21,6 +21,8 @@ def download(name: str, root: Path) -> Path:
     if name in ("clip", "raft"):
         from wanstream.eval.models import download_eval_model
         return download_eval_model(name, root)
+    if name == "depth-anything":
+        return download_depth(Path(root))
     if name.startswith("vace-"):
         return download_vace(name.removeprefix("vace-"), Path(root))
     preset, backbone = MODELS[name]
@@ -63,4 +65,23 @@ def download_vace(preset: str, root: Path) -> Path:
                           allow_patterns=["config.json", "diffusion_pytorch_model*"])
     except Exception as exc:  # noqa: BLE001 - the network went away midway: one line (wanstream.models.hub)
         raise hub_failure(exc, name, by_hand) from None
+    return root
+
+
+DEPTH_HUB = "depth-anything/Depth-Anything-V2-Small-hf"
+
+
+def download_depth(root: Path) -> Path:
+    """Depth Anything V2 small (transformers layout) into ``root/control/depth-anything-v2-small/`` (the depth
+    control of engine/control.py)."""
+    from huggingface_hub import snapshot_download
+
+    from wanstream.engine.control import DEPTH_DIR
+    from wanstream.models.hub import check_hub, hub_failure
+    by_hand = f"copy the files of {DEPTH_HUB} into {root / DEPTH_DIR}"
+    check_hub(DEPTH_HUB, "depth-anything", by_hand)
+    try:
+        snapshot_download(DEPTH_HUB, local_dir=root / DEPTH_DIR, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as exc:  # noqa: BLE001
+        raise hub_failure(exc, "depth-anything", by_hand) from None
     return root

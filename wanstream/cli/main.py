@@ -26,7 +26,8 @@ COMMANDS = {"v2v": ("wanstream.cli.commands", "cmd_v2v"), "t2v": ("wanstream.cli
             "clip": ("wanstream.cli.commands", "cmd_clip"), "download": ("wanstream.cli.commands", "cmd_download"),
             "bench": ("wanstream.cli.bench", "run_bench"), "serve": ("wanstream.cli.serve", "run_serve"),
             "eval": ("wanstream.cli.eval", "run_eval")}
-DOWNLOADS = ("sdv2-1.3b", "sdv2-14b", "self-forcing-1.3b", "longlive-1.3b", "vace-1.3b", "vace-14b", "clip", "raft")
+DOWNLOADS = ("sdv2-1.3b", "sdv2-14b", "self-forcing-1.3b", "longlive-1.3b", "vace-1.3b", "vace-14b",
+             "depth-anything", "clip", "raft")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +50,14 @@ def _reference_args(p: argparse.ArgumentParser) -> None:
                         "Wan2.1-VACE model beside --model (`wanstream download vace-1.3b`), docs/conditioning.md")
     p.add_argument("--reference-strength", type=float_in(0.0, 4.0, "reference strength"), default=1.0,
                    help="scale of the VACE hints, (0, 4] (default 1)")
+
+
+def _control_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", choices=["edges", "depth", "flow"], default=None,
+                   help="VACE control from the input's own frames: Canny edges, depth (Depth Anything V2 small: "
+                        "`wanstream download depth-anything`) or optical flow (RAFT: `wanstream download raft`)")
+    p.add_argument("--control-video", type=Path, default=None, metavar="VIDEO",
+                   help="VACE control from another video, frame by frame (e.g. a depth or pose video)")
 
 
 def _seed_arg(p: argparse.ArgumentParser, what: str = "the noise") -> None:
@@ -95,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                    help="DiT block linears in int8 (weight-only, any device) or fp8 (CUDA, compute capability >= 8.9)")
     _reference_args(p)
+    _control_args(p)
     from wanstream.cli.pipeline import add_pipeline_args
     add_pipeline_args(p)
 
@@ -143,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="+", choices=DOWNLOADS,
                    help="sdv2-1.3b / sdv2-14b: the StreamDiffusionV2 models; self-forcing-1.3b / longlive-1.3b: "
                         "those generators (+ LongLive's LoRA) beside the Wan 2.1 1.3B folder; vace-1.3b / vace-14b: "
-                        "the Wan2.1-VACE model (reference images, control video); clip / raft: the "
+                        "the Wan2.1-VACE model (reference images, control video); depth-anything: the depth "
+                        "control model; clip / raft: the "
                         "evaluation models (wanstream eval)")
     p.add_argument("--dir", type=Path, default=Path("models"), help="folder to download into")
     return parser
