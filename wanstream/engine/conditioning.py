@@ -186,7 +186,7 @@ def apply_update(runner, stream: Hashable, update: VaceUpdate) -> None:
         st.vace.strength = update.strength
     if update.reference is not ...:
         set_reference(runner.dit, runner.pool, stream, st.vace, update.reference)
-    if update.control is not None:
+    if update.control is not None and (update.control != st.vace.control.kind or update.video is not None):
         st.vace.control.switch(update.control, update.video)
         st.vace.contexts.clear()
 
@@ -222,6 +222,9 @@ def control_contexts(engine, runner, entries: list, pixels: dict) -> None:
             for (s, _, _, v), out in zip(members, outs):
                 frames[s.id] = out
                 v.control.prev = pixels[s.id][-1]
+        for members in by_kind.values():
+            for s, *_, v in members:
+                v.control.preview = frames[s.id][-1]          # what the model receives (the page's preview)
     with engine.timer.section("control_encode"):
         for members in by_kind.values():
             for s, entry, t, v in members:

@@ -210,6 +210,7 @@ class StreamControl:
     prev: torch.Tensor | None = None
     video: Iterator | None = None
     last_video_frame: object = None
+    preview: torch.Tensor | None = None         # the newest control frame [3, H, W] (server preview)
 
     def switch(self, kind: str, video: Iterator | None = None) -> None:
         self.kind = kind
