@@ -105,3 +105,27 @@ def test_a_model_without_vace_refuses_with_409(tiny_model, tmp_path, clip):
         status, body = upload(s, sid, png(), "image/png", secret)
         assert status == 409 and "wanstream download vace-1.3b" in body["message"]
         c.close()
+
+
+def test_serve_reference_and_control_are_the_defaults_of_new_sessions(vace_model, tmp_path, clip):
+    from wanstream.cli.main import build_parser
+    from wanstream.cli.serve import settings_from_args
+    ref = tmp_path / "ref.png"
+    ref.write_bytes(png())
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--reference", str(ref), "--control",
+                                      "edges", "--reference-strength", "0.5", "--max-reference-mb", "1"])
+    settings = settings_from_args(args)
+    assert settings.default_reference.shape == (30, 40, 3) and settings.default_control == "edges"
+    assert settings.default_strength == 0.5 and settings.max_reference_bytes == 2**20
+    with LiveServer(vace_model, server_settings(tmp_path, default_reference=settings.default_reference,
+                                                default_control="edges", default_strength=0.5)) as s:
+        c = WSClient(s.ws_url)
+        sid = c.ready()["session"]
+        session = s.manager.get(sid)
+        stream_until(c, clip, 5)
+        wait_until(lambda: session.stream is not None and getattr(
+            session.stream.group.runner.streams[session.stream.id].vace, "reference", None) is not None, 60,
+            "the default reference reaches the stream")
+        vace = session.stream.group.runner.streams[session.stream.id].vace
+        assert vace.control.kind == "edges" and vace.strength == 0.5
+        c.close()

@@ -90,6 +90,15 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="a preset JSON: the defaults of new sessions (prompts, knobs, framing) and its LoRAs "
                         "(loaded unless --lora is given); --steps / --fit override its values")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder (needs taew2_1.pth)")
+    p.add_argument("--reference", type=Path, default=None, metavar="IMG",
+                   help="a VACE reference image every new session starts with (needs a Wan2.1-VACE model beside "
+                        "--model; sessions change it live: docs/conditioning.md)")
+    p.add_argument("--reference-strength", type=float_in(0.0, 4.0, "reference strength"), default=1.0,
+                   help="scale of the VACE hints of a new session, (0, 4] (default 1)")
+    p.add_argument("--control", choices=["edges", "depth", "flow"], default=None,
+                   help="the VACE control kind every new session starts with")
+    p.add_argument("--max-reference-mb", type=float_in(0.0, None, "reference size"), default=4.0,
+                   help="largest reference image a client may upload, MB (default 4)")
     p.add_argument("--record-dir", type=Path, default=Path("recordings"), help="where recordings go")
     p.add_argument("--idle-timeout", type=float_in(0.0, None, "idle timeout"), default=60.0,
                    help="close a session after this many seconds without frames (default 60)")
@@ -172,7 +181,9 @@ def load_serving_model(args, settings: ServerSettings):
               f"({', '.join(driver.spec.devices)}) started in {time.perf_counter() - t0:.1f} s", flush=True)
         return driver.model, driver
     taehv = settings.decoder == "taehv" or (settings.policy == "slack" and settings.ladder_taehv)
-    model = load_model(args.model, device=args.device, taehv=taehv, lora=lora_specs(args), backbone=args.backbone)
+    vace = True if settings.default_reference is not None or settings.default_control != "none" else None
+    model = load_model(args.model, device=args.device, taehv=taehv, lora=lora_specs(args), backbone=args.backbone,
+                       vace=vace)
     print(f"wanstream serve: {model.backbone.title} model {args.model} on {model.device} loaded in "
           f"{time.perf_counter() - t0:.1f} s"
           + (f", LoRAs {', '.join(model.dit.lora.names)}" if model.dit.lora is not None else ""), flush=True)
@@ -327,7 +338,18 @@ def settings_from_args(args) -> ServerSettings:
                           max_pushes=args.max_pushes, policy=args.policy, ladder_taehv=args.ladder_taehv, park_after_s=args.park_after,
                           park_max_bytes=int(args.park_max_gb * 2**30), parked_timeout_s=args.parked_timeout,
                           migrate_to=args.migrate_to, max_blob_bytes=max(1, int(args.max_blob_gb * 2**30)),
-                          resume_timeout_s=args.resume_timeout, drift_watchdog=args.drift_watchdog)
+                          resume_timeout_s=args.resume_timeout, drift_watchdog=args.drift_watchdog,
+                          max_reference_bytes=max(1, int(args.max_reference_mb * 2**20)),
+                          default_reference=default_reference(args), default_strength=args.reference_strength,
+                          default_control=args.control or "none")
+
+
+def default_reference(args):
+    """``--reference``, read and validated before the model loads (None without)."""
+    if getattr(args, "reference", None) is None:
+        return None
+    from wanstream.api.conditioning import read_reference
+    return read_reference(args.reference)
 
 
 def midi_ports(args) -> list[str] | None:

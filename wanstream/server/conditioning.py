@@ -57,12 +57,16 @@ class SessionConditioning:
     def __init__(self, session):
         self.session = session
         self.reference: np.ndarray | None = None
-        self.strength = 1.0
-        self.control = "none"
+        self.strength = float(session.settings.default_strength)
+        self.control = session.settings.default_control
         self._lock = threading.Lock()
         self._gen = 0
         self._given = 0
         self._ready = None                    # (gen, engine.conditioning.VaceUpdate)
+        default = session.settings.default_reference
+        if default is not None or self.control != "none":      # serve --reference / --control
+            ref = None if default is None else _fit(default, session.width, session.height, session.settings.fit)
+            self.change(reference=ref)
 
     @property
     def active(self) -> bool:
