@@ -129,3 +129,27 @@ def test_serve_reference_and_control_are_the_defaults_of_new_sessions(vace_model
         vace = session.stream.group.runner.streams[session.stream.id].vace
         assert vace.control.kind == "edges" and vace.strength == 0.5
         c.close()
+
+
+def test_control_kind_and_strength_over_osc(vace_model, tmp_path, clip):
+    pytest.importorskip("pythonosc", reason="OSC control needs python-osc")
+    from pythonosc.udp_client import SimpleUDPClient
+    with LiveServer(vace_model, server_settings(tmp_path, osc_port=0)) as s:
+        osc = SimpleUDPClient("127.0.0.1", s.app.state.osc.port)
+        c = WSClient(s.ws_url)
+        sid, secret = c.ready()["session"], c.ready()["secret"]
+        session = s.manager.get(sid)
+        osc.send_message(f"/wanstream/{sid}/{secret}/control", "edges")
+        osc.send_message(f"/wanstream/{sid}/vace_strength", [secret, 0.4])
+        osc.send_message(f"/wanstream/{sid}/{secret}/control", "pose")           # invalid: dropped, counted
+        osc.send_message(f"/wanstream/{sid}/wrong-secret/control", "flow")       # forbidden: nothing changes
+        wait_until(lambda: session.conditioning.info()["control"] == "edges" and
+                   abs(session.conditioning.info()["strength"] - 0.4) < 1e-6, 30, "OSC conditioning applied")
+        stream_until(c, clip, 6)
+        wait_until(lambda: session.stream.group.runner.streams[session.stream.id].vace is not None and
+                   session.stream.group.runner.streams[session.stream.id].vace.control.kind == "edges", 30,
+                   "the control kind reaches the stream")
+        text = s.http("GET", "/metrics")[1]
+        assert 'wanstream_osc_dropped_total{reason="invalid"} 1.0' in text
+        assert 'wanstream_osc_dropped_total{reason="forbidden"} 1.0' in text
+        c.close()
