@@ -231,3 +231,24 @@ def test_v2v_takes_a_control_kind_or_a_control_video(vace_root, clip_path, tmp_p
     assert main(["v2v", str(clip_path), "-o", str(tmp_path / "d.mp4"), "--model", str(vace_root), "--prompt", "x",
                  "--device", "cpu", "--control", "depth"]) == 2                      # no depth model: named
     assert not (tmp_path / "d.mp4").exists()
+
+
+def test_bench_reference_and_control_give_a_plain_and_a_conditioned_row(vace_root, tmp_path, capsys):
+    from PIL import Image
+
+    from wanstream.cli import bench as bench_cli
+    from wanstream.cli.main import build_parser
+    img = tmp_path / "ref.png"
+    Image.fromarray(_reference()).save(img)
+    out = tmp_path / "bench.json"
+    args = build_parser().parse_args(["bench", "--model", str(vace_root), "--device", "cpu", "--resolution", "32x32",
+                                      "--frames", "21", "--warmup", "2", "--prime-chunks", "1", "--no-peak",
+                                      "--reference", str(img), "--control", "edges", "--json", str(out), "--quiet"])
+    assert bench_cli.run_bench(args) == 0
+    import json
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["conditioning"] for r in rows] == ["plain", "ref + edges"]
+    assert rows[1]["stage_ms"]["control"] > 0 and rows[1]["stage_ms"]["control_encode"] > 0
+    assert rows[1]["reference_once_ms"] > 0 and "control" not in rows[0]["stage_ms"]
+    text = capsys.readouterr().out
+    assert "VACE conditioning" in text and max(len(line) for line in text.splitlines()) <= 100
