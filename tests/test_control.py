@@ -119,3 +119,45 @@ def test_live_control_switches_while_sharing_calls_with_a_plain_stream(vace_mode
     assert {"control", "control_encode"} <= sections
     st = eng.groups[next(iter(eng.groups))].runner.streams[ctl.id].vace
     assert st.control.kind == "none" and not st.active
+
+
+def test_eval_scores_reference_similarity_and_control_adherence(tmp_path, vace_model):
+    """``wanstream eval --reference IMG --control-adherence``: the scores and their definitions in the JSON; an
+    output that is its input has edge adherence 1 and depth adherence 1; a reference equal to every frame scores
+    100; without a depth model the result says how to get one."""
+    import json
+
+    from eval_kit import write_random_clip, write_random_raft
+    from PIL import Image
+
+    from wanstream.cli.main import main
+    from wanstream.eval.conditioning import depth_correlation, edge_f1
+    src = tmp_path / "in.mp4"
+    assert main(["clip", str(src), "--frames", "9", "--resolution", "160x96", "--fps", "16"]) == 0
+    clip_dir, raft = write_random_clip(tmp_path / "clip"), write_random_raft(tmp_path)
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.full((96, 160, 3), 90, np.uint8)).save(ref)
+    out_json = tmp_path / "e.json"
+    assert main(["eval", str(src), str(src), "--prompt", "x", "--clip", str(clip_dir), "--raft", str(raft),
+                 "--flow-updates", "2", "--device", "cpu", "--json", str(out_json), "--html",
+                 str(tmp_path / "e.html"), "--reference", str(ref), "--control-adherence",
+                 "--models", str(tmp_path / "none")]) == 0
+    result = json.loads(out_json.read_text())
+    m = result["metrics"]
+    assert m["edge_adherence"]["value"] == pytest.approx(1.0)
+    assert -100 <= m["reference_similarity"]["value"] <= 100 and len(m["reference_similarity"]["per_frame"]) == 9
+    assert {"reference_similarity/1", "edge_adherence/1"} <= set(result["definitions"])
+    assert any("wanstream download depth-anything" in n for n in result["notes"])
+    frames = make_motion_clip(4, 96, 64, seed=3)
+    flat = np.full_like(frames, 120)                       # an output that lost every edge
+    assert edge_f1(frames, flat)[0] == 0.0 and edge_f1(flat, flat)[0] is None
+    class Luma(torch.nn.Module):             # a stand-in depth model: brightness as depth (not constant)
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, pixel_values):
+            from types import SimpleNamespace
+            return SimpleNamespace(predicted_depth=pixel_values.mean(1) * self.w)
+    assert depth_correlation(frames, frames, Luma())[0] == pytest.approx(1.0, abs=1e-5)
+    assert depth_correlation(frames, 255 - frames, Luma())[0] == pytest.approx(-1.0, abs=1e-4)
