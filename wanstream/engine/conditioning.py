@@ -57,7 +57,8 @@ class StreamVace:
 
 def stream_prompt(pool, slot: int) -> PromptKV:
     """The prompt K/V of a pool slot, every layer (batch 1)."""
-    return PromptKV({i: t[slot: slot + 1] for i, t in pool.pk.items()}, {i: t[slot: slot + 1] for i, t in pool.pv.items()})
+    return PromptKV({i: t[slot: slot + 1] for i, t in pool.pk.items()},
+                    {i: t[slot: slot + 1] for i, t in pool.pv.items()})
 
 
 def set_reference(dit, pool, stream: Hashable, vace: StreamVace, latent: torch.Tensor | None) -> None:

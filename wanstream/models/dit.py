@@ -57,7 +57,7 @@ class CausalWanDiT(nn.Module):
 
     @property
     def cache_layers(self) -> range:
-        """The layers that have a KV cache and prompt K/V: the DiT's blocks, then the VACE blocks (``num_layers + j``)."""
+        """The layers with a KV cache and prompt K/V: the DiT's blocks, then the VACE blocks (``num_layers + j``)."""
         return range(self.num_layers + (len(self.vace.vace_blocks) if self.vace is not None else 0))
 
     def attention_of(self, layer: int):
@@ -116,7 +116,8 @@ class CausalWanDiT(nn.Module):
         e0 = ce.time_proj(ce.act_fn(e)).unflatten(-1, (6, -1))
         return e, e0
 
-    def patchify(self, latents: torch.Tensor, conv: nn.Conv3d | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def patchify(self, latents: torch.Tensor, conv: nn.Conv3d | None = None
+                 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Pipeline-layout latents ``[B, T, C, H, W]`` → tokens ``[B, T*h*w, dim]`` and the grid ``(T, h, w)``.
 
         The patch embedding (a Conv3d with stride = kernel = patch) is applied as the matmul it is, on the

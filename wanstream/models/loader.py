@@ -180,7 +180,7 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
     read and materialised, the rest stays on the meta device (a pipeline stage); ``vae``, ``text_encoder`` and
     ``taehv`` say which of the others to load.
     ``vace``: load the VACE modules of ``ROOT/wan_models/Wan2.1-VACE-*/`` beside the backbone (``bundle.dit.vace``):
-    None when that folder is there, True required, False never.
+    None when that folder is there (and the whole DiT loads), True required, False never.
     """
     paths = ModelPaths.discover(root, backbone)
     lora = [s if isinstance(s, LoRASpec) else LoRASpec.parse(s) for s in lora]
@@ -207,9 +207,9 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
         from wanstream.models.taehv import load_taehv
         tae = load_taehv(paths.taehv, device=device, dtype=dtype)
     dit = CausalWanDiT(transformer)
-    if vace or (vace is None and paths.vace is not None):
+    if vace or (vace is None and paths.vace is not None and part is None):
         if part is not None:
-            raise ValueError("a part of the DiT loads without VACE")
+            raise ValueError("a part of the DiT loads without VACE (not on the multi-GPU ring yet)")
         if paths.vace is None:
             raise CheckpointError(f"{paths.root}: no VACE model (expected wan_models/Wan2.1-VACE-*/; `wanstream "
                                   f"download vace-1.3b` or `wanstream init-random --vace`)")

@@ -259,9 +259,9 @@ def _export_bounds(model, settings: ServerSettings, manager: SessionManager) -> 
                  lambda: manager.worker.heap_trims, counter=True)
     totals.limits(**{name: getattr(settings, name) for name in (
         "max_sessions", "idle_timeout_s", "max_frame_bytes", "max_control_bytes", "max_body_bytes",
-        "max_reference_bytes", "body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "max_connections", "offer_timeout_s",
+        "body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "max_connections", "offer_timeout_s",
         "max_recordings_per_session", "max_recording_files", "max_recording_bytes", "prompt_cache_bytes",
-        "heap_trim_s")})
+        "heap_trim_s", "max_reference_bytes")})
 
 
 def _start_threads(pool: ThreadPoolExecutor, n: int) -> None:
