@@ -183,7 +183,8 @@ def test_v2v_and_t2v_take_a_reference_and_refuse_bad_images(vace_root, clip_path
     assert open_video(out).info.frames == 14
     t2v = tmp_path / "t.mp4"
     assert main(["t2v", "--prompt", "a fox", "--frames", "10", "-o", str(t2v), "--model", str(vace_root),
-                 "--device", "cpu", "--resolution", "64x48", "--steps", "1", "--reference", str(img)]) == 0
+                 "--device", "cpu", "--resolution", "64x48", "--steps", "1", "--reference", str(img),
+                 "--reference", str(img)]) == 0                                 # two images: a 2-frame prefix
     capsys.readouterr()
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")

@@ -88,7 +88,7 @@ def _run(dit, x, c, scale, prompt, calls=3, ref=None):
     for f in range(calls):
         call = VaceCall(c[:, f:f + 1] if c is not None else None, scale)
         if ref is not None:
-            rows = [r is not None for r in ref]
+            rows = [0 if r is None else r.tokens for r in ref]
             any_ref = next(r for r in ref if r is not None)
             call.prefix_k = {i: torch.cat([(r or any_ref).k[i] for r in ref]) for i in any_ref.k}
             call.prefix_v = {i: torch.cat([(r or any_ref).v[i] for r in ref]) for i in any_ref.v}
@@ -116,6 +116,40 @@ def test_unconditioned_row_equals_plain_and_batched_equals_alone(pair):
         assert maxdiff(alone, other) > 1e-3 and maxdiff(other, nothing) > 1e-3
 
 
+def test_prefixes_of_different_lengths_batched_equal_each_alone(pair):
+    """Rows with 2, 1 and no reference images in one call (the prefix zero-padded, each row attending its own
+    tokens only) equal each row alone; the second image matters."""
+    from types import SimpleNamespace
+
+    from wanstream.engine.conditioning import StreamVace, vace_call
+    _, dit = pair
+    torch.manual_seed(4)
+    prompt = dit.embed_prompt(torch.randn(1, 5, 4096))
+    base = torch.randn(1, 1, 16, 4, 6)
+    with torch.no_grad():
+        two = encode_reference(dit, torch.randn(1, 2, 16, 4, 6), prompt)
+        one = encode_reference(dit, torch.randn(1, 1, 16, 4, 6), prompt)
+        streams = {n: SimpleNamespace(vace=StreamVace(base, 0.8, ref)) for n, ref in (("a", two), ("b", one))}
+        streams["c"] = SimpleNamespace(vace=None)
+        x = torch.randn(3, 1, 16, 4, 6)
+
+        def run(names):
+            rows = [SimpleNamespace(stream=n, chunk=0) for n in names]
+            call = vace_call(streams, rows, 1, "cpu", torch.float32)
+            b = len(names)
+            idx = [["a", "b", "c"].index(n) for n in names]
+            cache = dit.new_cache(b, 4, TOK)
+            return dit(x[idx], torch.full((b, 1), 500), prompt, cache, _step([0] * b, [0] * b, 1, 4), vace=call)
+        together = run(["a", "b", "c"])
+        alone = [run([n]) for n in "abc"]
+        streams["a"].vace.reference = one
+        first_only = run(["a"])
+    assert two.tokens == 2 * TOK and one.tokens == TOK
+    for i in range(3):
+        assert maxdiff(together[i], alone[i][0]) <= 1e-5, i
+    assert maxdiff(alone[0], first_only) > 1e-3
+
+
 def test_reference_prefix_survives_a_long_run_with_rope_refresh(pair):
     """60 calls through a 4-frame cache (1 sink + ring) with RoPE positions wrapping 10 → 2: the prefix is attended
     every call (removing it changes the output of the last call), never written, and equal to what it was."""
@@ -133,7 +167,7 @@ def test_reference_prefix_survives_a_long_run_with_rope_refresh(pair):
             x = torch.randn(1, 1, 16, 4, 6)
             c = torch.randn(1, 1, 96, 4, 6)
             step = CacheStep.build(policy, [f], [pos], 1, TOK, "cpu")
-            call = VaceCall(c, torch.tensor([1.0]), ref.k, ref.v, [True])
+            call = VaceCall(c, torch.tensor([1.0]), ref.k, ref.v, [ref.tokens])
             out = dit(x, torch.full((1, 1), 400), prompt, cache, step, vace=call)
             plain = dit(x, torch.full((1, 1), 400), prompt, plain_cache, step, vace=VaceCall(c, torch.tensor([1.0])))
             assert torch.isfinite(out).all()

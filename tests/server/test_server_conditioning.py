@@ -115,7 +115,7 @@ def test_serve_reference_and_control_are_the_defaults_of_new_sessions(vace_model
     args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--reference", str(ref), "--control",
                                       "edges", "--reference-strength", "0.5", "--max-reference-mb", "1"])
     settings = settings_from_args(args)
-    assert settings.default_reference.shape == (30, 40, 3) and settings.default_control == "edges"
+    assert [r.shape for r in settings.default_reference] == [(30, 40, 3)] and settings.default_control == "edges"
     assert settings.default_strength == 0.5 and settings.max_reference_bytes == 2**20
     with LiveServer(vace_model, server_settings(tmp_path, default_reference=settings.default_reference,
                                                 default_control="edges", default_strength=0.5)) as s:

@@ -89,7 +89,7 @@ def _reference(args):
     if args.reference is None:
         return None
     from wanstream.api.conditioning import read_reference
-    return read_reference(args.reference)
+    return read_reference(args.reference)          # one image (bench measures the cost of one prefix frame)
 
 
 def spec_from_args(args):

@@ -43,11 +43,11 @@ def _terminate_as_interrupt():
 
 
 def _reference(args):
-    """The ``--reference`` image, read and validated before any model loads (None without)."""
-    if getattr(args, "reference", None) is None:
+    """The ``--reference`` images, read and validated before any model loads (None without)."""
+    if not getattr(args, "reference", None):
         return None
     from wanstream.api.conditioning import read_reference
-    return read_reference(args.reference)
+    return [read_reference(path) for path in args.reference]
 
 
 def cmd_v2v(args) -> int:

@@ -45,9 +45,10 @@ def _creator_args(p: argparse.ArgumentParser) -> None:
 
 
 def _reference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reference", type=Path, default=None, metavar="IMG",
-                   help="a reference image (PNG, JPEG, WebP, BMP) steering the look through VACE; needs a "
-                        "Wan2.1-VACE model beside --model (`wanstream download vace-1.3b`), docs/conditioning.md")
+    p.add_argument("--reference", type=Path, action="append", default=None, metavar="IMG",
+                   help="a reference image (PNG, JPEG, WebP, BMP) steering the look through VACE; repeatable (up to "
+                        "4); needs a Wan2.1-VACE model beside --model (`wanstream download vace-1.3b`), "
+                        "docs/conditioning.md")
     p.add_argument("--reference-strength", type=float_in(0.0, 4.0, "reference strength"), default=1.0,
                    help="scale of the VACE hints, (0, 4] (default 1)")
 

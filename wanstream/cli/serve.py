@@ -90,9 +90,9 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="a preset JSON: the defaults of new sessions (prompts, knobs, framing) and its LoRAs "
                         "(loaded unless --lora is given); --steps / --fit override its values")
     p.add_argument("--taehv", action="store_true", help="decode with the TAEHV tiny decoder (needs taew2_1.pth)")
-    p.add_argument("--reference", type=Path, default=None, metavar="IMG",
-                   help="a VACE reference image every new session starts with (needs a Wan2.1-VACE model beside "
-                        "--model; sessions change it live: docs/conditioning.md)")
+    p.add_argument("--reference", type=Path, action="append", default=None, metavar="IMG",
+                   help="a VACE reference image every new session starts with, repeatable (needs a Wan2.1-VACE model "
+                        "beside --model; sessions change it live: docs/conditioning.md)")
     p.add_argument("--reference-strength", type=float_in(0.0, 4.0, "reference strength"), default=1.0,
                    help="scale of the VACE hints of a new session, (0, 4] (default 1)")
     p.add_argument("--control", choices=["edges", "depth", "flow"], default=None,
@@ -345,11 +345,11 @@ def settings_from_args(args) -> ServerSettings:
 
 
 def default_reference(args):
-    """``--reference``, read and validated before the model loads (None without)."""
-    if getattr(args, "reference", None) is None:
+    """The ``--reference`` images, read and validated before the model loads (None without)."""
+    if not getattr(args, "reference", None):
         return None
     from wanstream.api.conditioning import read_reference
-    return read_reference(args.reference)
+    return [read_reference(path) for path in args.reference]
 
 
 def midi_ports(args) -> list[str] | None:

@@ -83,11 +83,13 @@ def vace_call(streams: dict, rows: Sequence, frames: int, device, dtype) -> Vace
         scales.append(v.strength if on else 0.0)
     call = VaceCall(torch.cat(contexts), torch.tensor(scales, dtype=torch.float32).to(device, non_blocking=True))
     refs = [v.reference if v is not None and v.active else None for v in per_row]
-    first = next((ref for ref in refs if ref is not None), None)
-    if first is not None:
-        call.prefix_rows = [ref is not None for ref in refs]
-        call.prefix_k = {i: torch.cat([(ref or first).k[i] for ref in refs]) for i in first.k}
-        call.prefix_v = {i: torch.cat([(ref or first).v[i] for ref in refs]) for i in first.v}
+    tokens = max((ref.tokens for ref in refs if ref is not None), default=0)
+    if tokens:
+        longest = next(ref for ref in refs if ref is not None and ref.tokens == tokens)
+        padded = [(ref or longest).padded(tokens) for ref in refs]
+        call.prefix_rows = [0 if ref is None else ref.tokens for ref in refs]
+        call.prefix_k = {i: torch.cat([k[i] for k, _ in padded]) for i in longest.k}
+        call.prefix_v = {i: torch.cat([v[i] for _, v in padded]) for i in longest.v}
     return call
 
 
@@ -102,6 +104,7 @@ def rebase_reference(vace: StreamVace | None, delta: int, tables) -> None:
 
 # ------------------------------------------------------------------------------------------------ live changes
 MAX_STRENGTH = 4.0
+MAX_REFERENCES = 4            # reference images of one stream (each one more latent frame in its prefix)
 
 
 @dataclass
@@ -171,7 +174,10 @@ def prepare_update(model, width: int, height: int, fit: str, reference=..., stre
             preprocessors.check(control)
     ref = reference
     if reference is not None and reference is not ...:
-        ref = encode_image(model, reference, width, height, fit)
+        images = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+        if not 1 <= len(images) <= MAX_REFERENCES:
+            raise ValueError(f"a stream takes 1 to {MAX_REFERENCES} reference images, got {len(images)}")
+        ref = torch.cat([encode_image(model, img, width, height, fit) for img in images], dim=1)
     return VaceUpdate(base_latent(model, width, height), ref, s, control, iter(video) if video is not None else None)
 
 

@@ -275,7 +275,8 @@ class Engine:
     def set_conditioning(self, stream: EngineStream, *, reference=..., strength: float | None = None,
                          control: str | None = None, control_video=None) -> None:
         """VACE conditioning of a stream (``engine/conditioning.py``), from its next tick: ``reference`` a uint8
-        ``[H, W, 3]`` image (framed like its frames; VAE-encoded here, in the caller's thread), None to clear it,
+        ``[H, W, 3]`` image or a list of up to 4 (framed like its frames; VAE-encoded here, in the caller's thread;
+        each one more frame of the stream's reference prefix), None to clear it,
         ``...`` unchanged; ``strength`` the hints' scale; ``control`` a kind of ``engine/control.py`` (``none``
         ends it; ``video``: ``control_video`` an iterable of uint8 frames). The model needs its VACE modules."""
         from wanstream.engine.conditioning import prepare_update

@@ -14,8 +14,8 @@ other weight). The forward is ours, the same loop as the DiT's blocks (``models/
 * **the reference image is a fixed prefix of the stream** (:func:`encode_reference`): its latent frame runs once
   through the DiT and the VACE blocks at t = 0 (clean, as a context pass), its K/V of every layer is kept apart from
   the ring — never evicted, never refreshed, not a sink — and every later query of the stream attends it first.
-  Its keys are stored rotated to RoPE position −1, the frame just before the stream's first frame (the released
-  model puts references right before the video). Under each backbone's RoPE rule it behaves as one more sink in
+  Its keys are stored rotated to RoPE position −1 (R images: −R … −1), just before the stream's first frame (the
+  released model puts references right before the video). Under each backbone's RoPE rule it behaves as one more sink in
   front of sink 0: StreamDiffusionV2's wrap 50 → 5 leaves it (and the sinks) where they are; Self-Forcing /
   LongLive's rebase turns it back with the stream's other keys; LongLive's infinite mode (window slots 0 … 11)
   sees it at −1 every call.
@@ -82,10 +82,6 @@ class VaceBranch(nn.Module):
             WanVACETransformerBlock(dim, ffn_dim, heads, "rms_norm_across_heads", True, eps,
                                     apply_input_projection=j == 0, apply_output_projection=True)
             for j in range(len(config.layers)))
-
-    @property
-    def anchor(self) -> torch.Tensor:
-        return self.vace_patch_embedding.weight
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -219,14 +215,15 @@ class VaceCall:
       values, their ``scale`` is 0), or None (no hints: only a reference prefix).
     - ``scale``: ``[B]`` hint scale per row (0: none).
     - ``prefix_k/v``: per layer (main blocks and ``num_layers + j``), ``[B, P, heads, head_dim]``: each row's
-      reference prefix; ``prefix_rows[b]`` (host) says whether row b has one (rows without attend no prefix).
+      reference prefix (zero-padded to the longest); ``prefix_rows[b]`` (host): how many of its tokens row b attends
+      (0: none, as without a prefix).
     """
 
     context: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     prefix_k: dict[int, torch.Tensor] | None = None
     prefix_v: dict[int, torch.Tensor] | None = None
-    prefix_rows: list[bool] | None = None
+    prefix_rows: list[int] | None = None
 
     def prefix(self, layer: int):
         if self.prefix_k is None or not any(self.prefix_rows):
@@ -259,8 +256,8 @@ def context_latents(inactive: torch.Tensor, reactive: torch.Tensor, mask: float)
 
 @dataclass
 class Reference:
-    """A stream's reference prefix: K/V of its reference frame(s) per layer, ``[1, P, heads, head_dim]``, keys
-    rotated to RoPE position −1 (see the module docstring)."""
+    """A stream's reference prefix: K/V of its R reference frames per layer, ``[1, P, heads, head_dim]``, keys
+    rotated to RoPE positions −R … −1 (see the module docstring)."""
 
     k: dict[int, torch.Tensor]
     v: dict[int, torch.Tensor]
@@ -269,11 +266,20 @@ class Reference:
     def tokens(self) -> int:
         return next(iter(self.k.values())).shape[1]
 
+    def padded(self, tokens: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """K/V zero-padded to ``tokens`` (a call's rows share one prefix length; the padding is never attended)."""
+        pad = tokens - self.tokens
+        if pad == 0:
+            return self.k, self.v
+        return ({i: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for i, t in self.k.items()},
+                {i: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for i, t in self.v.items()})
+
 
 def encode_reference(dit, latent: torch.Tensor, prompt, scale: float = 1.0) -> Reference:
-    """Run a reference's clean latent frame(s) ``[1, R, 16, H, W]`` once through the DiT and the VACE blocks at
-    t = 0 (context ``[vae(ref) | 0 | 0]``), into a scratch cache of R frames; its K/V become the prefix. ``prompt``:
-    the stream's prompt K/V (a :class:`~.dit.PromptKV` with one prompt, every cache layer)."""
+    """Run the clean latent frames of R reference images ``[1, R, 16, H, W]`` once through the DiT and the VACE
+    blocks at t = 0 (context ``[vae(ref) | 0 | 0]``; they attend each other), into a scratch cache of R frames; its
+    K/V become the prefix, keys turned back by R positions. ``prompt``: the stream's prompt K/V (a
+    :class:`~.dit.PromptKV` with one prompt, every cache layer)."""
     from wanstream.core.config import CacheConfig
     from wanstream.models.kv_cache import CachePolicy, CacheStep
     from wanstream.models.rope import turn_back
@@ -287,5 +293,5 @@ def encode_reference(dit, latent: torch.Tensor, prompt, scale: float = 1.0) -> R
     call = VaceCall(ctx, torch.full((1,), float(scale), device=latent.device))
     t = torch.zeros(1, r, device=latent.device)
     dit(latent, t, prompt, cache, step, vace=call)
-    k = {i: turn_back(cache.k[i], 1, dit.rope) for i in cache.k}
+    k = {i: turn_back(cache.k[i], r, dit.rope) for i in cache.k}
     return Reference(k, dict(cache.v))

@@ -56,7 +56,7 @@ class SessionConditioning:
 
     def __init__(self, session):
         self.session = session
-        self.reference: np.ndarray | None = None
+        self.reference = None                 # uint8 [H, W, 3] image(s) framed to the session size, or None
         self.strength = float(session.settings.default_strength)
         self.control = session.settings.default_control
         self._lock = threading.Lock()
@@ -65,7 +65,8 @@ class SessionConditioning:
         self._ready = None                    # (gen, engine.conditioning.VaceUpdate)
         default = session.settings.default_reference
         if default is not None or self.control != "none":      # serve --reference / --control
-            ref = None if default is None else _fit(default, session.width, session.height, session.settings.fit)
+            ref = None if default is None else [_fit(d, session.width, session.height, session.settings.fit)
+                                                for d in (default if isinstance(default, list) else [default])]
             self.change(reference=ref)
 
     @property

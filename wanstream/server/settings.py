@@ -52,7 +52,7 @@ class ServerSettings:
     max_body_bytes: int = 256 * 1024        # one HTTP request body (read, bounded, before any validation)
     max_reference_bytes: int = 4 * 2**20    # one uploaded VACE reference image (its own body bound; bigger: 413)
     default_reference: object = None        # VACE conditioning a new session starts with (serve --reference,
-    default_strength: float = 1.0           # --reference-strength, --control): a uint8 [H, W, 3] image or None,
+    default_strength: float = 1.0           # --reference-strength, --control): uint8 [H, W, 3] images or None,
     default_control: str = "none"           # the hints' scale, the control kind
     body_timeout_s: float = 10.0            # to send that body
     header_timeout_s: float = 10.0          # to send a request's line and headers once the connection is idle
