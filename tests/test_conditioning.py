@@ -253,3 +253,66 @@ def test_bench_reference_and_control_give_a_plain_and_a_conditioned_row(vace_roo
     assert rows[1]["reference_once_ms"] > 0 and "control" not in rows[0]["stage_ms"]
     text = capsys.readouterr().out
     assert "VACE conditioning" in text and max(len(line) for line in text.splitlines()) <= 100
+
+
+def _conditioned_run(model, clip, park_at=None, via_blob=False):
+    """A stream with a reference and edges control, 10 chunks; parked after ``park_at`` chunks and resumed (with
+    ``via_blob`` in a new engine from its blob). Returns its latents by chunk."""
+    eng = Engine(model)
+    lat = {}
+
+    def tap(finished, original=eng.codec.decode):
+        for _, items in finished.items():
+            for _, d in items:
+                lat[d.row.chunk] = d.latent.clone()
+        return original(finished)
+    eng.codec.decode = tap
+    s = eng.open(prompt_embeds=_prompt(5), width=W, height=H, steps=2, seed=3)
+    eng.set_conditioning(s, reference=_reference(), control="edges", strength=0.7)
+    pos = 0
+    for c in range(10):
+        n = 5 if c == 0 else 4
+        if c == park_at:
+            parked = eng.park(s)
+            if via_blob:
+                from wanstream.core.chunking import ChunkBuffer
+                from wanstream.engine.blob import dumps, loads
+                head, images = parked.buffer.snapshot()
+                data = dumps(parked, eng.clock(), {"buffer": head}, images)
+                eng = Engine(model)
+                eng.codec.decode = lambda finished, original=eng.codec.decode: tap(finished, original)
+                parked, extra, images = loads(data, len(data), eng.clock())
+                buffer = ChunkBuffer()
+                buffer.restore(extra["buffer"], images, extra["_shift"])
+                s = eng.resume(parked, buffer)
+            else:
+                s = eng.resume(parked)
+        eng.feed(s, clip[pos: pos + n])
+        pos += n
+        eng.run_until_idle()
+        s.take_outputs()
+    return lat, s
+
+
+@pytest.mark.parametrize("via_blob", [False, True])
+def test_a_conditioned_stream_parks_and_resumes_bit_exact(vace_model, via_blob):
+    clip = make_motion_clip(41, W, H, seed=12)
+    want, _ = _conditioned_run(vace_model, clip)
+    got, s = _conditioned_run(vace_model, clip, park_at=5, via_blob=via_blob)
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[c], want[c]) for c in want)
+    vace = s.group.runner.streams[s.id].vace
+    assert vace.reference is not None and vace.control.kind == "edges" and vace.strength == 0.7
+
+
+def test_a_stream_steered_by_a_control_video_is_not_parkable(vace_model):
+    from wanstream.engine.parking import NotParkable
+    eng = Engine(vace_model)
+    s = eng.open(prompt_embeds=_prompt(0), width=W, height=H, steps=1, seed=0)
+    eng.set_conditioning(s, control="video", control_video=[np.zeros((H, W, 3), np.uint8)])
+    eng.feed(s, make_motion_clip(5, W, H))
+    eng.run_until_idle()
+    s.take_outputs()
+    with pytest.raises(NotParkable, match="control video"):
+        eng.park(s)
+    assert s.id in eng.streams

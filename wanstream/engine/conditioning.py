@@ -241,3 +241,55 @@ def control_contexts(engine, runner, entries: list, pixels: dict) -> None:
                     v.add_context(entry.chunk, encode_control(model.vae, v.control, frames[s.id], t))
                 except Exception as exc:  # noqa: BLE001 - one stream's control ends only that stream
                     engine._stream_error(s, "control", exc)
+
+
+# ------------------------------------------------------------------------------------------------ parking
+def park_state(vace: StreamVace | None, tensors: dict) -> dict | None:
+    """A stream's conditioning as host values + tensors (``engine/parking.py``): strength, reference prefix, control
+    kind, its encoder state and previous frame, the control contexts of the chunks in flight."""
+    if vace is None:
+        return None
+    from wanstream.engine.parking import NotParkable, _vae_state
+    ctl = vace.control
+    if ctl.kind == "video":
+        raise NotParkable("a stream steered by a control video cannot be parked (the video is not part of its state)")
+    tensors["vace.base"] = vace.base
+    ref = vace.reference
+    for i in ref.k if ref is not None else ():
+        tensors[f"vace.ref.k.{i}"], tensors[f"vace.ref.v.{i}"] = ref.k[i], ref.v[i]
+    for c, ctx in vace.contexts.items():
+        tensors[f"vace.ctx.{int(c)}"] = ctx
+    if ctl.prev is not None:
+        tensors["vace.prev"] = ctl.prev
+    return {"strength": vace.strength, "reference": ref is not None, "contexts": [int(c) for c in vace.contexts],
+            "control": ctl.kind, "enc": None if ctl.enc_state is None else _vae_state("vace.enc", ctl.enc_state,
+                                                                                       tensors)}
+
+
+def resume_state(d: dict | None, t: dict, model, device) -> StreamVace | None:
+    """The :class:`StreamVace` of :func:`park_state` (checked against the model; ``StateError`` otherwise)."""
+    if d is None:
+        return None
+    from wanstream.engine.parking import StateError, _vae_from
+    if getattr(model.dit, "vace", None) is None:
+        raise StateError("the stream has VACE conditioning; this engine's model has no VACE modules")
+    check_kind(d["control"])
+    base = t["vace.base"]
+    if base.ndim != 5 or base.shape[:2] != (1, 1):
+        raise StateError("vace.base: expected [1, 1, z, h, w]")
+    vace = StreamVace(base.to(device), check_strength(d["strength"]))
+    if d["reference"]:
+        layers = list(model.dit.cache_layers)
+        try:
+            k = {i: t[f"vace.ref.k.{i}"].to(device) for i in layers}
+            v = {i: t[f"vace.ref.v.{i}"].to(device) for i in layers}
+        except KeyError as exc:
+            raise StateError(f"the reference prefix misses {exc}") from None
+        if len({x.shape for x in (*k.values(), *v.values())}) != 1:
+            raise StateError("the reference prefix's layers differ in shape")
+        vace.reference = Reference(k, v)
+    vace.contexts = {int(c): t[f"vace.ctx.{int(c)}"].to(device) for c in d["contexts"]}
+    vace.control.kind = d["control"]
+    vace.control.prev = t["vace.prev"].to(device) if "vace.prev" in t else None
+    vace.control.enc_state = None if d["enc"] is None else _vae_from("vace.enc", d["enc"], t, model, device)
+    return vace

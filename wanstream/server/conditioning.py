@@ -14,8 +14,8 @@ Routes (the stream's secret or the admin token, like ``/params``):
 
 The image is decoded and framed to the session size on a worker thread, VAE-encoded on the prompt thread (off the
 model worker's ticks) and handed to the stream by the worker, like a prompt. Each change carries the session's whole
-conditioning, so a newer change supersedes an older one still being encoded, and a stream resumed from parking gets
-it again. Counted in /metrics: ``wanstream_server_references_set_total``, ``..._references_refused_total``,
+conditioning, so a newer change supersedes an older one still being encoded (a parked stream keeps its conditioning:
+``engine/parking.py`` carries it). Counted in /metrics: ``wanstream_server_references_set_total``, ``..._references_refused_total``,
 ``..._control_switches_total``, and the sessions with a reference / a control now.
 """
 
@@ -87,15 +87,6 @@ class SessionConditioning:
                 self.strength = float(strength)
             if control is not None:
                 self.control = control
-            self._gen += 1
-            gen, ref, s, kind = self._gen, self.reference, self.strength, self.control
-        self._prepare(gen, ref, s, kind)
-
-    def resumed(self) -> None:
-        """A stream resumed from parking starts without conditioning: hand it the whole state again."""
-        with self._lock:
-            if not self.active:
-                return
             self._gen += 1
             gen, ref, s, kind = self._gen, self.reference, self.strength, self.control
         self._prepare(gen, ref, s, kind)

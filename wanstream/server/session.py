@@ -387,7 +387,6 @@ class Session:
         if closed:
             self.manager.release(stream)
             return False
-        self.conditioning.resumed()
         log.info("session %s resumed", self.id[:8])
         return True
 
