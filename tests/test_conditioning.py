@@ -316,3 +316,39 @@ def test_a_stream_steered_by_a_control_video_is_not_parkable(vace_model):
     with pytest.raises(NotParkable, match="control video"):
         eng.park(s)
     assert s.id in eng.streams
+
+
+def test_presets_carry_a_reference_file_or_an_embedded_image(vace_root, clip_path, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from wanstream.api.conditioning import ReferenceImageError, data_uri
+    from wanstream.api.presets import Preset, PresetError
+    from wanstream.cli.main import main
+    folder = tmp_path / "looks"
+    folder.mkdir()
+    Image.fromarray(_reference()).save(folder / "look.png")
+    path = folder / "p.json"
+    path.write_text(json.dumps({"format": "wanstream-preset", "version": 1, "prompt": "ink",
+                                "conditioning": {"reference": "look.png", "strength": 0.6, "control": "edges"}}))
+    preset = Preset.load(path)
+    assert preset.conditioning.image(preset.folder).shape == (60, 100, 3)
+    moved = preset.save(tmp_path / "elsewhere" / "q.json")            # the relative path follows the file
+    assert Preset.load(moved).conditioning.image(moved.parent).shape == (60, 100, 3)
+    embedded = Preset(conditioning={"reference": data_uri(_reference())})
+    assert embedded.conditioning.embedded and embedded.conditioning.image().shape == (60, 100, 3)
+    with pytest.raises(ReferenceImageError, match="wrong type"):
+        Preset(conditioning={"reference": "data:text/plain;base64,aGk="}).conditioning.image()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"conditioning": {"strength": 9}}))
+    with pytest.raises(PresetError, match="conditioning.strength"):
+        Preset.load(bad)
+    out = tmp_path / "o.mp4"                                           # v2v --preset: its reference and control
+    assert main(["v2v", str(clip_path), "-o", str(out), "--model", str(vace_root), "--device", "cpu", "--preset",
+                 str(path)]) == 0
+    from wanstream.cli.main import build_parser
+    from wanstream.cli.presets import apply_preset
+    args = apply_preset(build_parser(), ["v2v", str(clip_path), "-o", str(out), "--model", str(vace_root),
+                                         "--preset", str(path)], "v2v", path)
+    assert args.control == "edges" and args.reference_strength == 0.6 and len(args.preset_reference) == 1

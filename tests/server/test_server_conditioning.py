@@ -153,3 +153,39 @@ def test_control_kind_and_strength_over_osc(vace_model, tmp_path, clip):
         assert 'wanstream_osc_dropped_total{reason="invalid"} 1.0' in text
         assert 'wanstream_osc_dropped_total{reason="forbidden"} 1.0' in text
         c.close()
+
+
+def test_presets_carry_the_conditioning_with_the_image_embedded(srv, clip):
+    """A stream's preset embeds its reference (JPEG data URI) with strength and control; applied to another stream it
+    sets the same; a preset naming a file, a bad data URI or a wrong type is refused naming the field."""
+    import base64
+    a, b = WSClient(srv.ws_url), WSClient(srv.ws_url)
+    try:
+        (sa, ka), (sb, kb) = [(c.ready()["session"], c.ready()["secret"]) for c in (a, b)]
+        assert upload(srv, sa, png(), "image/png", ka)[0] == 200
+        status, _ = srv.http("POST", f"/api/sessions/{sa}/conditioning", {"control": "edges", "strength": 0.5},
+                             headers={"X-Stream-Secret": ka})
+        assert status == 200
+        status, preset = srv.http("GET", f"/api/sessions/{sa}/preset", headers={"X-Stream-Secret": ka})
+        cond = preset["conditioning"]
+        assert status == 200 and cond["reference"].startswith("data:image/jpeg;base64,")
+        assert cond["control"] == "edges" and cond["strength"] == 0.5
+        status, body = srv.http("POST", f"/api/sessions/{sb}/preset", preset, headers={"X-Stream-Secret": kb})
+        assert status == 200, body
+        info = srv.manager.get(sb).conditioning.info()
+        assert info["reference"] and info["control"] == "edges" and info["strength"] == 0.5
+        gif = "data:image/gif;base64," + base64.b64encode(png(fmt="GIF")).decode()
+        for reference, code, words in [("look.png", 422, "embeds its image"),
+                                       ("data:image/png;base64,@@@", 400, "not base64"),
+                                       (gif, 415, "wrong type"),
+                                       ("data:image/png;base64," + base64.b64encode(b"nope").decode(), 400,
+                                        "not an image")]:
+            bad = {**preset, "conditioning": {**cond, "reference": reference}}
+            status, body = srv.http("POST", f"/api/sessions/{sb}/preset", bad, headers={"X-Stream-Secret": kb})
+            assert status == code and words in body["message"], (reference[:30], status, body)
+        stream_until(a, clip, 4)
+        assert not a.errors() and not b.errors()
+    finally:
+        a.close()
+        b.close()
+    wait_until(lambda: srv.manager.count == 0, 30, "sessions freed")

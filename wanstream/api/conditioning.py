@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_REFERENCE_BYTES = 16 * 1024 * 1024        # an uploaded / read reference file
 MAX_REFERENCE_PIXELS = 4096 * 4096            # decoded size (a small file can decode to a huge image)
@@ -58,3 +60,58 @@ def read_reference(path: str | Path, max_bytes: int = MAX_REFERENCE_BYTES) -> np
         raise ReferenceImageError(f"{path}: reference image is too large: {size} bytes, at most {max_bytes}",
                                   "too_large")
     return decode_reference(path.read_bytes(), str(path), max_bytes)
+
+
+# ------------------------------------------------------------------------------------------------ presets
+MAX_PRESET_REFERENCE_CHARS = 8 * 2**20        # a data URI in a preset (the file or request bound is the real one)
+
+
+class PresetConditioning(BaseModel):
+    """A preset's VACE conditioning (``api/presets.py``): ``reference`` an image file (relative to the preset's
+    folder) or the image itself as a ``data:image/png;base64,...`` URI, the hints' ``strength``, the ``control`` kind.
+    The server opens no file: a preset sent to it embeds its image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    reference: str | None = Field(None, min_length=1, max_length=MAX_PRESET_REFERENCE_CHARS)
+    strength: float = Field(1.0, ge=0.0, le=4.0)
+    control: Literal["none", "edges", "depth", "flow"] | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.reference is not None and self.reference.startswith("data:")
+
+    def image(self, folder: Path | None = None, max_bytes: int = MAX_REFERENCE_BYTES) -> np.ndarray | None:
+        """The reference image (None without): decoded from the URI, or read from the file."""
+        if self.reference is None:
+            return None
+        if self.embedded:
+            return decode_reference(data_uri_bytes(self.reference), "conditioning.reference", max_bytes)
+        return read_reference((folder or Path.cwd()) / self.reference, max_bytes)
+
+
+def data_uri_bytes(uri: str) -> bytes:
+    """The bytes of a ``data:image/...;base64,`` URI (a :class:`ReferenceImageError` naming what is wrong)."""
+    import base64
+    import binascii
+    head, sep, body = uri.partition(",")
+    mime = head[len("data:"):].split(";")[0].lower()
+    if not sep or not head.endswith(";base64"):
+        raise ReferenceImageError("conditioning.reference: a data URI must be data:image/...;base64,...",
+                                  "not_an_image")
+    if mime not in REFERENCE_TYPES.values():
+        raise ReferenceImageError(f"conditioning.reference: wrong type {mime[:40]!r} (use one of "
+                                  f"{', '.join(REFERENCE_TYPES.values())})", "wrong_type")
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise ReferenceImageError("conditioning.reference: not base64", "not_an_image") from None
+
+
+def data_uri(image: np.ndarray, quality: int = 90) -> str:
+    """An RGB uint8 image as a ``data:image/jpeg;base64,`` URI (a preset that carries its reference)."""
+    import base64
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

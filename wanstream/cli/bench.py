@@ -87,7 +87,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def _reference(args):
     if args.reference is None:
-        return None
+        refs = getattr(args, "preset_reference", None)              # a --preset's image
+        return refs[0] if refs else None
     from wanstream.api.conditioning import read_reference
     return read_reference(args.reference)          # one image (bench measures the cost of one prefix frame)
 

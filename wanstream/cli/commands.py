@@ -45,7 +45,7 @@ def _terminate_as_interrupt():
 def _reference(args):
     """The ``--reference`` images, read and validated before any model loads (None without)."""
     if not getattr(args, "reference", None):
-        return None
+        return getattr(args, "preset_reference", None)              # a --preset's image (read when it loaded)
     from wanstream.api.conditioning import read_reference
     return [read_reference(path) for path in args.reference]
 

@@ -340,16 +340,21 @@ def settings_from_args(args) -> ServerSettings:
                           migrate_to=args.migrate_to, max_blob_bytes=max(1, int(args.max_blob_gb * 2**30)),
                           resume_timeout_s=args.resume_timeout, drift_watchdog=args.drift_watchdog,
                           max_reference_bytes=max(1, int(args.max_reference_mb * 2**20)),
-                          default_reference=default_reference(args), default_strength=args.reference_strength,
-                          default_control=args.control or "none")
+                          **conditioning_defaults(args, preset))
 
 
-def default_reference(args):
-    """The ``--reference`` images, read and validated before the model loads (None without)."""
-    if not getattr(args, "reference", None):
-        return None
+def conditioning_defaults(args, preset) -> dict:
+    """The VACE defaults of new sessions: ``--reference`` images (read and validated before the model loads),
+    ``--reference-strength``, ``--control``; a ``--preset``'s conditioning where these flags are not given."""
     from wanstream.api.conditioning import read_reference
-    return [read_reference(path) for path in args.reference]
+    cond = preset.conditioning if preset is not None else None
+    refs = [read_reference(path) for path in args.reference] if args.reference else None
+    if refs is None and cond is not None and cond.reference is not None:
+        refs = [cond.image(preset.folder)]
+    control = args.control or (cond.control if cond is not None and cond.control else None) or "none"
+    given = args.reference or args.control
+    strength = cond.strength if cond is not None and not given else args.reference_strength
+    return {"default_reference": refs, "default_strength": strength, "default_control": control}
 
 
 def midi_ports(args) -> list[str] | None:

@@ -39,9 +39,14 @@ REFERENCE_PATH_SUFFIX = "/reference"
 STATUS = {"not_an_image": 400, "too_large": 413, "wrong_type": 415}
 
 
-def is_reference_upload(path: str) -> bool:
-    """The guard reads this path's body up to ``max_reference_bytes`` (not ``max_body_bytes``)."""
-    return path.startswith("/api/sessions/") and path.endswith(REFERENCE_PATH_SUFFIX)
+def body_limit(path: str, settings) -> int | None:
+    """The guard's body bound of a path that carries an image (None: ``max_body_bytes``): a reference upload is
+    bounded by ``max_reference_bytes``; a preset, which may embed one as base64, by that plus a third."""
+    if path.startswith("/api/sessions/") and path.endswith(REFERENCE_PATH_SUFFIX):
+        return settings.max_reference_bytes
+    if (path.startswith("/api/sessions/") and path.endswith("/preset")) or path == "/api/presets/validate":
+        return max(settings.max_body_bytes, settings.max_reference_bytes * 4 // 3 + settings.max_body_bytes)
+    return None
 
 
 class ConditioningUpdate(BaseModel):
@@ -133,6 +138,52 @@ class SessionConditioning:
         if frame is None or self.control == "none":
             return None
         return ((frame.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+async def conditioning_of(manager, session, cond):
+    """A preset's conditioning, checked (embedded image decoded on a thread, VACE present, control model present):
+    a function that applies it to the session (nothing without). A 4xx names what is wrong."""
+    if cond is None:
+        return lambda: None
+    from wanstream.engine.conditioning import check_vace
+    try:
+        check_vace(manager.model)
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from None
+    image = ...
+    if cond.reference is not None:
+        if not cond.embedded:
+            raise HTTPException(422, "conditioning.reference: a preset sent to the server embeds its image "
+                                     "(data:image/png;base64,...); the server opens no file")
+        loop = asyncio.get_running_loop()
+        try:
+            image = await loop.run_in_executor(None, lambda: _fit(
+                cond.image(max_bytes=manager.settings.max_reference_bytes), session.width, session.height,
+                getattr(session.params, "fit", None) or manager.settings.fit))
+        except ReferenceImageError as exc:
+            raise HTTPException(STATUS[exc.kind], str(exc)) from None
+    if cond.control in ("depth", "flow"):
+        from wanstream.engine.control import ControlModelMissing
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, manager.engine.preprocessors.check, cond.control)
+        except ControlModelMissing as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    def apply() -> None:
+        session.conditioning.change(reference=image, strength=cond.strength, control=cond.control)
+    return apply
+
+
+async def preset_conditioning(session):
+    """The session's conditioning as a preset's (its first reference embedded as JPEG), or None without any."""
+    from wanstream.api.conditioning import PresetConditioning, data_uri
+    cond = session.conditioning
+    if not cond.active and cond.strength == 1.0:
+        return None
+    ref = cond.reference
+    first = ref[0] if isinstance(ref, list) else ref
+    uri = None if first is None else await asyncio.get_running_loop().run_in_executor(None, data_uri, first)
+    return PresetConditioning(reference=uri, strength=cond.strength, control=cond.control)
 
 
 def _fit(image: np.ndarray, width: int, height: int, fit: str) -> np.ndarray:

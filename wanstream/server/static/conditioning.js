@@ -82,7 +82,19 @@
   const preview = $("control-preview");
   preview.onload = () => { C.previews += 1; preview.classList.remove("hidden"); };
   preview.onerror = () => preview.classList.add("hidden");
-  setInterval(() => {
+  let ticks = 0;
+  setInterval(async () => {
+    ticks += 1;
+    if (live() && ticks % 4 === 0) {        // a preset or OSC may have changed it: show what the stream has
+      try {
+        const resp = await fetch(own(`/api/sessions/${S().session}/conditioning`));
+        if (resp.ok) {
+          const info = await resp.json();
+          Object.assign(C, { reference: info.reference, control: info.control, strength: info.strength });
+          if (document.activeElement !== $("control")) $("control").value = info.control;
+        }
+      } catch (err) { /* the next tick */ }
+    }
     if (!live() || C.control === "none") { preview.classList.add("hidden"); return; }
     preview.src = own(`/api/sessions/${S().session}/control.jpg?t=${Date.now()}`);
   }, 700);
