@@ -6,7 +6,7 @@ VaceCall` (:func:`vace_call`): every row its context latents (its chunk's contro
 context ``[vae(0) | vae(0) | 1]``), its strength (0 for rows of unconditioned streams: they get no hint and no
 prefix, so they equal the plain model) and its reference prefix. A call without conditioned rows is the plain call.
 
-The reference is encoded by the VAE once per change, in the caller's thread (``Engine.set_reference``); its one
+The reference is encoded by the VAE once per change, in the caller's thread (``Engine.set_conditioning``); its one
 DiT pass (:func:`~wanstream.models.vace.encode_reference`) runs at the stream's next tick under the stream's prompt
 K/V at that time (a later prompt change keeps the prefix).
 """
