@@ -161,3 +161,48 @@ def test_eval_scores_reference_similarity_and_control_adherence(tmp_path, vace_m
             return SimpleNamespace(predicted_depth=pixel_values.mean(1) * self.w)
     assert depth_correlation(frames, frames, Luma())[0] == pytest.approx(1.0, abs=1e-5)
     assert depth_correlation(frames, 255 - frames, Luma())[0] == pytest.approx(-1.0, abs=1e-4)
+
+
+def test_control_encodes_of_several_streams_share_a_vae_call_and_equal_each_alone(vace_model, monkeypatch):
+    clips = [make_motion_clip(13, W, H, seed=60 + i) for i in range(2)]
+    calls = []
+    original = type(vace_model.vae).encode_many
+
+    def counted(self, states, frames, *a, **k):
+        calls.append(len(states))
+        return original(self, states, frames, *a, **k)
+    monkeypatch.setattr(type(vace_model.vae), "encode_many", counted)
+
+    def run(names):
+        eng = Engine(vace_model, batch_vae=True)
+        lat = {}
+        original_decode = eng.codec.decode
+
+        def tap(finished):
+            for sid, items in finished.items():
+                for _, d in items:
+                    lat.setdefault(sid, {})[d.row.chunk] = d.latent.clone()
+            return original_decode(finished)
+        eng.codec.decode = tap
+        streams = []
+        for i in names:
+            s = eng.open(prompt_embeds=_prompt(i), width=W, height=H, steps=2, seed=i)
+            eng.set_conditioning(s, control="edges")
+            streams.append(s)
+        fed = 0
+        while fed < 13:
+            k = 5 if fed == 0 else 4
+            for i, s in zip(names, streams):
+                eng.feed(s, clips[i][fed: fed + k])
+            fed += k
+            eng.step()
+        for s in streams:
+            eng.finish(s)
+        eng.run_until_idle(100)
+        return [lat[s.id] for s in streams]
+    together = run([0, 1])
+    shared = calls.count(2)
+    alone = [run([0])[0], run([1])[0]]
+    assert shared == 6                      # 3 chunks: per chunk one call for both streams' frames, one for controls
+    for a, b in zip(together, alone):
+        assert max((a[c] - b[c]).abs().max().item() for c in b) <= 1e-5

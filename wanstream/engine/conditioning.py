@@ -18,7 +18,7 @@ from typing import Hashable, Sequence
 
 import torch
 
-from wanstream.engine.control import StreamControl, check_kind, encode_control
+from wanstream.engine.control import StreamControl, check_kind, encode_controls
 from wanstream.models.dit import PromptKV
 from wanstream.models.vace import Reference, VaceCall, context_latents, encode_reference
 
@@ -233,14 +233,13 @@ def control_contexts(engine, runner, entries: list, pixels: dict) -> None:
             for s, *_, v in members:
                 v.control.preview = frames[s.id][-1]          # what the model receives (the page's preview)
     with engine.timer.section("control_encode"):
-        for members in by_kind.values():
-            for s, entry, t, v in members:
-                if s.id not in frames:
-                    continue
-                try:
-                    v.add_context(entry.chunk, encode_control(model.vae, v.control, frames[s.id], t))
-                except Exception as exc:  # noqa: BLE001 - one stream's control ends only that stream
-                    engine._stream_error(s, "control", exc)
+        todo = [(s, entry, t, v) for members in by_kind.values() for s, entry, t, v in members if s.id in frames]
+        latents = encode_controls(model.vae, [(v.control, frames[s.id], t) for s, _, t, v in todo], engine.codec.batch)
+        for (s, entry, _, v), z in zip(todo, latents):
+            if isinstance(z, Exception):            # one stream's control ends only that stream
+                engine._stream_error(s, "control", z)
+            else:
+                v.add_context(entry.chunk, z)
 
 
 # ------------------------------------------------------------------------------------------------ parking

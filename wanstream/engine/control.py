@@ -239,13 +239,38 @@ class StreamControl:
         return upload_frames(np.stack(out), device, dtype)
 
 
-def encode_control(vae, ctrl: StreamControl, frames: torch.Tensor, latent_frames: int) -> torch.Tensor:
-    """Control frames ``[T, 3, H, W]`` → their latents ``[1, latent_frames, z, h, w]`` through the stream's control
-    VAE state (a fresh state mid-stream: ``[first frame ‖ frames]``, the last latents kept)."""
-    fresh = ctrl.enc_state is None
-    if fresh:
-        ctrl.enc_state = vae.new_state()
-        if frames.shape[0] % 4 == 0:
-            frames = torch.cat([frames[:1], frames])
-    z = vae.encode(ctrl.enc_state, frames[None])
-    return z[:, -latent_frames:]
+def encode_controls(vae, items: list, batch: bool) -> list:
+    """Control frames of several streams → their latents: ``items`` are ``(control, frames [T, 3, H, W],
+    latent_frames)``; each stream's control VAE state encodes its frames (a fresh state mid-stream: ``[first frame ‖
+    frames]``, the last latents kept). With ``batch`` the streams at the same phase and size share one
+    ``encode_many`` call (as the engine's own encode, ``engine/codec.py``); a failing shared call is retried stream by
+    stream. Returns per item ``[1, latent_frames, z, h, w]`` or the exception of that stream."""
+    prepared = []
+    for ctrl, frames, t in items:
+        if ctrl.enc_state is None:
+            ctrl.enc_state = vae.new_state()
+            if frames.shape[0] % 4 == 0:
+                frames = torch.cat([frames[:1], frames])
+        prepared.append((ctrl, frames, t))
+    groups: dict = {}
+    for i, (ctrl, frames, _) in enumerate(prepared):
+        key = (ctrl.enc_state.first_encode, tuple(frames.shape)) if batch else (i,)
+        groups.setdefault(key, []).append(i)
+    out: list = [None] * len(items)
+    for members in groups.values():
+        if len(members) > 1:
+            try:
+                z = vae.encode_many([prepared[i][0].enc_state for i in members],
+                                    torch.stack([prepared[i][1] for i in members]))
+                for row, i in enumerate(members):
+                    out[i] = z[row: row + 1, -prepared[i][2]:]
+                continue
+            except Exception:  # noqa: BLE001 - find the stream that fails: one by one
+                pass
+        for i in members:
+            ctrl, frames, t = prepared[i]
+            try:
+                out[i] = vae.encode(ctrl.enc_state, frames[None])[:, -t:]
+            except Exception as exc:  # noqa: BLE001 - reported for that stream only
+                out[i] = exc
+    return out
