@@ -34,6 +34,16 @@ def tiny_depth():
     return DepthAnythingForDepthEstimation(cfg).eval()
 
 
+def tiny_pose():
+    from torchvision.models.detection import keypointrcnn_resnet50_fpn
+    torch.manual_seed(0)
+    net = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    with torch.no_grad():                  # every proposal a confident person, so skeletons are drawn
+        net.roi_heads.box_predictor.cls_score.bias[1] = 20.0
+    net.roi_heads.detections_per_img = 2
+    return net
+
+
 def tiny_raft():
     from torchvision.models.optical_flow import raft_small
     torch.manual_seed(0)
@@ -54,10 +64,12 @@ def test_canny_finds_the_outline_of_a_square():
 
 
 def test_preprocessors_batch_across_streams(vace_model):
-    pre = Preprocessors(vace_model, depth=tiny_depth(), flow=tiny_raft(), flow_updates=2)
+    pre = Preprocessors(vace_model, depth=tiny_depth(), flow=tiny_raft(), flow_updates=2, pose=tiny_pose())
     torch.manual_seed(1)
-    a, b = torch.rand(5, 3, H, W) * 2 - 1, torch.rand(4, 3, H, W) * 2 - 1
-    for kind in ("edges", "depth", "flow"):
+    a, b = torch.rand(2, 3, H, W) * 2 - 1, torch.rand(2, 3, H, W) * 2 - 1
+    drawn = pre.run("pose", [b], [None])[0]
+    assert drawn.shape == b.shape and (drawn > -1).any()               # a skeleton on black
+    for kind in ("edges", "depth", "flow", "pose"):
         prev = [None, torch.rand(3, H, W) * 2 - 1]
         both = pre.run(kind, [a, b], prev)
         alone = pre.run(kind, [b], prev[1:])[0]
@@ -74,8 +86,10 @@ def test_missing_depth_weights_name_the_download(vace_model):
         eng.set_conditioning(s, control="depth")
     with pytest.raises(ControlModelMissing, match="wanstream download raft"):
         eng.set_conditioning(s, control="flow")
-    with pytest.raises(ValueError, match="control must be one of"):
+    with pytest.raises(ControlModelMissing, match="wanstream download pose"):
         eng.set_conditioning(s, control="pose")
+    with pytest.raises(ValueError, match="control must be one of"):
+        eng.set_conditioning(s, control="scribble")
 
 
 def test_live_control_switches_while_sharing_calls_with_a_plain_stream(vace_model):

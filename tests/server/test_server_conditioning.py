@@ -80,8 +80,10 @@ def test_reference_and_control_on_a_live_stream(srv, clip):
             (png(size=(400, 300), fmt="BMP"), "image/bmp", 413, "limited to 200000 bytes")]:
         status, body = upload(srv, sid, raw, ctype, secret)
         assert status == code and words in body["message"], (status, body)
-    status, body = srv.http("POST", f"/api/sessions/{sid}/conditioning", {"control": "pose"}, headers=own)
+    status, body = srv.http("POST", f"/api/sessions/{sid}/conditioning", {"control": "scribble"}, headers=own)
     assert status == 422 and "control" in body["message"]
+    status, body = srv.http("POST", f"/api/sessions/{sid}/conditioning", {"control": "pose"}, headers=own)
+    assert status == 409 and "wanstream download pose" in body["message"]
     status, body = srv.http("POST", f"/api/sessions/{sid}/conditioning", {"control": "depth"}, headers=own)
     assert status == 409 and "wanstream download depth-anything" in body["message"]
     status, _ = upload(srv, sid, png(), "image/png", None)
@@ -141,7 +143,7 @@ def test_control_kind_and_strength_over_osc(vace_model, tmp_path, clip):
         session = s.manager.get(sid)
         osc.send_message(f"/wanstream/{sid}/{secret}/control", "edges")
         osc.send_message(f"/wanstream/{sid}/vace_strength", [secret, 0.4])
-        osc.send_message(f"/wanstream/{sid}/{secret}/control", "pose")           # invalid: dropped, counted
+        osc.send_message(f"/wanstream/{sid}/{secret}/control", "scribble")       # invalid: dropped, counted
         osc.send_message(f"/wanstream/{sid}/wrong-secret/control", "flow")       # forbidden: nothing changes
         wait_until(lambda: session.conditioning.info()["control"] == "edges" and
                    abs(session.conditioning.info()["strength"] - 0.4) < 1e-6, 30, "OSC conditioning applied")

@@ -74,7 +74,7 @@ class PresetConditioning(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     reference: str | None = Field(None, min_length=1, max_length=MAX_PRESET_REFERENCE_CHARS)
     strength: float = Field(1.0, ge=0.0, le=4.0)
-    control: Literal["none", "edges", "depth", "flow"] | None = None
+    control: Literal["none", "edges", "depth", "flow", "pose"] | None = None
 
     @property
     def embedded(self) -> bool:

@@ -72,7 +72,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="steps 1..4 x {stream batch, no-batch} in one table")
     p.add_argument("--reference", type=Path, default=None, metavar="IMG",
                    help="VACE cost: the streams plain, then with this reference image (needs a Wan2.1-VACE model)")
-    p.add_argument("--control", choices=["edges", "depth", "flow"], default=None,
+    p.add_argument("--control", choices=["edges", "depth", "flow", "pose"], default=None,
                    help="VACE cost: the streams plain, then with this control kind (with --reference: both)")
     p.add_argument("--no-peak", action="store_true", help="skip measuring the device's matmul / copy peaks")
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")

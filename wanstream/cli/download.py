@@ -23,6 +23,8 @@ def download(name: str, root: Path) -> Path:
         return download_eval_model(name, root)
     if name == "depth-anything":
         return download_depth(Path(root))
+    if name == "pose":
+        return download_pose(Path(root))
     if name.startswith("vace-"):
         return download_vace(name.removeprefix("vace-"), Path(root))
     preset, backbone = MODELS[name]
@@ -84,4 +86,26 @@ def download_depth(root: Path) -> Path:
         snapshot_download(DEPTH_HUB, local_dir=root / DEPTH_DIR, allow_patterns=["*.json", "*.safetensors"])
     except Exception as exc:  # noqa: BLE001
         raise hub_failure(exc, "depth-anything", by_hand) from None
+    return root
+
+
+def download_pose(root: Path) -> Path:
+    """torchvision's Keypoint R-CNN weights file into ``root/control/`` (the pose control of engine/control.py)."""
+    import torch
+    from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
+
+    from wanstream.engine.control import pose_file_name
+    url = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.url
+    target = root / "control" / pose_file_name()
+    if target.is_file():
+        return root
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    try:
+        torch.hub.download_url_to_file(url, str(part), progress=False)
+        part.replace(target)
+    except Exception as exc:  # noqa: BLE001
+        part.unlink(missing_ok=True)
+        raise RuntimeError(f"cannot download {url} ({type(exc).__name__}: {exc}); copy that file to {target} by "
+                           f"hand") from None
     return root

@@ -27,7 +27,7 @@ COMMANDS = {"v2v": ("wanstream.cli.commands", "cmd_v2v"), "t2v": ("wanstream.cli
             "bench": ("wanstream.cli.bench", "run_bench"), "serve": ("wanstream.cli.serve", "run_serve"),
             "eval": ("wanstream.cli.eval", "run_eval")}
 DOWNLOADS = ("sdv2-1.3b", "sdv2-14b", "self-forcing-1.3b", "longlive-1.3b", "vace-1.3b", "vace-14b",
-             "depth-anything", "clip", "raft")
+             "depth-anything", "pose", "clip", "raft")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -54,9 +54,10 @@ def _reference_args(p: argparse.ArgumentParser) -> None:
 
 
 def _control_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control", choices=["edges", "depth", "flow"], default=None,
+    p.add_argument("--control", choices=["edges", "depth", "flow", "pose"], default=None,
                    help="VACE control from the input's own frames: Canny edges, depth (Depth Anything V2 small: "
-                        "`wanstream download depth-anything`) or optical flow (RAFT: `wanstream download raft`)")
+                        "`wanstream download depth-anything`), optical flow (RAFT: `wanstream download raft`) or pose "
+                        "(Keypoint R-CNN: `wanstream download pose`)")
     p.add_argument("--control-video", type=Path, default=None, metavar="VIDEO",
                    help="VACE control from another video, frame by frame (e.g. a depth or pose video)")
 
@@ -154,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="+", choices=DOWNLOADS,
                    help="sdv2-1.3b / sdv2-14b: the StreamDiffusionV2 models; self-forcing-1.3b / longlive-1.3b: "
                         "those generators (+ LongLive's LoRA) beside the Wan 2.1 1.3B folder; vace-1.3b / vace-14b: "
-                        "the Wan2.1-VACE model (reference images, control video); depth-anything: the depth "
-                        "control model; clip / raft: the "
+                        "the Wan2.1-VACE model (reference images, control video); depth-anything / pose: the depth / "
+                        "pose control models; clip / raft: the "
                         "evaluation models (wanstream eval)")
     p.add_argument("--dir", type=Path, default=Path("models"), help="folder to download into")
     return parser

@@ -95,7 +95,7 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "beside --model; sessions change it live: docs/conditioning.md)")
     p.add_argument("--reference-strength", type=float_in(0.0, 4.0, "reference strength"), default=1.0,
                    help="scale of the VACE hints of a new session, (0, 4] (default 1)")
-    p.add_argument("--control", choices=["edges", "depth", "flow"], default=None,
+    p.add_argument("--control", choices=["edges", "depth", "flow", "pose"], default=None,
                    help="the VACE control kind every new session starts with")
     p.add_argument("--max-reference-mb", type=float_in(0.0, None, "reference size"), default=4.0,
                    help="largest reference image a client may upload, MB (default 4)")

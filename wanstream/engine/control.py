@@ -10,6 +10,9 @@ Kinds (``CONTROL_KINDS``):
   frame to [0, 1];
 * ``flow``: torchvision RAFT (large, the file ``wanstream download raft`` fetches, under ``MODEL/eval/``) from the
   previous frame to each frame, shown as torchvision's flow colour image;
+* ``pose``: torchvision's Keypoint R-CNN (ResNet-50 FPN, COCO's 17 keypoints; the file ``wanstream download pose``
+  fetches, under ``MODEL/control/``) at the frame's own size; up to 8 people found with a score ≥ 0.7 drawn as a
+  skeleton on black (torchvision's ``draw_keypoints``, which draws on the host);
 * ``video``: frames of a control video the user gives (framed like the stream's frames; its last frame repeats once
   it ends).
 
@@ -29,7 +32,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-CONTROL_KINDS = ("none", "edges", "depth", "flow", "video")
+CONTROL_KINDS = ("none", "edges", "depth", "flow", "pose", "video")
 DEPTH_DIR = Path("control") / "depth-anything-v2-small"
 RAFT_MIN_SIDE = 128
 
@@ -112,6 +115,30 @@ def load_raft(path: Path, device):
     return net.to(device).eval().requires_grad_(False)
 
 
+# COCO's skeleton (keypoint pairs) for drawing the pose control
+COCO_SKELETON = [(0, 1), (0, 2), (1, 3), (2, 4), (5, 6), (5, 7), (7, 9), (6, 8), (8, 10), (5, 11), (6, 12),
+                 (11, 12), (11, 13), (13, 15), (12, 14), (14, 16)]
+POSE_SCORE = 0.7
+POSE_PEOPLE = 8              # people drawn per frame at most (Keypoint R-CNN's detections per image)
+
+
+def pose_file_name() -> str:
+    from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
+    return KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.url.rsplit("/", 1)[1]
+
+
+def load_pose(path: Path, device):
+    """torchvision's Keypoint R-CNN from its published state-dict file; missing → :class:`ControlModelMissing`."""
+    from torchvision.models.detection import keypointrcnn_resnet50_fpn
+    if not Path(path).is_file():
+        raise ControlModelMissing(f"pose control needs the Keypoint R-CNN weights {path} (`wanstream download pose "
+                                  f"--dir MODEL`)")
+    net = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net.roi_heads.detections_per_img = POSE_PEOPLE
+    return net.to(device).eval().requires_grad_(False)
+
+
 def raft_file_name() -> str:
     from torchvision.models.optical_flow import Raft_Large_Weights
     return Raft_Large_Weights.C_T_SKHT_V2.url.rsplit("/", 1)[1]
@@ -120,8 +147,9 @@ def raft_file_name() -> str:
 class Preprocessors:
     """The control preprocessors of an engine's model, each loaded on first use (or injected: tests)."""
 
-    def __init__(self, model, depth=None, flow=None, flow_updates: int = 12):
+    def __init__(self, model, depth=None, flow=None, flow_updates: int = 12, pose=None):
         self.model = model
+        self._pose = pose
         self.flow_updates = flow_updates            # RAFT's refinement iterations (torchvision's default: 12)
         self.device, self.dtype = model.device, model.dtype
         self._depth, self._flow = depth, flow
@@ -143,12 +171,22 @@ class Preprocessors:
             self._flow = load_raft(root / "eval" / raft_file_name(), self.device)
         return self._flow
 
+    def pose_net(self):
+        if self._pose is None:
+            root = _models_root(self.model)
+            if root is None:
+                raise ControlModelMissing("pose control needs the Keypoint R-CNN weights (`wanstream download pose`)")
+            self._pose = load_pose(root / "control" / pose_file_name(), self.device)
+        return self._pose
+
     def check(self, kind: str) -> None:
         """Load what ``kind`` needs now (a missing model is refused when the kind is set, not mid-stream)."""
         if kind == "depth":
             self.depth_net()
         elif kind == "flow":
             self.flow_net()
+        elif kind == "pose":
+            self.pose_net()
 
     @torch.no_grad()
     def run(self, kind: str, pixels: list[torch.Tensor], prev: list[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -163,6 +201,8 @@ class Preprocessors:
         elif kind == "flow":
             before = torch.cat([torch.cat([(p[:1] if q is None else q[None]), p[:-1]]) for p, q in zip(pixels, prev)])
             out = self._flow_frames(before, x)
+        elif kind == "pose":
+            out = self._pose_frames(x)
         else:
             raise ValueError(f"no preprocessor for control {kind!r}")
         return list(out.to(x.dtype).split([p.shape[0] for p in pixels]))
@@ -180,6 +220,24 @@ class Preprocessors:
         hi = d.amax(dim=(-2, -1), keepdim=True)
         d = (d - lo) / (hi - lo).clamp_min(1e-6)
         return (d * 2 - 1).expand(-1, 3, -1, -1)
+
+    def _pose_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Skeletons of the people in each frame on black (Keypoint R-CNN at the frame's size)."""
+        from torchvision.utils import draw_keypoints
+        net = self.pose_net()
+        h, w = x.shape[-2:]
+        net.transform.min_size, net.transform.max_size = (min(h, w),), max(h, w)
+        found = net([f for f in ((x.float() + 1) / 2).clamp(0, 1)])
+        out = []
+        for det in found:
+            canvas = torch.zeros(3, h, w, dtype=torch.uint8)
+            keep = det["scores"] >= POSE_SCORE
+            if keep.any():
+                kp = det["keypoints"][keep].cpu()
+                canvas = draw_keypoints(canvas, kp[..., :2], connectivity=COCO_SKELETON, colors="white", radius=2,
+                                        width=2, visibility=kp[..., 2] > 0)
+            out.append(canvas)
+        return (torch.stack(out).to(x.device).float() / 127.5 - 1)
 
     def _flow_frames(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """Flow of each pair ``before[i] → after[i]`` as a colour image (RAFT runs at ≥ 128 px per side)."""

@@ -7,7 +7,7 @@ Routes (the stream's secret or the admin token, like ``/params``):
   or image/bmp; at most ``max_reference_bytes``, read by the guard before anything else). 413 too large (bytes or
   pixels), 415 wrong type, 400 not an image, 409 when the model has no VACE modules; never a 500.
 * ``DELETE /api/sessions/{id}/reference`` — clear it.
-* ``POST /api/sessions/{id}/conditioning`` ``{"control": "none|edges|depth|flow", "strength": 0..4}`` — 422 naming the
+* ``POST /api/sessions/{id}/conditioning`` ``{"control": "none|edges|depth|flow|pose", "strength": 0..4}`` — 422 naming the
   field when malformed, 409 when the control's model is missing (the message names ``wanstream download``).
 * ``GET /api/sessions/{id}/conditioning`` — what the session has; ``GET /api/sessions/{id}/control.jpg`` — the
   newest control frame the model received (404 while there is none).
@@ -51,7 +51,7 @@ def body_limit(path: str, settings) -> int | None:
 
 class ConditioningUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    control: Literal["none", "edges", "depth", "flow"] | None = None
+    control: Literal["none", "edges", "depth", "flow", "pose"] | None = None
     strength: float | None = Field(None, ge=0.0, le=4.0)
 
 
@@ -162,7 +162,7 @@ async def conditioning_of(manager, session, cond):
                 getattr(session.params, "fit", None) or manager.settings.fit))
         except ReferenceImageError as exc:
             raise HTTPException(STATUS[exc.kind], str(exc)) from None
-    if cond.control in ("depth", "flow"):
+    if cond.control in ("depth", "flow", "pose"):
         from wanstream.engine.control import ControlModelMissing
         try:
             await asyncio.get_running_loop().run_in_executor(None, manager.engine.preprocessors.check, cond.control)
@@ -242,7 +242,7 @@ def conditioning_router(manager, controlled, caller) -> APIRouter:
     async def set_conditioning(session_id: str, update: ConditioningUpdate, c=Depends(caller)):
         session = controlled(session_id, c)
         has_vace()
-        if update.control in ("depth", "flow"):
+        if update.control in ("depth", "flow", "pose"):
             from wanstream.engine.control import ControlModelMissing
             try:
                 await asyncio.get_running_loop().run_in_executor(None, manager.engine.preprocessors.check,

@@ -290,7 +290,7 @@ class OSCControl:
                 update = ConditioningUpdate(control=value)
             else:
                 update = ConditioningUpdate(strength=float(value) if isinstance(value, (int, float)) else value)
-            if update.control in ("depth", "flow"):
+            if update.control in ("depth", "flow", "pose"):
                 self.manager.engine.preprocessors.check(update.control)
             session.conditioning.change(strength=update.strength, control=update.control)
         except (ValidationError, ValueError, RuntimeError) as exc:
