@@ -38,9 +38,15 @@ SHARD_BYTES = 5 * 1024 ** 3
 def random_dit_weights(config: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Seeded random Wan-named DiT tensors: linear weights N(0, 0.02²)-ish, zero biases, unit norm scales,
     modulation tables ~ N(0, 1/dim) as in the architecture's own init."""
+    return random_tensors(wan_dit_shapes(config), seed, dtype)
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Seeded random tensors of Wan-named shapes, by the rule of :func:`random_dit_weights` (also the VACE
+    modules', ``models/vace.py``)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for key, shape in wan_dit_shapes(config).items():
+    for key, shape in shapes.items():
         if key.endswith("modulation"):
             t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
         elif key.endswith("norm_q.weight") or key.endswith("norm_k.weight") or key.endswith("norm3.weight"):

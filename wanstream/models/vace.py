@@ -173,22 +173,8 @@ def load_branch(folder: str | Path, dit_config: dict, wan_config: dict, device="
 
 def random_vace_weights(dit_config: dict, vace: VaceConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Seeded random ``vace_*`` tensors in the released layout (``after_proj`` not zero, so hints show)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in wan_vace_shapes(dit_config, vace).items():
-        if key.endswith("modulation"):
-            t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
-        elif key.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
-            t = torch.ones(shape)
-        elif key.endswith(".bias"):
-            t = torch.zeros(shape)
-        else:
-            fan_in = 1
-            for n in shape[1:]:
-                fan_in *= n
-            t = torch.randn(shape, generator=gen) * min(0.02, fan_in ** -0.5)
-        out[key] = t.to(dtype)
-    return out
+    from wanstream.models.random_init import random_tensors
+    return random_tensors(wan_vace_shapes(dit_config, vace), seed, dtype)
 
 
 def write_vace_folder(folder: Path, wan_config: dict, base_weights: dict[str, torch.Tensor], seed: int,
