@@ -7,10 +7,13 @@ same fields, types and ranges) plus its LoRA files::
      "prompts": [{"text": "ink wash painting", "weight": 2}, {"text": "neon city", "weight": 1}],
      "transition_chunks": 4, "steps": 2, "noise_scale": 0.7, "noise_controller": true, "seed": 7, "fit": "pad",
      "loras": [{"path": "styles/ink.safetensors", "strength": 0.8}],
-     "modulation": {"mappings": [{"target": "noise_scale", "source": {"kind": "lfo", "beats": 4}}]}}
+     "modulation": {"mappings": [{"target": "noise_scale", "source": {"kind": "lfo", "beats": 4}}]},
+     "conditioning": {"reference": "look.png", "strength": 0.8, "control": "depth"}}
 
 Every field is optional. ``modulation`` (mappings and note slots, :mod:`wanstream.api.modulation`) is applied by
-the server; the file commands ignore it. LoRA paths are relative to the preset file's folder (a preset travels with its LoRAs).
+the server; the file commands ignore it. ``conditioning`` (:class:`~wanstream.api.conditioning.PresetConditioning`):
+a VACE reference image (a file relative to the preset, or embedded as a data URI — the server takes only embedded
+ones, within its body bound), strength and control kind. LoRA paths are relative to the preset file's folder (a preset travels with its LoRAs).
 ``--preset FILE`` on ``v2v`` / ``t2v`` / ``bench`` makes the preset the defaults of the command's flags, so flags
 given on the command line win (``--lora`` replaces the preset's LoRA list; ``--prompt`` its prompt or blend);
 ``bench`` uses only steps, seed and LoRAs (its prompt is a fixed embedding); on ``serve`` it gives the defaults
@@ -28,6 +31,7 @@ from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from wanstream.api.conditioning import PresetConditioning
 from wanstream.api.modulation import Modulation
 from wanstream.api.params import MAX_LORAS, ParamsUpdate, SessionParams
 from wanstream.models.lora import MAX_STRENGTH, LoRASpec
@@ -75,6 +79,7 @@ class Preset(ParamsUpdate):
     version: Literal[1] = VERSION
     loras: list[PresetLoRA] = Field(default_factory=list, max_length=MAX_LORAS)
     modulation: Modulation | None = Field(None, description="mappings and note slots (api/modulation.py)")
+    conditioning: PresetConditioning | None = Field(None, description="VACE reference / control (api/conditioning.py)")
     _folder: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -89,6 +94,11 @@ class Preset(ParamsUpdate):
         return self
 
     # ------------------------------------------------------------------------------------------ files
+    @property
+    def folder(self) -> Path | None:
+        """The folder of the file it was loaded from (relative paths in it are relative to it)."""
+        return self._folder
+
     @classmethod
     def load(cls, path: str | Path) -> Preset:
         path = Path(path)
@@ -116,6 +126,10 @@ class Preset(ParamsUpdate):
         folder = path.resolve().parent
         for entry, spec in zip(data["loras"], self.lora_specs()):
             entry["path"] = os.path.relpath(spec.path.resolve(), folder)
+        cond = self.conditioning
+        if cond is not None and cond.reference is not None and not cond.embedded:     # the same image file
+            source = (self._folder or Path.cwd()) / cond.reference
+            data["conditioning"]["reference"] = os.path.relpath(source.resolve(), folder)
         path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 

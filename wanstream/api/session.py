@@ -23,6 +23,7 @@ have a chunk ready in the same tick (see ``wanstream v2v a.mp4 b.mp4 ...``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -42,7 +43,7 @@ class StreamSession:
                  width: int = 512, height: int = 512, steps: int = 2, noise_scale: float = 0.8,
                  noise_controller: bool = True, batch: bool = True, seed: int = 0, cache: CacheConfig | None = None,
                  decoder: str = "vae", encoder: str = "vae", engine: Engine | None = None, fit: str = "crop",
-                 lora: Mapping[str, float] | None = None):
+                 lora: Mapping[str, float] | None = None, reference=None, reference_strength: float = 1.0):
         check_resolution(width, height)
         for name, value in (("decoder", decoder), ("encoder", encoder)):
             if value not in ("vae", "taehv"):
@@ -57,6 +58,8 @@ class StreamSession:
             prompt_embeds=self._resolve_prompt(prompt, prompt_embeds), width=width, height=height, steps=steps,
             noise_scale=noise_scale, noise_controller=noise_controller, batch=batch, seed=seed, cache=cache,
             decoder=decoder, encoder=encoder, fit=fit, lora=lora)
+        if reference is not None:
+            self.set_reference(reference, reference_strength)
 
     # ----------------------------------------------------------------- state
     @property
@@ -151,6 +154,20 @@ class StreamSession:
                                              transition_chunks, recache=recache)
         self.engine.update(self.stream, steps=steps, noise_scale=noise_scale, noise_controller=noise_controller,
                            seed=seed, lora=lora)
+        self._tick()
+
+    def set_reference(self, image=..., strength: float | None = None, control: str | None = None,
+                      control_video=None) -> None:
+        """VACE conditioning (the model needs its VACE modules, docs/conditioning.md): ``image`` a reference image
+        (uint8 ``[H, W, 3]``, framed like the frames; a path is read and validated), None to clear it, ``...`` to keep
+        it; ``strength`` the hints' scale; ``control`` none | edges | depth | flow | video (``control_video``: its
+        uint8 frames). Applies from the next chunk."""
+        self._check_open()
+        if isinstance(image, (str, Path)):
+            from wanstream.api.conditioning import read_reference
+            image = read_reference(image)
+        self.engine.set_conditioning(self.stream, reference=image, strength=strength, control=control,
+                                     control_video=control_video)
         self._tick()
 
     def set_prompt_embedding(self, embedding: torch.Tensor, transition_chunks: int = 0) -> None:

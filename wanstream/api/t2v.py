@@ -38,6 +38,8 @@ class Clip:
     frames: int
     seed: int = 0
     switches: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    reference: np.ndarray | None = None          # a VACE reference image (uint8 [H, W, 3]), docs/conditioning.md
+    reference_strength: float = 1.0
     stream: EngineStream | None = field(default=None, repr=False)
 
 
@@ -61,6 +63,8 @@ def text_to_videos(model: ModelBundle, clips: Sequence[Clip], *, width: int = 83
             raise ValueError(f"frames must be >= 1, got {clip.frames}")
         clip.stream = engine.open(prompt_embeds=clip.prompt_embeds, width=width, height=height, steps=steps,
                                   seed=clip.seed, batch=batch, mode="t2v", frames=clip.frames)
+        if clip.reference is not None:
+            engine.set_conditioning(clip.stream, reference=clip.reference, strength=clip.reference_strength)
     pending = {i: sorted(((max(1, c.stream.buffer.blocks_for(f + 1) - 1), e) for f, e in c.switches),
                          key=lambda s: s[0]) for i, c in enumerate(clips)}
     try:

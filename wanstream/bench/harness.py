@@ -67,7 +67,14 @@ class BenchConfig:
     prime_chunks: int | None = None     # chunks of the throw-away priming stream (default: steps + 2)
     sessions: int = 1                   # streams of the engine, fed together (own prompt and seed each)
     drift_watchdog: bool = False        # the drift watchdog on every measured stream (its cost: drift_ms_per_chunk)
+    reference: object = None            # a VACE reference image (uint8 [H, W, 3]) on every measured stream
+    control: str | None = None          # a VACE control kind on every measured stream (bench/conditioning.py)
+    conditioning_row: bool = False      # a row of the plain / conditioned pair (labelled in its table)
     rule: ChunkRule = SDV2_RULE         # the backbone's chunk rule (set from the loaded model)
+
+    @property
+    def conditioned(self) -> bool:
+        return self.reference is not None or self.control is not None
 
     @property
     def mode(self) -> str:
@@ -196,8 +203,13 @@ class LiveClip:
 
 # ------------------------------------------------------------------------------------------------ one row
 def _open(engine, cfg: BenchConfig, prompts: list[torch.Tensor]) -> list:
-    return [engine.open(prompt_embeds=p, width=cfg.width, height=cfg.height, steps=cfg.steps, batch=cfg.batch,
-                        seed=cfg.seed + k, decoder=cfg.decoder, encoder=cfg.encoder) for k, p in enumerate(prompts)]
+    streams = [engine.open(prompt_embeds=p, width=cfg.width, height=cfg.height, steps=cfg.steps, batch=cfg.batch,
+                           seed=cfg.seed + k, decoder=cfg.decoder, encoder=cfg.encoder) for k, p in enumerate(prompts)]
+    if cfg.conditioned:
+        for s in streams:
+            engine.set_conditioning(s, reference=cfg.reference if cfg.reference is not None else ...,
+                                    control=cfg.control)
+    return streams
 
 
 def _source(clip: "LiveClip", k: int, i: int) -> np.ndarray:
@@ -343,7 +355,10 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
     dit_time = sum(t.phases.get("dit", 0.0) for t in steady)
     stage_ms = {st: 1e3 * (_mean(t.phases.get(st, 0.0) for t in steady) or 0.0) for st in STAGES}
     tick_ms = 1e3 * _mean(t.end - t.start for t in steady)
-    stage_ms["host"] = tick_ms - sum(stage_ms[st] for st in STAGES)
+    from wanstream.bench.conditioning import CONDITIONING_STAGES
+    for st in CONDITIONING_STAGES if cfg.control is not None else ():
+        stage_ms[st] = 1e3 * (_mean(t.phases.get(st, 0.0) for t in steady) or 0.0)
+    stage_ms["host"] = tick_ms - sum(v for v in stage_ms.values())
     stage_ms["chunk"] = tick_ms
     calls = sum(t.calls for t in steady)
     rows = sum(t.rows for t in steady)
@@ -388,6 +403,11 @@ def run_stream(model, cfg: BenchConfig, prompt: torch.Tensor | list[torch.Tensor
         if cfg.drift_watchdog and chunks else None,
         "drift_flags": engine.drift_counts["flags"] if cfg.drift_watchdog else None,
     }
+    if cfg.conditioning_row:                     # bench/conditioning.py: the plain row and the conditioned one
+        from wanstream.bench.conditioning import label
+        row["conditioning"] = label(cfg.reference is not None, cfg.control)
+        row["reference_once_ms"] = 1e3 * sum(t.phases.get("reference", 0.0) for t in ticks) / n \
+            if cfg.reference is not None else None
     if cfg.input_fps is None:
         row["queue"] = {"backlog_max_frames": 0, "lag_end_s": 0.0, "keeps_up": None}
     else:
@@ -490,6 +510,9 @@ class BenchRun:
     stream_batch: bool = True                     # the loaded backbone has a stream batch (set by ``run``)
 
     def configs(self) -> list[BenchConfig]:
+        if self.base.conditioned:              # the same streams plain, then conditioned (bench/conditioning.py)
+            return [replace(self.base, reference=None, control=None, conditioning_row=True),
+                    replace(self.base, conditioning_row=True)]
         if not self.sweep:
             return [self.base]
         modes = (True, False) if self.stream_batch else (False,)
@@ -512,8 +535,8 @@ def run(spec: BenchRun, log=print) -> dict:
     t0 = time.perf_counter()
     model = load_model(spec.model_dir, device=spec.device, dtype=dtype, text_encoder=False,
                        taehv="taehv" in (spec.base.encoder, spec.base.decoder), lora=spec.lora,
-                       quantize=spec.quantize,
-                       backbone=spec.backbone)
+                       quantize=spec.quantize, backbone=spec.backbone,
+                       vace=True if spec.base.conditioned else None)
     spec.base = replace(spec.base, rule=model.backbone.chunk_rule("v2v"),           # a backbone without a stream
                         batch=spec.base.batch and model.backbone.stream_batch)    # batch runs its steps in turn
     spec.stream_batch = model.backbone.stream_batch

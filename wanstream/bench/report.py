@@ -155,6 +155,9 @@ def tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
     from wanstream.bench.overload import OVERLOAD_COLUMNS, overload_rows
     out.append(("overload (--overload: today's policy vs playback slack on the same input; CPR: continuous-"
                 "playback ratio)", OVERLOAD_COLUMNS, overload_rows(rows)))
+    from wanstream.bench.conditioning import COND_COLUMNS, conditioning_rows
+    out.append(("VACE conditioning (--reference / --control: ms per tick, one chunk per stream; the plain row is "
+                "the same streams without)", COND_COLUMNS, conditioning_rows(rows)))
     return [t for t in out if t[2]]
 
 

@@ -70,6 +70,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="also run each row on the eager reference path (diffusers VAE modules, nothing compiled), "
                         "alternated A B B A; reports the paired ratios")
     p.add_argument("--sweep", action="store_true", help="steps 1..4 x {stream batch, no-batch} in one table")
+    p.add_argument("--reference", type=Path, default=None, metavar="IMG",
+                   help="VACE cost: the streams plain, then with this reference image (needs a Wan2.1-VACE model)")
+    p.add_argument("--control", choices=["edges", "depth", "flow", "pose"], default=None,
+                   help="VACE cost: the streams plain, then with this control kind (with --reference: both)")
     p.add_argument("--no-peak", action="store_true", help="skip measuring the device's matmul / copy peaks")
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="write the rows as a markdown table here")
@@ -81,6 +85,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _reference(args):
+    if args.reference is None:
+        refs = getattr(args, "preset_reference", None)              # a --preset's image
+        return refs[0] if refs else None
+    from wanstream.api.conditioning import read_reference
+    return read_reference(args.reference)          # one image (bench measures the cost of one prefix frame)
+
+
 def spec_from_args(args):
     from wanstream.bench.harness import BenchConfig, BenchRun
     width, height = args.resolution
@@ -89,7 +101,8 @@ def spec_from_args(args):
                        target_latency_s=args.target_latency, seed=args.seed,
                        encoder=autoencoders(args.taehv)[0], decoder=autoencoders(args.taehv)[1],
                        prime_chunks=args.prime_chunks,
-                       sessions=args.sessions, drift_watchdog=args.drift_watchdog)
+                       sessions=args.sessions, drift_watchdog=args.drift_watchdog,
+                       reference=_reference(args), control=args.control)
     base.validate()
     if args.overload is not None and (not args.overload > 0 or args.input_fps is not None or args.sweep):
         raise ValueError("--overload X needs X > 0, the default --input-fps max (it measures the capacity first) "
@@ -111,7 +124,7 @@ def run_bench(args) -> int:
     print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = result if spec.sweep else {**result["rows"][0], "meta": result["meta"]}
+        payload = result if spec.sweep or len(result["rows"]) > 1 else {**result["rows"][0], "meta": result["meta"]}
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,14 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _reference(args):
+    """The ``--reference`` images, read and validated before any model loads (None without)."""
+    if not getattr(args, "reference", None):
+        return getattr(args, "preset_reference", None)              # a --preset's image (read when it loaded)
+    from wanstream.api.conditioning import read_reference
+    return [read_reference(path) for path in args.reference]
+
+
 def cmd_v2v(args) -> int:
     from wanstream.api.restyle import plan_outputs
     from wanstream.cli.pipeline import check_pipeline_args, pipeline_requested, run_v2v_pipeline
@@ -63,10 +71,15 @@ def cmd_v2v(args) -> int:
     from wanstream.io.video import fit_resolution, open_video
     from wanstream.models.loader import load_model
 
+    reference = _reference(args)
+    if args.control and args.control_video:
+        raise ValueError("give --control or --control-video, not both")
+    control = args.control or ("video" if args.control_video else None)
     sources = [open_video(p, fps=args.fps, still_frames=args.still_frames) for p in args.input]
     encoder, decoder = autoencoders(args.taehv)
     model = load_model(args.model, device=args.device, taehv=bool(args.taehv), quantize=args.quantize,
-                       lora=lora_specs(args), backbone=args.backbone)
+                       lora=lora_specs(args), backbone=args.backbone,
+                       vace=reference is not None or control is not None)
     embeds = prompt_embedding(model, args)
     engine = Engine(model)
     jobs = []
@@ -76,6 +89,12 @@ def cmd_v2v(args) -> int:
                              noise_scale=args.noise_scale, noise_controller=not args.no_noise_controller,
                              batch=not args.no_batch, seed=args.seed, encoder=encoder, decoder=decoder,
                              fit=args.fit)
+        if reference is not None or control is not None:
+            video = None
+            if args.control_video is not None:
+                video = (f.image for f in open_video(args.control_video).frames())
+            engine.set_conditioning(stream, reference=reference if reference is not None else ...,
+                                    strength=args.reference_strength, control=control, control_video=video)
         jobs.append(FileJob(source, out, stream, crf=args.crf, audio=not args.no_audio))
     with _terminate_as_interrupt():
         elapsed = restyle(engine, jobs, desc="v2v" if len(jobs) == 1 else f"v2v x{len(jobs)}")
@@ -94,10 +113,13 @@ def cmd_t2v(args) -> int:
     check_device(args.device)
     width, height = args.resolution
     switches = [parse_switch(s) for s in args.switch or ()]
-    model = load_model(args.model, device=args.device, lora=lora_specs(args), backbone=args.backbone)
+    reference = _reference(args)
+    model = load_model(args.model, device=args.device, lora=lora_specs(args), backbone=args.backbone,
+                       vace=reference is not None)
     embeds = prompt_embedding(model, args)
     clip = Clip(embeds, args.frames, args.seed,
-                switches=[(frame, model.prompt_embedding(text)) for frame, text in switches])
+                switches=[(frame, model.prompt_embedding(text)) for frame, text in switches],
+                reference=reference, reference_strength=args.reference_strength)
     t0 = time.perf_counter()
     first = None
     with _terminate_as_interrupt(), VideoWriter(args.output, args.fps, width, height) as writer, \
@@ -116,7 +138,8 @@ def cmd_t2v(args) -> int:
 def cmd_init_random(args) -> int:
     from wanstream.models.random_init import init_random
     init_random(args.dir, args.preset, seed=args.seed,
-                full_text_encoder=False if args.small_text_encoder else None, backbone=args.backbone)
+                full_text_encoder=False if args.small_text_encoder else None, backbone=args.backbone,
+                vace=args.vace)
     return 0
 
 

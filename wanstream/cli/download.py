@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wanstream.core.backbones import BACKBONES
-from wanstream.core.config import CAUSAL_FOLDER, HUB_CAUSAL, HUB_WAN, WAN_FOLDER
+from wanstream.core.config import CAUSAL_FOLDER, HUB_CAUSAL, HUB_VACE, HUB_WAN, VACE_FOLDER, WAN_FOLDER
 
 WAN_FILES = ["config.json", "diffusion_pytorch_model*", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
              "google/umt5-xxl/*"]
@@ -21,6 +21,12 @@ def download(name: str, root: Path) -> Path:
     if name in ("clip", "raft"):
         from wanstream.eval.models import download_eval_model
         return download_eval_model(name, root)
+    if name == "depth-anything":
+        return download_depth(Path(root))
+    if name == "pose":
+        return download_pose(Path(root))
+    if name.startswith("vace-"):
+        return download_vace(name.removeprefix("vace-"), Path(root))
     preset, backbone = MODELS[name]
     ck = BACKBONES[backbone].checkpoint
     from huggingface_hub import hf_hub_download, snapshot_download
@@ -43,4 +49,63 @@ def download(name: str, root: Path) -> Path:
                 hf_hub_download(ck.hub, file, local_dir=root / ck.hub_dir if ck.hub_dir else root)
     except Exception as exc:  # noqa: BLE001 - the network went away midway: one line (wanstream.models.hub)
         raise hub_failure(exc, name, by_hand) from None
+    return root
+
+
+def download_vace(preset: str, root: Path) -> Path:
+    """The released Wan2.1-VACE folder (config + weights) into ``root/wan_models/Wan2.1-VACE-*/`` (models/vace.py
+    reads only its ``vace_*`` tensors beside the backbone's generator)."""
+    from huggingface_hub import snapshot_download
+
+    from wanstream.models.hub import check_hub, hub_failure
+    name = f"vace-{preset}"
+    folder = f"wan_models/{VACE_FOLDER[preset]}/"
+    by_hand = f"copy config.json and diffusion_pytorch_model*.safetensors of {HUB_VACE[preset]} into {root / folder}"
+    check_hub(HUB_VACE[preset], name, by_hand)
+    try:
+        snapshot_download(HUB_VACE[preset], local_dir=root / folder,
+                          allow_patterns=["config.json", "diffusion_pytorch_model*"])
+    except Exception as exc:  # noqa: BLE001 - the network went away midway: one line (wanstream.models.hub)
+        raise hub_failure(exc, name, by_hand) from None
+    return root
+
+
+DEPTH_HUB = "depth-anything/Depth-Anything-V2-Small-hf"
+
+
+def download_depth(root: Path) -> Path:
+    """Depth Anything V2 small (transformers layout) into ``root/control/depth-anything-v2-small/`` (the depth
+    control of engine/control.py)."""
+    from huggingface_hub import snapshot_download
+
+    from wanstream.engine.control import DEPTH_DIR
+    from wanstream.models.hub import check_hub, hub_failure
+    by_hand = f"copy the files of {DEPTH_HUB} into {root / DEPTH_DIR}"
+    check_hub(DEPTH_HUB, "depth-anything", by_hand)
+    try:
+        snapshot_download(DEPTH_HUB, local_dir=root / DEPTH_DIR, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as exc:  # noqa: BLE001
+        raise hub_failure(exc, "depth-anything", by_hand) from None
+    return root
+
+
+def download_pose(root: Path) -> Path:
+    """torchvision's Keypoint R-CNN weights file into ``root/control/`` (the pose control of engine/control.py)."""
+    import torch
+    from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
+
+    from wanstream.engine.control import pose_file_name
+    url = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.url
+    target = root / "control" / pose_file_name()
+    if target.is_file():
+        return root
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    try:
+        torch.hub.download_url_to_file(url, str(part), progress=False)
+        part.replace(target)
+    except Exception as exc:  # noqa: BLE001
+        part.unlink(missing_ok=True)
+        raise RuntimeError(f"cannot download {url} ({type(exc).__name__}: {exc}); copy that file to {target} by "
+                           f"hand") from None
     return root

@@ -39,6 +39,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="RAFT refinement iterations (torchvision's default, 12)")
     p.add_argument("--drift-ref", type=int_in(1, None, "drift reference frames"), default=5,
                    help="first output frames the drift curve compares against")
+    p.add_argument("--reference", type=Path, default=None, metavar="IMG",
+                   help="the VACE reference image the output was made with: adds reference_similarity")
+    p.add_argument("--control-adherence", action="store_true",
+                   help="add edge_adherence (and depth_adherence when Depth Anything V2 is under MODELS/control/)")
     p.add_argument("--max-frames", type=int_in(2, None, "max frames"), default=None, help="compare the first N frames")
     p.add_argument("--strip", type=int_in(1, 32, "strip frames"), default=8, help="frames in the report's strip")
     return p
@@ -79,9 +83,15 @@ def run_eval(args) -> int:
     json_path = args.json or args.output.with_suffix(".eval.json")
     html_path = args.html or args.output.with_suffix(".eval.html")
     check_outputs([args.input, args.output], [json_path, html_path], flag="--json / --html")   # before any work
+    reference = None
+    if args.reference is not None:
+        from wanstream.api.conditioning import read_reference
+        reference = read_reference(args.reference)                  # checked before any model is loaded
     clip, flow = load_scorers(args.models, args.clip, args.raft, args.device, args.batch_size, args.flow_updates)
     result, inputs, outputs = evaluate_files(args.input, args.output, prompts, clip, flow, max_frames=args.max_frames,
                                              drift_ref=args.drift_ref, flow_batch=args.flow_batch)
+    if reference is not None or args.control_adherence:
+        _add_conditioning(result, inputs, outputs, clip, reference, args)
     from wanstream.eval.report import render_html
     write_text_atomic(json_path, json.dumps(result, indent=1) + "\n")
     write_text_atomic(html_path, render_html(result, inputs, outputs, args.strip))
@@ -90,6 +100,28 @@ def run_eval(args) -> int:
           f"{_f(m['clip_consistency']['value'])} | warp error {_f(m['warp_error']['value'])} | drift "
           f"{_f(m['drift']['value'])} | {json_path} | {html_path}")
     return 0
+
+
+def _add_conditioning(result: dict, inputs, outputs, clip, reference, args) -> None:
+    """The VACE scores (eval/conditioning.py) into ``result``; depth only where its model is on disk."""
+    from wanstream.engine.control import DEPTH_DIR, load_depth
+    from wanstream.eval.conditioning import conditioning_metrics
+    depth_net = depth_id = None
+    if args.control_adherence:
+        folder = args.models / DEPTH_DIR
+        if (folder / "config.json").is_file():
+            import torch
+            depth_net, depth_id = load_depth(folder, clip.device, torch.float32), str(folder)
+        else:
+            result["notes"].append(f"depth_adherence left out: no Depth Anything V2 in {folder} (`wanstream "
+                                   f"download depth-anything --dir {args.models}`)")
+    metrics, definitions = conditioning_metrics(inputs, outputs, clip, reference=reference,
+                                                control=args.control_adherence, depth_net=depth_net,
+                                                depth_id=depth_id)
+    result["metrics"].update(metrics)
+    result["definitions"].update(definitions)
+    for name, m in metrics.items():
+        print(f"{name} {_f(m['value'])}")
 
 
 def _f(v) -> str:

@@ -35,7 +35,8 @@ COMMANDS = {"v2v": ("wanstream.cli.commands", "cmd_v2v"), "t2v": ("wanstream.cli
             "clip": ("wanstream.cli.commands", "cmd_clip"), "download": ("wanstream.cli.commands", "cmd_download"),
             "bench": ("wanstream.cli.bench", "run_bench"), "serve": ("wanstream.cli.serve", "run_serve"),
             "eval": ("wanstream.cli.eval", "run_eval")}
-DOWNLOADS = ("sdv2-1.3b", "sdv2-14b", "self-forcing-1.3b", "longlive-1.3b", "clip", "raft")
+DOWNLOADS = ("sdv2-1.3b", "sdv2-14b", "self-forcing-1.3b", "longlive-1.3b", "vace-1.3b", "vace-14b",
+             "depth-anything", "pose", "clip", "raft")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +51,24 @@ def _creator_args(p: argparse.ArgumentParser) -> None:
                    help="a Wan LoRA (diffusers/PEFT, original-Wan or kohya/musubi keys), strength default 1; "
                         "repeatable")
     add_preset_arg(p)
+
+
+def _reference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reference", type=Path, action="append", default=None, metavar="IMG",
+                   help="a reference image (PNG, JPEG, WebP, BMP) steering the look through VACE; repeatable (up to "
+                        "4); needs a Wan2.1-VACE model beside --model (`wanstream download vace-1.3b`), "
+                        "docs/conditioning.md")
+    p.add_argument("--reference-strength", type=float_in(0.0, 4.0, "reference strength"), default=1.0,
+                   help="scale of the VACE hints, (0, 4] (default 1)")
+
+
+def _control_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", choices=["edges", "depth", "flow", "pose"], default=None,
+                   help="VACE control from the input's own frames: Canny edges, depth (Depth Anything V2 small: "
+                        "`wanstream download depth-anything`), optical flow (RAFT: `wanstream download raft`) or pose "
+                        "(Keypoint R-CNN: `wanstream download pose`)")
+    p.add_argument("--control-video", type=Path, default=None, metavar="VIDEO",
+                   help="VACE control from another video, frame by frame (e.g. a depth or pose video)")
 
 
 def _seed_arg(p: argparse.ArgumentParser, what: str = "the noise") -> None:
@@ -95,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames a still-image input is restyled into (a clip of that many frames at --fps)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                    help="DiT block linears in int8 (weight-only, any device) or fp8 (CUDA, compute capability >= 8.9)")
+    _reference_args(p)
+    _control_args(p)
     from wanstream.cli.pipeline import add_pipeline_args
     add_pipeline_args(p)
 
@@ -111,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--switch", action="append", default=None, metavar="FRAME:PROMPT",
                    help="switch to PROMPT at output frame FRAME (the block it falls in) with a KV re-cache of the "
                         "recent frames (LongLive's interactive mode); repeatable")
+    _reference_args(p)
 
     p = sub.add_parser("init-random", help="write a random-weight model in the released layout")
     p.add_argument("dir", type=Path, help="folder to write (the layout `--model` reads)")
@@ -121,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a tiny text encoder even for the 1.3b / 14b presets")
     p.add_argument("--backbone", choices=["streamdiffusionv2", "self-forcing", "longlive"],
                    default="streamdiffusionv2", help="whose generator to write, in its released layout")
+    p.add_argument("--vace", action="store_true",
+                   help="also write a Wan2.1-VACE model of the same size (wan_models/Wan2.1-VACE-*/)")
 
     p = sub.add_parser("clip", help="write a synthetic test clip with motion (demo / benchmark input)")
     p.add_argument("output", type=Path, help="output video file (.mp4)")
@@ -139,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="fetch the released weights (needs network access to the hub)")
     p.add_argument("name", nargs="+", choices=DOWNLOADS,
                    help="sdv2-1.3b / sdv2-14b: the StreamDiffusionV2 models; self-forcing-1.3b / longlive-1.3b: "
-                        "those generators (+ LongLive's LoRA) beside the Wan 2.1 1.3B folder; clip / raft: the "
+                        "those generators (+ LongLive's LoRA) beside the Wan 2.1 1.3B folder; vace-1.3b / vace-14b: "
+                        "the Wan2.1-VACE model (reference images, control video); depth-anything / pose: the depth / "
+                        "pose control models; clip / raft: the "
                         "evaluation models (wanstream eval)")
     p.add_argument("--dir", type=Path, default=Path("models"), help="folder to download into")
     return parser

@@ -27,6 +27,13 @@ def cli_defaults(preset) -> dict:
             out[key] = getattr(preset, key)
     if preset.noise_controller is not None:
         out["no_noise_controller"] = not preset.noise_controller
+    cond = preset.conditioning
+    if cond is not None:                            # VACE: its image read (and checked) now, --reference still wins
+        out["reference_strength"] = cond.strength
+        if cond.control not in (None, "none"):
+            out["control"] = cond.control
+        if cond.reference is not None:
+            out["preset_reference"] = [cond.image(preset.folder)]
     return out
 
 

@@ -98,6 +98,15 @@ def configure_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="a preset JSON: the defaults of new sessions (prompts, knobs, framing) and its LoRAs "
                         "(loaded unless --lora is given); --steps / --fit override its values")
     add_taehv_arg(p)
+    p.add_argument("--reference", type=Path, action="append", default=None, metavar="IMG",
+                   help="a VACE reference image every new session starts with, repeatable (needs a Wan2.1-VACE model "
+                        "beside --model; sessions change it live: docs/conditioning.md)")
+    p.add_argument("--reference-strength", type=float_in(0.0, 4.0, "reference strength"), default=1.0,
+                   help="scale of the VACE hints of a new session, (0, 4] (default 1)")
+    p.add_argument("--control", choices=["edges", "depth", "flow", "pose"], default=None,
+                   help="the VACE control kind every new session starts with")
+    p.add_argument("--max-reference-mb", type=float_in(0.0, None, "reference size"), default=4.0,
+                   help="largest reference image a client may upload, MB (default 4)")
     p.add_argument("--record-dir", type=Path, default=Path("recordings"), help="where recordings go")
     p.add_argument("--idle-timeout", type=float_in(0.0, None, "idle timeout"), default=60.0,
                    help="close a session after this many seconds without frames (default 60)")
@@ -180,7 +189,9 @@ def load_serving_model(args, settings: ServerSettings):
               f"({', '.join(driver.spec.devices)}) started in {time.perf_counter() - t0:.1f} s", flush=True)
         return driver.model, driver
     taehv = "taehv" in (settings.encoder, settings.decoder) or (settings.policy == "slack" and settings.ladder_taehv)
-    model = load_model(args.model, device=args.device, taehv=taehv, lora=lora_specs(args), backbone=args.backbone)
+    vace = True if settings.default_reference is not None or settings.default_control != "none" else None
+    model = load_model(args.model, device=args.device, taehv=taehv, lora=lora_specs(args), backbone=args.backbone,
+                       vace=vace)
     print(f"wanstream serve: {model.backbone.title} model {args.model} on {model.device} loaded in "
           f"{time.perf_counter() - t0:.1f} s"
           + (f", LoRAs {', '.join(model.dit.lora.names)}" if model.dit.lora is not None else ""), flush=True)
@@ -337,7 +348,23 @@ def settings_from_args(args) -> ServerSettings:
                           park_after_s=args.park_after,
                           park_max_bytes=int(args.park_max_gb * 2**30), parked_timeout_s=args.parked_timeout,
                           migrate_to=args.migrate_to, max_blob_bytes=max(1, int(args.max_blob_gb * 2**30)),
-                          resume_timeout_s=args.resume_timeout, drift_watchdog=args.drift_watchdog)
+                          resume_timeout_s=args.resume_timeout, drift_watchdog=args.drift_watchdog,
+                          max_reference_bytes=max(1, int(args.max_reference_mb * 2**20)),
+                          **conditioning_defaults(args, preset))
+
+
+def conditioning_defaults(args, preset) -> dict:
+    """The VACE defaults of new sessions: ``--reference`` images (read and validated before the model loads),
+    ``--reference-strength``, ``--control``; a ``--preset``'s conditioning where these flags are not given."""
+    from wanstream.api.conditioning import read_reference
+    cond = preset.conditioning if preset is not None else None
+    refs = [read_reference(path) for path in args.reference] if args.reference else None
+    if refs is None and cond is not None and cond.reference is not None:
+        refs = [cond.image(preset.folder)]
+    control = args.control or (cond.control if cond is not None and cond.control else None) or "none"
+    given = args.reference or args.control
+    strength = cond.strength if cond is not None and not given else args.reference_strength
+    return {"default_reference": refs, "default_strength": strength, "default_control": control}
 
 
 def midi_ports(args) -> list[str] | None:

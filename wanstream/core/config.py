@@ -25,10 +25,12 @@ VAE_PRESETS: dict[str, int] = {"tiny": 8, "1.3b": 96, "14b": 96}
 
 # Where each preset lives in the released folder layout (relative to the model root).
 WAN_FOLDER = {"tiny": "Wan2.1-T2V-tiny", "1.3b": "Wan2.1-T2V-1.3B", "14b": "Wan2.1-T2V-14B"}
+VACE_FOLDER = {"tiny": "Wan2.1-VACE-tiny", "1.3b": "Wan2.1-VACE-1.3B", "14b": "Wan2.1-VACE-14B"}   # beside WAN_FOLDER
 CAUSAL_FOLDER = {"tiny": "wan_causal_dmd_v2v_tiny", "1.3b": "wan_causal_dmd_v2v", "14b": "wan_causal_dmd_v2v_14b"}
 
 # Hub ids of the released files (used by ``wanstream download``).
 HUB_WAN = {"1.3b": "Wan-AI/Wan2.1-T2V-1.3B", "14b": "Wan-AI/Wan2.1-T2V-14B"}
+HUB_VACE = {"1.3b": "Wan-AI/Wan2.1-VACE-1.3B", "14b": "Wan-AI/Wan2.1-VACE-14B"}
 HUB_CAUSAL = "jerryfeng/StreamDiffusionV2"
 
 # Released per-channel latent statistics of the Wan 2.1 VAE.

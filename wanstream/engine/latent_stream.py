@@ -54,7 +54,7 @@ class LatentStream:
         self.frames_per_block = frames_per_block
         self.schedule = StreamSchedule(0, steps, mode=mode, batch=batch, cache=cache, lag=lag)
         device = next(dit.parameters()).device
-        self.pool = pool or KVPool(range(dit.num_layers), cache.capacity, tokens_per_frame, dit.heads, dit.head_dim,
+        self.pool = pool or KVPool(dit.cache_layers, cache.capacity, tokens_per_frame, dit.heads, dit.head_dim,
                                    dit.dtype, device, text_len=dit.text_len)
         self.runner = Runner(dit, sampler, self.pool, CachePolicy(cache), tokens_per_frame, compile=compile)
         self.stream = RunnerStream(0, noise, renoise)

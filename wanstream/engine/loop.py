@@ -206,7 +206,7 @@ class Engine:
             if self.runner_factory is not None:
                 runner = self.runner_factory(self, width, height, cache)
             else:
-                pool = KVPool(range(dit.num_layers), cache.capacity, tpf, dit.heads, dit.head_dim, dit.dtype,
+                pool = KVPool(dit.cache_layers, cache.capacity, tpf, dit.heads, dit.head_dim, dit.dtype,
                               m.device, text_len=dit.text_len)
                 if self.reserve_rows:
                     pool.reserve(self.reserve_rows)
@@ -275,6 +275,25 @@ class Engine:
         stream.queue_update("prompt", (self.pad_prompt(embedding), int(transition_chunks)))
         if recache:
             stream.queue_update("recache", bool(keep_sink))
+
+    def set_conditioning(self, stream: EngineStream, *, reference=..., strength: float | None = None,
+                         control: str | None = None, control_video=None) -> None:
+        """VACE conditioning of a stream (``engine/conditioning.py``), from its next tick: ``reference`` a uint8
+        ``[H, W, 3]`` image or a list of up to 4 (framed like its frames; VAE-encoded here, in the caller's thread;
+        each one more frame of the stream's reference prefix), None to clear it,
+        ``...`` unchanged; ``strength`` the hints' scale; ``control`` a kind of ``engine/control.py`` (``none``
+        ends it; ``video``: ``control_video`` an iterable of uint8 frames). The model needs its VACE modules."""
+        from wanstream.engine.conditioning import prepare_update
+        stream.queue_update("vace", prepare_update(self.model, stream.width, stream.height, stream.fit, reference,
+                                                   strength, control, control_video, self.preprocessors))
+
+    @property
+    def preprocessors(self):
+        """The control preprocessors (``engine/control.py``), models loaded on first use."""
+        if getattr(self, "_preprocessors", None) is None:
+            from wanstream.engine.control import Preprocessors
+            self._preprocessors = Preprocessors(self.model)
+        return self._preprocessors
 
     def reset(self, stream: EngineStream, discard_queued: bool = True) -> None:
         """Start over on the next frame: queued frames are discarded, in-flight chunks dropped, fresh state.
@@ -467,6 +486,10 @@ class Engine:
                     g.runner.set_lora(s.id, value)
                 elif kind == "decoder":
                     s.switch_decoder(value, getattr(self.model, "taehv", None))
+                elif kind == "vace":
+                    from wanstream.engine.conditioning import apply_update
+                    with self.timer.section("reference"):
+                        apply_update(g.runner, s.id, value)
         except Exception as exc:  # noqa: BLE001 - one stream's failure ends only that stream
             self._stream_error(s, "update", exc)
             plan.without(s.id)
@@ -492,6 +515,10 @@ class Engine:
                 self._stream_error(s, "frames", exc)
         with self.timer.section("encode"), g.runner.encoding():
             latents.update(self.codec.encode(joining, pixels))
+        if getattr(m.dit, "vace", None) is not None:           # VACE control contexts of the entering chunks
+            from wanstream.engine.conditioning import control_contexts
+            control_contexts(self, g.runner, [(self.streams[sid], e, latents[sid].shape[1]) for sid, e in
+                                              plan.entries if sid in pixels and sid in latents], pixels)
         for sid, entry in plan.entries:
             s = self.streams.get(sid)
             if s is None or sid not in latents:

@@ -32,6 +32,7 @@ from wanstream.core.geometry import check_fit
 from wanstream.core.planner import StreamStats
 from wanstream.core.playout import PlayoutBuffer
 from wanstream.core.schedule import Slot, StreamSchedule
+from wanstream.engine.conditioning import park_state, resume_state
 from wanstream.engine.noise import SeededNoise
 from wanstream.engine.runner import RunnerStream
 from wanstream.engine.stream import EngineStream
@@ -144,6 +145,7 @@ def park(engine: "Engine", s: EngineStream) -> ParkedStream:
         "runner": {"seed": rs.seed, "lora": None if rs.lora is None else list(rs.lora),
                    "latents": sorted(int(c) for c in rs.latents), "history": sorted(int(f) for f in rs.history)},
         "drift": None if s.drift is None else s.drift.state(tensors),
+        "vace": park_state(rs.vace, tensors),          # VACE conditioning (engine/conditioning.py)
         "vae": {"enc": _vae_state("enc", s.enc_state, tensors), "dec": _vae_state("dec", s.dec_state, tensors),
                 "dec_alt": None if s.alt_dec_state is None else _vae_state("dec_alt", s.alt_dec_state, tensors)},
     }
@@ -234,6 +236,7 @@ def resume(engine: "Engine", parked: ParkedStream, buffer: ChunkBuffer | None = 
         rs.prompt = t["runner.prompt"].to(dev) if "runner.prompt" in t else s.embedding
         rs.latents = {int(cid): t[f"latent.{int(cid)}"].to(dev) for cid in run["latents"]}
         rs.history = {int(f): t[f"history.{int(f)}"].to(dev) for f in run.get("history", [])}
+        rs.vace = resume_state(host.get("vace"), t, m, dev)
         g.runner.add(rs, rows)
         pool.import_rows(sid, {name: t[f"kv.{name}"] for name in layout})
     except BaseException:
@@ -334,6 +337,7 @@ def _check(engine: "Engine", host: dict, t: dict[str, torch.Tensor]) -> dict:
     if host.get("drift") is not None:
         from wanstream.engine.drift import DriftConfig, DriftWatch
         DriftWatch.restore(DriftConfig(), host["drift"], t, "cpu")
+    resume_state(host.get("vace"), t, m, "cpu")       # checks the conditioning (nothing kept)
     return {"settings": settings, "cache": cache, "width": width, "height": height,
             "schedule": {"rows": rows}}
 

@@ -27,6 +27,7 @@ from typing import Callable, ContextManager, Hashable, Protocol, Sequence
 import torch
 
 from wanstream.core.schedule import Call, Row
+from wanstream.engine.conditioning import rebase_reference, vace_call
 from wanstream.engine.noise import NoiseSource, SeededNoise, renoise_seed
 from wanstream.engine.timing import PhaseTimer
 from wanstream.models.dit import CausalWanDiT, PromptKV
@@ -66,6 +67,7 @@ class RunnerStream:
     prompt: object = None                          # the last prompt given (embedding or PromptKV)
     seed: int | None = None                        # the seed of its sources (None: injected sources)
     history: dict = field(default_factory=dict)    # frame → its clean latent [1, C, h, w] (the last cache window)
+    vace: object = None                            # its VACE conditioning (engine/conditioning.StreamVace) or None
 
     @classmethod
     def seeded(cls, stream: Hashable, seed: int, device, lora: tuple[float, ...] | None = None) -> "RunnerStream":
@@ -327,6 +329,7 @@ class Runner:
         """Execute one call; returns the chunks that left clean."""
         for sid, delta in call.rebase:
             self.pool.rebase(sid, delta, self.dit.rope)
+            rebase_reference(self.streams[sid].vace, delta, self.dit.rope)
         for sid, rows in call.resize:
             self.pool.resize(sid, rows)
         finished: list = []
@@ -357,8 +360,9 @@ class Runner:
         lora = self.dit.lora
         strengths = (contextlib.nullcontext() if lora is None else
                      lora.rows([self.streams[r.stream].lora for r in rows]))
+        vace = vace_call(self.streams, rows, call.frames, self.device, x.dtype)
         with self.timer.section("dit") if self.timer is not None else contextlib.nullcontext(), strengths:
-            flow = self._forward(lay, x, ts, step)
+            flow = self._forward(lay, x, ts, step, vace)
             kept, finished = settle(self.sampler, x, flow, ts, rows, lambda sid: self.streams[sid].renoise, t_next)
         for r, latent in kept:
             self.streams[r.stream].latents[r.chunk] = latent
@@ -383,15 +387,16 @@ class Runner:
             self._layouts.move_to_end(key)
         return lay
 
-    def _dit(self, x: torch.Tensor, ts: torch.Tensor, step: CacheStep) -> torch.Tensor:
-        """The DiT call over the pool: what is compiled and captured."""
-        return self.dit(x, ts, PromptKV(self.pool.pk, self.pool.pv), self.pool, step)
+    def _dit(self, x: torch.Tensor, ts: torch.Tensor, step: CacheStep, vace=None) -> torch.Tensor:
+        """The DiT call over the pool: what is compiled and captured (calls with VACE rows run eager)."""
+        return self.dit(x, ts, PromptKV(self.pool.pk, self.pool.pv), self.pool, step, vace=vace)
 
-    def _forward(self, lay: _Layout, x: torch.Tensor, ts: torch.Tensor, step: CacheStep) -> torch.Tensor:
-        # per-stream LoRA strengths live outside the traced call: such a DiT runs eager (compile / graphs: not yet)
-        if lay.steady < STEADY_AFTER or not (self.compile or self.cuda_graphs) or self.dit.lora is not None:
+    def _forward(self, lay: _Layout, x: torch.Tensor, ts: torch.Tensor, step: CacheStep, vace=None) -> torch.Tensor:
+        # per-stream LoRA strengths and VACE rows live outside the traced call: such calls run eager (not yet traced)
+        if (lay.steady < STEADY_AFTER or not (self.compile or self.cuda_graphs) or self.dit.lora is not None
+                or vace is not None):
             self.path_calls["eager"] += 1
-            return self._dit(x, ts, step)
+            return self._dit(x, ts, step) if vace is None else self._dit(x, ts, step, vace)
         if lay.forward is None:
             fn = types.MethodType(_fresh_function(Runner._dit), self)
             lay.forward = torch.compile(fn, fullgraph=True, dynamic=False) if self.compile else fn

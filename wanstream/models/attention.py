@@ -21,14 +21,17 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def self_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                    cache_v: torch.Tensor, step: CacheStep, cache_km: torch.Tensor,
-                   cache_vm: torch.Tensor, key_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   cache_vm: torch.Tensor, key_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   prefix: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None) -> torch.Tensor:
     """``x [B, L, dim]`` → attention output ``[B, L, dim]``; writes this call's K/V into the cache rows.
 
     ``cache_k/v`` are the storage of one block, ``[R, S, heads, head_dim]``, and ``cache_km/vm`` its slot means
     ``[R, capacity, heads*head_dim]``; each run of batch rows with consecutive cache rows (``step.segments``)
     attends to its rows' storage in place (no copy of the cache). With ``key_rope`` (cos/sin ``[B, capacity*F, 1,
     head_dim/2]``: LongLive's infinite mode) keys are written without RoPE and the rows' cache is rotated by each
-    slot's position for the attention (a copy).
+    slot's position for the attention (a copy). With ``prefix`` (``k/v [B, P, heads, head_dim]`` and, per batch
+    row, how many of its tokens it attends: a VACE reference, ``models/vace.py``) the rows that have one attend
+    ``[prefix ‖ cache]`` (a copy of their rows' cache); the others attend their cache in place, as without.
     """
     q = apply_rope(_heads(attn.norm_q(attn.to_q(x)), attn.heads), cos, sin)
     k = _heads(attn.norm_k(attn.to_k(x)), attn.heads)
@@ -49,13 +52,33 @@ def self_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     outs = []
     for j, (b0, b1, r0) in enumerate(step.segments):
         use_mask = step.attn_mask is not None and (step.masked is None or step.masked[j])
-        mask = step.attn_mask[b0:b1] if use_mask else None
-        keys = cache_k[r0: r0 + b1 - b0]
-        if key_rope is not None:
-            keys = apply_rope(keys, key_rope[0][b0:b1], key_rope[1][b0:b1])
-        outs.append(attend(q[b0:b1], keys, cache_v[r0: r0 + b1 - b0], mask))
+        for p0, p1, n in _prefix_runs(prefix, b0, b1):
+            mask = step.attn_mask[p0:p1] if use_mask else None
+            keys, values = cache_k[r0 + p0 - b0: r0 + p1 - b0], cache_v[r0 + p0 - b0: r0 + p1 - b0]
+            if key_rope is not None:
+                keys = apply_rope(keys, key_rope[0][p0:p1], key_rope[1][p0:p1])
+            if n:
+                keys = torch.cat([prefix[0][p0:p1, :n], keys], dim=1)
+                values = torch.cat([prefix[1][p0:p1, :n], values], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask.new_ones(*mask.shape[:-1], n), mask], dim=-1)
+            outs.append(attend(q[p0:p1], keys, values, mask))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return attn.to_out[0](out.flatten(2).type_as(x))
+
+
+def _prefix_runs(prefix, b0: int, b1: int) -> list[tuple[int, int, int]]:
+    """Batch rows ``b0 .. b1`` split where the prefix length changes: ``(lo, hi, tokens)``."""
+    if prefix is None:
+        return [(b0, b1, 0)]
+    out: list[tuple[int, int, int]] = []
+    for b in range(b0, b1):
+        n = int(prefix[2][b])
+        if out and out[-1][2] == n:
+            out[-1] = (out[-1][0], b + 1, n)
+        else:
+            out.append((b, b + 1, n))
+    return out
 
 
 def frame_means(t: torch.Tensor, frames: int) -> torch.Tensor:

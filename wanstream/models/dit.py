@@ -17,6 +17,7 @@ from torch import nn
 from wanstream.models.attention import cross_attention, prompt_kv, self_attention
 from wanstream.models.kv_cache import CacheStep, KVCache
 from wanstream.models.rope import RopeTables
+from wanstream.models.vace import VaceBranch, VaceCall, hints
 
 
 @dataclass
@@ -52,6 +53,18 @@ class CausalWanDiT(nn.Module):
         self.text_len = 512
         self.rope = RopeTables(self.head_dim, max_positions, device=self._device())
         self.lora = None        # a models.lora.LoRASet while LoRAs are attached (per-row strengths)
+        self.vace: VaceBranch | None = None     # VACE modules beside the backbone (models/vace.py), when loaded
+
+    @property
+    def cache_layers(self) -> range:
+        """The layers with a KV cache and prompt K/V: the DiT's blocks, then the VACE blocks (``num_layers + j``)."""
+        return range(self.num_layers + (len(self.vace.vace_blocks) if self.vace is not None else 0))
+
+    def attention_of(self, layer: int):
+        """The block of a cache layer (a DiT block, or VACE block ``layer - num_layers``)."""
+        if layer < self.num_layers:
+            return self.transformer.blocks[layer]
+        return self.vace.vace_blocks[layer - self.num_layers]
 
     def _anchor(self) -> torch.Tensor:
         """A weight every holder of the DiT has (a pipeline stage may hold no patch embedding or head)."""
@@ -83,15 +96,15 @@ class CausalWanDiT(nn.Module):
         pad = self.text_len - context.shape[1]
         context = torch.nn.functional.pad(context, (0, 0, 0, pad)).to(self._device(), self.dtype)
         text = self.transformer.condition_embedder.text_embedder(context)
-        layers = range(self.num_layers) if layers is None else layers
+        layers = self.cache_layers if layers is None else layers
         k, v = {}, {}
         for i in layers:
-            k[i], v[i] = prompt_kv(self.transformer.blocks[i].attn2, text)
+            k[i], v[i] = prompt_kv(self.attention_of(i).attn2, text)
         return PromptKV(k, v)
 
     # ---------------------------------------------------------------- forward
     def new_cache(self, rows: int, capacity: int, tokens_per_frame: int, layers: range | None = None) -> KVCache:
-        layers = range(self.num_layers) if layers is None else layers
+        layers = self.cache_layers if layers is None else layers
         return KVCache(layers, rows, capacity, tokens_per_frame, self.heads, self.head_dim, self.dtype,
                        self._device())
 
@@ -103,13 +116,14 @@ class CausalWanDiT(nn.Module):
         e0 = ce.time_proj(ce.act_fn(e)).unflatten(-1, (6, -1))
         return e, e0
 
-    def patchify(self, latents: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def patchify(self, latents: torch.Tensor, conv: nn.Conv3d | None = None
+                 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Pipeline-layout latents ``[B, T, C, H, W]`` → tokens ``[B, T*h*w, dim]`` and the grid ``(T, h, w)``.
 
         The patch embedding (a Conv3d with stride = kernel = patch) is applied as the matmul it is, on the
         patches: a row's tokens then do not depend on which other rows share the call (the CPU's conv kernels
         round differently for different batch sizes), so a stream batched with others equals itself alone."""
-        conv = self.transformer.patch_embedding
+        conv = self.transformer.patch_embedding if conv is None else conv       # VACE: its own embedding
         pt, ph, pw = self.patch_size
         b, t, c, hh, ww = latents.shape
         f, h, w = t // pt, hh // ph, ww // pw
@@ -129,7 +143,7 @@ class CausalWanDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, prompt: PromptKV, cache: KVCache,
                 step: CacheStep, blocks: tuple[int, int] | None = None,
-                grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+                grid: tuple[int, int, int] | None = None, vace: VaceCall | None = None) -> torch.Tensor:
         """Run blocks ``[a, b)`` of one streaming DiT call.
 
         - ``x``: latents ``[B, T, C, H, W]`` when ``a == 0`` (patch embedding runs), else hidden ``[B, L, dim]``
@@ -137,6 +151,7 @@ class CausalWanDiT(nn.Module):
         - ``timesteps``: ``[B, T]`` (one timestep per latent frame: integer or warped float values) or ``[B]``.
         - ``step.key_positions`` (LongLive's infinite mode): keys are cached without RoPE and the window is rotated
           by each slot's position in every call.
+        - ``vace`` (``models/vace.py``): per-row VACE hints and reference prefixes (blocks from 0 only).
         - Returns the flow prediction ``[B, T, C, H, W]`` when ``b == num_layers`` (head runs), else hidden.
         """
         a, b_end = (0, self.num_layers) if blocks is None else blocks
@@ -153,15 +168,24 @@ class CausalWanDiT(nn.Module):
         e, e0 = self.time_embedding(timesteps)
         cos, sin = self.rope.for_grid(step.rope_starts, f, h, w)
         key_rope = None if step.key_positions is None else self.rope.for_positions(step.key_positions, h, w)
+        hinted: dict[int, torch.Tensor] = {}
+        if vace is not None and vace.context is not None:
+            if a != 0 or self.vace is None:
+                raise ValueError("VACE hints need the VACE modules and a block range from 0")
+            hinted = dict(zip(self.vace.layers, hints(self, self.vace, x, vace, e0, f, cos, sin, prompt, cache, step,
+                                                      key_rope)))
         for i in range(a, b_end):
-            x = self._block(i, x, e0, f, cos, sin, prompt, cache, step, key_rope)
+            prefix = vace.prefix(i) if vace is not None else None
+            x = self.run_block(self.transformer.blocks[i], i, x, e0, f, cos, sin, prompt, cache, step, key_rope, prefix)
+            if i in hinted:
+                x = x + hinted[i] * vace.scale.to(x.dtype)[:, None, None]
         if b_end < self.num_layers:
             return x
         return self._head(x, e, grid)
 
-    def _block(self, i: int, x: torch.Tensor, e0: torch.Tensor, frames: int, cos, sin, prompt: PromptKV,
-               cache: KVCache, step: CacheStep, key_rope=None) -> torch.Tensor:
-        blk = self.transformer.blocks[i]
+    def run_block(self, blk: nn.Module, i: int, x: torch.Tensor, e0: torch.Tensor, frames: int, cos, sin,
+                  prompt: PromptKV, cache: KVCache, step: CacheStep, key_rope=None, prefix=None) -> torch.Tensor:
+        """One transformer block ``blk`` (a DiT block or a VACE block: the same submodules) over cache layer ``i``."""
         mod = (blk.scale_shift_table[:, None] + e0.float()).chunk(6, dim=2)  # each [B, T, 1, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
 
@@ -173,6 +197,8 @@ class CausalWanDiT(nn.Module):
 
         y = flat(blk.norm1(per_frame(x)) * (1 + scale1) + shift1).type_as(x)
         window = {} if key_rope is None else {"key_rope": key_rope}        # LongLive's infinite mode only
+        if prefix is not None:
+            window["prefix"] = prefix                                      # a VACE reference
         y = self_attention(blk.attn1, y, cos, sin, cache.k[i], cache.v[i], step, cache.km[i], cache.vm[i], **window)
         x = flat(per_frame(x) + per_frame(y) * gate1).type_as(x)
         y = blk.norm2(x.float()).type_as(x)

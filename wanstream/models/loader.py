@@ -59,6 +59,7 @@ class ModelPaths:
     taehv: Path | None = None
     backbone: Backbone = SDV2
     lora: Path | None = None                 # the backbone's own LoRA (LongLive)
+    vace: Path | None = None                 # a Wan2.1-VACE folder beside the Wan folder (models/vace.py)
 
     @classmethod
     def discover(cls, root: str | Path, backbone: str | Backbone | None = None) -> "ModelPaths":
@@ -99,7 +100,11 @@ class ModelPaths:
             lora = root / bb.checkpoint.lora
             if not lora.is_file():
                 raise CheckpointError(f"{root}: {bb.title} needs its LoRA {lora} (file not found)")
-        return cls(root, wans[0], gens[0] if gens else None, taehv=taehv, backbone=bb, lora=lora)
+        vaces = sorted(p for p in (root / "wan_models").glob("Wan2.1-VACE-*") if (p / "config.json").is_file())
+        if len(vaces) > 1:
+            raise CheckpointError(f"{root}: several VACE models found ({', '.join(p.name for p in vaces)})")
+        return cls(root, wans[0], gens[0] if gens else None, taehv=taehv, backbone=bb, lora=lora,
+                   vace=vaces[0] if vaces else None)
 
 
 def generator_files(root: Path, backbone: Backbone) -> list[Path]:
@@ -161,7 +166,7 @@ def num_layers_of(root: str | Path, backbone: str | Backbone | None = None) -> i
 def load_model(root: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                text_encoder: bool = True, taehv: bool = False, quantize: str | None = None,
                lora: Sequence[LoRASpec | str] = (), *, vae: bool = True, part: DitPart | None = None,
-               backbone: str | Backbone | None = None) -> ModelBundle:
+               backbone: str | Backbone | None = None, vace: bool | None = None) -> ModelBundle:
     """Load a model folder strictly (errors name the file and the culprit).
 
     ``backbone``: which generator of the root to load (default: the one its layout holds, ``ModelPaths.discover``);
@@ -174,6 +179,8 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
     ``part``: only that part of the DiT (blocks ``[a, b)``, with or without the patch embedding and the head) is
     read and materialised, the rest stays on the meta device (a pipeline stage); ``vae``, ``text_encoder`` and
     ``taehv`` say which of the others to load.
+    ``vace``: load the VACE modules of ``ROOT/wan_models/Wan2.1-VACE-*/`` beside the backbone (``bundle.dit.vace``):
+    None when that folder is there (and the whole DiT loads), True required, False never.
     """
     paths = ModelPaths.discover(root, backbone)
     lora = [s if isinstance(s, LoRASpec) else LoRASpec.parse(s) for s in lora]
@@ -200,6 +207,15 @@ def load_model(root: str | Path, device: str | torch.device | None = None, dtype
         from wanstream.models.taehv import load_taehv
         tae = load_taehv(paths.taehv, device=device, dtype=dtype)
     dit = CausalWanDiT(transformer)
+    if vace or (vace is None and paths.vace is not None and part is None):
+        if part is not None:
+            raise ValueError("a part of the DiT loads without VACE (not on the multi-GPU ring yet)")
+        if paths.vace is None:
+            raise CheckpointError(f"{paths.root}: no VACE model (expected wan_models/Wan2.1-VACE-*/; `wanstream "
+                                  f"download vace-1.3b` or `wanstream init-random --vace`)")
+        from wanstream.models.vace import load_branch
+        wan_cfg = read_wan_config(paths.wan_dir)
+        dit.vace = load_branch(paths.vace, diffusers_dit_config(wan_cfg), wan_cfg, device, dtype)
     if quantize is not None:
         quantize_dit(dit, quantize)
     if lora or paths.lora is not None:

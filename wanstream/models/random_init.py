@@ -21,7 +21,7 @@ from diffusers import AutoencoderKLWan
 
 from wanstream.core.backbones import Backbone
 from wanstream.core.backbones import backbone as get_backbone
-from wanstream.core.config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VAE_PRESETS, WAN_FOLDER
+from wanstream.core.config import CAUSAL_FOLDER, DIT_COMMON, DIT_PRESETS, VACE_FOLDER, VAE_PRESETS, WAN_FOLDER
 from wanstream.models.checkpoints import (
     T5_FILE,
     TAEHV_FILE,
@@ -38,9 +38,15 @@ SHARD_BYTES = 5 * 1024 ** 3
 def random_dit_weights(config: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Seeded random Wan-named DiT tensors: linear weights N(0, 0.02²)-ish, zero biases, unit norm scales,
     modulation tables ~ N(0, 1/dim) as in the architecture's own init."""
+    return random_tensors(wan_dit_shapes(config), seed, dtype)
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Seeded random tensors of Wan-named shapes, by the rule of :func:`random_dit_weights` (also the VACE
+    modules', ``models/vace.py``)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for key, shape in wan_dit_shapes(config).items():
+    for key, shape in shapes.items():
         if key.endswith("modulation"):
             t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
         elif key.endswith("norm_q.weight") or key.endswith("norm_k.weight") or key.endswith("norm3.weight"):
@@ -103,9 +109,10 @@ def write_generator(root: Path, backbone: Backbone, preset: str, weights: dict[s
 
 
 def init_random(root: str | Path, preset: str = "tiny", seed: int = 0, full_text_encoder: bool | None = None,
-                log=print, backbone: str | Backbone | None = None) -> Path:
+                log=print, backbone: str | Backbone | None = None, vace: bool = False) -> Path:
     """Write a random model for ``preset`` (tiny | 1.3b | 14b) under ``root`` with the generator of ``backbone``
-    (default StreamDiffusionV2) in its released layout; returns ``root``."""
+    (default StreamDiffusionV2) in its released layout; returns ``root``. ``vace``: also a Wan2.1-VACE model of the
+    same size in its released layout, ``ROOT/wan_models/Wan2.1-VACE-*/`` (``models/vace.py``)."""
     if preset not in DIT_PRESETS:
         raise ValueError(f"preset must be one of {sorted(DIT_PRESETS)}, got {preset!r}")
     bb = get_backbone(backbone)
@@ -118,6 +125,11 @@ def init_random(root: str | Path, preset: str = "tiny", seed: int = 0, full_text
     weights = random_dit_weights(diffusers_dit_config(wan_cfg), seed, dtype)
     save_dit_safetensors(wan, weights, SHARD_BYTES)
     path = write_generator(root, bb, preset, weights, seed, log)
+    if vace:
+        from wanstream.models.vace import write_vace_folder
+        folder = write_vace_folder(root / "wan_models" / VACE_FOLDER[preset], wan_cfg, weights, seed + 7,
+                                   shard_bytes=SHARD_BYTES)
+        log(f"[init-random] VACE modules → {folder}")
     log(f"[init-random] DiT {preset} ({dtype}) → {wan} and {path} ({bb.title})")
     del weights
     log(f"[init-random] VAE (base width {VAE_PRESETS[preset]}) → {wan / VAE_FILE}")

@@ -35,6 +35,7 @@ from wanstream.api.params import ParamsUpdate
 from wanstream.server.auth import Caller, Guard, caller_of
 from wanstream.server.connections import guarded_http_protocol, redact_uvicorn_logs
 from wanstream.server.lifecycle import export_capacity
+from wanstream.server.conditioning import conditioning_router
 from wanstream.server.live_routes import live_router
 from wanstream.server.midi import LinkTempo, MidiInputs
 from wanstream.server.migration import Migrations, migration_router
@@ -212,14 +213,15 @@ def create_app(model, settings: ServerSettings, *, clock=time.perf_counter, pipe
     app.include_router(ws_router(manager, executor))
     app.include_router(preset_router(manager, controlled, caller))
     app.include_router(live_router(manager, controlled, caller))
+    app.include_router(conditioning_router(manager, controlled, caller))
     app.include_router(webrtc_router(manager, executor, peers))
     app.include_router(whip_router(manager, executor, peers))
     app.include_router(migration_router(manager, manager.migrations, controlled, caller))
 
     @app.exception_handler(StarletteHTTPException)      # FastAPI's own, and Starlette's (404 route, 400 body)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 400: "bad_request",
-                501: "unavailable"}.get(exc.status_code, "error")
+        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 400: "bad_request", 409: "conflict",
+                413: "too_large", 415: "wrong_type", 501: "unavailable"}.get(exc.status_code, "error")
         message = exc.detail
         if message == "There was an error parsing the body":     # FastAPI's words for e.g. JSON nested too deep
             message = "malformed JSON body (nested too deeply, or not decodable)"
@@ -259,7 +261,7 @@ def _export_bounds(model, settings: ServerSettings, manager: SessionManager) -> 
         "max_sessions", "idle_timeout_s", "max_frame_bytes", "max_control_bytes", "max_body_bytes",
         "body_timeout_s", "header_timeout_s", "keep_alive_timeout_s", "max_connections", "offer_timeout_s",
         "max_recordings_per_session", "max_recording_files", "max_recording_bytes", "prompt_cache_bytes",
-        "heap_trim_s")})
+        "heap_trim_s", "max_reference_bytes")})
 
 
 def _start_threads(pool: ThreadPoolExecutor, n: int) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers, QueryParams
 from starlette.responses import JSONResponse
 
+from wanstream.server.conditioning import body_limit
 from wanstream.server.settings import ServerSettings
 from wanstream.server.stats import ServerTotals
 
@@ -211,6 +212,8 @@ class Guard:
             # a migration blob (admin only, above: server/migration.py) has its own, larger bound
             limit, timeout = (st.max_blob_bytes, st.blob_timeout_s) if path == BLOB_PATH else \
                 (st.max_body_bytes, st.body_timeout_s)
+            image_limit = body_limit(path, st)     # a VACE reference image, or a preset with one (conditioning.py)
+            limit = limit if image_limit is None else image_limit
             try:
                 body = await self._read_body(headers, receive, limit, timeout)
             except BodyTooLarge:

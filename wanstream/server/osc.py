@@ -59,7 +59,8 @@ MAX_BUNDLE_DEPTH = 8                            # python-osc parses nested bundl
 _BUNDLE = b"#bundle\x00"
 _INT_FIELDS = {"transition": "transition_chunks", "steps": "steps", "seed": "seed"}
 _SIMPLE = {"prompt": "prompt", "noise_scale": "noise_scale", "noise_controller": "noise_controller", **_INT_FIELDS}
-PARAMS = frozenset({*_SIMPLE, "prompts", "blend", "reset", "lora"})
+CONDITIONING = frozenset({"control", "vace_strength"})      # VACE (server/conditioning.py), not ParamsUpdate
+PARAMS = frozenset({*_SIMPLE, "prompts", "blend", "reset", "lora", *CONDITIONING})
 
 
 class OSCError(Exception):
@@ -278,6 +279,24 @@ class OSCControl:
             else:
                 self.counters.apply()
 
+    def _conditioning(self, session, rest: list[str], args: list) -> None:
+        """``control <none|edges|depth|flow>`` / ``vace_strength <0..4>``: the session's VACE conditioning."""
+        from wanstream.server.conditioning import ConditioningUpdate
+        if len(rest) != 1:
+            raise OSCError("bad_address", f"unknown parameter {'/'.join(rest)[:64]!r}")
+        value = _one(rest[0], args)
+        try:
+            if rest[0] == "control":
+                update = ConditioningUpdate(control=value)
+            else:
+                update = ConditioningUpdate(strength=float(value) if isinstance(value, (int, float)) else value)
+            if update.control in ("depth", "flow", "pose"):
+                self.manager.engine.preprocessors.check(update.control)
+            session.conditioning.change(strength=update.strength, control=update.control)
+        except (ValidationError, ValueError, RuntimeError) as exc:
+            message = describe_errors(exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+            raise OSCError("invalid", message) from None
+
     def handle(self, address: str, args: list) -> None:
         """Apply one message (:class:`OSCError` names why it is dropped)."""
         parts = address.split("/")
@@ -296,6 +315,8 @@ class OSCControl:
         caller = Caller(token_ok=True, admin=same_secret(key, self.settings.admin_token), secret=key)
         if not caller.controls(session):
             raise OSCError("forbidden", "wrong secret for this stream")
+        if rest and rest[0] in CONDITIONING:
+            return self._conditioning(session, rest, args)
         update = to_update(rest, args, session.params)
         if not update.model_fields_set:
             return                              # a button's release: nothing to do

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException
 
 from wanstream.api.presets import Preset
 from wanstream.server.auth import Caller
+from wanstream.server.conditioning import conditioning_of, preset_conditioning
 from wanstream.server.live import LiveError
 from wanstream.server.sessions import SessionManager
 
@@ -52,15 +53,19 @@ def preset_router(manager: SessionManager, controlled, caller) -> APIRouter:
             strengths = lora_set.strengths(params.lora)
             params = params.model_copy(update={"lora": dict(zip(lora_set.names, strengths))})
         paths = {name: Path(w.path).name for name, w in loaded.items()}
-        preset = Preset.from_params(params, paths, controlled(session_id, c).live.spec)
+        session = controlled(session_id, c)
+        preset = Preset.from_params(params, paths, session.live.spec)
+        preset.conditioning = await preset_conditioning(session)       # VACE (server/conditioning.py)
         return preset.to_dict()
 
     @router.post("/api/sessions/{session_id}/preset")
     async def apply_preset(session_id: str, preset: Preset, c: Caller = Depends(caller)):
         session = controlled(session_id, c)
         check(preset)
+        apply_conditioning = await conditioning_of(manager, session, preset.conditioning)    # checked first
         try:
             state = session.apply(preset.to_params())
+            apply_conditioning()
             if preset.modulation is not None:
                 session.live.set_modulation(preset.modulation)
         except LiveError as exc:

@@ -35,6 +35,7 @@ from wanstream.api.params import MODEL_FIELDS, PROMPT_FIELDS, ParamsUpdate, Sess
 from wanstream.core.chunking import ChunkBuffer
 from wanstream.engine.loop import EngineStream
 from wanstream.engine.parking import NotParkable
+from wanstream.server.conditioning import SessionConditioning
 from wanstream.server.live import LiveControl
 from wanstream.server.outputs import SessionPushes
 from wanstream.server.pacing import Pacer, Released
@@ -111,6 +112,7 @@ class Session:
         self.stats.queued = lambda: len(self.buffer)
         self.live = LiveControl(self)           # modulation, MIDI slots and learn, quantised changes, audio
         self.pushes = SessionPushes(self)       # RTMP / SRT pushes of the output (server/outputs.py)
+        self.conditioning = SessionConditioning(self)   # VACE reference / control (server/conditioning.py)
         self.stats.engine = lambda: None if self.stream is None else self.stream.stats
         if encode:
             self._encode_prompt(self.params, 0)
@@ -321,6 +323,7 @@ class Session:
         if knobs:
             engine.update(stream, **knobs)
         self.live.modulate(engine, stream, dirty)
+        self.conditioning.handover(stream)
         with self._lock:
             self._given_gen = given
             self.buffer.held = self._held()

@@ -55,7 +55,8 @@ def estimate_session_bytes(model, width: int, height: int, steps: int = 4, cache
     elem = torch.finfo(model.dtype).bits // 8
     dit = model.dit
     tokens = model.tokens_per_frame(height, width)
-    kv = stream_cache_bytes(dit.num_layers, steps, cache.capacity, tokens, dit.dim, dit.text_len, model.dtype)
+    layers = len(getattr(dit, "cache_layers", range(dit.num_layers)))         # VACE blocks have caches too
+    kv = stream_cache_bytes(layers, steps, cache.capacity, tokens, dit.dim, dit.text_len, model.dtype)
     hidden = 8 * steps * tokens * dit.dim * elem
     vae = 2 * 2 * 96 * height * width * elem * 12
     return int(kv + hidden + vae)

@@ -51,6 +51,10 @@ class ServerSettings:
     api_docs: bool = False                  # serve /docs, /redoc, /openapi.json (behind the token)
     # --- bounds of what a client can cause (each has a counter in /metrics)
     max_body_bytes: int = 256 * 1024        # one HTTP request body (read, bounded, before any validation)
+    max_reference_bytes: int = 4 * 2**20    # one uploaded VACE reference image (its own body bound; bigger: 413)
+    default_reference: object = None        # VACE conditioning a new session starts with (serve --reference,
+    default_strength: float = 1.0           # --reference-strength, --control): uint8 [H, W, 3] images or None,
+    default_control: str = "none"           # the hints' scale, the control kind
     body_timeout_s: float = 10.0            # to send that body
     header_timeout_s: float = 10.0          # to send a request's line and headers once the connection is idle
     keep_alive_timeout_s: int = 5           # an idle keep-alive connection is closed after this long
@@ -141,6 +145,8 @@ class ServerSettings:
             raise ValueError(f"policy must be continuous or slack, got {self.policy!r}")
         if not self.park_after_s >= 0 or self.park_max_bytes < 0 or not self.parked_timeout_s > 0:
             raise ValueError("park_after_s and park_max_bytes must be >= 0, parked_timeout_s > 0")
+        if self.max_reference_bytes < 1:
+            raise ValueError("max_reference_bytes must be >= 1")
         if self.max_blob_bytes < 1 or not self.blob_timeout_s > 0 or not self.resume_timeout_s > 0:
             raise ValueError("max_blob_bytes must be >= 1, blob_timeout_s and resume_timeout_s > 0")
         if self.migrate_to is not None and not self.migrate_to.startswith(("http://", "https://")):

@@ -107,6 +107,9 @@ _EVENTS = {
     "pushes_refused": "Pushes refused (destination not allowed, bad URL, or max_pushes reached)",
     "pushes_failed": "Pushes ended by an error (a stalled or closed server, a failed process)",
     "push_frames_dropped": "Frames dropped because a push was not keeping up (push_queue_frames)",
+    "references_set": "VACE reference images set (server/conditioning.py)",
+    "references_refused": "VACE reference images refused (not an image, too large, wrong type)",
+    "control_switches": "VACE control kind changes",
 }
 # Reasons a guard refuses a request or connection (always exported, 0 until it happens).
 REFUSAL_REASONS = ("bad_host", "bad_origin", "unauthorized", "forbidden", "body_too_large", "body_timeout",
