@@ -33,9 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wanstream.api.params import ParamsUpdate
 from wanstream.server.auth import Caller, Guard, caller_of
+from wanstream.server.conditioning import conditioning_router
 from wanstream.server.connections import guarded_http_protocol, redact_uvicorn_logs
 from wanstream.server.lifecycle import export_capacity
-from wanstream.server.conditioning import conditioning_router
 from wanstream.server.live_routes import live_router
 from wanstream.server.midi import LinkTempo, MidiInputs
 from wanstream.server.migration import Migrations, migration_router
