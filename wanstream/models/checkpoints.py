@@ -196,15 +196,21 @@ def wan_dit_shapes(config: dict) -> dict[str, tuple[int, ...]]:
          "head.modulation": (1, 2, d), "head.head.weight": (cout * pt * ph * pw, d),
          "head.head.bias": (cout * pt * ph * pw,)}
     for i in range(n):
-        b = f"blocks.{i}."
-        s[b + "modulation"] = (1, 6, d)
-        for att in ("self_attn", "cross_attn"):
-            for p in "qkvo":
-                s[f"{b}{att}.{p}.weight"], s[f"{b}{att}.{p}.bias"] = (d, d), (d,)
-            s[f"{b}{att}.norm_q.weight"], s[f"{b}{att}.norm_k.weight"] = (d,), (d,)
-        s[b + "norm3.weight"], s[b + "norm3.bias"] = (d,), (d,)
-        s[b + "ffn.0.weight"], s[b + "ffn.0.bias"] = (f, d), (f,)
-        s[b + "ffn.2.weight"], s[b + "ffn.2.bias"] = (d, f), (d,)
+        s.update(wan_block_shapes(f"blocks.{i}.", d, f))
+    return s
+
+
+def wan_block_shapes(prefix: str, d: int, f: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of one transformer block of the original Wan layout (model width ``d``, FFN width ``f``): the DiT's
+    ``blocks.i.`` and the VACE blocks' ``vace_blocks.j.`` alike."""
+    s = {prefix + "modulation": (1, 6, d)}
+    for att in ("self_attn", "cross_attn"):
+        for p in "qkvo":
+            s[f"{prefix}{att}.{p}.weight"], s[f"{prefix}{att}.{p}.bias"] = (d, d), (d,)
+        s[f"{prefix}{att}.norm_q.weight"], s[f"{prefix}{att}.norm_k.weight"] = (d,), (d,)
+    s[prefix + "norm3.weight"], s[prefix + "norm3.bias"] = (d,), (d,)
+    s[prefix + "ffn.0.weight"], s[prefix + "ffn.0.bias"] = (f, d), (f,)
+    s[prefix + "ffn.2.weight"], s[prefix + "ffn.2.bias"] = (d, f), (d,)
     return s
 
 

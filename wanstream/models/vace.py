@@ -39,6 +39,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from wanstream.core.errors import CheckpointError
+from wanstream.models.checkpoints import (
+    check_keys,
+    diffusers_dit_config,
+    read_wan_config,
+    save_dit_safetensors,
+    wan_block_shapes,
+    wan_dit_shapes,
+)
 
 VACE_IN_CHANNELS = 96
 MASK_CHANNELS = 64                    # the 8×8 pixel mask folded into channels
@@ -92,14 +100,7 @@ def wan_vace_shapes(dit_config: dict, vace: VaceConfig) -> dict[str, tuple[int, 
     s = {"vace_patch_embedding.weight": (d, vace.in_channels, pt, ph, pw), "vace_patch_embedding.bias": (d,)}
     for j in range(len(vace.layers)):
         b = f"vace_blocks.{j}."
-        s[b + "modulation"] = (1, 6, d)
-        for att in ("self_attn", "cross_attn"):
-            for p in "qkvo":
-                s[f"{b}{att}.{p}.weight"], s[f"{b}{att}.{p}.bias"] = (d, d), (d,)
-            s[f"{b}{att}.norm_q.weight"], s[f"{b}{att}.norm_k.weight"] = (d,), (d,)
-        s[b + "norm3.weight"], s[b + "norm3.bias"] = (d,), (d,)
-        s[b + "ffn.0.weight"], s[b + "ffn.0.bias"] = (f, d), (f,)
-        s[b + "ffn.2.weight"], s[b + "ffn.2.bias"] = (d, f), (d,)
+        s.update(wan_block_shapes(b, d, f))
         if j == 0:
             s[b + "before_proj.weight"], s[b + "before_proj.bias"] = (d, d), (d,)
         s[b + "after_proj.weight"], s[b + "after_proj.bias"] = (d, d), (d,)
@@ -116,7 +117,6 @@ def vace_wan_config(wan_config: dict, layers: Sequence[int] | None = None) -> di
 def build_branch(dit_config: dict, vace: VaceConfig, wan_sd: dict[str, torch.Tensor], source: str, device="cpu",
                  dtype=torch.float32) -> VaceBranch:
     """Strictly load Wan-named ``vace_*`` tensors into a :class:`VaceBranch` (errors name the keys)."""
-    from wanstream.models.checkpoints import check_keys
     check_keys({k: torch.Size(v) for k, v in wan_vace_shapes(dit_config, vace).items()}, wan_sd, source)
     d = dit_config["num_attention_heads"] * dit_config["attention_head_dim"]
     with torch.device("meta"):
@@ -133,7 +133,6 @@ def load_branch(folder: str | Path, dit_config: dict, wan_config: dict, device="
     kwargs) / ``wan_config`` (its Wan ``config.json``). The folder's DiT dimensions must be the backbone's; its
     base-model tensors are not read (the backbone's generator has them) but must be the base layout's, so a file
     of another model is refused. Only the ``vace_*`` tensors are read (per tensor, memory-mapped)."""
-    from wanstream.models.checkpoints import read_wan_config, wan_dit_shapes
     folder = Path(folder)
     cfg = read_wan_config(folder)
     vace = VaceConfig.from_wan(cfg, str(folder / VACE_CONFIG))
@@ -181,7 +180,6 @@ def write_vace_folder(folder: Path, wan_config: dict, base_weights: dict[str, to
                       layers: Sequence[int] | None = None, shard_bytes: int = 5 * 1024 ** 3) -> Path:
     """A random VACE model in the released layout: ``config.json`` + one safetensors file with the base DiT's
     tensors and the ``vace_*`` ones (as the release ships the whole model)."""
-    from wanstream.models.checkpoints import diffusers_dit_config, save_dit_safetensors
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = vace_wan_config(wan_config, layers)
