@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from browser_driver import CHROMIUM, chromium_args, free_port, get_json, wait_js, watch_csp, write_y4m
+from browser_driver import CHROMIUM, chromium_args, get_json, served, wait_js, watch_csp, write_y4m
 
 
 def image_bytes(fmt: str, size=(48, 40)) -> bytes:
@@ -89,41 +88,17 @@ def main() -> int:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     y4m = write_y4m(work / "cam.y4m")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(work / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "wanstream.server", "--model", args.model, "--port", str(port),
-                               "--resolution", "64x64", "--max-sessions", "1", "--record-dir", str(work / "rec"),
-                               "--idle-timeout", "30"], stdout=log, stderr=subprocess.STDOUT)
     report: dict = {}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited with {server.returncode}")
-            try:
-                get_json(f"{base}/api/health")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not start in 180 s") from None
-                time.sleep(0.3)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(y4m), headless=True)
-            try:
-                report.update(run(browser, base))
-            finally:
-                browser.close()
+        with served(args.model, work, report, "--resolution", "64x64", "--record-dir", str(work / "rec")) as (base, _):
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(y4m), headless=True)
+                try:
+                    report.update(run(browser, base))
+                finally:
+                    browser.close()
     except Exception as exc:  # noqa: BLE001 - reported to the test
         report["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-        report["server_log_tail"] = (work / "server.log").read_text()[-3000:]
     args.out.write_text(json.dumps(report, indent=1, default=str))
     return 0
 

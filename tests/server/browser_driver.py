@@ -14,6 +14,7 @@ Network: only 127.0.0.1. The test runs this inside ``unshare --net`` (only ``lo`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -271,6 +272,40 @@ def run_camera_denied(pw, y4m: Path, base: str) -> dict:
         browser.close()
 
 
+@contextlib.contextmanager
+def served(model: str, work: Path, report: dict, *server_args: str):
+    """A ``python -m wanstream.server`` on a free loopback port with ``server_args``, up (health answers) for the
+    ``with`` body, which gets its base URL and process. The server is stopped afterwards and the tail of its log goes
+    in ``report["server_log_tail"]``."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(work / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "wanstream.server", "--model", model, "--port", str(port),
+                               "--max-sessions", "1", "--idle-timeout", "30", *server_args],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited with {server.returncode}: {(work / 'server.log').read_text()}")
+            try:
+                report["health"] = get_json(f"{base}/api/health")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not start in 180 s") from None
+                time.sleep(0.3)
+        yield base, server
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+        report["server_log_tail"] = (work / "server.log").read_text()[-3000:]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -286,48 +321,24 @@ def main() -> int:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     y4m = write_y4m(work / "cam.y4m")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(work / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "wanstream.server", "--model", args.model, "--port", str(port),
-                               "--resolution", args.resolution, "--max-sessions", "1", "--record-dir",
-                               str(work / "recordings"), "--webrtc-loopback-candidates", "--idle-timeout", "30",
-                               "--osc-port", "0"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    report: dict = {"port": port, "netns_interfaces": sorted(name for _, name in socket.if_nameindex())}
+    report: dict = {"netns_interfaces": sorted(name for _, name in socket.if_nameindex())}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited with {server.returncode}: {(work / 'server.log').read_text()}")
-            try:
-                report["health"] = get_json(f"{base}/api/health")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not start in 180 s") from None
-                time.sleep(0.3)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(y4m), headless=True)
-            try:
-                for t in args.transports.split(","):
-                    shot = work / f"page-{t}.png" if args.screenshot else None
-                    report[t] = run_transport(browser, base, t, server.pid, shot, args.measure_s)
-                report["full"] = run_server_full(browser, base, work / "recordings")
-            finally:
-                browser.close()
-            report["denied"] = run_camera_denied(pw, y4m, base)
-        report["metrics_head"] = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()[:4000]
+        with served(args.model, work, report, "--resolution", args.resolution, "--record-dir",
+                    str(work / "recordings"), "--webrtc-loopback-candidates", "--osc-port", "0") as (base, server):
+            report["port"] = int(base.rsplit(":", 1)[1])
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(y4m), headless=True)
+                try:
+                    for t in args.transports.split(","):
+                        shot = work / f"page-{t}.png" if args.screenshot else None
+                        report[t] = run_transport(browser, base, t, server.pid, shot, args.measure_s)
+                    report["full"] = run_server_full(browser, base, work / "recordings")
+                finally:
+                    browser.close()
+                report["denied"] = run_camera_denied(pw, y4m, base)
+            report["metrics_head"] = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()[:4000]
     except Exception as exc:  # noqa: BLE001 - reported to the test
         report["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-        report["server_log_tail"] = (work / "server.log").read_text()[-3000:]
     args.out.write_text(json.dumps(report, indent=1, default=str))
     return 0
 
