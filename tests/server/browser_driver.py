@@ -140,8 +140,11 @@ def run_transport(browser, base: str, transport: str, server_pid: int, shot: Pat
     r["params_roundtrip"] = (server_view["steps"] == 3 and server_view["seed"] == 7
                              and server_view["noise_scale"] == 0.5 and server_view["fit"] == "pad"
                              and server_view["prompt"] == "a pencil sketch of a harbour")
-    # a prompt switch with KV re-cache through the page's checkbox
-    page.check("#recache")
+    # a prompt switch with KV re-cache through the page's checkbox (toggled as a change event, not a pointer click:
+    # under load a banner appearing above the controls can move the box between Playwright's aim and its click)
+    toggle = ("(on) => { const c = document.getElementById('recache'); c.checked = on;"
+              " c.dispatchEvent(new Event('change')); }")
+    page.evaluate(toggle, True)
     wait_js(page, "wanstream.params && wanstream.params.recache === true", 30, f"{transport}: recache on")
     page.fill("#prompt", "a watercolor of a harbour")
     page.click("#apply-prompt")
@@ -153,7 +156,7 @@ def run_transport(browser, base: str, transport: str, server_pid: int, shot: Pat
         time.sleep(0.2)
     r["recache"] = {"transition_disabled": page.evaluate("document.getElementById('transition').disabled"),
                     "recaches": stats.get("recaches")}
-    page.uncheck("#recache")
+    page.evaluate(toggle, False)
     wait_js(page, "wanstream.params && wanstream.params.recache === false", 30, f"{transport}: recache off")
     r["presets"] = check_presets(page, base, transport, session_id, secret)
     r["osc"] = check_osc(page, transport)
