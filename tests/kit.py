@@ -205,3 +205,16 @@ def tap_latents(engine, sink: dict) -> None:
                 sink.setdefault(sid, {})[d.row.chunk] = d.latent.clone()
         return original(finished)
     engine.codec.decode = tap
+
+
+def resume_elsewhere(engine, parked, other):
+    """Move a parked stream of ``engine`` to the engine ``other`` as a blob (its state and its input queue, as a
+    migration does) and resume it there; returns the resumed stream."""
+    from wanstream.core.chunking import ChunkBuffer
+    from wanstream.engine.blob import dumps, loads
+    head, images = parked.buffer.snapshot()
+    data = dumps(parked, engine.clock(), {"buffer": head}, images)
+    parked, extra, images = loads(data, len(data), other.clock())
+    buffer = ChunkBuffer()
+    buffer.restore(extra["buffer"], images, extra["_shift"])
+    return other.resume(parked, buffer)

@@ -275,16 +275,10 @@ def _conditioned_run(model, clip, park_at=None, via_blob=False):
         if c == park_at:
             parked = eng.park(s)
             if via_blob:
-                from wanstream.core.chunking import ChunkBuffer
-                from wanstream.engine.blob import dumps, loads
-                head, images = parked.buffer.snapshot()
-                data = dumps(parked, eng.clock(), {"buffer": head}, images)
-                eng = Engine(model)
-                eng.codec.decode = lambda finished, original=eng.codec.decode: tap(finished, original)
-                parked, extra, images = loads(data, len(data), eng.clock())
-                buffer = ChunkBuffer()
-                buffer.restore(extra["buffer"], images, extra["_shift"])
-                s = eng.resume(parked, buffer)
+                from kit import resume_elsewhere
+                other = Engine(model)
+                other.codec.decode = lambda finished, original=other.codec.decode: tap(finished, original)
+                s, eng = resume_elsewhere(eng, parked, other), other
             else:
                 s = eng.resume(parked)
         eng.feed(s, clip[pos: pos + n])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kit import tap_latents
+from kit import resume_elsewhere, tap_latents
 
 from wanstream.engine.loop import Engine
 from wanstream.engine.parking import NotParkable, StateError
@@ -57,16 +57,9 @@ def _run(model, clip, park_at: int | None, other: bool = True, via_blob: bool = 
                 eng.close(o)
                 eng.release_closed()
             if via_blob:
-                from wanstream.core.chunking import ChunkBuffer
-                from wanstream.engine.blob import dumps, loads
-                head, images = parked.buffer.snapshot()
-                data = dumps(parked, eng.clock(), {"buffer": head}, images)
-                eng = Engine(model)                         # another engine (another server)
-                tap_latents(eng, lat)
-                parked, extra, images = loads(data, len(data), eng.clock())
-                buffer = ChunkBuffer()
-                buffer.restore(extra["buffer"], images, extra["_shift"])
-                s = eng.resume(parked, buffer)
+                other = Engine(model)                       # another engine (another server)
+                tap_latents(other, lat)
+                s, eng = resume_elsewhere(eng, parked, other), other
             else:
                 s = eng.resume(parked)
             eng.feed(s, clip[pos + 2: pos + n])
